@@ -1,0 +1,249 @@
+"""The edgeprune command line: compile, validate, profile, inspect.
+
+Exit codes (DESIGN.md): 0 ok; 1 ran but a budget failed; 2 bad input or usage; 3 internal
+error. User errors print one sentence, never a traceback (``--debug`` shows it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from edgeprune.errors import BudgetError, EdgepruneError
+
+out_console = Console()
+err_console = Console(stderr=True)
+
+EXAMPLES = ("minilm", "smollm2")
+_SENTENCES = pathlib.Path(__file__).parent / "data" / "calibration_sentences.txt"
+
+
+def _progress(quiet: bool):
+    from edgeprune.progress import Progress, RichProgress
+
+    return Progress() if quiet else RichProgress(err_console)
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _table(title: str, columns: list[str], rows: list[tuple]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*[str(c) for c in row])
+    return table
+
+
+common_target = click.option("--target", default="cpu", show_default=True, help="Target profile: cpu, cuda, openvino, qnn, coreml, nnapi, xnnpack.")
+common_threads = click.option("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's choice).")
+common_json = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgeprune")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Make exported ONNX models smaller and faster for edge targets, and check the result."""
+    ctx.obj = {"debug": debug}
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@cli.command("compile")
+@click.argument("model", required=False, type=click.Path(path_type=pathlib.Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=pathlib.Path), help="Output folder (must be empty unless --force).")
+@common_target
+@click.option("--recipe", type=click.Path(path_type=pathlib.Path), help="Recipe file (TOML or YAML) naming the passes.")
+@click.option("--calib", type=click.Path(path_type=pathlib.Path), help=".npz, folder of .npz, .txt/.jsonl text, or an image folder.")
+@click.option("--tokenizer", type=click.Path(path_type=pathlib.Path), help="tokenizer.json or a folder holding one (default: beside the model).")
+@click.option("--max-drop", type=float, help="Largest fidelity drop allowed (1 - cosine, 1 - top-1 agreement, or perplexity ratio - 1).")
+@click.option("--example", type=click.Choice(EXAMPLES), help="Compile a bundled example model built from an installed weights package.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--max-samples", type=int, default=64, show_default=True, help="Calibration rows to use.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@common_threads
+@common_json
+def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example, force, max_samples, seed, threads, as_json):
+    """Compile MODEL into OUT: model.onnx plus report.json, report.md and report.html."""
+    from edgeprune.pipeline import CompileOptions, compile_model
+
+    if example:
+        if model is not None:
+            raise click.UsageError("give either MODEL or --example, not both.")
+        from edgeprune import models
+
+        with _progress(as_json).stage(f"build example {example} from its weights package"):
+            artifact = models.build(example)
+        model = artifact.model_path
+        tokenizer = tokenizer or artifact.tokenizer_path
+        calib = calib or _SENTENCES
+    elif model is None:
+        raise click.UsageError("give a MODEL path, or --example minilm.")
+    options = CompileOptions(
+        target=target, recipe=recipe, calib=calib, tokenizer=tokenizer, max_drop=max_drop,
+        force=force, threads=threads, seed=seed, max_samples=max_samples,
+    )
+    result = compile_model(model, out, options, progress=_progress(as_json))
+    if as_json:
+        _emit_json(result.report)
+        return
+    from edgeprune.report import summary_rows
+
+    out_console.print(_table(f"edgeprune compile → {result.out_dir}", ["", "input", "output", "ratio"], summary_rows(result.report)))
+    for line in result.report["structures_summary"]:
+        out_console.print(f"  • {line}")
+    out_console.print(f"Report: {result.out_dir / 'report.html'} (also report.md, report.json)")
+
+
+@cli.command("validate")
+@click.argument("reference", type=click.Path(path_type=pathlib.Path))
+@click.argument("candidate", type=click.Path(path_type=pathlib.Path))
+@click.option("--data", type=click.Path(path_type=pathlib.Path), help="Evaluation inputs (same formats as --calib); synthetic if absent.")
+@click.option("--tokenizer", type=click.Path(path_type=pathlib.Path), help="tokenizer.json for text data (default: beside REFERENCE).")
+@common_target
+@click.option("--max-samples", type=int, default=64, show_default=True)
+@click.option("--runs", type=int, default=30, show_default=True, help="Timed runs per model.")
+@common_threads
+@common_json
+def validate_cmd(reference, candidate, data, tokenizer, target, max_samples, runs, threads, as_json):
+    """Fidelity, latency, size and memory of CANDIDATE against REFERENCE."""
+    from edgeprune.validation import validate_models
+
+    result = validate_models(reference, candidate, data=data, tokenizer=tokenizer, target=target, threads=threads, max_samples=max_samples, runs=runs, progress=_progress(as_json))
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    rows = []
+    for f in result.fidelity:
+        rows.append((f"{f.name}: cosine mean / min", f"{f.cosine_mean:.6f} / {f.cosine_min:.6f}"))
+        rows.append((f"{f.name}: max abs / rel error", f"{f.max_abs_error:.4g} / {f.max_rel_error:.4g}"))
+        if f.top1_agreement is not None:
+            rows.append((f"{f.name}: top-1 agreement", f"{f.top1_agreement:.4f}"))
+        if f.perplexity_ratio is not None:
+            rows.append((f"{f.name}: perplexity ref → cand", f"{f.perplexity_reference:.3f} → {f.perplexity_candidate:.3f} (×{f.perplexity_ratio:.4f})"))
+    lat = result.latency
+    if lat["measured"]:
+        for q in ("p50", "p90"):
+            rows.append((f"latency {q} ref → cand", f"{lat['reference'][q + '_ms']:.2f} → {lat['candidate'][q + '_ms']:.2f} ms (×{lat[q + '_ratio']:.3f})"))
+        rm, cm = lat["reference"].get("peak_memory_mb"), lat["candidate"].get("peak_memory_mb")
+        if rm is not None and cm is not None:
+            rows.append(("peak memory ref → cand", f"{rm:.1f} → {cm:.1f} MB"))
+    else:
+        rows.append(("latency", lat["reason"]))
+    s = result.size
+    rows.append(("file size ref → cand", f"{s['reference_bytes'] / 1e6:.2f} → {s['candidate_bytes'] / 1e6:.2f} MB (×{s['ratio']:.3f})"))
+    out_console.print(_table(f"validate on {result.samples} samples of {result.data}", ["", "value"], rows))
+
+
+@cli.command("profile")
+@click.argument("model", type=click.Path(path_type=pathlib.Path))
+@common_target
+@click.option("--compare", type=click.Path(path_type=pathlib.Path), help="A second model: show where the time moved.")
+@click.option("--top", type=int, default=10, show_default=True, help="Slowest nodes to list.")
+@click.option("--data", type=click.Path(path_type=pathlib.Path), help="Input to profile on (first sample); synthetic if absent.")
+@click.option("--tokenizer", type=click.Path(path_type=pathlib.Path))
+@click.option("--seq-len", type=int, default=128, show_default=True, help="Sequence length for token models.")
+@click.option("--runs", type=int, default=20, show_default=True)
+@common_threads
+@common_json
+def profile_cmd(model, target, compare, top, data, tokenizer, seq_len, runs, threads, as_json):
+    """Per-op-type and per-node time of MODEL from ONNX Runtime's profiler."""
+    from edgeprune import model_io
+    from edgeprune.calibration import load_calibration
+    from edgeprune.runtime.profiler import compare_profiles, profile_model
+    from edgeprune.runtime.targets import get_target, is_available
+    from edgeprune.errors import TargetUnavailableError
+    from edgeprune.validation import find_tokenizer, latency_feed
+
+    target_profile = get_target(target)
+    if not is_available(target_profile):
+        raise TargetUnavailableError(f"target {target} needs {target_profile.provider}, which this onnxruntime build lacks: not measured here.")
+    progress = _progress(as_json)
+    ir_model = model_io.load_model(model)
+    calib = load_calibration(data, ir_model, tokenizer=find_tokenizer(model, tokenizer), max_samples=1, seq_len=seq_len)
+    feed = latency_feed(calib.samples[0], ir_model, seq_len)
+    with progress.stage(f"profile {model.name} ({runs} runs)"):
+        prof = profile_model(str(model), feed, target_profile, runs=runs, threads=threads)
+    other = None
+    if compare is not None:
+        model_io.load_model(compare)  # a clear error for a bad second file
+        with progress.stage(f"profile {compare.name} ({runs} runs)"):
+            other = profile_model(str(compare), feed, target_profile, runs=runs, threads=threads)
+    if as_json:
+        data_out = {"model": prof.to_dict(), "input_shapes": {k: list(v.shape) for k, v in feed.items()}}
+        if other is not None:
+            data_out.update(compare=other.to_dict(), moved=compare_profiles(prof, other))
+        _emit_json(data_out)
+        return
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feed.items())
+    out_console.print(f"{model}: {prof.total_ms:.3f} ms of kernel time per run ({prof.runs} runs, inputs {shapes})")
+    out_console.print(_table("by op type", ["op type", "ms/run", "share", "calls/run"], [(r.op_type, f"{r.total_ms:.3f}", f"{r.share:.1%}", r.calls) for r in prof.by_op_type]))
+    out_console.print(_table(f"slowest {top} nodes", ["node", "op type", "ms/run", "share"], [(r.node, r.op_type, f"{r.ms:.3f}", f"{r.share:.1%}") for r in prof.by_node[:top]]))
+    if other is not None:
+        rows = [(r["op_type"], f"{r['a_ms']:.3f}", f"{r['b_ms']:.3f}", f"{r['delta_ms']:+.3f}") for r in compare_profiles(prof, other)]
+        out_console.print(f"{compare}: {other.total_ms:.3f} ms of kernel time per run")
+        out_console.print(_table("where the time moved", ["op type", model.name, compare.name, "delta ms"], rows))
+
+
+@cli.command("inspect")
+@click.argument("model", type=click.Path(path_type=pathlib.Path))
+@common_json
+def inspect_cmd(model, as_json):
+    """Interface, opset, weights by op type and the structures edgeprune finds in MODEL."""
+    from edgeprune.inspection import inspect_model
+
+    info = inspect_model(model)
+    if as_json:
+        _emit_json(info)
+        return
+    out_console.print(f"[bold]{info['path']}[/]  {info['file_bytes'] / 1e6:.2f} MB, IR {info['ir_version']}, opsets {info['opsets']}, {info['nodes']} nodes, {info['params']:,} parameters")
+    io_rows = [("input", v["name"], v["dtype"], "[" + ", ".join(v["shape"]) + "]") for v in info["inputs"]]
+    io_rows += [("output", v["name"], v["dtype"], "[" + ", ".join(v["shape"]) + "]") for v in info["outputs"]]
+    out_console.print(_table("interface", ["", "name", "dtype", "shape"], io_rows))
+    out_console.print(_table("weights by consuming op type", ["op type", "tensors", "parameters", "MB"], [(op, w["tensors"], f"{w['params']:,}", f"{w['bytes'] / 1e6:.2f}") for op, w in info["weights_by_op_type"].items()]))
+    out_console.print("[bold]structures[/]")
+    for line in info["summary"]:
+        out_console.print(f"  • {line}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI and map errors to DESIGN.md's exit codes."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, standalone_mode=False)
+        return 0
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        return 2
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except BudgetError as exc:
+        err_console.print(f"[red]budget failed:[/] {exc}", highlight=False)
+        return exc.exit_code
+    except EdgepruneError as exc:
+        if debug:
+            err_console.print_exception()
+        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        return exc.exit_code
+    except Exception as exc:  # an internal error: say so, hint at --debug
+        if debug:
+            err_console.print_exception()
+        err_console.print(f"[red]internal error:[/] {type(exc).__name__}: {exc}. Rerun with --debug and report it.", highlight=False)
+        return 3
+
+
+def entry() -> None:
+    sys.exit(main())

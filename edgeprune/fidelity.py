@@ -1,0 +1,161 @@
+"""Fidelity of a candidate's outputs against a reference's, on the same inputs.
+
+Pure numpy on already-computed outputs, so compile's verify step and ``edgeprune validate``
+share one definition of "how close":
+
+- cosine similarity per sample (flattened over all but the batch axis): mean and min;
+- max absolute error, and relative error = max |cand - ref| / max |ref|;
+- top-1 agreement for outputs that are class scores or token logits (by name: logit, score,
+  prob, class, label; or any rank-2 output that is not an embedding/hidden/pooled feature);
+- perplexity ratio for LM logits (rank 3, name contains "logit") when the inputs hold
+  ``input_ids``: next-token NLL under each model, padded positions excluded.
+
+``drop`` (what ``--max-drop`` bounds) is the worst fidelity loss over outputs: 1 - mean cosine,
+or 1 - top-1 agreement where that applies, or perplexity ratio - 1 for LM logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Iterable
+
+import numpy as np
+
+_CLASS_NAME = re.compile(r"logit|score|prob|class|label", re.IGNORECASE)
+_FEATURE_NAME = re.compile(r"embed|hidden|pool|feature|state", re.IGNORECASE)
+
+
+def is_class_scores(name: str, rank: int) -> bool:
+    """Whether an output's last axis holds class/token scores, so top-1 agreement means something."""
+    if _CLASS_NAME.search(name):
+        return rank >= 2
+    return rank == 2 and not _FEATURE_NAME.search(name)
+
+
+def is_lm_logits(name: str, rank: int) -> bool:
+    return rank == 3 and "logit" in name.lower()
+
+
+def _cosine_per_sample(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    a = ref.reshape(ref.shape[0], -1).astype(np.float64)
+    b = cand.reshape(cand.shape[0], -1).astype(np.float64)
+    num = (a * b).sum(axis=1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    both_zero = den == 0
+    cos = np.where(both_zero, 1.0, num / np.where(both_zero, 1.0, den))
+    return cos
+
+
+def _next_token_nll(logits: np.ndarray, input_ids: np.ndarray, mask: np.ndarray | None) -> tuple[float, int]:
+    """Sum of next-token NLL and the count of predicted tokens, in float64, row by row to bound memory."""
+    total, count = 0.0, 0
+    for b in range(logits.shape[0]):
+        lg = logits[b, :-1].astype(np.float64)
+        target = input_ids[b, 1:]
+        keep = np.ones(target.shape, dtype=bool) if mask is None else (mask[b, 1:] > 0) & (mask[b, :-1] > 0)
+        if not keep.any():
+            continue
+        lg, target = lg[keep], target[keep]
+        peak = lg.max(axis=-1, keepdims=True)
+        logsumexp = np.log(np.exp(lg - peak).sum(axis=-1)) + peak[:, 0]
+        total += float((logsumexp - lg[np.arange(len(target)), target]).sum())
+        count += int(keep.sum())
+    return total, count
+
+
+@dataclasses.dataclass
+class OutputFidelity:
+    """How close one output of the candidate is to the reference's, over all samples."""
+
+    name: str
+    samples: int
+    cosine_mean: float
+    cosine_min: float
+    max_abs_error: float
+    max_rel_error: float
+    top1_agreement: float | None = None
+    perplexity_reference: float | None = None
+    perplexity_candidate: float | None = None
+
+    @property
+    def perplexity_ratio(self) -> float | None:
+        if self.perplexity_reference is None or self.perplexity_candidate is None:
+            return None
+        return self.perplexity_candidate / self.perplexity_reference
+
+    @property
+    def drop(self) -> float:
+        """Fidelity loss in [0, inf): the most telling measure this output offers."""
+        if self.perplexity_ratio is not None:
+            return max(0.0, self.perplexity_ratio - 1.0)
+        if self.top1_agreement is not None:
+            return 1.0 - self.top1_agreement
+        return max(0.0, 1.0 - self.cosine_mean)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["perplexity_ratio"] = self.perplexity_ratio
+        out["drop"] = self.drop
+        return out
+
+
+def compare_outputs(
+    reference: Iterable[dict[str, np.ndarray]],
+    candidate: Iterable[dict[str, np.ndarray]],
+    feeds: Iterable[dict[str, np.ndarray]] | None = None,
+) -> list[OutputFidelity]:
+    """Fidelity per output over aligned lists of per-batch outputs (and the feeds that made them)."""
+    reference, candidate = list(reference), list(candidate)
+    feeds = list(feeds) if feeds is not None else [{} for _ in reference]
+    if len(reference) != len(candidate) or len(reference) != len(feeds):
+        raise ValueError("reference, candidate and feeds must have one entry per batch")
+    if not reference:
+        raise ValueError("no batches to compare")
+    results = []
+    for name in reference[0]:
+        if name not in candidate[0]:
+            raise ValueError(f"candidate has no output {name!r}")
+        cos, max_abs, ref_absmax, agree, n_top1 = [], 0.0, 0.0, 0, 0
+        nll = {"ref": [0.0, 0], "cand": [0.0, 0]}
+        rank = reference[0][name].ndim
+        for ref_b, cand_b, feed in zip(reference, candidate, feeds):
+            r, c = np.asarray(ref_b[name]), np.asarray(cand_b[name])
+            if r.shape != c.shape:
+                raise ValueError(f"output {name!r} has shape {c.shape} in the candidate but {r.shape} in the reference")
+            if not np.issubdtype(r.dtype, np.floating):
+                r, c = r.astype(np.float64), c.astype(np.float64)
+            cos.append(_cosine_per_sample(r, c) if r.ndim else np.array([1.0 if r == c else 0.0]))
+            diff = np.abs(r.astype(np.float64) - c.astype(np.float64))
+            max_abs = max(max_abs, float(diff.max(initial=0.0)))
+            ref_absmax = max(ref_absmax, float(np.abs(r).max(initial=0.0)))
+            if is_class_scores(name, rank) and r.shape[-1] > 1:
+                agree += int((r.argmax(-1) == c.argmax(-1)).sum())
+                n_top1 += int(np.prod(r.shape[:-1]))
+            if is_lm_logits(name, rank) and "input_ids" in feed:
+                mask = feed.get("attention_mask")
+                for key, out in (("ref", r), ("cand", c)):
+                    s, n = _next_token_nll(out, np.asarray(feed["input_ids"]), mask)
+                    nll[key][0] += s
+                    nll[key][1] += n
+        cos_all = np.concatenate(cos)
+        fid = OutputFidelity(
+            name=name,
+            samples=int(cos_all.size),
+            cosine_mean=float(cos_all.mean()),
+            cosine_min=float(cos_all.min()),
+            max_abs_error=max_abs,
+            max_rel_error=max_abs / ref_absmax if ref_absmax > 0 else (0.0 if max_abs == 0 else math.inf),
+            top1_agreement=agree / n_top1 if n_top1 else None,
+        )
+        if nll["ref"][1]:
+            fid.perplexity_reference = math.exp(nll["ref"][0] / nll["ref"][1])
+            fid.perplexity_candidate = math.exp(nll["cand"][0] / nll["cand"][1])
+        results.append(fid)
+    return results
+
+
+def worst_drop(fidelity: list[OutputFidelity]) -> float:
+    """The number ``--max-drop`` bounds: the largest fidelity loss over the model's outputs."""
+    return max((f.drop for f in fidelity), default=0.0)

@@ -1,0 +1,252 @@
+"""One compile, end to end: load, analyze, calibrate, run passes, verify, validate, write.
+
+The data flow is DESIGN.md's. Everything that can refuse the input (model, target, recipe,
+calibration data, output folder) is checked before any heavy work, and the output folder is
+written atomically at the very end, so a failure never leaves a partial result and never
+touches the input model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import pathlib
+import time
+from typing import Any
+
+import onnx_ir as ir
+
+import edgeprune
+from edgeprune import model_io
+from edgeprune.analysis import analyze
+from edgeprune.calibration import load_calibration
+from edgeprune.context import CompileContext
+from edgeprune.errors import BadInputError, BudgetError
+from edgeprune.passes.base import EdgePass, EdgePassResult
+from edgeprune.passes.registry import get_pass
+from edgeprune.progress import Progress
+from edgeprune.recipe import Recipe, default_recipe, load_recipe
+from edgeprune.runtime.targets import get_target
+from edgeprune.validation import LATENCY_SEQ_LEN, find_tokenizer, latency_feed, measure_pair
+from edgeprune.verify import Verification, run_batches, verify
+
+logger = logging.getLogger(__name__)
+
+REPORT_SCHEMA = "edgeprune.report/1"
+
+
+@dataclasses.dataclass
+class CompileOptions:
+    target: str = "cpu"
+    recipe: Recipe | str | pathlib.Path | None = None
+    calib: str | pathlib.Path | None = None
+    tokenizer: str | pathlib.Path | None = None
+    max_drop: float | None = None
+    force: bool = False
+    threads: int | None = None
+    seed: int = 0
+    max_samples: int = 64
+    seq_len: int = LATENCY_SEQ_LEN
+    holdout: float = 0.25
+    batch_size: int = 8
+    latency_runs: int = 30
+    profile: bool = True
+
+
+@dataclasses.dataclass
+class CompileResult:
+    out_dir: pathlib.Path
+    report: dict[str, Any]
+
+
+def _resolve_recipe(recipe: Recipe | str | pathlib.Path | None) -> Recipe:
+    if recipe is None:
+        return default_recipe()
+    if isinstance(recipe, Recipe):
+        for spec in recipe.passes:
+            get_pass(spec.name)
+        return recipe
+    return load_recipe(recipe)
+
+
+def _check_out_dir(out: pathlib.Path, model_path: pathlib.Path, force: bool) -> None:
+    """Refuse an output folder early (the atomic writer checks again when it writes)."""
+    out, model_path = out.resolve(), model_path.resolve()
+    if out == model_path or out in model_path.parents:
+        raise BadInputError(f"the output folder {out} would overwrite the input {model_path}: choose another -o folder.")
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"{out} is a file, not a folder: -o takes a folder; choose another path.")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise BadInputError(f"the output folder {out} is not empty: choose an empty folder or pass --force.")
+
+
+def _model_facts(model: ir.Model, path: pathlib.Path | None = None) -> dict[str, Any]:
+    facts = {
+        "opset": model.opset_imports.get("", None),
+        "ir_version": model.ir_version,
+        "params": model_io.param_count(model),
+        "weight_bytes": model_io.model_bytes(model),
+        "nodes": len(list(model.graph)),
+        "inputs": [{"name": v.name, "dtype": str(v.dtype), "shape": [str(d) for d in (v.shape or [])]} for v in model.graph.inputs],
+        "outputs": [{"name": v.name, "dtype": str(v.dtype), "shape": [str(d) for d in (v.shape or [])]} for v in model.graph.outputs],
+    }
+    if path is not None:
+        facts.update(path=str(path), file_bytes=model_io.file_size(path), sha256=model_io.sha256(path))
+    return facts
+
+
+def _run_passes(model: ir.Model, passes: list[EdgePass], ctx: CompileContext) -> list[dict[str, Any]]:
+    records = []
+    for p in passes:
+        start = time.perf_counter()
+        with ctx.progress.stage(f"pass {p.name}"):
+            result = p(model)
+        if not isinstance(result, EdgePassResult):
+            result = EdgePassResult(result.model, result.modified)
+        if result.modified:
+            ctx.invalidate_stats()
+        records.append(
+            {
+                "name": p.name,
+                "config": p.config_dict(),
+                "modified": result.modified,
+                "seconds": round(time.perf_counter() - start, 3),
+                "summary": result.summary,
+                "records": result.records,
+            }
+        )
+    return records
+
+
+def _relax(passes: list[EdgePass]) -> tuple[list[EdgePass], str] | None:
+    """Back off the last pass that can be made less aggressive; None when none can."""
+    for i in reversed(range(len(passes))):
+        relaxed = passes[i].relaxed()
+        if relaxed is not None:
+            return passes[:i] + [relaxed] + passes[i + 1 :], f"{passes[i].name}: {passes[i].config_dict()} -> {relaxed.config_dict()}"
+    return None
+
+
+def compile_model(
+    model_path: str | pathlib.Path,
+    out_dir: str | pathlib.Path,
+    options: CompileOptions | None = None,
+    *,
+    progress: Progress | None = None,
+) -> CompileResult:
+    """Compile ``model_path`` into ``out_dir`` (model.onnx + report.json/.md/.html); see DESIGN.md."""
+    from edgeprune.report import write_reports
+
+    opts = options or CompileOptions()
+    progress = progress or Progress()
+    model_path, out_dir = pathlib.Path(model_path), pathlib.Path(out_dir)
+    started = time.perf_counter()
+
+    # Everything that can refuse the input, cheapest first.
+    target = get_target(opts.target)
+    recipe = _resolve_recipe(opts.recipe)
+    if opts.max_drop is not None and not 0 <= opts.max_drop:
+        raise BadInputError(f"--max-drop must be >= 0, got {opts.max_drop}.")
+    _check_out_dir(out_dir, model_path, opts.force)
+    with progress.stage(f"load {model_path.name}"):
+        reference = model_io.load_model(model_path)
+    calib = load_calibration(
+        opts.calib,
+        reference,
+        tokenizer=find_tokenizer(model_path, opts.tokenizer),
+        max_samples=opts.max_samples,
+        seq_len=opts.seq_len,
+        seed=opts.seed,
+    )
+    stats_rows, holdout = calib.split(opts.holdout, seed=opts.seed)
+    holdout_batches = list(holdout.batches(opts.batch_size))
+
+    with progress.stage("analyze structures"):
+        structures = analyze(reference)
+    with progress.stage(f"reference outputs on {len(holdout)} held-back samples"):
+        reference_outputs = run_batches(model_io.to_proto(reference), holdout_batches, threads=opts.threads)
+
+    ctx = CompileContext(
+        target=target,
+        calibration=stats_rows,
+        holdout=holdout,
+        reference=reference,
+        structures=structures,
+        seed=opts.seed,
+        threads=opts.threads,
+        budgets={"max_drop": opts.max_drop},
+        progress=progress,
+    )
+    passes = [get_pass(spec.name).from_options(spec.options, ctx) for spec in recipe.passes]
+
+    backoff: list[dict[str, Any]] = []
+    while True:
+        with progress.stage("copy the model for the passes"):
+            candidate = model_io.load_model(model_path)
+        ctx.invalidate_stats()
+        pass_records = _run_passes(candidate, passes, ctx)
+        with progress.stage("verify: checker, ORT load, fidelity on held-back rows"):
+            verification: Verification = verify(candidate, holdout_batches, reference_outputs, threads=opts.threads)
+        if opts.max_drop is None or verification.drop <= opts.max_drop:
+            break
+        backoff.append({"drop": verification.drop, "passes": [r["config"] for r in pass_records]})
+        relaxed = _relax(passes)
+        if relaxed is None:
+            raise BudgetError(
+                f"accuracy budget not met: fidelity drop {verification.drop:.4f} > --max-drop {opts.max_drop} "
+                f"after {len(backoff)} attempt(s), and no pass can back off further; nothing was written.",
+                report={"backoff": backoff, "verification": verification.to_dict()},
+            )
+        passes, what = relaxed
+        backoff[-1]["relaxed"] = what
+        logger.warning("drop %.4f over budget; backing off %s", verification.drop, what)
+
+    feed = latency_feed(holdout.samples[0], reference, opts.seq_len)
+    with progress.stage(f"latency on {target.name}, side by side with the input"):
+        latency = measure_pair(reference, candidate, feed, target, threads=opts.threads, runs=opts.latency_runs)
+    profiles = None
+    if opts.profile and latency.get("measured"):
+        from edgeprune.runtime.profiler import compare_profiles, profile_model
+
+        with progress.stage("per-op profile of both models"):
+            ref_prof = profile_model(reference, feed, target, threads=opts.threads, runs=10)
+            cand_prof = profile_model(candidate, feed, target, threads=opts.threads, runs=10)
+        profiles = {"reference": ref_prof.to_dict(), "candidate": cand_prof.to_dict(), "moved": compare_profiles(ref_prof, cand_prof)}
+
+    report: dict[str, Any] = {
+        "schema": REPORT_SCHEMA,
+        "edgeprune_version": edgeprune.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "input": _model_facts(reference, model_path),
+        "target": target.to_dict(),
+        "recipe": recipe.to_dict(),
+        "calibration": {
+            "source": calib.source,
+            "synthetic": calib.synthetic,
+            "samples": len(calib),
+            "statistics_rows": len(stats_rows),
+            "holdout_rows": len(holdout),
+        },
+        "structures": structures.to_dict(),
+        "structures_summary": structures.summary(),
+        "passes": pass_records,
+        "verification": {**verification.to_dict(), "max_drop": opts.max_drop, "budget_ok": True},
+        "backoff": backoff,
+        "latency": latency,
+        "profile": profiles,
+    }
+    with model_io.atomic_output_dir(out_dir, force=opts.force, inputs=(model_path,)) as stage:
+        with progress.stage("write model and reports"):
+            written = model_io.save_model(candidate, stage / "model.onnx")
+            report["output"] = _model_facts(candidate, stage / "model.onnx")
+            report["output"]["path"] = str(out_dir / "model.onnx")
+            report["output"]["files"] = [p.name for p in written]
+            report["size"] = {
+                "reference_bytes": report["input"]["file_bytes"],
+                "candidate_bytes": report["output"]["file_bytes"],
+                "ratio": report["output"]["file_bytes"] / report["input"]["file_bytes"],
+            }
+            report["seconds"] = round(time.perf_counter() - started, 2)
+            write_reports(report, stage)
+    return CompileResult(out_dir=out_dir, report=report)

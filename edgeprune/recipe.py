@@ -1,0 +1,81 @@
+"""Recipes: which passes a compile runs, in order, with their options (TOML or YAML).
+
+    # recipe.toml
+    [[passes]]
+    name = "cleanup"
+    [passes.options]
+    fold_constants = true
+
+Names are checked against the pass registry when the recipe is read, so a typo fails before
+any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import tomllib
+from typing import Any
+
+from edgeprune.errors import BadInputError
+from edgeprune.passes.registry import get_pass
+
+
+@dataclasses.dataclass
+class PassSpec:
+    name: str
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Recipe:
+    passes: list[PassSpec]
+    source: str = "default"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "passes": [dataclasses.asdict(p) for p in self.passes]}
+
+
+def default_recipe() -> Recipe:
+    """What ``compile`` runs without ``--recipe``: graph cleanup only, for now."""
+    return Recipe([PassSpec("cleanup")], source="default")
+
+
+def _parse(path: pathlib.Path) -> Any:
+    text = path.read_text()
+    if path.suffix.lower() == ".toml":
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise BadInputError(f"recipe {path} is not valid TOML ({exc}): fix the file.") from exc
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise BadInputError(f"recipe {path} is not valid YAML ({exc}): fix the file.") from exc
+    raise BadInputError(f"recipe {path} must be a .toml, .yaml or .yml file.")
+
+
+def load_recipe(path: str | pathlib.Path) -> Recipe:
+    """Read and check a recipe file; every pass name must be registered."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise BadInputError(f"recipe file {path} does not exist: check the --recipe path.")
+    data = _parse(path)
+    entries = data.get("passes") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise BadInputError(f"recipe {path} has no 'passes' list: add at least one pass, e.g. name = \"cleanup\".")
+    specs = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise BadInputError(f"recipe {path}: pass #{i + 1} has no name.")
+        options = entry.get("options") or {}
+        if not isinstance(options, dict):
+            raise BadInputError(f"recipe {path}: options of pass {entry['name']!r} must be a table.")
+        get_pass(entry["name"])
+        specs.append(PassSpec(entry["name"], dict(options)))
+    return Recipe(specs, source=str(path))

@@ -1,0 +1,181 @@
+"""Write a compile's report three ways: report.json (versioned), report.md, report.html.
+
+The JSON is the record of truth: every measured figure and every pass decision. The markdown
+and the single-file HTML (plots embedded as PNG data URIs, no network) are views of it.
+
+Per-layer charts: a pass that wants one puts ``"per_layer_chart": {"y": FIELD, "ylabel": TEXT}``
+in its summary and a ``"layer"`` plus FIELD in each of its records; the HTML draws it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import pathlib
+from typing import Any
+
+
+def _mb(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 1e6:.2f} MB"
+
+
+def _f(x: float | None, fmt: str = ".4f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(what, input, output, ratio) rows shared by the CLI table and report.md."""
+    rows = []
+    size = report.get("size", {})
+    rows.append(("file size", _mb(size.get("reference_bytes")), _mb(size.get("candidate_bytes")), _f(size.get("ratio"), ".3f")))
+    inp, out = report.get("input", {}), report.get("output", {})
+    if inp.get("params"):
+        rows.append(("parameters", f"{inp['params']:,}", f"{out.get('params', 0):,}", _f(out.get("params", 0) / inp["params"], ".3f")))
+    lat = report.get("latency", {})
+    if lat.get("measured"):
+        for q in ("p50", "p90"):
+            rows.append(
+                (
+                    f"latency {q}",
+                    f"{lat['reference'][f'{q}_ms']:.2f} ms",
+                    f"{lat['candidate'][f'{q}_ms']:.2f} ms",
+                    _f(lat[f"{q}_ratio"], ".3f"),
+                )
+            )
+        ref_mem, cand_mem = lat["reference"].get("peak_memory_mb"), lat["candidate"].get("peak_memory_mb")
+        if ref_mem is not None and cand_mem is not None:
+            rows.append(("peak memory", f"{ref_mem:.1f} MB", f"{cand_mem:.1f} MB", _f(cand_mem / ref_mem if ref_mem else None, ".3f")))
+    else:
+        rows.append(("latency", lat.get("reason", "not measured"), "", ""))
+    for o in report.get("verification", {}).get("outputs", []):
+        rows.append((f"{o['name']}: cosine mean/min", "1", f"{o['cosine_mean']:.6f} / {o['cosine_min']:.6f}", ""))
+        if o.get("top1_agreement") is not None:
+            rows.append((f"{o['name']}: top-1 agreement", "1", f"{o['top1_agreement']:.4f}", ""))
+        if o.get("perplexity_ratio") is not None:
+            rows.append((f"{o['name']}: perplexity", _f(o["perplexity_reference"], ".3f"), _f(o["perplexity_candidate"], ".3f"), _f(o["perplexity_ratio"], ".4f")))
+    return rows
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    inp, out, ver = report["input"], report.get("output", {}), report["verification"]
+    lines = [
+        "# edgeprune compile report",
+        "",
+        f"- input: `{inp['path']}` (sha256 `{inp['sha256'][:16]}…`, opset {inp['opset']})",
+        f"- output: `{out.get('path', 'n/a')}`",
+        f"- target: {report['target']['name']} ({report['target']['provider']})",
+        f"- recipe: {', '.join(p['name'] for p in report['recipe']['passes'])} ({report['recipe']['source']})",
+        f"- calibration: {report['calibration']['source']}, {report['calibration']['statistics_rows']} rows for statistics, "
+        f"{report['calibration']['holdout_rows']} held back for verification" + (" (synthetic!)" if report["calibration"]["synthetic"] else ""),
+        f"- verification: onnx.checker {'ok' if ver['checker_ok'] else 'FAILED'}, ORT load {'ok' if ver['ort_ok'] else 'FAILED'}, "
+        f"fidelity drop {ver['drop']:.6f}" + (f" (budget {ver['max_drop']})" if ver.get("max_drop") is not None else ""),
+        f"- edgeprune {report['edgeprune_version']}, {report['created']}, {report.get('seconds', 'n/a')} s",
+        "",
+        "## Summary",
+        "",
+        "| | input | output | ratio |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(report)]
+    lat = report.get("latency", {})
+    if lat.get("measured"):
+        shapes = ", ".join(f"{k} {v}" for k, v in lat["input_shapes"].items())
+        lines += ["", f"Latency: {lat['reference']['runs']} interleaved runs after {lat['reference']['warmup']} warm-up, threads {lat['threads'] or 'ORT default'}, inputs {shapes}."]
+    lines += ["", "## Structures found", ""] + [f"- {s}" for s in report.get("structures_summary", [])]
+    lines += ["", "## Passes", ""]
+    for p in report["passes"]:
+        lines.append(f"### {p['name']} ({'modified' if p['modified'] else 'no change'}, {p['seconds']} s)")
+        lines += ["", f"config: `{json.dumps(p['config'])}`", "", f"summary: `{json.dumps(p['summary'])}`", ""]
+        if p["records"]:
+            keys = list(p["records"][0].keys())
+            lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+            lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in p["records"]]
+            lines.append("")
+    if report.get("backoff"):
+        lines += ["## Accuracy back-off", ""] + [f"- drop {b['drop']:.4f}: {b.get('relaxed', '')}" for b in report["backoff"]]
+    prof = report.get("profile")
+    if prof:
+        lines += ["", "## Where the time goes (ORT profiler, per run)", "", "| op type | input ms | output ms | delta ms |", "|---|---|---|---|"]
+        for row in prof["moved"][:15]:
+            lines.append(f"| {row['op_type']} | {row['a_ms']:.3f} | {row['b_ms']:.3f} | {row['delta_ms']:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _charts(report: dict[str, Any]) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    charts = []
+    prof = report.get("profile")
+    if prof:
+        rows = sorted(prof["moved"], key=lambda r: -max(r["a_ms"], r["b_ms"]))[:12]
+        fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1))
+        y = range(len(rows))
+        ax.barh([i + 0.2 for i in y], [r["a_ms"] for r in rows], height=0.4, label="input")
+        ax.barh([i - 0.2 for i in y], [r["b_ms"] for r in rows], height=0.4, label="output")
+        ax.set_yticks(list(y), [r["op_type"] for r in rows])
+        ax.invert_yaxis()
+        ax.set_xlabel("ms per run (sum of kernel times)")
+        ax.legend()
+        charts.append(("Latency by op type", _png(fig)))
+        plt.close(fig)
+    size = report.get("size")
+    if size:
+        fig, ax = plt.subplots(figsize=(4, 2.5))
+        ax.bar(["input", "output"], [size["reference_bytes"] / 1e6, size["candidate_bytes"] / 1e6], color=["#888", "#2a7"])
+        ax.set_ylabel("MB on disk")
+        charts.append(("Size before and after", _png(fig)))
+        plt.close(fig)
+    for p in report.get("passes", []):
+        spec = p.get("summary", {}).get("per_layer_chart")
+        if not spec or not p["records"]:
+            continue
+        recs = [r for r in p["records"] if spec["y"] in r]
+        fig, ax = plt.subplots(figsize=(max(5, 0.25 * len(recs)), 3))
+        ax.bar(range(len(recs)), [r[spec["y"]] for r in recs])
+        ax.set_xticks(range(len(recs)), [str(r.get("layer", i)) for i, r in enumerate(recs)], rotation=90, fontsize=7)
+        ax.set_ylabel(spec.get("ylabel", spec["y"]))
+        charts.append((f"{p['name']}: {spec.get('ylabel', spec['y'])} per layer", _png(fig)))
+        plt.close(fig)
+    return charts
+
+
+def to_html(report: dict[str, Any]) -> str:
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in summary_rows(report)
+    )
+    charts = "".join(f"<h2>{html.escape(t)}</h2><img alt='{html.escape(t)}' src='{src}'>" for t, src in _charts(report))
+    if not any(p.get("summary", {}).get("per_layer_chart") for p in report.get("passes", [])):
+        charts += "<h2>Per-layer decisions</h2><p>No pass in this recipe makes per-layer decisions.</p>"
+    structures = "".join(f"<li>{html.escape(s)}</li>" for s in report.get("structures_summary", []))
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>edgeprune report</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.25em .6em}}img{{max-width:100%}}
+pre{{background:#f6f6f6;padding:1em;overflow:auto;max-height:30em}}</style></head><body>
+<h1>edgeprune compile report</h1>
+<p>{html.escape(report['input']['path'])} &rarr; {html.escape(report.get('output', {}).get('path', ''))},
+target {html.escape(report['target']['name'])}, {html.escape(report['created'])}</p>
+<table><tr><th></th><th>input</th><th>output</th><th>ratio</th></tr>{rows}</table>
+<h2>Structures found</h2><ul>{structures}</ul>
+{charts}
+<h2>report.json</h2><pre>{html.escape(json.dumps(report, indent=1))}</pre>
+</body></html>
+"""
+
+
+def write_reports(report: dict[str, Any], folder: pathlib.Path) -> None:
+    folder = pathlib.Path(folder)
+    (folder / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (folder / "report.md").write_text(to_markdown(report))
+    (folder / "report.html").write_text(to_html(report))

@@ -1,0 +1,81 @@
+"""Run models on calibration rows and check a candidate against its reference.
+
+compile never writes a model that has not passed ``verify``: onnx.checker, a load in ONNX
+Runtime, and output fidelity against the reference on held-back rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from edgeprune import model_io
+from edgeprune.errors import VerificationError
+from edgeprune.fidelity import OutputFidelity, compare_outputs, worst_drop
+
+logger = logging.getLogger(__name__)
+
+
+def run_batches(model: ir.Model | onnx.ModelProto | str, batches: list[dict[str, np.ndarray]], *, threads: int | None = None) -> list[dict[str, np.ndarray]]:
+    """Outputs of ``model`` on each feed in ``batches`` (ORT CPU, the numerical ground truth)."""
+    from edgeprune.runtime.session import make_session, run
+
+    session = make_session(model, "cpu", threads=threads)
+    return [run(session, feed) for feed in batches]
+
+
+@dataclasses.dataclass
+class Verification:
+    checker_ok: bool
+    ort_ok: bool
+    fidelity: list[OutputFidelity]
+    samples: int
+
+    @property
+    def drop(self) -> float:
+        return worst_drop(self.fidelity)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "checker_ok": self.checker_ok,
+            "ort_ok": self.ort_ok,
+            "samples": self.samples,
+            "drop": self.drop,
+            "outputs": [f.to_dict() for f in self.fidelity],
+        }
+
+
+def check_model(model: ir.Model) -> onnx.ModelProto:
+    """onnx.checker on the serialized model; a failure is our bug, not the user's."""
+    proto = model_io.to_proto(model)
+    try:
+        if proto.ByteSize() < 2**31 - 1:
+            onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        raise VerificationError(f"the compiled model fails onnx.checker ({str(exc).splitlines()[0]}); nothing was written. Please report this.") from exc
+    return proto
+
+
+def verify(
+    candidate: ir.Model,
+    batches: list[dict[str, np.ndarray]],
+    reference_outputs: list[dict[str, np.ndarray]],
+    *,
+    threads: int | None = None,
+) -> Verification:
+    """Checker + ORT load + fidelity of ``candidate`` against ``reference_outputs`` on ``batches``."""
+    proto = check_model(candidate)
+    try:
+        outputs = run_batches(proto, batches, threads=threads)
+    except Exception as exc:
+        raise VerificationError(
+            f"ONNX Runtime cannot run the compiled model ({str(exc).splitlines()[0]}); nothing was written. Please report this."
+        ) from exc
+    fidelity = compare_outputs(reference_outputs, outputs, batches)
+    samples = sum(next(iter(b.values())).shape[0] for b in batches) if batches else 0
+    return Verification(checker_ok=True, ort_ok=True, fidelity=fidelity, samples=samples)

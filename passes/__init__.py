@@ -1,0 +1,1 @@
+"""Graph passes: one module per pass family; third parties register through the "edgeprune.passes" entry-point group."""

@@ -1,0 +1,1 @@
+"""Everything that touches a target runtime: targets, sessions, latency, per-op profiling."""
