@@ -20,7 +20,7 @@ from rich.table import Table
 from edgeprune.errors import BudgetError, EdgepruneError
 
 out_console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 EXAMPLES = ("minilm", "smollm2")
 _SENTENCES = pathlib.Path(__file__).parent / "data" / "calibration_sentences.txt"
@@ -68,7 +68,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--recipe", type=click.Path(path_type=pathlib.Path), help="Recipe file (TOML or YAML) naming the passes.")
 @click.option("--calib", type=click.Path(path_type=pathlib.Path), help=".npz, folder of .npz, .txt/.jsonl text, or an image folder.")
 @click.option("--tokenizer", type=click.Path(path_type=pathlib.Path), help="tokenizer.json or a folder holding one (default: beside the model).")
-@click.option("--max-drop", type=float, help="Largest fidelity drop allowed (1 - cosine, 1 - top-1 agreement, or perplexity ratio - 1).")
+@click.option("--max-drop", type=float, help="Largest fidelity drop allowed: the worst of 1 - cosine, 1 - top-1 agreement and perplexity ratio - 1.")
 @click.option("--example", type=click.Choice(EXAMPLES), help="Compile a bundled example model built from an installed weights package.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--max-samples", type=int, default=64, show_default=True, help="Calibration rows to use.")

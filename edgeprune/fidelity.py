@@ -10,8 +10,8 @@ share one definition of "how close":
 - perplexity ratio for LM logits (rank 3, name contains "logit") when the inputs hold
   ``input_ids``: next-token NLL under each model, padded positions excluded.
 
-``drop`` (what ``--max-drop`` bounds) is the worst fidelity loss over outputs: 1 - mean cosine,
-or 1 - top-1 agreement where that applies, or perplexity ratio - 1 for LM logits.
+``drop`` (what ``--max-drop`` bounds) is the worst fidelity loss over outputs and measures:
+1 - mean cosine, 1 - top-1 agreement where that applies, perplexity ratio - 1 for LM logits.
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ def is_lm_logits(name: str, rank: int) -> bool:
 def _cosine_per_sample(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
     a = ref.reshape(ref.shape[0], -1).astype(np.float64)
     b = cand.reshape(cand.shape[0], -1).astype(np.float64)
-    num = (a * b).sum(axis=1)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    both_zero = den == 0
-    cos = np.where(both_zero, 1.0, num / np.where(both_zero, 1.0, den))
-    return cos
+    norm_a, norm_b = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    den = norm_a * norm_b
+    cos = (a * b).sum(axis=1) / np.where(den == 0, 1.0, den)
+    # Two zero vectors agree; a zero against a non-zero does not.
+    return np.where(den == 0, np.where((norm_a == 0) & (norm_b == 0), 1.0, 0.0), cos)
 
 
 def _next_token_nll(logits: np.ndarray, input_ids: np.ndarray, mask: np.ndarray | None) -> tuple[float, int]:
@@ -87,12 +87,13 @@ class OutputFidelity:
 
     @property
     def drop(self) -> float:
-        """Fidelity loss in [0, inf): the most telling measure this output offers."""
-        if self.perplexity_ratio is not None:
-            return max(0.0, self.perplexity_ratio - 1.0)
+        """Fidelity loss in [0, inf): the worst of the measures that apply to this output."""
+        losses = [1.0 - self.cosine_mean]
         if self.top1_agreement is not None:
-            return 1.0 - self.top1_agreement
-        return max(0.0, 1.0 - self.cosine_mean)
+            losses.append(1.0 - self.top1_agreement)
+        if self.perplexity_ratio is not None:
+            losses.append(self.perplexity_ratio - 1.0)
+        return max(0.0, *losses)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

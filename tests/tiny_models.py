@@ -1,0 +1,89 @@
+"""Tiny models built from ONNX text for the spine's tests (no files, no downloads)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import onnx
+
+
+def mlp_proto(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
+    """x[N,4] -> MatMul W1 + b1 -> Relu -> MatMul W2 -> logits[N,3], with a foldable constant branch."""
+    rng = np.random.default_rng(seed)
+    proto = onnx.parser.parse_model(
+        f"""
+        <ir_version: 8, opset_import: ["" : {opset}]>
+        g (float[N, 4] x) => (float[N, 3] logits) {{
+            two = Constant <value = float {{2.0}}> ()
+            half = Constant <value = float {{0.5}}> ()
+            one = Mul(two, half)
+            h = MatMul(x, w1)
+            hb = Add(h, b1)
+            r = Relu(hb)
+            y = MatMul(r, w2)
+            same = Identity(y)
+            logits = Mul(same, one)
+        }}
+        """
+    )
+    proto.graph.initializer.extend(
+        [
+            onnx.numpy_helper.from_array(rng.standard_normal((4, 8)).astype(np.float32), "w1"),
+            onnx.numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b1"),
+            onnx.numpy_helper.from_array(rng.standard_normal((8, 3)).astype(np.float32), "w2"),
+        ]
+    )
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def write_mlp(folder: pathlib.Path, name: str = "mlp.onnx") -> pathlib.Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    onnx.save(mlp_proto(), path)
+    return path
+
+
+def write_mlp_calib(folder: pathlib.Path, n: int = 16, seed: int = 1) -> pathlib.Path:
+    path = folder / "calib.npz"
+    np.savez(path, x=np.random.default_rng(seed).standard_normal((n, 4)).astype(np.float32))
+    return path
+
+
+# A test-only pass that perturbs weights by a relative ``noise``: drives the accuracy-budget
+# logic (back-off halves the noise; at 0 it is a no-op) without depending on a real pass.
+import dataclasses  # noqa: E402
+
+import onnx_ir as ir  # noqa: E402
+
+from edgeprune.passes.base import EdgePass, EdgePassResult  # noqa: E402
+
+
+@dataclasses.dataclass
+class NoiseConfig:
+    noise: float = 0.5
+    can_relax: bool = True
+
+
+class NoisePass(EdgePass):
+    name = "test-noise"
+    Config = NoiseConfig
+
+    def call(self, model: ir.Model) -> EdgePassResult:
+        if self.config.noise == 0:
+            return EdgePassResult(model, modified=False)
+        rng = np.random.default_rng(0)
+        for value in model.graph.initializers.values():
+            array = value.const_value.numpy()
+            if array.dtype == np.float32 and array.ndim == 2:
+                noisy = array + self.config.noise * np.abs(array).mean() * rng.standard_normal(array.shape).astype(np.float32)
+                value.const_value = ir.Tensor(noisy, name=value.name)
+        return EdgePassResult(model, modified=True, records=[{"layer": "all", "noise": self.config.noise}],
+                              summary={"per_layer_chart": {"y": "noise", "ylabel": "relative noise"}})
+
+    def relaxed(self):
+        if not self.config.can_relax or self.config.noise == 0:
+            return None
+        noise = self.config.noise / 4 if self.config.noise > 0.01 else 0.0
+        return NoisePass(NoiseConfig(noise=noise), self.context)
