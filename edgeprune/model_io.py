@@ -24,7 +24,7 @@ from edgeprune.errors import BadInputError
 
 logger = logging.getLogger(__name__)
 
-_PROTOBUF_LIMIT = 2 * 1024**3 - 1
+PROTOBUF_LIMIT = 2 * 1024**3 - 1
 #: Above this many bytes of weights a model is saved with external data.
 EXTERNAL_DATA_THRESHOLD = 1800 * 1024**2
 

@@ -1,0 +1,264 @@
+"""Session factory: turn any model form into an ORT session on a target, with clear errors.
+
+Everything that measures or runs a model goes through :func:`make_session`, so thread
+settings, graph optimization and error mapping are the same for latency, profiling,
+calibration statistics and validation.  Sessions use ``threads`` intra-op threads, one
+inter-op thread and sequential execution, which keeps timings repeatable on edge CPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime
+
+from edgeprune import model_io
+from edgeprune.errors import BadInputError, CalibrationDataError, UnsupportedModelError
+from edgeprune.runtime.targets import Target, require_available, resolve_target
+
+logger = logging.getLogger(__name__)
+
+_OPT_LEVELS = {
+    "disabled": onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_EXTERNAL_NAME = "model.onnx.data"
+
+
+@dataclass
+class ModelSource:
+    """What ORT loads (bytes or a file path) plus the model's on-disk size.
+
+    In-memory models over the 2 GB protobuf limit are written to a temporary folder with
+    external data; ``tmpdir`` is then removed when the session using it is garbage collected.
+    """
+
+    ort_input: bytes | str
+    size_bytes: int | None
+    tmpdir: str | None = None
+    label: str = "model"
+
+
+def _file_size_with_external(path: pathlib.Path) -> int:
+    """Bytes of the .onnx file plus every external data file it references."""
+    total = path.stat().st_size
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - ORT will report the real problem when it loads the file
+        return total
+    seen = set()
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):  # noqa: SLF001
+        if onnx.external_data_helper.uses_external_data(tensor):
+            location = onnx.external_data_helper.ExternalDataInfo(tensor).location
+            data = path.parent / location
+            if location not in seen and data.exists():
+                seen.add(location)
+                total += data.stat().st_size
+    return total
+
+
+def _dir_size(folder: str) -> int:
+    return sum(p.stat().st_size for p in pathlib.Path(folder).iterdir() if p.is_file())
+
+
+def _memory_label(model: "ir.Model | onnx.ModelProto") -> str:
+    name = model.graph.name
+    return f"the in-memory model {name!r}" if name else "the in-memory model"
+
+
+def prepare_model(model: "ir.Model | onnx.ModelProto | str | os.PathLike | ModelSource") -> ModelSource:
+    """Serialize ``model`` once for ORT; big in-memory models go through a temporary file."""
+    if isinstance(model, ModelSource):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        path = pathlib.Path(model)
+        if not path.is_file():
+            raise BadInputError(f"{path} is not a model file: check the path to the .onnx file.")
+        return ModelSource(str(path), _file_size_with_external(path), label=str(path))
+    if isinstance(model, ir.Model):
+        if model_io.model_bytes(model) > model_io.EXTERNAL_DATA_THRESHOLD:
+            tmpdir = tempfile.mkdtemp(prefix="edgeprune_model_")
+            path = pathlib.Path(tmpdir) / "model.onnx"
+            model_io.save_model(model, path)
+            return ModelSource(str(path), _dir_size(tmpdir), tmpdir, label=_memory_label(model))
+        data = model_io.to_proto(model).SerializeToString()
+        return ModelSource(data, len(data), label=_memory_label(model))
+    if isinstance(model, onnx.ModelProto):
+        if model.ByteSize() > model_io.PROTOBUF_LIMIT:  # noqa: SLF001
+            tmpdir = tempfile.mkdtemp(prefix="edgeprune_model_")
+            path = pathlib.Path(tmpdir) / "model.onnx"
+            # Through onnx-ir: onnx.save_model(save_as_external_data=True) would rewrite the
+            # caller's proto in place to point at our temporary file.
+            ir.save(ir.serde.deserialize_model(model), path, external_data=_EXTERNAL_NAME)
+            return ModelSource(str(path), _dir_size(tmpdir), tmpdir, label=_memory_label(model))
+        data = model.SerializeToString()
+        return ModelSource(data, len(data), label=_memory_label(model))
+    raise BadInputError(
+        f"cannot run a {type(model).__name__}: pass an onnx_ir.Model, an onnx.ModelProto or a path "
+        "to an .onnx file."
+    )
+
+
+_SOURCE_PREFIX = re.compile(r"^\S+\.(?:h|cc|cpp|c):\d+ .*?\)\s+")
+_MAX_REASON = 300
+
+
+def _ort_reason(exc: Exception) -> tuple[str, str]:
+    """Split ORT's '[ONNXRuntimeError] : 10 : INVALID_GRAPH : text' into (code, first line of text)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    code = type(exc).__name__
+    parts = first.split(" : ", 3)
+    if first.startswith("[ONNXRuntimeError]") and len(parts) == 4:
+        code, first = parts[2].strip(), parts[3].strip()
+    first = _SOURCE_PREFIX.sub("", first)  # drop "file.h:46 void ns::Func(args) " from ORT_ENFORCE
+    if len(first) > _MAX_REASON:
+        first = first[:_MAX_REASON].rstrip() + "..."
+    return code, first.rstrip(".")
+
+
+def _load_error(exc: Exception, label: str, target: Target) -> BadInputError:
+    """Map an ORT load failure to one sentence with ORT's reason and a fix."""
+    code, reason = _ort_reason(exc)
+    lowered = reason.lower()
+    if code == "NO_SUCHFILE":
+        return BadInputError(
+            f"onnxruntime could not open {label} ({reason}): check the path and that its external "
+            "data files sit next to it."
+        )
+    if code == "INVALID_PROTOBUF":
+        return BadInputError(
+            f"onnxruntime could not parse {label} ({reason}): the file is not ONNX or is truncated; "
+            "re-export it or copy it again."
+        )
+    if "is not a registered function/op" in reason:
+        return UnsupportedModelError(
+            f"onnxruntime does not know an op in {label} ({reason}): register the custom-op "
+            "library that defines it, or replace the op with standard ONNX ops."
+        )
+    if code == "NOT_IMPLEMENTED":
+        return UnsupportedModelError(
+            f"onnxruntime has no kernel on target {target.name} for an op in {label} ({reason}): "
+            "convert that op to a dtype or opset the target implements (float32 always works on "
+            "cpu), or use an onnxruntime build that implements it."
+        )
+    if "opset" in lowered or "ir version" in lowered:
+        return UnsupportedModelError(
+            f"this onnxruntime cannot load {label} at its version ({reason}): re-export with an "
+            "older opset / IR version or upgrade onnxruntime."
+        )
+    return BadInputError(
+        f"onnxruntime refused to load {label} ({code}: {reason}): the model is not valid; check it "
+        "with onnx.checker.check_model(full_check=True) and re-export it."
+    )
+
+
+def _session_options(threads: int | None, profile: bool, profile_prefix: str | None,
+                     optimization_level: str) -> tuple[onnxruntime.SessionOptions, str | None]:
+    if optimization_level not in _OPT_LEVELS:
+        raise BadInputError(
+            f"unknown optimization level {optimization_level!r}: choose one of {', '.join(_OPT_LEVELS)}."
+        )
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise BadInputError(f"threads must be a positive integer, got {threads!r}: pass e.g. threads=1.")
+    so = onnxruntime.SessionOptions()
+    so.graph_optimization_level = _OPT_LEVELS[optimization_level]
+    so.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    so.inter_op_num_threads = 1
+    if threads is not None:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3  # errors only: EP fallback warnings would flood the user's terminal
+    profile_dir = None
+    if profile:
+        if profile_prefix is None:
+            profile_dir = tempfile.mkdtemp(prefix="edgeprune_profile_")
+            profile_prefix = os.path.join(profile_dir, "ort_profile")
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    return so, profile_dir
+
+
+def make_session(
+    model: "ir.Model | onnx.ModelProto | str | os.PathLike | ModelSource",
+    target: Target | str = "cpu",
+    *,
+    threads: int | None = None,
+    profile: bool = False,
+    profile_prefix: str | None = None,
+    optimization_level: str = "all",
+) -> onnxruntime.InferenceSession:
+    """Create an ORT session for ``model`` on ``target``.
+
+    ``threads=None`` keeps ORT's default intra-op pool (one thread per physical core).
+    With ``profile=True`` and no ``profile_prefix`` the profile JSON goes to a temporary folder
+    that is removed with the session; read it via ``session.end_profiling()`` first.
+    Raises TargetUnavailableError when the target's EP is missing and BadInputError (or
+    UnsupportedModelError) when ORT refuses the model.
+    """
+    target = resolve_target(target)
+    require_available(target)
+    so, profile_dir = _session_options(threads, profile, profile_prefix, optimization_level)
+    source = prepare_model(model)
+    providers: list = [(target.provider, dict(target.provider_options))]
+    if target.provider != "CPUExecutionProvider":
+        providers.append("CPUExecutionProvider")  # nodes the EP cannot take fall back to CPU
+    # Folders this call created; a ModelSource passed in stays owned by its caller.
+    owned = [d for d in (profile_dir, None if source is model else source.tmpdir) if d]
+    try:
+        session = onnxruntime.InferenceSession(source.ort_input, so, providers=providers)
+    except Exception as exc:  # pybind raises Fail, InvalidGraph, NotImplemented, InvalidArgument...
+        for folder in owned:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise _load_error(exc, source.label, target) from exc
+    for folder in owned:
+        weakref.finalize(session, shutil.rmtree, folder, ignore_errors=True)
+    logger.debug("session for %s on %s (threads=%s, profile=%s)", source.label, target.name, threads, profile)
+    return session
+
+
+def check_feeds(session: onnxruntime.InferenceSession, feeds: dict[str, np.ndarray]) -> None:
+    """Raise CalibrationDataError when feed names do not match the session's inputs."""
+    expected = [i.name for i in session.get_inputs()]
+    missing = [n for n in expected if n not in feeds]
+    unknown = [n for n in feeds if n not in expected]
+    if missing or unknown:
+        problem = f"missing {', '.join(missing)}" if missing else f"unknown {', '.join(unknown)}"
+        raise CalibrationDataError(
+            f"the inputs fed to the model do not match it ({problem}): feed exactly {', '.join(expected)}."
+        )
+
+
+def run_error(exc: Exception) -> Exception:
+    """Map an ORT run failure: bad feeds are the user's; anything else stays an internal error."""
+    code, reason = _ort_reason(exc)
+    if code == "INVALID_ARGUMENT":
+        return CalibrationDataError(
+            f"onnxruntime rejected the inputs ({reason}): give each input the dtype and shape the model declares."
+        )
+    return exc
+
+
+def run(session: onnxruntime.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run once and return every output by name."""
+    check_feeds(session, feeds)
+    names = [o.name for o in session.get_outputs()]
+    try:
+        values = session.run(names, feeds)
+    except Exception as exc:  # noqa: BLE001 - re-raised, mapped when the user's feeds are at fault
+        mapped = run_error(exc)
+        if mapped is exc:
+            raise
+        raise mapped from exc
+    return dict(zip(names, values))

@@ -1,0 +1,105 @@
+"""validate, profile and inspect through the CLI on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from edgeprune.cli import main
+
+from tiny_models import mlp_proto, write_mlp, write_mlp_calib
+
+
+def _run(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def pair(tmp_path):
+    ref = write_mlp(tmp_path, "ref.onnx")
+    proto = mlp_proto()
+    w2 = onnx.numpy_helper.to_array(proto.graph.initializer[2])
+    proto.graph.initializer[2].CopyFrom(onnx.numpy_helper.from_array(w2 * 1.5 + 0.3, "w2"))
+    cand = tmp_path / "cand.onnx"
+    onnx.save(proto, cand)
+    return ref, cand, write_mlp_calib(tmp_path)
+
+
+def test_validate_reports_fidelity_latency_and_size(pair, capsys):
+    ref, cand, data = pair
+    code, out, err = _run(capsys, "validate", ref, cand, "--data", data, "--runs", "5", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    (fid,) = result["fidelity"]
+    assert fid["name"] == "logits" and fid["samples"] == 16
+    assert 0 < fid["cosine_mean"] < 1 and fid["max_abs_error"] > 0
+    assert fid["top1_agreement"] is not None
+    assert result["latency"]["measured"] and result["latency"]["p50_ratio"] > 0
+    assert result["latency"]["reference"]["runs"] == 5
+    assert result["size"]["ratio"] == pytest.approx(1.0, abs=0.01)
+
+
+def test_validate_same_model_is_perfect(pair, capsys):
+    ref, _, data = pair
+    code, out, _ = _run(capsys, "validate", ref, ref, "--data", data, "--runs", "3", "--json")
+    assert code == 0
+    fid = json.loads(out)["fidelity"][0]
+    assert fid["cosine_min"] == pytest.approx(1.0) and fid["max_abs_error"] == 0 and fid["top1_agreement"] == 1.0
+
+
+def test_validate_human_table_and_synthetic_data(pair, capsys):
+    ref, cand, _ = pair
+    code, out, _ = _run(capsys, "validate", ref, cand, "--runs", "3")
+    assert code == 0 and "cosine" in out and "latency p50" in out and "synthetic" in out.lower()
+
+
+def test_validate_refuses_models_with_different_inputs(tmp_path, pair, capsys):
+    ref, _, _ = pair
+    other = onnx.parser.parse_model('<ir_version: 8, opset_import: ["" : 17]> g (float[N, 4] z) => (float[N, 4] logits) { logits = Relu(z) }')
+    path = tmp_path / "other.onnx"
+    onnx.save(other, path)
+    code, _, err = _run(capsys, "validate", ref, path, "--runs", "3")
+    assert code == 2 and "inputs" in err
+
+
+def test_profile_and_compare(pair, capsys):
+    ref, cand, _ = pair
+    code, out, err = _run(capsys, "profile", ref, "--runs", "5", "--json")
+    assert code == 0, err
+    prof = json.loads(out)["model"]
+    # ORT reports the kernels it really ran, after its own fusions (MatMul+Add+Relu -> FusedGemm...).
+    assert prof["by_op_type"] and all(r["op_type"] for r in prof["by_op_type"])
+    assert sum(r["share"] for r in prof["by_op_type"]) == pytest.approx(1.0, abs=1e-6)
+    code, out, _ = _run(capsys, "profile", ref, "--compare", cand, "--runs", "5", "--top", "3")
+    assert code == 0 and "where the time moved" in out and "slowest 3 nodes" in out
+
+
+def test_profile_unavailable_target_exits_2(pair, capsys):
+    ref, _, _ = pair
+    code, _, err = _run(capsys, "profile", ref, "--target", "cuda")
+    assert code == 2 and "not measured here" in err
+
+
+def test_inspect_lists_interface_and_weights(pair, capsys):
+    ref, _, _ = pair
+    code, out, _ = _run(capsys, "inspect", ref, "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert info["inputs"][0]["name"] == "x" and info["outputs"][0]["name"] == "logits"
+    assert info["params"] == 4 * 8 + 8 + 8 * 3
+    assert info["weights_by_op_type"]["MatMul"]["params"] == 4 * 8 + 8 * 3
+    assert info["opsets"][""] == 17
+    code, out, _ = _run(capsys, "inspect", ref)
+    assert code == 0 and "weights by consuming op type" in out
+
+
+def test_inspect_bad_file(tmp_path, capsys):
+    bad = tmp_path / "x.onnx"
+    bad.write_bytes(b"\x00\x01garbage" * 10)
+    code, _, err = _run(capsys, "inspect", bad)
+    assert code == 2 and "Traceback" not in err
