@@ -54,7 +54,7 @@ def check_model(model: ir.Model) -> onnx.ModelProto:
     """onnx.checker on the serialized model; a failure is our bug, not the user's."""
     proto = model_io.to_proto(model)
     try:
-        if proto.ByteSize() < 2**31 - 1:
+        if proto.ByteSize() <= model_io.PROTOBUF_LIMIT:
             onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
         raise VerificationError(f"the compiled model fails onnx.checker ({str(exc).splitlines()[0]}); nothing was written. Please report this.") from exc

@@ -96,7 +96,7 @@ def prepare_model(model: "ir.Model | onnx.ModelProto | str | os.PathLike | Model
         data = model_io.to_proto(model).SerializeToString()
         return ModelSource(data, len(data), label=_memory_label(model))
     if isinstance(model, onnx.ModelProto):
-        if model.ByteSize() > model_io.PROTOBUF_LIMIT:  # noqa: SLF001
+        if model.ByteSize() > model_io.PROTOBUF_LIMIT:
             tmpdir = tempfile.mkdtemp(prefix="edgeprune_model_")
             path = pathlib.Path(tmpdir) / "model.onnx"
             # Through onnx-ir: onnx.save_model(save_as_external_data=True) would rewrite the

@@ -157,7 +157,7 @@ def test_models_over_protobuf_limit_go_through_external_data(monkeypatch, tmp_pa
 
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 0)
-    monkeypatch.setattr(model_io, "_PROTOBUF_LIMIT", 0)
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 0)
     expected = _reference(feeds["x"])
     proto = _mlp()
     for model in (proto, proto, ir.serde.deserialize_model(_mlp())):  # proto twice: it is not mutated
