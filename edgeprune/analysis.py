@@ -274,7 +274,19 @@ def _constant(value: ir.Value | None) -> ir.TensorProtocol | None:
         return value.const_value
     producer = value.producer()
     if producer is not None and _is_std(producer, "Constant"):
-        return ir.convenience.get_const_tensor(value)
+        return _constant_node_tensor(producer)
+    return None
+
+
+def _constant_node_tensor(node: ir.Node) -> ir.TensorProtocol | None:
+    """Read a Constant node's value without touching it (ir.convenience.get_const_tensor names it)."""
+    for name, attr in node.attributes.items():
+        if name == "value":
+            return attr.value
+        if name in ("value_float", "value_floats"):
+            return ir.tensor(np.asarray(attr.value, dtype=np.float32))
+        if name in ("value_int", "value_ints"):
+            return ir.tensor(np.asarray(attr.value, dtype=np.int64))
     return None
 
 

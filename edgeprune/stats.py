@@ -9,7 +9,9 @@ per-sample is kept.
 
 Padding: when the batch feeds an ``attention_mask`` of shape [batch, seq] and a tensor's leading
 dims are that same [batch, seq] (and ``axis`` is neither of them), positions where the mask is 0
-are left out, so right-padded text does not bias the statistics.
+are left out, so right-padded text does not bias the statistics.  A tensor whose declared (or
+inferred) axis 1 is a fixed number is never masked, so e.g. a [batch, 32, seq] rotary table is
+not mistaken for token rows when seq happens to be 32.
 """
 
 from __future__ import annotations
@@ -140,6 +142,7 @@ class StatsCollector:
         self._requests: dict[str, tuple[int, bool]] = {}
         self._session: ort.InferenceSession | None = None
         self._session_key: tuple | None = None
+        self._fixed_dim1: set[str] = set()
         self._graph_inputs = {v.name for v in model.graph.inputs}
         self._produced = {v.name: v for node in model.graph for v in node.outputs if v.name}
 
@@ -188,7 +191,7 @@ class StatsCollector:
             mask = mask if mask is not None and mask.ndim == 2 else None
             for name, acc in accumulators.items():
                 array = outputs[name] if name in outputs else feed[name]
-                self._fold(acc, np.asarray(array), mask)
+                self._fold(acc, np.asarray(array), None if name in self._fixed_dim1 else mask)
             if progress is not None:
                 progress(done, total)
         return {name: acc.result() for name, acc in accumulators.items()}
@@ -215,9 +218,23 @@ class StatsCollector:
         key = tuple(sorted(self._requests))
         if self._session is None or self._session_key != key:
             fetch = [n for n in key if n not in self._graph_inputs]
-            self._session = make_session(_with_outputs(self.model, fetch), self.target, threads=self.threads)
+            copy = _with_outputs(self.model, fetch)
+            self._fixed_dim1 = _fixed_dim1(copy, key)
+            self._session = make_session(copy, self.target, threads=self.threads)
             self._session_key = key
         return self._session
+
+
+def _fixed_dim1(model: ir.Model, names: tuple[str, ...]) -> set[str]:
+    """Requested tensors whose axis 1 has a fixed size: that axis is not the token axis."""
+    values = {v.name: v for v in model.graph.inputs}
+    values.update({v.name: v for node in model.graph for v in node.outputs if v.name})
+    fixed = set()
+    for name in names:
+        shape = values[name].shape
+        if shape is not None and len(shape) >= 2 and isinstance(shape[1], int):
+            fixed.add(name)
+    return fixed
 
 
 def _with_outputs(model: ir.Model, names: list[str]) -> ir.Model:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pathlib
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -56,6 +58,10 @@ def check_model(model: ir.Model) -> onnx.ModelProto:
     try:
         if proto.ByteSize() <= model_io.PROTOBUF_LIMIT:
             onnx.checker.check_model(proto)
+        else:  # the checker reads models over 2 GB only from a path, with external data
+            with tempfile.TemporaryDirectory() as tmp:
+                model_io.save_model(model, pathlib.Path(tmp) / "model.onnx")
+                onnx.checker.check_model(str(pathlib.Path(tmp) / "model.onnx"))
     except onnx.checker.ValidationError as exc:
         raise VerificationError(f"the compiled model fails onnx.checker ({str(exc).splitlines()[0]}); nothing was written. Please report this.") from exc
     return proto

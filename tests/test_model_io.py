@@ -1,0 +1,92 @@
+"""Model I/O: constants become initializers, versions survive, big models use external data,
+and the output folder is written atomically or not at all."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import edgeprune
+from edgeprune import model_io
+from edgeprune.errors import BadInputError
+
+from tiny_models import mlp_proto, write_mlp, write_mlp_calib
+
+
+def test_load_lifts_weight_constants_but_keeps_scalars(tmp_path):
+    proto = mlp_proto()
+    w = np.arange(20, dtype=np.float32).reshape(4, 5)  # above the 16-element lift threshold
+    proto.graph.node.insert(0, onnx.helper.make_node("Constant", [], ["wc"], value=onnx.numpy_helper.from_array(w)))
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    model = model_io.load_model(path)
+    assert "wc" in model.graph.initializers
+    np.testing.assert_array_equal(model.graph.initializers["wc"].const_value.numpy(), w)
+    assert sum(n.op_type == "Constant" for n in model.graph) == 2  # the two scalars stay
+
+
+@pytest.mark.parametrize("opset, ir_version", [(11, 6), (13, 7), (21, 10)])
+def test_round_trip_keeps_opset_and_ir_version(tmp_path, opset, ir_version):
+    proto = mlp_proto(opset=opset)
+    proto.ir_version = ir_version
+    src = tmp_path / "m.onnx"
+    onnx.save(proto, src)
+    model = model_io.load_model(src)
+    model_io.save_model(model, tmp_path / "out.onnx")
+    back = onnx.load(tmp_path / "out.onnx")
+    assert back.ir_version == ir_version
+    assert {o.domain: o.version for o in back.opset_import}[""] == opset
+
+
+def test_large_models_are_saved_with_external_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 10)
+    model = model_io.load_model(write_mlp(tmp_path / "in"))
+    written = model_io.save_model(model, tmp_path / "big.onnx")
+    assert [p.name for p in written] == ["big.onnx", "big.onnx.data"]
+    assert model_io.file_size(tmp_path / "big.onnx") == sum(p.stat().st_size for p in written)
+    reloaded = model_io.load_model(tmp_path / "big.onnx")
+    x = np.ones((2, 4), np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "big.onnx"), providers=["CPUExecutionProvider"])
+    ref = ort.InferenceSession(str(tmp_path / "in" / "mlp.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], ref.run(None, {"x": x})[0])
+    assert model_io.param_count(reloaded) == model_io.param_count(model)
+
+
+def test_truncated_external_data_is_named(tmp_path):
+    proto = mlp_proto()
+    onnx.save(proto, tmp_path / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    data = tmp_path / "m.data"
+    data.write_bytes(data.read_bytes()[:10])
+    with pytest.raises(BadInputError, match="truncated"):
+        model_io.load_model(tmp_path / "m.onnx")
+
+
+def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with model_io.atomic_output_dir(out) as stage:
+            (stage / "model.onnx").write_text("partial")
+            raise RuntimeError("boom")
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_output_dir_refuses_input_folder(tmp_path):
+    model = write_mlp(tmp_path / "in")
+    with pytest.raises(BadInputError, match="overwrite"):
+        with model_io.atomic_output_dir(tmp_path / "in", force=True, inputs=(model,)):
+            pass
+    assert model.exists()
+
+
+def test_python_api_mirrors_cli(tmp_path):
+    model = write_mlp(tmp_path / "in")
+    calib = write_mlp_calib(tmp_path / "in")
+    result = edgeprune.compile(model, tmp_path / "out", calib=calib, latency_runs=3, profile=False)
+    assert (tmp_path / "out" / "model.onnx").exists()
+    assert result.report["verification"]["drop"] < 1e-6
+    checked = edgeprune.validate(model, tmp_path / "out" / "model.onnx", data=calib, runs=3)
+    assert checked.fidelity[0].cosine_min == pytest.approx(1.0, abs=1e-6)
+    assert edgeprune.inspect(model)["params"] == model_io.param_count(model_io.load_model(model))
