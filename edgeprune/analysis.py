@@ -305,6 +305,14 @@ def _consumers(value: ir.Value) -> list[ir.Node]:
     return list(seen.values())
 
 
+def _node_name(node: ir.Node) -> str:
+    """The node's name; unnamed nodes (legal ONNX) are called ``<op>:<first output>``, which is unique."""
+    if node.name:
+        return node.name
+    out = node.outputs[0].name if node.outputs else ""
+    return f"{node.op_type}:{out}"
+
+
 def _name(value: ir.Value | None) -> str | None:
     return None if value is None else value.name
 
@@ -455,7 +463,7 @@ def _matmul_linear(node: ir.Node) -> Linear | None:
     in_f, out_f = (shape[1], shape[0]) if transposed else shape
     bias, bias_node, output = _bias_add(node.outputs[0], out_f)
     return Linear(
-        node=node.name or "",
+        node=_node_name(node),
         weight=w.name or "",
         in_features=in_f,
         out_features=out_f,
@@ -466,7 +474,7 @@ def _matmul_linear(node: ir.Node) -> Linear | None:
         shared=_weight_users(w) > 1,
         op_type="MatMul",
         bias_node=bias_node,
-        weight_transpose=None if transpose_node is None else transpose_node.name,
+        weight_transpose=None if transpose_node is None else _node_name(transpose_node),
     )
 
 
@@ -486,7 +494,7 @@ def _gemm_linear(node: ir.Node) -> Linear | None:
     else:
         out_name = output.name or ""
     return Linear(
-        node=node.name or "",
+        node=_node_name(node),
         weight=w.name or "",
         in_features=in_f,
         out_features=out_f,
@@ -508,7 +516,7 @@ def _bias_add(out: ir.Value, out_features: int) -> tuple[str | None, str | None,
         other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
         shape = _const_shape(other)
         if shape is not None and len(shape) == 1 and shape[0] == out_features:
-            return other.name, add.name, add.outputs[0].name or ""
+            return other.name, _node_name(add), add.outputs[0].name or ""
     return None, None, out.name or ""
 
 
@@ -803,7 +811,7 @@ def _attention_at_softmax(softmax: ir.Node, by_output: dict[str, Linear]) -> Att
         logger.debug("softmax %s: q/k/v do not trace back to linears", softmax.name)
         return None
     (q, q_nodes), (k, k_nodes), (v, _) = q_trace, k_trace, v_trace
-    if len({q.node, k.node, v.node}) != 3 or k.input != v.input:
+    if len({q.output, k.output, v.output}) != 3 or k.input != v.input:
         logger.debug("softmax %s: fused or cross q/k/v projections are not handled", softmax.name)
         return None
     linears_by_input: dict[str, list[Linear]] = {}
@@ -816,7 +824,7 @@ def _attention_at_softmax(softmax: ir.Node, by_output: dict[str, Linear]) -> Att
     rotary = _has_rotary(q_nodes) and _has_rotary(k_nodes)
     return AttentionBlock(
         q=q, k=k, v=v, o=o, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-        softmax=softmax.name, rotary=rotary, score_matmul=score.name, context_matmul=context.name,
+        softmax=_node_name(softmax), rotary=rotary, score_matmul=_node_name(score), context_matmul=_node_name(context),
     )  # fmt: skip
 
 
@@ -883,7 +891,7 @@ def _native_attention(node: ir.Node, by_output: dict[str, Linear]) -> AttentionB
             return None
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         packed = Linear(
-            node=node.name or "", weight=node.inputs[1].name or "", in_features=shape[0],
+            node=_node_name(node), weight=node.inputs[1].name or "", in_features=shape[0],
             out_features=shape[1], bias=_name(bias), transposed=False, input=_name(node.inputs[0]) or "",
             output=node.outputs[0].name or "", shared=_weight_users(node.inputs[1]) > 1, op_type="Attention",
         )  # fmt: skip
@@ -896,7 +904,7 @@ def _native_attention(node: ir.Node, by_output: dict[str, Linear]) -> AttentionB
     head_dim = width // heads if width and heads else None
     return AttentionBlock(
         q=q, k=k, v=v, o=o, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, softmax=None,
-        rotary=bool(_attr(node, "do_rotary", 0)), op_type=node.op_type, node=node.name, packed_qkv=packed,
+        rotary=bool(_attr(node, "do_rotary", 0)), op_type=node.op_type, node=_node_name(node), packed_qkv=packed,
     )  # fmt: skip
 
 
@@ -921,7 +929,7 @@ def find_conv_layers(graph: ir.Graph) -> list[ConvLayer]:
         bn, act = None, None
         users = _consumers(out)
         if len(users) == 1 and _is_std(users[0], "BatchNormalization"):
-            bn, out = users[0].name, users[0].outputs[0]
+            bn, out = _node_name(users[0]), users[0].outputs[0]
             users = _consumers(out)
         if len(users) == 1 and _is_std(users[0], *_CONV_FOLLOW_ACTS):
             act_node = users[0]
@@ -931,7 +939,7 @@ def find_conv_layers(graph: ir.Graph) -> list[ConvLayer]:
             act, out = "silu", _swish_output(None, out)
         layers.append(
             ConvLayer(
-                node=node.name or "", weight=node.inputs[1].name or "", bias=_name(bias) if _constant(bias) is not None else None,
+                node=_node_name(node), weight=node.inputs[1].name or "", bias=_name(bias) if _constant(bias) is not None else None,
                 out_channels=shape[0], in_channels=shape[1] * groups, groups=groups, kernel=tuple(shape[2:]),
                 depthwise=groups > 1 and shape[1] == 1, input=node.inputs[0].name or "", output=out.name or "",
                 batchnorm=bn, activation=act,
@@ -1017,7 +1025,7 @@ def find_embeddings(graph: ir.Graph, linears: list[Linear]) -> list[Embedding]:
         head = head_by_weight.get(table.name or "")
         found.append(
             Embedding(
-                node=node.name or "", table=table.name or "", vocab=int(tensor.shape[0]), dim=int(tensor.shape[1]),
+                node=_node_name(node), table=table.name or "", vocab=int(tensor.shape[0]), dim=int(tensor.shape[1]),
                 input=idx.name or "", tied=head is not None, tied_with=head,
             )
         )  # fmt: skip
@@ -1036,7 +1044,7 @@ def find_moe_layers(graph: ir.Graph, linears: list[Linear], ffns: list[FFNBlock]
         if node.domain == _MS_DOMAIN and node.op_type in ("MoE", "QMoE"):
             router = by_output.get(_name(node.inputs[1]) or "")
             n = router.out_features if router else None
-            layers.append(MoELayer(router=router, num_experts=n or 0, top_k=_attr(node, "k"), experts=[], node=node.name))
+            layers.append(MoELayer(router=router, num_experts=n or 0, top_k=_attr(node, "k"), experts=[], node=_node_name(node)))
     for lin in linears:
         topk = _topk_after(values.get(lin.output))
         if topk is None:
@@ -1044,7 +1052,7 @@ def find_moe_layers(graph: ir.Graph, linears: list[Linear], ffns: list[FFNBlock]
         k_tensor = _constant(topk.inputs[1]) if len(topk.inputs) > 1 else None
         k = int(k_tensor.numpy().reshape(-1)[0]) if k_tensor is not None else None
         experts = [f for f in ffns if (f.gate or f.up).input == lin.input]
-        layers.append(MoELayer(router=lin, num_experts=lin.out_features, top_k=k, experts=experts, node=topk.name))
+        layers.append(MoELayer(router=lin, num_experts=lin.out_features, top_k=k, experts=experts, node=_node_name(topk)))
     return layers
 
 
