@@ -1,0 +1,29 @@
+"""Recipes that build the benchmark models from packages that ship real weights, and their task metrics."""
+
+from edgeprune.models.recipes import RECIPES, ModelArtifact, Recipe, build, cache_dir, get_recipe, onnx_file_bytes
+from edgeprune.models.tasks import (
+    data_dir,
+    load_stsb,
+    load_wikitext,
+    sentence_embeddings,
+    stsb_spearman,
+    token_nll,
+    wikitext_perplexity,
+)
+
+__all__ = [
+    "RECIPES",
+    "ModelArtifact",
+    "Recipe",
+    "build",
+    "cache_dir",
+    "data_dir",
+    "get_recipe",
+    "load_stsb",
+    "load_wikitext",
+    "onnx_file_bytes",
+    "sentence_embeddings",
+    "stsb_spearman",
+    "token_nll",
+    "wikitext_perplexity",
+]
