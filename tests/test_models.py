@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -292,10 +291,8 @@ def test_build_minilm_exports_once_then_reuses(real_cache):
     assert card["architecture"]["outputs"] == ["token_embeddings", "sentence_embedding"]
     assert 80e6 < card["files"]["model_onnx_bytes"] < 100e6
     mtime = art.model_path.stat().st_mtime_ns
-    start = time.perf_counter()
     again = build("minilm", cache=real_cache, measure=False)
-    assert time.perf_counter() - start < 2.0
-    assert again.model_path.stat().st_mtime_ns == mtime
+    assert again.model_path.stat().st_mtime_ns == mtime  # reused, not re-exported
     assert sorted(p.name for p in real_cache.iterdir()) == ["minilm"]
 
 
