@@ -41,16 +41,25 @@ class RichProgress(Progress):
         self._columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         self._factory = _RichProgress
 
+    def _done(self, description: str, start: float) -> None:
+        self._console.print(f"[green]✓[/] {description} [dim]({time.perf_counter() - start:.1f} s)[/]")
+
     @contextlib.contextmanager
     def stage(self, description: str) -> Iterator[None]:
         start = time.perf_counter()
-        with self._factory(*self._columns[:2], self._columns[4], console=self._console, transient=True) as bar:
-            bar.add_task(description, total=None)
+        if not self._console.is_terminal:  # logs and pipes get the finished lines only
             yield
-        self._console.print(f"[green]✓[/] {description} [dim]({time.perf_counter() - start:.1f} s)[/]")
+        else:
+            with self._factory(*self._columns[:2], self._columns[4], console=self._console, transient=True) as bar:
+                bar.add_task(description, total=None)
+                yield
+        self._done(description, start)
 
     def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
         start = time.perf_counter()
-        with self._factory(*self._columns, console=self._console, transient=True) as bar:
-            yield from bar.track(items, total=total, description=description)
-        self._console.print(f"[green]✓[/] {description} [dim]({time.perf_counter() - start:.1f} s)[/]")
+        if not self._console.is_terminal:
+            yield from items
+        else:
+            with self._factory(*self._columns, console=self._console, transient=True) as bar:
+                yield from bar.track(items, total=total, description=description)
+        self._done(description, start)
