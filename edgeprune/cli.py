@@ -73,11 +73,28 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--max-samples", type=int, default=64, show_default=True, help="Calibration rows to use.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--prune", "prune_ratio", type=float, help="Structured pruning: share of the prunable parameters (FFN neurons, attention heads) to remove, in [0, 1).")
+@click.option("--prune-metric", type=click.Choice(["flap", "wanda", "magnitude", "magnitude_l1"]), default="flap", show_default=True, help="Importance metric for --prune.")
+@click.option("--allocation", type=click.Choice(["floor", "global", "uniform"]), default="floor", show_default=True, help="How --prune spreads the budget over layers.")
+@click.option("--round-to", type=int, default=8, show_default=True, help="Keep pruned FFN widths multiples of N (1 disables).")
+@click.option("--refit", is_flag=True, help="Least-squares refit of each pruned layer's consumer on calibration data.")
+@click.option("--no-compensate", is_flag=True, help="Skip FLAP bias compensation of pruned channels.")
+@click.option("--prune-units", default="ffn,heads", show_default=True, help="Unit kinds to prune: ffn, heads.")
 @common_threads
 @common_json
-def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example, force, max_samples, seed, threads, as_json):
+def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example, force, max_samples, seed,
+                prune_ratio, prune_metric, allocation, round_to, refit, no_compensate, prune_units, threads, as_json):
     """Compile MODEL into OUT: model.onnx plus report.json, report.md and report.html."""
     from edgeprune.pipeline import CompileOptions, compile_model
+    from edgeprune.recipe import recipe_from_flags
+
+    if prune_ratio is not None:
+        if recipe is not None:
+            raise click.UsageError("give either --recipe or --prune, not both: put the prune pass in the recipe.")
+        recipe = recipe_from_flags(prune={
+            "ratio": prune_ratio, "metric": prune_metric, "allocation": allocation, "round_to": round_to,
+            "refit": refit, "compensate": not no_compensate, "units": prune_units,
+        })
 
     if example:
         if model is not None:

@@ -37,8 +37,22 @@ class Recipe:
 
 
 def default_recipe() -> Recipe:
-    """What ``compile`` runs without ``--recipe``: graph cleanup only, for now."""
+    """What ``compile`` runs without ``--recipe`` or pass flags: graph cleanup only."""
     return Recipe([PassSpec("cleanup")], source="default")
+
+
+def recipe_from_flags(*, prune: dict[str, Any] | None = None) -> Recipe:
+    """The recipe the CLI's pass flags describe: cleanup, then each requested pass.
+
+    Pruning is followed by another cleanup, which re-infers the shapes the pruned widths changed
+    and folds what pruning left constant.
+    """
+    if prune is None:
+        return default_recipe()
+    passes = [PassSpec("cleanup"), PassSpec("prune", dict(prune)), PassSpec("cleanup")]
+    for spec in passes:
+        get_pass(spec.name).from_options(spec.options)  # bad options fail before any work
+    return Recipe(passes, source="command line")
 
 
 def _parse(path: pathlib.Path) -> Any:

@@ -19,6 +19,7 @@ ENTRY_POINT_GROUP = "edgeprune.passes"
 
 _BUILTIN = {
     "cleanup": "edgeprune.passes.cleanup:CleanupPass",
+    "prune": "edgeprune.passes.structured_pruning:StructuredPruningPass",
 }
 
 

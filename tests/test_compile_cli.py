@@ -218,3 +218,28 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert code == 2
     code, _, _ = _run(capsys, "no-such-command")
     assert code == 2
+
+
+def test_prune_flag_shrinks_the_model(mlp, tmp_path, capsys):
+    model, calib = mlp
+    code, stdout, stderr = _run(capsys, "compile", model, "-o", tmp_path / "out", "--calib", calib, "--prune", "0.5", "--round-to", "1", "--json")
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    assert [p["name"] for p in report["passes"]] == ["cleanup", "prune", "cleanup"]
+    assert report["recipe"]["source"] == "command line"
+    assert report["output"]["params"] < report["input"]["params"]
+    hidden = {tuple(i.dims) for i in onnx.load(tmp_path / "out" / "model.onnx").graph.initializer if len(i.dims) == 2}
+    assert (4, 4) in hidden and (4, 3) in hidden  # 8 hidden neurons -> 4
+
+
+@pytest.mark.parametrize("args, expect", [(["--prune", "1.0"], "ratio"), (["--prune", "-0.1"], "ratio"), (["--prune", "0.2", "--round-to", "0"], "round_to")])
+def test_prune_flag_bad_values(mlp, tmp_path, capsys, args, expect):
+    model, calib = mlp
+    _bad(capsys, tmp_path, model, "--calib", calib, *args, expect=expect)
+
+
+def test_prune_and_recipe_are_exclusive(mlp, tmp_path, capsys):
+    model, calib = mlp
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[passes]]\nname = "cleanup"\n')
+    _bad(capsys, tmp_path, model, "--calib", calib, "--recipe", recipe, "--prune", "0.2", expect="either --recipe or --prune")
