@@ -405,7 +405,7 @@ def _load_text(
     texts = _read_texts(path)
     if not texts:
         raise CalibrationDataError(f"calibration file {path} has no non-blank text: add one sample per line.")
-    tok = _load_tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer)
     tok.no_padding()
     tok.no_truncation()
     picked = _pick(len(texts), max_samples, seed)
@@ -442,7 +442,8 @@ def _read_texts(path: pathlib.Path) -> list[str]:
     return texts
 
 
-def _load_tokenizer(tokenizer: str | pathlib.Path):
+def load_tokenizer(tokenizer: str | pathlib.Path):
+    """A tokenizers ``Tokenizer`` from a tokenizer.json file or a folder holding one."""
     from tokenizers import Tokenizer
 
     path = pathlib.Path(tokenizer)

@@ -48,20 +48,37 @@ def _cosine_per_sample(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
     return np.where(den == 0, np.where((norm_a == 0) & (norm_b == 0), 1.0, 0.0), cos)
 
 
+#: Rows of logits turned into float64 at a time (a 512 x 49152 window would be 200 MB at once).
+_LOGSOFTMAX_CHUNK = 64
+
+
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood of ``targets`` under ``logits`` [n, vocab], in float64.
+
+    Log-softmax is taken as ``x - max - log(sum(exp(x - max)))`` (no overflow), a chunk of
+    rows at a time so memory stays bounded for large vocabularies.
+    """
+    logits = np.asarray(logits)
+    targets = np.asarray(targets, dtype=np.int64)
+    out = np.empty(len(targets), dtype=np.float64)
+    for start in range(0, len(targets), _LOGSOFTMAX_CHUNK):
+        rows = logits[start : start + _LOGSOFTMAX_CHUNK].astype(np.float64)
+        top = rows.max(axis=1, keepdims=True)
+        lse = top[:, 0] + np.log(np.exp(rows - top).sum(axis=1))
+        picked = rows[np.arange(len(rows)), targets[start : start + _LOGSOFTMAX_CHUNK]]
+        out[start : start + len(rows)] = lse - picked
+    return out
+
+
 def _next_token_nll(logits: np.ndarray, input_ids: np.ndarray, mask: np.ndarray | None) -> tuple[float, int]:
-    """Sum of next-token NLL and the count of predicted tokens, in float64, row by row to bound memory."""
+    """Sum of next-token NLL and the count of predicted tokens; padded positions are skipped."""
     total, count = 0.0, 0
     for b in range(logits.shape[0]):
-        lg = logits[b, :-1].astype(np.float64)
         target = input_ids[b, 1:]
         keep = np.ones(target.shape, dtype=bool) if mask is None else (mask[b, 1:] > 0) & (mask[b, :-1] > 0)
-        if not keep.any():
-            continue
-        lg, target = lg[keep], target[keep]
-        peak = lg.max(axis=-1, keepdims=True)
-        logsumexp = np.log(np.exp(lg - peak).sum(axis=-1)) + peak[:, 0]
-        total += float((logsumexp - lg[np.arange(len(target)), target]).sum())
-        count += int(keep.sum())
+        if keep.any():
+            total += float(token_nll(logits[b, :-1][keep], target[keep]).sum())
+            count += int(keep.sum())
     return total, count
 
 

@@ -16,11 +16,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgeprune.errors import BadInputError, CalibrationDataError
+from edgeprune.fidelity import token_nll
 
 logger = logging.getLogger(__name__)
 
 #: Rows of logits turned into float64 at a time (bounds memory at ~64 x vocab x 8 bytes).
-_LOGSOFTMAX_CHUNK = 64
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -97,15 +97,9 @@ def _as_session(model: Any, threads: int | None):
 
 
 def _load_tokenizer(tokenizer_path: str | os.PathLike):
-    from tokenizers import Tokenizer
+    from edgeprune.calibration import load_tokenizer
 
-    path = Path(tokenizer_path)
-    if not path.is_file():
-        raise BadInputError(f"the tokenizer file {path} does not exist: pass the model's tokenizer.json.")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as exc:
-        raise BadInputError(f"{path} is not a tokenizers JSON file ({exc}): pass the model's tokenizer.json.") from exc
+    return load_tokenizer(tokenizer_path)
 
 
 def _feeds(session, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -221,24 +215,6 @@ def stsb_spearman(
 
 
 # ------------------------------------------------------------------------------------ WikiText-2
-
-
-def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Negative log-likelihood of ``targets`` under ``logits`` [n, vocab], in float64.
-
-    Log-softmax is taken as ``x - max - log(sum(exp(x - max)))`` (no overflow), a chunk of
-    rows at a time so a 512 x 49152 window never becomes one float64 array.
-    """
-    logits = np.asarray(logits)
-    targets = np.asarray(targets, dtype=np.int64)
-    out = np.empty(len(targets), dtype=np.float64)
-    for start in range(0, len(targets), _LOGSOFTMAX_CHUNK):
-        rows = logits[start : start + _LOGSOFTMAX_CHUNK].astype(np.float64)
-        top = rows.max(axis=1, keepdims=True)
-        lse = top[:, 0] + np.log(np.exp(rows - top).sum(axis=1))
-        picked = rows[np.arange(len(rows)), targets[start : start + _LOGSOFTMAX_CHUNK]]
-        out[start : start + len(rows)] = lse - picked
-    return out
 
 
 def wikitext_tokens(tokenizer_path: str | os.PathLike, *, path: str | os.PathLike | None = None) -> list[int]:
