@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_md import BENCHMARKS_MD, update_section
 from edgeprune.models.recipes import PPL_CONTEXT, PPL_MAX_TOKENS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -286,7 +286,6 @@ def bench_model(name: str, args, workdir: Path) -> dict:
 
 # -------------------------------------------------------------------------------------- markdown
 
-_START, _END = "<!-- baselines:start -->", "<!-- baselines:end -->"
 
 
 def _fmt_row(model: str, row: dict) -> str:
@@ -305,7 +304,7 @@ def _fmt_row(model: str, row: dict) -> str:
 
 def render_markdown(results: dict) -> str:
     """The baselines section of BENCHMARKS.md, every figure read from ``results``."""
-    lines = [_START, "## Baselines: ONNX Runtime's own quantizers", "",
+    lines = ["## Baselines: ONNX Runtime's own quantizers", "",
              "Written by `benchmarks/run_baselines.py` from `benchmarks/results/baselines.json`; do not edit by hand.",
              ""]
     for model, entry in results["models"].items():
@@ -342,24 +341,12 @@ def render_markdown(results: dict) -> str:
             settings = ", ".join(f"{k}={v}" for k, v in row["settings"].items())
             lines.append(f"- `{row['variant']}`: {settings}; quantized ops: {ops}")
         lines.append("")
-    lines.append(_END)
     return "\n".join(lines)
 
 
 def write_markdown(path: Path, results: dict) -> None:
     """Replace the baselines section of ``path`` (create the file if needed), keeping the rest."""
-    section = render_markdown(results)
-    if path.exists():
-        text = path.read_text()
-        if _START in text and _END in text:
-            text = re.sub(re.escape(_START) + ".*?" + re.escape(_END), lambda _: section, text, flags=re.S)
-        else:
-            text = text.rstrip() + "\n\n" + section + "\n"
-    else:
-        text = "# Benchmarks\n\nEvery figure below is written by a script in `benchmarks/` from its own run.\n\n" + section + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    update_section(path, "baselines", render_markdown(results))
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -386,7 +373,7 @@ def parse_args(argv=None):
         parser.error(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(MODEL_VARIANTS)}")
     if args.markdown is None:
         default_out = args.out.resolve() == DEFAULT_OUT.resolve()
-        args.markdown = REPO / "BENCHMARKS.md" if default_out else args.out / "BENCHMARKS.md"
+        args.markdown = BENCHMARKS_MD if default_out else args.out / "BENCHMARKS.md"
     return args
 
 

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_md import BENCHMARKS_MD, update_section
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -54,6 +55,8 @@ DEFAULTS = {
     "smollm2": ("0.1,0.2", "magnitude,magnitude+bias,wanda,wanda+bias,flap,flap+bias,flap+bias+refit"),
 }
 PPL_CONTEXT, PPL_TOKENS = 512, 4096
+#: The ORT baseline that pruning is combined with (same settings as run_baselines.py).
+INT8 = "ort-dyn-int8-pc"
 
 
 # ----------------------------------------------------------------------------------- calibration
@@ -133,6 +136,8 @@ def bench(name: str, ratios: list[float], variants: list[str], args, workdir: Pa
     from edgeprune.runtime.latency import measure_side_by_side
     from edgeprune.runtime.targets import get_target
 
+    from run_baselines import quantize  # the ORT baseline's exact settings, from its own script
+
     artifact = build(name, measure=False)
     base = load_model(artifact.model_path)
     CleanupPass()(base)
@@ -147,8 +152,15 @@ def bench(name: str, ratios: list[float], variants: list[str], args, workdir: Pa
     logger.info("%s fp32: %.4f (%.0f s)", name, fp32_metric, time.perf_counter() - start)
     feeds = feeds_for(name, artifact.tokenizer_path)
     rows = [{"variant": "fp32", "ratio": 0.0, "metric": fp32_metric, "params": fp32_params, "file_bytes": fp32_bytes}]
+    int8_alone = None
+    if args.int8:  # ORT dynamic int8 of the unpruned model: the trade-off pruning+int8 must beat
+        int8_alone = quantize(INT8, artifact.model_path, workdir / f"{name}-{INT8}.onnx")
+        rows.append({"variant": INT8, "ratio": 0.0, "metric": metric(name, int8_alone, artifact.tokenizer_path, args.threads),
+                     "params": fp32_params, "file_bytes": onnx_file_bytes(int8_alone)})  # fmt: skip
     for ratio in ratios:
         paths = {"fp32": str(artifact.model_path)}
+        if int8_alone is not None:
+            paths[INT8] = str(int8_alone)
         for variant in variants:
             options = {**VARIANTS[variant], "ratio": ratio}
             model = ir.from_proto(clean_proto)
@@ -171,14 +183,19 @@ def bench(name: str, ratios: list[float], variants: list[str], args, workdir: Pa
             rows.append(row)
             paths[variant] = str(path)
             logger.info("%s %s @%.2f: %.4f, params %d, prune %.0f s", name, variant, ratio, value, row["params"], prune_s)
+            if args.int8:
+                qpath = quantize(INT8, path, path.with_name(path.stem + "-int8.onnx"))
+                rows.append({**row, "variant": f"{variant}+{INT8}", "metric": metric(name, qpath, artifact.tokenizer_path, args.threads),
+                             "file_bytes": onnx_file_bytes(qpath)})  # fmt: skip
+                paths[f"{variant}+{INT8}"] = str(qpath)
         latency = measure_side_by_side(paths, feeds, "cpu", warmup=args.warmup, runs=args.runs, threads=args.threads)
         for row in rows:
-            if row["ratio"] == ratio:
+            if row["ratio"] == ratio or (row["variant"] == INT8 and row["variant"] in latency):
                 row["latency_p50_ms"] = latency[row["variant"]].p50_ms
                 row["latency_ratio"] = latency[row["variant"]].p50_ms / latency["fp32"].p50_ms
         rows[0].setdefault("latency_p50_ms_by_round", []).append(latency["fp32"].p50_ms)
         for p in paths.values():
-            if p != str(artifact.model_path):
+            if p not in (str(artifact.model_path), str(int8_alone)):
                 Path(p).unlink(missing_ok=True)
     protocol = {
         "metric": "STS-B dev Spearman, all 1500 pairs (mean-pooled token_embeddings, cosine)"
@@ -203,15 +220,15 @@ def render(results: dict) -> str:
         p = model["protocol"]
         lines += [f"### {model['model']}", "", f"- Metric: {p['metric']}.", f"- Calibration: {p['calibration']}.",
                   f"- Latency: {p['latency']}.", f"- Pipeline: {p['pipeline']}.", ""]  # fmt: skip
-        lines += ["| ratio | variant | metric | Δ vs fp32 | params (M) | removed of prunable | latency ratio |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += ["| ratio | variant | metric | Δ vs fp32 | params (M) | size MB | removed of prunable | latency ratio |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         ref = model["rows"][0]["metric"]
         for r in model["rows"]:
             lat = f"{r['latency_ratio']:.3f}" if "latency_ratio" in r else "1.000"
             removed = f"{r['removed_share_of_prunable']:.3f}" if "removed_share_of_prunable" in r else "-"
             lines.append(
                 f"| {r['ratio']:.2f} | {r['variant']} | {r['metric']:.4f} | {r['metric'] - ref:+.4f} | "
-                f"{r['params'] / 1e6:.2f} | {removed} | {lat} |"
+                f"{r['params'] / 1e6:.2f} | {r['file_bytes'] / 1e6:.1f} | {removed} | {lat} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -224,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--int8", action="store_true", help="Also quantize every pruned model with ORT dynamic int8 and compare with int8 alone.")
     for name in DEFAULTS:
         parser.add_argument(f"--{name}-ratios", default=DEFAULTS[name][0])
         parser.add_argument(f"--{name}-variants", default=DEFAULTS[name][1])
@@ -246,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             results["models"].append(bench(name, ratios, variants, args, Path(tmp)))
             (args.out / "pruning.json").write_text(json.dumps(results, indent=1))
             (args.out / "pruning.md").write_text(render(results) + "\n")
+            if args.out.resolve() == DEFAULT_OUT.resolve():
+                update_section(BENCHMARKS_MD, "pruning", render(results))
     return 0
 
 

@@ -1,0 +1,226 @@
+"""Measure the bit-allocation pass against ONNX Runtime's own quantizers, side by side in one run.
+
+Per model: compile the fp32 export with ``BitAllocationPass`` at several budgets (average bits,
+whole-model size, prefill latency), then measure the task metric, file size and latency of every
+variant together with fp32 and ORT's quantizers (latency interleaved in one
+``measure_side_by_side`` run).  ORT baselines are re-quantized here with
+``benchmarks/run_baselines.quantize`` (same settings); their task metric is re-measured too.
+
+Calibration never touches the evaluation sets: SmolLM2 uses Tiny Shakespeare windows, MiniLM the
+bundled calibration sentences.  Writes ``benchmarks/results/bits.json`` and ``bits.md``.
+
+    python benchmarks/run_bits.py --models smollm2,minilm
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run_baselines as rb  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "benchmarks" / "results"
+logger = logging.getLogger("run_bits")
+
+
+def smol_calibration(tokenizer: Path, samples: int, seq: int):
+    """Tiny Shakespeare windows of ``seq`` tokens (not WikiText: that is the evaluation set)."""
+    from tokenizers import Tokenizer
+
+    from edgeprune.calibration import CalibrationSet
+    from edgeprune.models.tasks import data_dir
+
+    tok = Tokenizer.from_file(str(tokenizer))
+    tok.no_padding()
+    tok.no_truncation()
+    text = (data_dir() / "tinyshakespeare" / "input.txt").read_text()[:400_000]
+    ids = np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+    starts = np.linspace(0, len(ids) - seq - 1, samples).astype(int)
+    rows = []
+    for s in starts:
+        w = ids[s : s + seq][None, :]
+        rows.append({"input_ids": w, "attention_mask": np.ones_like(w), "position_ids": np.arange(seq, dtype=np.int64)[None, :]})
+    return CalibrationSet(rows, f"Tiny Shakespeare, {samples} windows of {seq} tokens")
+
+
+def minilm_calibration(model, tokenizer: Path, samples: int):
+    from edgeprune.calibration import load_calibration
+
+    return load_calibration(REPO / "edgeprune" / "data" / "calibration_sentences.txt", model, tokenizer=tokenizer,
+                            max_samples=samples, seq_len=128)
+
+
+def run_pass(fp32_path: Path, ctx, options: dict, dst: Path) -> dict:
+    from edgeprune import model_io
+    from edgeprune.passes.bit_allocation import BitAllocationPass
+
+    model = model_io.load_model(fp32_path)
+    start = time.perf_counter()
+    result = BitAllocationPass.from_options(options, ctx)(model)
+    seconds = time.perf_counter() - start
+    model_io.save_model(model, dst)
+    formats = collections.Counter(r["format"] for r in result.records)
+    checks = [{k: r[k] for k in ("layer", "format", "rel_error", "output_rel_error")} for r in result.records if "output_rel_error" in r]
+    s = result.summary
+    return {
+        "options": options, "pass_seconds": round(seconds, 1), "modified": result.modified,
+        "formats": dict(formats), "avg_bits": s.get("avg_bits"), "objective": s.get("objective"),
+        "solver": s.get("solver"), "budget": s.get("budget"), "floor": s.get("floor"), "notes": s.get("notes"),
+        "predicted_latency_ms": s.get("predicted_latency_ms"), "tradeoff": s.get("tradeoff"), "output_checks": checks,
+        "records": [{k: r[k] for k in ("layer", "format", "bits", "rel_error")} for r in result.records],
+    }  # fmt: skip
+
+
+def bench(name: str, args, work: Path) -> dict:
+    from edgeprune import model_io
+    from edgeprune.context import CompileContext
+    from edgeprune.models import build, onnx_file_bytes
+    from edgeprune.runtime.latency import measure_latency, measure_side_by_side
+    from edgeprune.runtime.targets import get_target
+
+    art = build(name, measure=False)
+    fp32 = art.model_path
+    reference = model_io.load_model(fp32)
+    if name == "smollm2":
+        calib = smol_calibration(art.tokenizer_path, args.calib_samples, 256)
+        feeds = rb.text_feeds(fp32, rb.latency_ids(art.tokenizer_path, 128, special=False))
+    else:
+        calib = minilm_calibration(reference, art.tokenizer_path, args.calib_samples)
+        feeds = rb.text_feeds(fp32, rb.latency_ids(art.tokenizer_path, 128, special=True))
+    stats_rows, holdout = calib.split(0.25)
+    ctx = CompileContext(target=get_target("cpu"), calibration=stats_rows, holdout=holdout, reference=reference,
+                         threads=args.threads)
+    paths = {"fp32": fp32}
+    for v in rb.MODEL_VARIANTS[name][1:]:
+        paths[v] = rb.quantize(v, fp32, work / f"{v}.onnx")
+    fp32_ms = measure_latency(str(fp32), feeds, "cpu", warmup=2, runs=10, threads=args.threads).p50_ms
+    ort_int8 = onnx_file_bytes(paths["ort-dyn-int8-pc"])
+    if name == "smollm2":
+        configs = {f"bits-avg{b:g}": {"avg_bits": b} for b in (8, 6, 5, 4.5, 4)}
+        configs["bits-size137MB"] = {"size_budget_bytes": int(ort_int8 - 0.4e6)}
+        configs["bits-size90MB"] = {"size_budget_bytes": int(89.6e6)}
+        configs["bits-lat0.8"] = {"latency_budget_ms": round(0.8 * fp32_ms, 1)}
+        configs["bits-lat0.65"] = {"latency_budget_ms": round(0.65 * fp32_ms, 1)}
+    else:
+        configs = {f"bits-avg{b:g}": {"avg_bits": b} for b in (8, 6, 5, 4)}
+        configs["bits-size-ort-int8"] = {"size_budget_bytes": int(ort_int8 - 0.2e6)}
+        configs["bits-lat0.55"] = {"latency_budget_ms": round(0.55 * fp32_ms, 1)}
+        configs["bits-size+lat"] = {"size_budget_bytes": int(ort_int8 - 0.2e6), "latency_budget_ms": round(0.55 * fp32_ms, 1)}
+    if args.only:
+        configs = {k: v for k, v in configs.items() if k in args.only}
+    passes = {}
+    for key, opts in configs.items():
+        logger.info("%s %s: %s", name, key, opts)
+        try:
+            passes[key] = run_pass(fp32, ctx, {**opts, "output_checks": args.output_checks}, work / f"{key}.onnx")
+            paths[key] = work / f"{key}.onnx"
+        except Exception as exc:  # noqa: BLE001 - reported in the results, the run goes on
+            logger.exception("%s %s failed", name, key)
+            passes[key] = {"options": opts, "error": f"{type(exc).__name__}: {exc}"}
+    metrics = {}
+    for key, path in paths.items():
+        start = time.perf_counter()
+        if name == "smollm2":
+            from edgeprune.models.tasks import wikitext_perplexity
+
+            metrics[key] = {"perplexity": wikitext_perplexity(str(path), art.tokenizer_path, context=args.ppl_context,
+                                                              max_tokens=args.ppl_tokens, threads=args.threads)}
+        else:
+            from edgeprune.models.tasks import stsb_spearman
+
+            metrics[key] = {"stsb_spearman": stsb_spearman(str(path), art.tokenizer_path, threads=args.threads)}
+        metrics[key]["metric_seconds"] = round(time.perf_counter() - start, 1)
+        logger.info("%s %s: %s, %.1f MB", name, key, metrics[key], onnx_file_bytes(path) / 1e6)
+    lat = measure_side_by_side({k: str(v) for k, v in paths.items()}, feeds, "cpu", warmup=args.warmup, runs=args.runs,
+                               threads=args.threads)
+    rows = []
+    for key, path in paths.items():
+        rows.append({
+            "variant": key, **metrics[key], "size_bytes": onnx_file_bytes(path), "latency": lat[key].to_dict(),
+            "speedup_p50_vs_fp32": lat["fp32"].p50_ms / lat[key].p50_ms, "quantized_ops": rb.quantized_op_counts(path),
+            "pass": passes.get(key),
+        })  # fmt: skip
+    return {
+        "model": name, "command": "python benchmarks/run_bits.py " + " ".join(sys.argv[1:]),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": rb.machine(),
+        "calibration": calib.source, "calibration_rows": {"statistics": len(stats_rows), "holdout": len(holdout)},
+        "fp32_p50_before_ms": fp32_ms, "latency_setup": {"batch": 1, "seq_len": 128, "threads": args.threads,
+        "warmup": args.warmup, "runs": args.runs, "method": "measure_side_by_side (interleaved rounds)"},
+        "protocol": ({"metric": "WikiText-2 valid perplexity", "context": args.ppl_context, "max_tokens": args.ppl_tokens}
+                     if name == "smollm2" else {"metric": "STS-B dev Spearman, 1500 pairs"}),
+        "rows": rows,
+    }  # fmt: skip
+
+
+def render(results: dict) -> str:
+    lines = ["## Bit allocation (`bits` pass) vs ONNX Runtime's quantizers", "",
+             "Written by `benchmarks/run_bits.py` from `benchmarks/results/bits.json`; do not edit by hand.", ""]
+    for name, e in results["models"].items():
+        ls = e["latency_setup"]
+        lines += [f"### {name}", "", f"- command: `{e['command']}`; date {e['date']}",
+                  f"- machine: {e['machine']['cpu']}, {e['machine']['cpu_count']} cpus (shared with other jobs: latency is noisy)",
+                  f"- calibration: {e['calibration']} ({e['calibration_rows']['statistics']} rows for statistics)",
+                  f"- metric: {e['protocol']}",
+                  f"- latency: batch 1, {ls['seq_len']} tokens, {ls['threads']} threads, {ls['warmup']} warm-up + {ls['runs']} runs, {ls['method']}",
+                  ""]
+        metric = "perplexity" if name == "smollm2" else "stsb_spearman"
+        lines += [f"| variant | {metric} | size MB | p50 ms | speedup | avg bits | formats |", "|---|---:|---:|---:|---:|---:|---|"]
+        for r in e["rows"]:
+            p = r.get("pass") or {}
+            fm = ", ".join(f"{k} x{v}" for k, v in sorted((p.get("formats") or {}).items())) or ", ".join(
+                f"{k} x{v}" for k, v in sorted(r["quantized_ops"].items()))
+            ab = f"{p['avg_bits']:.2f}" if p.get("avg_bits") else ""
+            lines.append(f"| {r['variant']} | {r[metric]:.4f} | {r['size_bytes'] / 1e6:.1f} | {r['latency']['p50_ms']:.1f} | "
+                         f"{r['speedup_p50_vs_fp32']:.2f}x | {ab} | {fm} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="smollm2,minilm")
+    ap.add_argument("--only", default="", help="comma-separated variant names to run (default all)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--output-checks", type=int, default=4)
+    ap.add_argument("--ppl-context", type=int, default=512)
+    ap.add_argument("--ppl-tokens", type=int, default=4096)
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    args.only = {x for x in args.only.split(",") if x}
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    for ours in ("run_bits", "edgeprune"):
+        logging.getLogger(ours).setLevel(logging.INFO)
+    logging.getLogger("edgeprune.progress").setLevel(logging.DEBUG)  # stage timings
+    for noisy in ("onnxruntime", "onnxruntime.quantization.matmul_nbits_quantizer", "root"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "bits.json"
+    results = json.loads(path.read_text()) if path.exists() else {"schema": 1, "models": {}}
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        with tempfile.TemporaryDirectory(prefix=f"edgeprune_bits_{name}_") as work:
+            results["models"][name] = bench(name, args, Path(work))
+        path.write_text(json.dumps(results, indent=1) + "\n")
+        (args.out / "bits.md").write_text(render(results) + "\n")
+    print(render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
