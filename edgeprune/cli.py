@@ -75,7 +75,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--prune", "prune_ratio", type=float, help="Structured pruning: share of the prunable parameters (FFN neurons, attention heads) to remove, in [0, 1).")
 @click.option("--prune-metric", type=click.Choice(["flap", "wanda", "magnitude", "magnitude_l1"]), default="flap", show_default=True, help="Importance metric for --prune.")
-@click.option("--allocation", type=click.Choice(["floor", "global", "uniform"]), default="floor", show_default=True, help="How --prune spreads the budget over layers.")
+@click.option("--allocation", type=click.Choice(["global", "floor", "uniform"]), default="global", show_default=True, help="How --prune spreads the budget over layers.")
 @click.option("--round-to", type=int, default=8, show_default=True, help="Keep pruned FFN widths multiples of N (1 disables).")
 @click.option("--refit", is_flag=True, help="Least-squares refit of each pruned layer's consumer on calibration data.")
 @click.option("--no-compensate", is_flag=True, help="Skip FLAP bias compensation of pruned channels.")
