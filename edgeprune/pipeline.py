@@ -124,7 +124,9 @@ def _relax(passes: list[EdgePass]) -> tuple[list[EdgePass], str] | None:
     for i in reversed(range(len(passes))):
         relaxed = passes[i].relaxed()
         if relaxed is not None:
-            return passes[:i] + [relaxed] + passes[i + 1 :], f"{passes[i].name}: {passes[i].config_dict()} -> {relaxed.config_dict()}"
+            old, new = passes[i].config_dict(), relaxed.config_dict()
+            changes = ", ".join(f"{k} {old[k]} -> {new[k]}" for k in new if old.get(k) != new[k])
+            return passes[:i] + [relaxed] + passes[i + 1 :], f"{passes[i].name}: {changes}"
     return None
 
 
