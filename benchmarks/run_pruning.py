@@ -183,7 +183,7 @@ def bench(name: str, ratios: list[float], variants: list[str], args, workdir: Pa
             rows.append(row)
             paths[variant] = str(path)
             logger.info("%s %s @%.2f: %.4f, params %d, prune %.0f s", name, variant, ratio, value, row["params"], prune_s)
-            if args.int8:
+            if variant in args.int8.split(","):
                 qpath = quantize(INT8, path, path.with_name(path.stem + "-int8.onnx"))
                 rows.append({**row, "variant": f"{variant}+{INT8}", "metric": metric(name, qpath, artifact.tokenizer_path, args.threads),
                              "file_bytes": onnx_file_bytes(qpath)})  # fmt: skip
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--int8", action="store_true", help="Also quantize every pruned model with ORT dynamic int8 and compare with int8 alone.")
+    parser.add_argument("--int8", default="", help="Comma-separated variants to also quantize with ORT dynamic int8, compared with int8 alone.")
     for name in DEFAULTS:
         parser.add_argument(f"--{name}-ratios", default=DEFAULTS[name][0])
         parser.add_argument(f"--{name}-variants", default=DEFAULTS[name][1])

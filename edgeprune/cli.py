@@ -73,13 +73,13 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--max-samples", type=int, default=64, show_default=True, help="Calibration rows to use.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--prune", "prune_ratio", type=float, help="Structured pruning: share of the prunable parameters (FFN neurons, attention heads) to remove, in [0, 1).")
+@click.option("--prune", "prune_ratio", type=float, help="Structured pruning: share of the prunable parameters (FFN neurons, attention heads, conv channels) to remove, in [0, 1).")
 @click.option("--prune-metric", type=click.Choice(["flap", "wanda", "magnitude", "magnitude_l1"]), default="flap", show_default=True, help="Importance metric for --prune.")
 @click.option("--allocation", type=click.Choice(["global", "floor", "uniform"]), default="global", show_default=True, help="How --prune spreads the budget over layers.")
 @click.option("--round-to", type=int, default=8, show_default=True, help="Keep pruned FFN widths multiples of N (1 disables).")
 @click.option("--refit", is_flag=True, help="Least-squares refit of each pruned layer's consumer on calibration data.")
 @click.option("--no-compensate", is_flag=True, help="Skip FLAP bias compensation of pruned channels.")
-@click.option("--prune-units", default="ffn,heads", show_default=True, help="Unit kinds to prune: ffn, heads.")
+@click.option("--prune-units", default="ffn,heads,conv", show_default=True, help="Unit kinds to prune: ffn, heads, conv (conv channel groups).")
 @common_threads
 @common_json
 def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example, force, max_samples, seed,
@@ -233,6 +233,10 @@ def inspect_cmd(model, as_json):
     out_console.print("[bold]structures[/]")
     for line in info["summary"]:
         out_console.print(f"  • {line}")
+    if info.get("channel_groups"):
+        rows = [(g["name"], g["channels"], len(g["producers"]), len(g["depthwise"]), len(g["consumers"]), "yes" if g["prunable"] else g["reason"])
+                for g in info["channel_groups"]]
+        out_console.print(_table("conv channel groups", ["group", "channels", "producers", "depthwise", "consumers", "prunable"], rows))
 
 
 def main(argv: list[str] | None = None) -> int:

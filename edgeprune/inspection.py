@@ -10,6 +10,7 @@ import onnx_ir as ir
 
 from edgeprune import model_io
 from edgeprune.analysis import analyze
+from edgeprune.dependency import channel_groups, summary as channel_summary
 
 
 def weights_by_op_type(model: ir.Model) -> dict[str, dict[str, int]]:
@@ -29,6 +30,7 @@ def weights_by_op_type(model: ir.Model) -> dict[str, dict[str, int]]:
 def inspect_model(path: str | pathlib.Path) -> dict[str, Any]:
     model = model_io.load_model(path)
     structures = analyze(model)
+    groups = channel_groups(model) if structures.conv_layers else []
     return {
         "path": str(path),
         "file_bytes": model_io.file_size(path),
@@ -43,5 +45,21 @@ def inspect_model(path: str | pathlib.Path) -> dict[str, Any]:
         "weight_bytes": model_io.model_bytes(model),
         "weights_by_op_type": weights_by_op_type(model),
         "structures": structures.to_dict(),
-        "summary": structures.summary(),
+        "summary": structures.summary() + (channel_summary(groups)[-1:] if groups else []),
+        "channel_groups": [_group_entry(g) for g in groups],
+    }
+
+
+def _group_entry(group) -> dict:
+    """A channel group without its member list (which can be long): what is coupled, and why it is kept."""
+    return {
+        "name": group.name,
+        "channels": group.channels,
+        "producers": group.producers,
+        "depthwise": group.lockstep,
+        "consumers": group.consumers,
+        "tensors": len(group.members),
+        "residual": group.residual,
+        "prunable": group.prunable,
+        "reason": group.reason,
     }

@@ -3,6 +3,11 @@
 from edgeprune.models.recipes import RECIPES, ModelArtifact, Recipe, build, cache_dir, get_recipe, onnx_file_bytes
 from edgeprune.models.tasks import (
     data_dir,
+    image_logits,
+    imagenet_pixels,
+    imagenet_top1,
+    load_imagenet,
+    top1_agreement,
     load_stsb,
     load_wikitext,
     sentence_embeddings,
@@ -19,6 +24,11 @@ __all__ = [
     "cache_dir",
     "data_dir",
     "get_recipe",
+    "image_logits",
+    "imagenet_pixels",
+    "imagenet_top1",
+    "load_imagenet",
+    "top1_agreement",
     "load_stsb",
     "load_wikitext",
     "onnx_file_bytes",

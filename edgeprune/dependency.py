@@ -1,0 +1,486 @@
+"""Channel dependency groups of conv nets: which (tensor, axis) pairs must be pruned together.
+
+Each Conv (``group == 1``) with a constant weight starts a group at its output channel axis.
+The channels are followed forward through a table of per-op rules (one small handler per op
+type, as onnxscript registers per-op handlers); a rule either
+
+- passes the channels through (BatchNormalization, activations, Clip/ReLU6, pooling, Pad with
+  no channel padding, Mul/Add/Sub/Div with a scalar or per-channel constant, which is sliced),
+- moves them in lockstep (a depthwise Conv, ``group == channels``: its filters, bias and
+  ``group`` attribute shrink with the group, and its output carries the same channels),
+- maps them onto a consumer's input axis (Conv weight axis 1; Gemm/MatMul rows after
+  GlobalAveragePool + Flatten/Reshape/Squeeze, where channel c becomes feature c),
+- joins groups (an element-wise op of two computed tensors: both sides carry the same
+  channels; a residual Add/Sub couples the two branches and is marked ``residual``,
+  excluded by default because it fixes the width of the whole residual stream),
+- or stops: the group is marked unprunable with a reason naming the op (anything the table
+  does not know, Concat on the channel axis, a graph output, a grouped Conv).
+
+The channel axis is kept as a position counted from the end (-3 for NCHW images), so it stays
+right through broadcasting and through the rank change of Flatten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from edgeprune.analysis import _attr, _consumers, _constant, _is_std, _node_name, _static_ints
+
+logger = logging.getLogger(__name__)
+
+#: One-input ops that keep the channel axis where it is (data input 0, extra inputs must be scalars).
+_PASS_THROUGH = {
+    "Relu", "Sigmoid", "HardSwish", "HardSigmoid", "LeakyRelu", "Tanh", "Identity", "Cast", "Elu", "Selu",
+    "Celu", "Softplus", "Softsign", "Gelu", "Erf", "Abs", "Neg", "Exp", "Sqrt", "Mish", "Dropout",
+    "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "Clip", "ThresholdedRelu",
+}  # fmt: skip
+_BINARY = {"Add", "Sub", "Mul", "Div", "Min", "Max", "PRelu"}
+_RESIDUAL = {"Add", "Sub"}
+_SPATIAL_POOLS = {"GlobalAveragePool", "GlobalMaxPool"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One (tensor, axis) pair of a group: ``io``/``index`` say which slot of ``node`` holds ``tensor``."""
+
+    node: str
+    io: str  # "input" or "output"
+    index: int
+    axis: int  # the channel axis within ``tensor`` (weights: non-negative; activations: from the end)
+    role: str  # producer | lockstep | param | consumer | consumer_input | activation | shape (entry ``axis`` is the width)
+    tensor: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class ChannelGroup:
+    """Channels that must be pruned together: their producers' outputs and every tensor they reach."""
+
+    name: str
+    channels: int
+    members: list[Member]
+    producers: list[str]  # convs whose output channels these are
+    consumers: list[str]  # convs / Gemm / MatMul that read them as input channels
+    lockstep: list[str]  # depthwise convs that move with them
+    prunable: bool
+    reason: str  # why not prunable ("" when prunable)
+    residual: bool = False
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["members"] = [m.to_dict() for m in self.members]
+        return d
+
+    def summary(self) -> str:
+        state = "prunable" if self.prunable else f"kept: {self.reason}"
+        return (
+            f"{self.name}: {self.channels} channels, {len(self.producers)} producer(s), "
+            f"{len(self.lockstep)} depthwise, {len(self.consumers)} consumer(s); {state}"
+        )
+
+
+# --------------------------------------------------------------------------- propagation state
+
+
+class _State:
+    """Union-find over group ids, with what each id collected on its way."""
+
+    def __init__(self, graph: ir.Graph):
+        self.graph = graph
+        self.parent: list[int] = []
+        self.channels: list[int] = []
+        self.members: list[list[Member]] = []
+        self.blocks: list[list[str]] = []
+        self.residual: list[list[str]] = []
+        self.value_group: dict[int, tuple[int, int]] = {}  # id(value) -> (group id, axis from end)
+        self.queue: list[tuple[ir.Value, int, int]] = []
+        self.joins: list[tuple[ir.Node, int]] = []
+
+    def new(self, channels: int) -> int:
+        gid = len(self.parent)
+        self.parent.append(gid)
+        self.channels.append(channels)
+        self.members.append([])
+        self.blocks.append([])
+        self.residual.append([])
+        return gid
+
+    def find(self, gid: int) -> int:
+        while self.parent[gid] != gid:
+            self.parent[gid] = self.parent[self.parent[gid]]
+            gid = self.parent[gid]
+        return gid
+
+    def union(self, a: int, b: int) -> int:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+        return ra
+
+    def add(self, gid: int, member: Member) -> None:
+        self.members[gid].append(member)
+
+    def block(self, gid: int, reason: str) -> None:
+        self.blocks[gid].append(reason)
+
+    def reach(self, value: ir.Value, gid: int, axis: int, node: ir.Node | None, index: int) -> None:
+        """``value`` carries group ``gid``'s channels at ``axis`` (from the end); follow it later."""
+        seen = self.value_group.get(id(value))
+        if seen is not None:
+            if seen[1] != axis:
+                self.block(gid, f"tensor {value.name} carries the channels on two different axes")
+            self.union(seen[0], gid)
+            return
+        self.value_group[id(value)] = (gid, axis)
+        if node is not None:
+            self.add(gid, Member(_node_name(node), "output", index, axis, "activation", value.name or ""))
+        self.queue.append((value, gid, axis))
+
+
+_Handler = Callable[[_State, ir.Node, int, int, int], None]
+"""(state, consuming node, input index the channels arrive at, group id, axis from end)."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _weight(node: ir.Node, index: int) -> np.ndarray | None:
+    value = node.inputs[index] if len(node.inputs) > index else None
+    tensor = _constant(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def _conv_groups_attr(node: ir.Node) -> int:
+    return int(_attr(node, "group", 1))
+
+
+def _weight_members(node: ir.Node, role: str, axis_w: int, with_bias: bool) -> list[Member]:
+    name = _node_name(node)
+    out = [Member(name, "input", 1, axis_w, role, node.inputs[1].name or "")]
+    if with_bias and len(node.inputs) > 2 and node.inputs[2] is not None:
+        out.append(Member(name, "input", 2, 0, role, node.inputs[2].name or ""))
+    return out
+
+
+def _const_channel_axis(shape: tuple[int, ...], axis: int, channels: int) -> int | None | str:
+    """Where a broadcast constant of ``shape`` meets channel axis ``axis`` (from the end).
+
+    None: it does not reach the channel axis or has size 1 there (nothing to slice);
+    an int: slice that axis; "bad": it has a size other than 1 or ``channels`` there.
+    """
+    if len(shape) < -axis:
+        return None
+    pos = len(shape) + axis
+    if shape[pos] == 1:
+        return None
+    return pos if shape[pos] == channels else "bad"
+
+
+def _spatially_one(value: ir.Value, axis: int) -> bool:
+    """True when every axis after the channel axis has size 1 (e.g. after GlobalAveragePool)."""
+    if value.shape is not None and len(value.shape) >= -axis:
+        tail = list(value.shape)[len(value.shape) + axis + 1 :]
+        if all(d == 1 for d in tail):
+            return True
+    node = value.producer()
+    while node is not None and node.op_type in _PASS_THROUGH - _SPATIAL_POOLS and node.domain in ("", "ai.onnx"):
+        node = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+    if node is not None and _is_std(node, "ReduceMean", "ReduceMax") and value.shape is None:
+        return True  # _reduce only lets spatial reductions through
+    return node is not None and _is_std(node, *_SPATIAL_POOLS)
+
+
+# --------------------------------------------------------------------------- per-op handlers
+
+
+def _pass_through(st: _State, node: ir.Node, index: int, gid: int, axis: int) -> None:
+    if index != 0:
+        st.block(gid, f"{node.op_type} node {_node_name(node)} reads the channels as a parameter")
+        return
+    for k, extra in enumerate(node.inputs[1:], start=1):
+        arr = _weight(node, k)
+        if extra is not None and (arr is None or arr.size != 1):
+            st.block(gid, f"{node.op_type} node {_node_name(node)} has a non-scalar or computed input {extra.name}")
+            return
+    st.reach(node.outputs[0], gid, axis, node, 0)
+
+
+def _batchnorm(st: _State, node: ir.Node, index: int, gid: int, axis: int) -> None:
+    if index != 0:
+        st.block(gid, f"BatchNormalization node {_node_name(node)} reads the channels as a parameter")
+        return
+    name = _node_name(node)
+    for k in range(1, 5):
+        if _weight(node, k) is None:
+            st.block(gid, f"BatchNormalization node {name} has computed statistics ({node.inputs[k].name})")
+            return
+        st.add(gid, Member(name, "input", k, 0, "param", node.inputs[k].name or ""))
+    st.reach(node.outputs[0], gid, axis, node, 0)
+
+
+def _binary(st: _State, node: ir.Node, index: int, gid: int, axis: int) -> None:
+    name = _node_name(node)
+    for k, other in enumerate(node.inputs):
+        if k == index or other is None:
+            continue
+        arr = _weight(node, k)
+        if arr is None:
+            st.joins.append((node, gid))  # resolved once every group has been followed
+            continue
+        pos = _const_channel_axis(arr.shape, axis, st.channels[gid])
+        if pos == "bad":
+            st.block(gid, f"constant {other.name} of shape {list(arr.shape)} in {node.op_type} node {name} does not broadcast per channel")
+            return
+        if pos is not None:
+            st.add(gid, Member(name, "input", k, int(pos), "param", other.name or ""))
+    st.reach(node.outputs[0], gid, axis, node, 0)
+
+
+def _conv(st: _State, node: ir.Node, index: int, gid: int, axis: int) -> None:
+    name = _node_name(node)
+    w = _weight(node, 1)
+    if index != 0 or w is None:
+        st.block(gid, f"Conv node {name} reads the channels as its weight or has a computed weight")
+        return
+    groups, channels = _conv_groups_attr(node), st.channels[gid]
+    if groups == 1:
+        st.add(gid, Member(name, "input", 1, 1, "consumer", node.inputs[1].name or ""))
+        st.add(gid, Member(name, "input", 0, 1, "consumer_input", node.inputs[0].name or ""))
+        return
+    if groups == channels and w.shape[0] == channels and w.shape[1] == 1:
+        for m in _weight_members(node, "lockstep", 0, True):
+            st.add(gid, m)
+        st.reach(node.outputs[0], gid, axis, node, 0)
+        return
+    st.block(gid, f"grouped Conv node {name} (group={groups}, {w.shape[0]} filters) mixes channels in groups")
+
+
+def _linear(st: _State, node: ir.Node, index: int, gid: int, axis: int) -> None:
+    name = _node_name(node)
+    w = _weight(node, 1)
+    if index != 0 or w is None or w.ndim != 2 or axis != -1:
+        st.block(gid, f"{node.op_type} node {name} does not read the channels as the rows of a constant weight")
+        return
+    if node.op_type == "Gemm" and int(_attr(node, "transA", 0)):
+        st.block(gid, f"Gemm node {name} transposes its input (transA)")
+        return
+    w_axis = 1 if node.op_type == "Gemm" and int(_attr(node, "transB", 0)) else 0
+    st.add(gid, Member(name, "input", 1, w_axis, "consumer", node.inputs[1].name or ""))
+    st.add(gid, Member(name, "input", 0, 1, "consumer_input", node.inputs[0].name or ""))
+
+
+def _pad(st: _State, node: ir.Node, index: int, gid: int, axis: int) -> None:
+    name = _node_name(node)
+    pads = _weight(node, 1) if len(node.inputs) > 1 else None
+    if pads is None and "pads" in node.attributes:
+        pads = np.asarray(_attr(node, "pads"))
+    if index != 0 or pads is None or len(node.inputs) > 3 and node.inputs[3] is not None:
+        st.block(gid, f"Pad node {name} has computed pads or axes (run cleanup/constant folding first)")
+        return
+    rank = len(pads) // 2
+    pos = rank + axis
+    if pos < 0 or pads[pos] != 0 or pads[rank + pos] != 0:
+        st.block(gid, f"Pad node {name} pads the channel axis")
+        return
+    st.reach(node.outputs[0], gid, axis, node, 0)
+
+
+def _to_features(st: _State, node: ir.Node, index: int, gid: int, axis: int) -> None:
+    """Flatten / Reshape / Squeeze of a [N, C, 1, 1] tensor into [N, C]: channel c becomes feature c."""
+    name, value = _node_name(node), node.inputs[0]
+    if index != 0 or not _spatially_one(value, axis):
+        st.block(gid, f"{node.op_type} node {name} reshapes channels that still have a spatial extent")
+        return
+    ok = False
+    if node.op_type == "Flatten":
+        ok = int(_attr(node, "axis", 1)) == 1  # conv tensors are [N, C, spatial...]: C lands at feature axis 1
+    elif node.op_type == "Reshape":
+        entries = _static_ints(node.inputs[1])
+        ok = entries is not None and len(entries) == 2 and entries[1] in (-1, st.channels[gid])
+        if ok and entries[1] != -1:
+            if _weight(node, 1) is None:
+                st.block(gid, f"Reshape node {name} spells the channel count inside a computed shape")
+                return
+            st.add(gid, Member(name, "input", 1, 1, "shape", node.inputs[1].name or ""))  # entry 1 := new width
+    elif node.op_type == "Squeeze":
+        axes = _weight(node, 1) if len(node.inputs) > 1 else None
+        rank = len(value.shape) if value.shape is not None else None
+        ok = axes is not None and rank is not None and all(int(a) % rank > rank + axis for a in axes.reshape(-1))
+        ok = ok and len(axes.reshape(-1)) == -axis - 1
+    if not ok:
+        st.block(gid, f"{node.op_type} node {name} does not map the channels onto features one to one")
+        return
+    st.reach(node.outputs[0], gid, -1, node, 0)
+
+
+def _reduce(st: _State, node: ir.Node, index: int, gid: int, axis: int) -> None:
+    """ReduceMean/ReduceMax over spatial axes only (global pooling written as a reduction)."""
+    name, value = _node_name(node), node.inputs[0]
+    axes = _weight(node, 1) if len(node.inputs) > 1 else None
+    if axes is None and "axes" in node.attributes:
+        axes = np.asarray(_attr(node, "axes"))
+    rank = len(value.shape) if value.shape is not None else None
+    if index != 0 or axes is None or rank is None:
+        st.block(gid, f"{node.op_type} node {name} reduces over axes that cannot be read statically")
+        return
+    axes = sorted(int(a) % rank for a in axes.reshape(-1))
+    channel = rank + axis
+    if any(a <= channel for a in axes):
+        st.block(gid, f"{node.op_type} node {name} reduces over the channel or batch axis")
+        return
+    keep = int(_attr(node, "keepdims", 1))
+    st.reach(node.outputs[0], gid, axis if keep else axis + len(axes), node, 0)
+
+
+def _shape_only(st: _State, node: ir.Node, index: int, gid: int, axis: int) -> None:
+    """Shape reads sizes only; whatever it computes sees the new width at run time."""
+
+
+def _concat(st: _State, node: ir.Node, index: int, gid: int, axis: int) -> None:
+    st.block(gid, f"Concat node {_node_name(node)} joins the channels with other tensors (offsets are not supported yet)")
+
+
+HANDLERS: dict[str, _Handler] = {
+    **{op: _pass_through for op in _PASS_THROUGH},
+    **{op: _binary for op in _BINARY},
+    "BatchNormalization": _batchnorm,
+    "Conv": _conv,
+    "Gemm": _linear,
+    "MatMul": _linear,
+    "Pad": _pad,
+    "Flatten": _to_features,
+    "Reshape": _to_features,
+    "Squeeze": _to_features,
+    "Shape": _shape_only,
+    "ReduceMean": _reduce,
+    "ReduceMax": _reduce,
+    "Concat": _concat,
+}
+"""The rule table: op type (default ONNX domain) -> how the channels cross it."""
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _start(st: _State, node: ir.Node) -> None:
+    w = _weight(node, 1)
+    if w is None or w.ndim < 3 or node.inputs[0] is None:
+        return
+    groups = _conv_groups_attr(node)
+    if groups > 1 and w.shape[1] == 1 and w.shape[0] == groups:
+        return  # depthwise: moves in lockstep with its input's group
+    gid = st.new(int(w.shape[0]))
+    for m in _weight_members(node, "producer", 0, True):
+        st.add(gid, m)
+    if groups > 1:
+        st.block(gid, f"grouped Conv node {_node_name(node)} (group={groups}) produces channels in groups")
+    rank = w.ndim  # output rank equals the weight's rank (N, C, spatial...)
+    st.reach(node.outputs[0], gid, -(rank - 1), node, 0)
+
+
+def _follow(st: _State) -> None:
+    while st.queue:
+        value, gid, axis = st.queue.pop()
+        if value.is_graph_output():
+            st.block(gid, f"tensor {value.name} is a graph output")
+        for use in value.uses():
+            node = use.node
+            handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+            if handler is None:
+                st.block(gid, f"{node.op_type} node {_node_name(node)} reads the channels and has no pruning rule")
+                continue
+            handler(st, node, use.idx, gid, axis)
+
+
+def _resolve_joins(st: _State) -> None:
+    """Element-wise ops of two computed tensors: both sides must carry channels, and they merge."""
+    for node, gid in st.joins:
+        sides = []
+        for k, inp in enumerate(node.inputs):
+            if inp is None or _weight(node, k) is not None:
+                continue
+            seen = st.value_group.get(id(inp))
+            if seen is None:
+                st.block(gid, f"{node.op_type} node {_node_name(node)} combines the channels with {inp.name}, which no conv produces")
+                break
+            sides.append(seen)
+        else:
+            if len({a for _, a in sides}) > 1:
+                st.block(gid, f"{node.op_type} node {_node_name(node)} combines tensors with the channels on different axes")
+            # Different start ids = different producer convs (roots may already have merged where
+            # the output was reached from both sides).
+            if len({g for g, _ in sides}) > 1 and node.op_type in _RESIDUAL:
+                st.residual[gid].append(_node_name(node))
+            for g, _ in sides:
+                st.union(gid, g)
+
+
+def channel_groups(model: ir.Model, *, allow_residual: bool = False) -> list[ChannelGroup]:
+    """Channel dependency groups of ``model``'s main graph, in graph order of their first producer.
+
+    ``allow_residual`` makes groups joined by a residual Add/Sub prunable (they are still marked
+    ``residual``); otherwise they are listed with the reason they are kept.
+    """
+    st = _State(model.graph)
+    for node in model.graph:
+        if _is_std(node, "Conv"):
+            _start(st, node)
+    _follow(st)
+    _resolve_joins(st)
+    return _collect(st, allow_residual)
+
+
+def _collect(st: _State, allow_residual: bool) -> list[ChannelGroup]:
+    by_root: dict[int, list[int]] = {}
+    for gid in range(len(st.parent)):
+        by_root.setdefault(st.find(gid), []).append(gid)
+    groups = []
+    for gids in by_root.values():
+        members = list(dict.fromkeys(m for g in gids for m in st.members[g]))
+        blocks = list(dict.fromkeys(r for g in gids for r in st.blocks[g]))
+        residual_nodes = list(dict.fromkeys(r for g in gids for r in st.residual[g]))
+        channels = {st.channels[g] for g in gids}
+        if len(channels) > 1:
+            blocks.append(f"joined tensors have different channel counts {sorted(channels)}")
+        producers = list(dict.fromkeys(m.node for m in members if m.role == "producer"))
+        consumers = list(dict.fromkeys(m.node for m in members if m.role == "consumer"))
+        lockstep = list(dict.fromkeys(m.node for m in members if m.role == "lockstep"))
+        if not blocks and not consumers:
+            blocks.append("no Conv, Gemm or MatMul reads these channels")
+        reason = "; ".join(blocks)
+        if not reason and residual_nodes and not allow_residual:
+            reason = (
+                f"residual: {', '.join(residual_nodes[:3])}{' ...' if len(residual_nodes) > 3 else ''} couple "
+                f"{len(producers)} convs on one residual stream, whose width is kept by default"
+            )
+        groups.append(
+            ChannelGroup(
+                name=_group_name(members, producers, gids[0]), channels=max(channels), members=members,
+                producers=producers, consumers=consumers, lockstep=lockstep, prunable=not reason, reason=reason,
+                residual=bool(residual_nodes),
+            )
+        )  # fmt: skip
+    return groups
+
+
+def _group_name(members: list[Member], producers: list[str], gid: int) -> str:
+    """The first producer's weight name without ``.weight`` (exporters name weights after modules), else its node."""
+    for m in members:
+        if m.role == "producer" and m.index == 1 and m.tensor:
+            return m.tensor[: -len(".weight")] if m.tensor.endswith(".weight") else m.tensor
+    return producers[0] if producers else f"group{gid}"
+
+
+def summary(groups: list[ChannelGroup]) -> list[str]:
+    """One line per group, then a count of prunable channels."""
+    lines = [g.summary() for g in groups]
+    ok = [g for g in groups if g.prunable]
+    lines.append(f"{len(ok)} of {len(groups)} channel groups prunable ({sum(g.channels for g in ok)} channels)")
+    return lines

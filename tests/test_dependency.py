@@ -1,0 +1,77 @@
+"""Channel dependency groups on tiny conv nets: what is coupled, what is sliced, and why a group stops."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import pytest
+
+from conv_models import chain_proto, gap_head_proto, residual_proto, separable_proto, unknown_op_proto
+from edgeprune.dependency import HANDLERS, channel_groups, summary
+
+
+def _groups(proto, **kw):
+    return channel_groups(ir.from_proto(proto), **kw)
+
+
+def _by_producer(groups, weight):
+    return next(g for g in groups if any(m.tensor == weight and m.role == "producer" for m in g.members))
+
+
+def _roles(group):
+    return {(m.tensor, m.role, m.axis) for m in group.members if m.role != "activation"}
+
+
+def test_conv_bn_relu_conv_chain_is_one_group_with_its_parameters():
+    groups = _groups(chain_proto())
+    assert len(groups) == 2  # the chain's 16 channels; the last conv's output is a graph output
+    g = _by_producer(groups, "w1")
+    assert g.prunable and g.channels == 16 and g.reason == ""
+    assert _roles(g) >= {("w1", "producer", 0), ("b1", "producer", 0), ("w2", "consumer", 1)}
+    assert {("bn_s", "param", 0), ("bn_v", "param", 0), ("scale", "param", 0)} <= _roles(g)
+    last = _by_producer(groups, "w2")
+    assert not last.prunable and "graph output" in last.reason
+
+
+def test_depthwise_moves_in_lockstep_with_the_expand_conv():
+    g = _by_producer(_groups(separable_proto()), "w1")
+    assert g.prunable
+    assert len(g.lockstep) == 1 and len(g.consumers) == 1
+    assert ("w2", "lockstep", 0) in _roles(g) and ("b2", "lockstep", 0) in _roles(g)
+    assert ("w3", "consumer", 1) in _roles(g)
+    # the Clip bounds are scalars: nothing to slice
+    assert not any(m.role == "param" for m in g.members)
+
+
+def test_residual_add_merges_branches_and_is_excluded_by_default():
+    groups = _groups(residual_proto())
+    res = _by_producer(groups, "ws")
+    assert res is _by_producer(groups, "wp")  # stem and project are one group
+    assert res.residual and not res.prunable and res.reason.startswith("residual")
+    assert set(res.consumers) >= {"Conv:h", "Conv:y"}  # expand reads the stem, head reads the sum
+    inner = _by_producer(groups, "we")
+    assert inner.prunable and not inner.residual
+    allowed = _by_producer(_groups(residual_proto(), allow_residual=True), "ws")
+    assert allowed.prunable and allowed.residual
+
+
+def test_unknown_op_stops_the_group_and_names_the_op():
+    g = _by_producer(_groups(unknown_op_proto()), "w1")
+    assert not g.prunable
+    assert "LRN" in g.reason and "no pruning rule" in g.reason
+
+
+@pytest.mark.parametrize("reshape", [False, True])
+def test_global_pool_then_gemm_maps_channels_to_gemm_rows(reshape):
+    g = _by_producer(_groups(gap_head_proto(reshape=reshape)), "w1")
+    assert g.prunable, g.reason
+    # Gemm with transB: weight [out, in], so the channel axis of the weight is 1
+    assert ("wf", "consumer", 1) in _roles(g)
+    assert any(m.role == "shape" for m in g.members) == reshape
+
+
+def test_rule_table_and_summary():
+    assert {"Conv", "BatchNormalization", "Relu", "Clip", "Add", "Mul", "Gemm", "MatMul", "Flatten"} <= set(HANDLERS)
+    lines = summary(_groups(separable_proto()))
+    assert lines[-1].startswith("1 of 2 channel groups prunable (16 channels)")
+    d = _groups(separable_proto())[0].to_dict()
+    assert d["members"] and {"node", "io", "index", "axis", "role", "tensor"} <= set(d["members"][0])
