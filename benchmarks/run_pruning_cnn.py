@@ -26,11 +26,13 @@ import json
 import logging
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from bench_md import BENCHMARKS_MD, update_section
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -177,8 +179,9 @@ def run(args) -> dict:
 
 def markdown(r: dict) -> str:
     lines = [
-        "# Conv channel pruning: EfficientNet-Lite0",
+        "## Conv channel pruning: EfficientNet-Lite0",
         "",
+        f"- command: `{r.get('command', 'python benchmarks/run_pruning_cnn.py')}`; date {r['date']}",
         f"- {r['card']['title']}; {r['reference']['params']:,} parameters, unpruned top-1 {r['reference']['top1']:.3f} on the evaluation images",
         f"- split: calibration = {r['split']['calibration']}; evaluation = {r['split']['evaluation']}",
         f"- latency: p50, batch 1, 224x224, {r['settings']['threads']} threads, interleaved with fp32 ({r['settings']['latency_runs']} runs); {r['machine']}",
@@ -192,7 +195,7 @@ def markdown(r: dict) -> str:
             f"| {row['ratio']:.0%} | {row['variant']} | {row['params']:,} | {row['top1_agreement']:.3f} | {row['top1']:.3f} | "
             f"{row['p50_ms']:.2f} | {row['latency_ratio']:.3f} |"
         )
-    lines += ["", "## with int8 (static QDQ, per-channel, 16 calibration images)", "",
+    lines += ["", "### with int8 (static QDQ, per-channel, 16 calibration images)", "",
               "| model | MB | top-1 agreement | top-1 | p50 ms | vs fp32 |", "|---|---|---|---|---|---|"]  # fmt: skip
     for row in r["int8"]:
         lines.append(
@@ -204,7 +207,7 @@ def markdown(r: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ratios", default="0.2,0.3")
+    parser.add_argument("--ratios", default="0.05,0.1,0.2,0.3")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--int8-variant", default="flap+bias")
     parser.add_argument("--runs", type=int, default=50)
@@ -215,9 +218,12 @@ def main() -> None:
     args.variants = [v for v in args.variants.split(",") if v]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     result = run(args)
+    result["command"] = "python benchmarks/run_pruning_cnn.py " + " ".join(sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pruning_cnn.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "pruning_cnn.md").write_text(markdown(result))
+    if args.out.resolve() == DEFAULT_OUT.resolve():
+        update_section(BENCHMARKS_MD, "pruning_cnn", markdown(result))
     print(markdown(result))
 
 
