@@ -39,17 +39,21 @@ class CompileContext:
     threads: int | None = None
     budgets: dict[str, Any] = dataclasses.field(default_factory=dict)
     progress: Progress = dataclasses.field(default_factory=Progress)
-    _stats: dict[tuple[str, int, bool], TensorStats] = dataclasses.field(default_factory=dict, repr=False)
+    stage: int = 0
+    """Index of the pass now running in the recipe; set by the pipeline."""
+    _stats: dict[tuple[int, str, int, bool], TensorStats] = dataclasses.field(default_factory=dict, repr=False)
 
     def stats(self, model: ir.Model, requests: list[StatsRequest]) -> dict[str, TensorStats]:
         """Statistics of ``requests`` on ``model`` over the calibration rows, collected once and cached.
 
-        The cache belongs to the current model; the pipeline calls ``invalidate_stats`` after a
-        pass changes the graph, so later passes see the activations they will really get.
+        A pass sees the model that the passes before it produced, so entries are keyed by the
+        pass's ``stage``: later passes get the activations they will really see, and an accuracy
+        back-off that relaxes pass j keeps what passes up to j collected (``invalidate_stats``).
         """
         from edgeprune.stats import StatsCollector
 
-        missing = [r for r in requests if (r.tensor, r.axis, r.gram) not in self._stats]
+        key = lambda r: (self.stage, r.tensor, r.axis, r.gram)  # noqa: E731
+        missing = [r for r in requests if key(r) not in self._stats]
         if missing:
             collector = StatsCollector(model, target="cpu", threads=self.threads)
             for r in missing:
@@ -57,8 +61,9 @@ class CompileContext:
             with self.progress.stage(f"calibration statistics for {len(missing)} tensors"):
                 collected = collector.collect(self.calibration)
             for r in missing:
-                self._stats[(r.tensor, r.axis, r.gram)] = collected[r.tensor]
-        return {r.tensor: self._stats[(r.tensor, r.axis, r.gram)] for r in requests}
+                self._stats[key(r)] = collected[r.tensor]
+        return {r.tensor: self._stats[key(r)] for r in requests}
 
-    def invalidate_stats(self) -> None:
-        self._stats.clear()
+    def invalidate_stats(self, after_stage: int = -1) -> None:
+        """Forget statistics collected by passes after ``after_stage`` (all of them by default)."""
+        self._stats = {k: v for k, v in self._stats.items() if k[0] <= after_stage}

@@ -98,14 +98,13 @@ def _model_facts(model: ir.Model, path: pathlib.Path | None = None) -> dict[str,
 
 def _run_passes(model: ir.Model, passes: list[EdgePass], ctx: CompileContext) -> list[dict[str, Any]]:
     records = []
-    for p in passes:
+    for stage, p in enumerate(passes):
+        ctx.stage = stage
         start = time.perf_counter()
         with ctx.progress.stage(f"pass {p.name}"):
             result = p(model)
         if not isinstance(result, EdgePassResult):
             result = EdgePassResult(result.model, result.modified)
-        if result.modified:
-            ctx.invalidate_stats()
         records.append(
             {
                 "name": p.name,
@@ -119,14 +118,14 @@ def _run_passes(model: ir.Model, passes: list[EdgePass], ctx: CompileContext) ->
     return records
 
 
-def _relax(passes: list[EdgePass]) -> tuple[list[EdgePass], str] | None:
-    """Back off the last pass that can be made less aggressive; None when none can."""
+def _relax(passes: list[EdgePass]) -> tuple[list[EdgePass], int, str] | None:
+    """Back off the last pass that can be made less aggressive: (passes, its index, what changed)."""
     for i in reversed(range(len(passes))):
         relaxed = passes[i].relaxed()
         if relaxed is not None:
             old, new = passes[i].config_dict(), relaxed.config_dict()
             changes = ", ".join(f"{k} {old[k]} -> {new[k]}" for k in new if old.get(k) != new[k])
-            return passes[:i] + [relaxed] + passes[i + 1 :], f"{passes[i].name}: {changes}"
+            return passes[:i] + [relaxed] + passes[i + 1 :], i, f"{passes[i].name}: {changes}"
     return None
 
 
@@ -186,7 +185,6 @@ def compile_model(
     while True:
         with progress.stage("copy the model for the passes"):
             candidate = model_io.load_model(model_path)
-        ctx.invalidate_stats()
         pass_records = _run_passes(candidate, passes, ctx)
         with progress.stage("verify: checker, ORT load, fidelity on held-back rows"):
             verification: Verification = verify(candidate, holdout_batches, reference_outputs, threads=opts.threads)
@@ -200,7 +198,8 @@ def compile_model(
                 f"after {len(backoff)} attempt(s), and no pass can back off further; nothing was written.",
                 report={"backoff": backoff, "verification": verification.to_dict()},
             )
-        passes, what = relaxed
+        passes, relaxed_stage, what = relaxed
+        ctx.invalidate_stats(after_stage=relaxed_stage)  # passes before it see the same model again
         backoff[-1]["relaxed"] = what
         logger.warning("drop %.4f over budget; backing off %s", verification.drop, what)
 

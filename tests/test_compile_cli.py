@@ -243,3 +243,21 @@ def test_prune_and_recipe_are_exclusive(mlp, tmp_path, capsys):
     recipe = tmp_path / "r.toml"
     recipe.write_text('[[passes]]\nname = "cleanup"\n')
     _bad(capsys, tmp_path, model, "--calib", calib, "--recipe", recipe, "--prune", "0.2", expect="either --recipe or --prune")
+
+
+def test_backoff_reuses_calibration_statistics(mlp, tmp_path, capsys, monkeypatch):
+    from edgeprune import stats
+
+    calls = []
+    original = stats.StatsCollector.collect
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(stats.StatsCollector, "collect", counting)
+    model, calib = mlp
+    code, _, stderr = _run(capsys, "compile", model, "-o", tmp_path / "out", "--calib", calib, "--prune", "0.5", "--round-to", "1", "--max-drop", "0")
+    assert code == 1 and "back off further" in stderr  # every ratio loses something; nothing written
+    assert not (tmp_path / "out").exists()
+    assert len(calls) == 1, "the prune pass's input is the same at every attempt: one statistics run"
