@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -77,3 +78,36 @@ def test_profile_smollm2_shows_where_time_goes(smollm2_onnx, capsys):
     top = prof["by_op_type"][0]
     assert top["op_type"] in {"MatMul", "FusedMatMul"} and top["share"] > 0.3
     assert np.isclose(sum(r["share"] for r in prof["by_op_type"]), 1.0)
+
+
+def _minilm_feeds(batch: int, seq: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(batch * 100 + seq)
+    ids = rng.integers(1000, 20000, size=(batch, seq)).astype(np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def test_minilm_prune_ratio_zero_is_exact_and_pruned_runs_at_any_shape(minilm_artifact, tmp_path):
+    import onnxruntime as ort
+
+    import edgeprune
+    from edgeprune.recipe import recipe_from_flags
+
+    sentences = pathlib.Path(edgeprune.__file__).parent / "data" / "calibration_sentences.txt"
+    ref = ort.InferenceSession(str(minilm_artifact.model_path), providers=["CPUExecutionProvider"])
+    for metric in ("magnitude", "wanda", "flap"):
+        out = tmp_path / f"zero-{metric}"
+        result = edgeprune.compile(minilm_artifact.model_path, out, calib=sentences, latency_runs=2, profile=False, max_samples=16,
+                                   recipe=recipe_from_flags(prune={"ratio": 0.0, "metric": metric}))  # fmt: skip
+        assert result.report["passes"][1]["modified"] is False
+        got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+        feeds = _minilm_feeds(2, 9)
+        for a, b in zip(ref.run(None, feeds), got.run(None, feeds)):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    out = tmp_path / "pruned"
+    edgeprune.compile(minilm_artifact.model_path, out, calib=sentences, latency_runs=2, profile=False, max_samples=16,
+                      recipe=recipe_from_flags(prune={"ratio": 0.3, "metric": "flap"}))  # fmt: skip
+    pruned = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    for batch, seq in [(1, 1), (1, 7), (3, 33), (2, 128)]:
+        tokens, sentence = pruned.run(None, _minilm_feeds(batch, seq))
+        assert tokens.shape == (batch, seq, 384) and sentence.shape == (batch, 384)
+        assert np.isfinite(tokens).all()

@@ -268,3 +268,32 @@ def test_minilm_flap_20_percent_compiles_smaller_and_faithful(minilm_onnx, tmp_p
     assert report["size"]["ratio"] < 0.93
     cosines = [o["cosine_mean"] for o in report["verification"]["outputs"]]
     assert min(cosines) > 0.9
+
+
+def _at_opset(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """The same tiny model declared at ``opset``; before 13, Unsqueeze takes its axes as an attribute."""
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    proto.opset_import[0].version = opset
+    if opset < 13:
+        consts = {n.output[0]: n for n in proto.graph.node if n.op_type == "Constant"}
+        for node in proto.graph.node:
+            if node.op_type == "Unsqueeze" and len(node.input) == 2:
+                axes = onnx.numpy_helper.to_array(consts[node.input[1]].attribute[0].t).tolist()
+                del node.input[1]
+                node.attribute.append(onnx.helper.make_attribute("axes", axes))
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+@pytest.mark.parametrize("opset", [11, 13, 15, 21])
+@pytest.mark.parametrize("name", ["ffn", "bert_dynamic_shapes"])
+def test_prunes_models_of_opset_11_to_21(name, opset):
+    proto = _at_opset(MODELS[name](), opset)
+    model, result = _prune(proto, ratio=0.4, metric="flap", round_to=1)
+    assert result.modified
+    out = to_proto(model)
+    assert {o.domain: o.version for o in out.opset_import}[""] == opset
+    onnx.checker.check_model(out, full_check=True)
+    assert param_count(model) < param_count(ir.from_proto(proto))
+    for b, seq in SIZES:
+        assert np.isfinite(_run(out, inputs(b, seq, seed=5))).all()
