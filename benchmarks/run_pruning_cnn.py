@@ -46,6 +46,8 @@ VARIANTS = {
     "flap": {"metric": "flap", "compensate": False},
     "flap+bias": {"metric": "flap", "compensate": True},
     "wanda+bias": {"metric": "wanda", "compensate": True},
+    "wanda+bias/floor": {"metric": "wanda", "compensate": True, "allocation": "floor"},
+    "wanda+bias/uniform": {"metric": "wanda", "compensate": True, "allocation": "uniform"},
 }
 CALIB_IMAGES = 16
 THREADS = 2
@@ -137,7 +139,7 @@ def run(args) -> dict:
             pass_result = StructuredPruningPass(PruneConfig(ratio=ratio, units="conv", **VARIANTS[name]), ctx)(model)
             CleanupPass()(model)
             seconds = time.perf_counter() - start
-            path = work / f"{name.replace('+', '_')}_{int(ratio * 100)}.onnx"
+            path = work / f"{name.replace('+', '_').replace('/', '_')}_{int(ratio * 100)}.onnx"
             save_model(model, path)
             paths[f"{name}@{ratio}"] = path
             latency_models[name] = path
@@ -172,7 +174,7 @@ def run(args) -> dict:
         result["int8"].append(row)
     result["machine"] = f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} cpus"
     result["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    result["settings"] = {"threads": THREADS, "batch": 1, "image": 224, "latency_runs": args.runs, "units": "conv", "allocation": "global",
+    result["settings"] = {"threads": THREADS, "batch": 1, "image": 224, "latency_runs": args.runs, "units": "conv", "allocation": "global unless the variant names floor/uniform",
                           "round_to": 8, "conv_residual": False, "int8_variant": args.int8_variant}  # fmt: skip
     return result
 
@@ -185,7 +187,7 @@ def markdown(r: dict) -> str:
         f"- {r['card']['title']}; {r['reference']['params']:,} parameters, unpruned top-1 {r['reference']['top1']:.3f} on the evaluation images",
         f"- split: calibration = {r['split']['calibration']}; evaluation = {r['split']['evaluation']}",
         f"- latency: p50, batch 1, 224x224, {r['settings']['threads']} threads, interleaved with fp32 ({r['settings']['latency_runs']} runs); {r['machine']}",
-        "- units = conv, allocation global (standardized per group), round_to 8, residual groups kept",
+        "- units = conv, allocation global (standardized per group) unless the variant says /floor or /uniform, round_to 8, residual groups kept",
         "",
         "| ratio | variant | params | top-1 agreement | top-1 | p50 ms | latency ratio |",
         "|---|---|---|---|---|---|---|",
