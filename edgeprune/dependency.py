@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from edgeprune.analysis import _attr, _consumers, _constant, _is_std, _node_name, _static_ints
+from edgeprune.analysis import _attr, _constant, _is_std, _node_name, _static_ints
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from edgeprune import model_io
 from edgeprune.calibration import CalibrationSet, input_specs, load_calibration
-from edgeprune.errors import BadInputError, TargetUnavailableError
+from edgeprune.errors import BadInputError
 from edgeprune.fidelity import OutputFidelity, compare_outputs, worst_drop
 from edgeprune.progress import Progress
 from edgeprune.runtime.targets import Target, get_target, is_available

@@ -7,7 +7,6 @@ model must be untouched whatever happens.
 from __future__ import annotations
 
 import json
-import pathlib
 
 import numpy as np
 import onnx

@@ -1,0 +1,451 @@
+"""The prunable groups of the prune pass: FFN neurons, attention heads, conv channel groups.
+
+Each group knows its coupled weights, scores its units (``edgeprune.scoring``) and removes the
+units allocation did not keep (``apply``). Private to ``structured_pruning``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx_ir as ir
+
+from edgeprune import scoring
+from edgeprune.analysis import AttentionBlock, FFNBlock, Linear
+from edgeprune.context import StatsRequest
+from edgeprune.dependency import ChannelGroup, channel_groups
+from edgeprune.passes._prune_edits import (
+    _STD,
+    _apply_shape_edit,
+    _check_linears,
+    _const,
+    _const_array,
+    _consumers,
+    _Graph,
+    _in_major,
+    _is_std,
+    _linear_params,
+    _node_key,
+    _out_major,
+    _plan_shape_edit,
+    _shrink_consumer,
+    _Skip,
+    _slice_outputs,
+    _split_reshape,
+    _weight,
+)
+
+if TYPE_CHECKING:
+    from edgeprune.passes.structured_pruning import PruneConfig
+
+logger = logging.getLogger(__name__)
+
+_ELEMENTWISE = {
+    "Add", "Sub", "Mul", "Div", "Neg", "Cast", "Identity", "Erf", "Tanh", "Sigmoid", "Relu", "LeakyRelu",
+    "Gelu", "Silu", "Swish", "HardSigmoid", "HardSwish", "Clip", "Softplus", "Mish", "Elu", "Selu", "Celu",
+    "Exp", "Pow", "Sqrt", "Abs", "PRelu", "Softsign", "Min", "Max", "ThresholdedRelu",
+}  # fmt: skip
+_HEAD_PATH_OPS = {"Reshape", "Unsqueeze", "Squeeze", "Expand", "Slice", "Transpose", "Mul", "Div", "Add", "Sub",
+                  "Neg", "Concat", "Cast", "Identity"}  # fmt: skip
+_DATA_ONLY = {"Reshape", "Unsqueeze", "Squeeze", "Expand", "Slice"}
+
+
+# --------------------------------------------------------------------------- groups
+
+
+class _Group:
+    """Units whose channels are the input channels of ``consumer``; subclasses know their producers."""
+
+    kind = ""
+
+    def __init__(self, layer: int, consumer: Linear, units: int, unit_size: int, unit_params: int):
+        self.layer, self.consumer = layer, consumer
+        self.units, self.unit_size, self.unit_params = units, unit_size, unit_params
+
+    @property
+    def label(self) -> str:
+        return f"{self.layer}.{self.kind}"
+
+    @property
+    def consumer_name(self) -> str:
+        return self.consumer.node
+
+    def stat_requests(self, cfg: PruneConfig) -> list[StatsRequest]:
+        """Calibration statistics the metric and the compensation need."""
+        out = [StatsRequest(self.consumer.input, axis=-1, gram=cfg.refit)]
+        if cfg.metric == "wanda":
+            out += [StatsRequest(lin.input, axis=-1, gram=False) for lin in self.producer_linears()]
+        return out
+
+    def stats_for_apply(self, stats: dict):
+        """What ``apply`` gets: the consumer input's statistics (None without calibration)."""
+        return stats.get(self.consumer.input) if stats else None
+
+    def channel_weights(self, g: _Graph) -> list[np.ndarray]:
+        """Every weight the units own, channel-major [channels, fan]."""
+        return [_in_major(self.consumer, _weight(g, self.consumer))] + [m for m, _ in self.producer_terms(g)]
+
+    def producer_linears(self) -> list[Linear]:
+        """Linears whose output channels are the units' channels (scored, and sliced by ``apply``)."""
+        raise NotImplementedError
+
+    def producer_terms(self, g: _Graph) -> list[tuple[np.ndarray, str]]:
+        """(producer weight channel-major, name of the tensor it multiplies) pairs."""
+        return [(_out_major(p, _weight(g, p)), p.input) for p in self.producer_linears()]
+
+    def score(self, metric: str, g: _Graph, stats: dict, unit_size: int | None = None) -> np.ndarray:
+        """Scores per unit (per channel with ``unit_size=1``)."""
+        size = self.unit_size if unit_size is None else unit_size
+        if metric in ("magnitude", "magnitude_l1"):
+            return scoring.magnitude(self.channel_weights(g), size, p=1 if metric == "magnitude_l1" else 2)
+        cons = _in_major(self.consumer, _weight(g, self.consumer))
+        st = stats[self.consumer.input]
+        if metric == "flap":
+            return scoring.flap(cons, st.var, size)
+        producers = [(m, np.sqrt(stats[name].sq_norm)) for m, name in self.producer_terms(g)]
+        return scoring.wanda_sp((cons, np.sqrt(st.sq_norm)), producers, size)
+
+    def apply(self, g: _Graph, keep_units: np.ndarray, stats, cfg: PruneConfig) -> dict:
+        raise NotImplementedError
+
+    def channels(self, keep_units: np.ndarray) -> np.ndarray:
+        return (keep_units[:, None] * self.unit_size + np.arange(self.unit_size)).reshape(-1)
+
+
+class _FFNGroup(_Group):
+    kind = "ffn"
+
+    def __init__(self, g: _Graph, block: FFNBlock):
+        what = f"FFN {block.layer}"
+        self.producers = _check_linears([block.up] + ([block.gate] if block.gate else []), what)
+        _check_linears([block.down], what)
+        hidden = block.hidden
+        if any(p.out_features != hidden for p in self.producers) or block.down.in_features != hidden:
+            raise _Skip(f"{what}: widths of up/gate/down disagree")
+        self.region_consts = _ffn_region(g, self.producers, block.down, hidden, what)
+        params = sum(_linear_params(p, True) for p in self.producers) + _linear_params(block.down, False)
+        super().__init__(block.layer, block.down, hidden, 1, params)
+
+    def producer_linears(self):
+        return list(self.producers)
+
+    def apply(self, g, keep_units, stats, cfg):
+        for p in self.producers:
+            _slice_outputs(g, p, keep_units)
+        for node, idx in self.region_consts:
+            arr = _const_array(node.inputs[idx])
+            g.set_input(node, idx, arr[..., keep_units])
+        return _shrink_consumer(g, self.consumer, keep_units, stats, cfg.compensate, cfg.refit, cfg.ridge)
+
+
+def _ffn_region(g: _Graph, producers: list[Linear], down: Linear, hidden: int, what: str) -> list[tuple[ir.Node, int]]:
+    """Check only element-wise ops lie between producers and down; return per-channel constants to slice."""
+    down_node = g.node_of(down)
+    stack = [g.values[p.output] for p in producers]
+    seen: set[int] = set()
+    consts: list[tuple[ir.Node, int]] = []
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if value.is_graph_output():
+            raise _Skip(f"{what}: the intermediate {value.name} is a graph output")
+        for node in _consumers(value):
+            if node is down_node and node.inputs[0] is value:
+                continue
+            if not (node.domain in _STD and node.op_type in _ELEMENTWISE):
+                raise _Skip(f"{what}: {node.op_type} node {_node_key(node)} reads the FFN intermediate")
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            for k, inp in enumerate(node.inputs):
+                arr = _const_array(inp)
+                if arr is None:
+                    continue
+                if arr.size > 1 and arr.ndim >= 1 and arr.shape[-1] == hidden:
+                    consts.append((node, k))
+                elif arr.size > 1 and arr.shape[-1] != 1:
+                    raise _Skip(f"{what}: constant {inp.name} of shape {list(arr.shape)} in the activation does not broadcast per channel")
+            stack.extend(node.outputs)
+    return consts
+
+
+class _HeadGroup(_Group):
+    kind = "heads"
+
+    def __init__(self, g: _Graph, block: AttentionBlock, kv_groups: bool):
+        what = f"attention {block.layer}"
+        if block.op_type != "subgraph":
+            raise _Skip(f"{what}: fused {block.op_type} ops are not pruned")
+        q, k, v, o = _check_linears([block.q, block.k, block.v, block.o], what)
+        heads, kv, hd = block.num_heads, block.num_kv_heads, block.head_dim
+        if not heads or not kv or not hd or heads % kv or q.out_features != heads * hd or o.in_features != heads * hd:
+            raise _Skip(f"{what}: head counts ({heads} heads, {kv} KV heads, head dim {hd}) do not match the projections")
+        if k.out_features != kv * hd or v.out_features != kv * hd:
+            raise _Skip(f"{what}: k/v widths do not match {kv} KV heads of {hd}")
+        self.q, self.k, self.v, self.o = q, k, v, o
+        self.heads, self.kv_heads, self.head_dim, self.rep = heads, kv, hd, heads // kv
+        self.mha = kv == heads
+        self.kv_groups = kv_groups and not self.mha
+        self.edits = {"q": _plan_shape_edit(_split_reshape(g, q, what), 2, heads, what)}
+        if self.mha or self.kv_groups:
+            for name, lin in (("k", k), ("v", v)):
+                self.edits[name] = _plan_shape_edit(_split_reshape(g, lin, what), 2, kv, what)
+        merge = g.values[o.input].producer()
+        if not _is_std(merge, "Reshape"):
+            raise _Skip(f"{what}: the heads are not merged by a Reshape before {o.node}")
+        self.edits["o"] = _plan_shape_edit(merge, 1, heads * hd, what)
+        self.repeats = [] if self.mha else [_find_repeat(g, block, name, what) for name in ("k", "v")]
+        per_head = hd * (_linear_params(q, True) + _linear_params(o, False))
+        if self.mha:
+            per_head += hd * (_linear_params(k, True) + _linear_params(v, True))
+        if self.kv_groups:
+            units, size = kv, self.rep * hd
+            per_unit = self.rep * per_head + hd * (_linear_params(k, True) + _linear_params(v, True))
+        else:
+            units, size, per_unit = heads, hd, per_head
+        super().__init__(block.layer, o, units, size, per_unit)
+
+    def producer_linears(self):
+        return [self.q] + ([self.k, self.v] if self.mha else [])
+
+    def score(self, metric, g, stats, unit_size=None):
+        if not self.kv_groups or unit_size == 1:
+            return super().score(metric, g, stats, unit_size)
+        # Group score = sum of its query heads' scores (q and o weights; k/v are not scored).
+        per_head = super().score(metric, g, stats, self.head_dim)
+        return per_head.reshape(self.kv_heads, self.rep).sum(axis=1)
+
+    def apply(self, g, keep_units, stats, cfg):
+        hd = self.head_dim
+        if self.kv_groups:
+            kv_keep = keep_units
+            heads_keep = (kv_keep[:, None] * self.rep + np.arange(self.rep)).reshape(-1)
+        else:
+            heads_keep, kv_keep = keep_units, np.arange(self.kv_heads)
+        q_ch = (heads_keep[:, None] * hd + np.arange(hd)).reshape(-1)
+        _slice_outputs(g, self.q, q_ch)
+        if self.mha:
+            _slice_outputs(g, self.k, q_ch)
+            _slice_outputs(g, self.v, q_ch)
+        elif self.kv_groups:
+            kv_ch = (kv_keep[:, None] * hd + np.arange(hd)).reshape(-1)
+            _slice_outputs(g, self.k, kv_ch)
+            _slice_outputs(g, self.v, kv_ch)
+        new_heads = len(heads_keep)
+        for name, edit in self.edits.items():
+            if edit is None:
+                continue
+            new = new_heads * hd if name == "o" else (new_heads if name == "q" or self.mha else len(kv_keep))
+            _apply_shape_edit(g, edit, new)
+        new_kv = {int(old): i for i, old in enumerate(kv_keep)}
+        indices = np.asarray([new_kv[int(h) // self.rep] for h in heads_keep], dtype=np.int64)
+        for repeat in self.repeats:
+            _replace_repeat(g, repeat, indices)
+        done = _shrink_consumer(g, self.consumer, q_ch, stats, cfg.compensate, cfg.refit, cfg.ridge)
+        done["heads_kept"] = [int(h) for h in heads_keep]
+        return done
+
+
+@dataclasses.dataclass
+class _Repeat:
+    source: ir.Value  # [B, kv_heads, S, D] before Unsqueeze
+    axis: int  # the KV-head axis of ``source``
+    reshape: ir.Node  # its output is [B, heads, S, D]
+
+
+def _find_repeat(g: _Graph, block: AttentionBlock, which: str, what: str) -> _Repeat:
+    """The repeat_kv Unsqueeze -> Expand -> Reshape on the K (or V) path of a GQA block."""
+    lin = block.k if which == "k" else block.v
+    matmul = g.nodes[block.score_matmul if which == "k" else block.context_matmul]
+    stack, seen, expands = [matmul.inputs[1]], set(), []
+    while stack and len(seen) < 80:
+        value = stack.pop()
+        if value is None or id(value) in seen or value.name == lin.output:
+            continue
+        seen.add(id(value))
+        node = value.producer()
+        if node is None or not _is_std(node, *_HEAD_PATH_OPS):
+            continue
+        if _is_std(node, "Expand"):
+            expands.append(node)
+        inputs = node.inputs[:1] if node.op_type in _DATA_ONLY else node.inputs
+        stack.extend(v for v in inputs if v is not None and _const(v) is None)
+    if len(expands) != 1:
+        raise _Skip(f"{what}: GQA repeat of {which} heads is not one Unsqueeze -> Expand -> Reshape ({len(expands)} Expand ops found)")
+    expand = expands[0]
+    unsq = expand.inputs[0].producer()
+    users = _consumers(expand.outputs[0])
+    if not _is_std(unsq, "Unsqueeze") or len(users) != 1 or not _is_std(users[0], "Reshape"):
+        raise _Skip(f"{what}: GQA repeat of {which} heads is not Unsqueeze -> Expand -> Reshape")
+    axes = _const_array(unsq.inputs[1]) if len(unsq.inputs) > 1 else None
+    if axes is None and "axes" in unsq.attributes:
+        axes = np.asarray(unsq.attributes["axes"].value)
+    if axes is None or axes.size != 1:
+        raise _Skip(f"{what}: GQA repeat Unsqueeze has no single constant axis")
+    axis = int(axes.reshape(-1)[0])
+    rank = len(unsq.inputs[0].shape) if unsq.inputs[0].shape is not None else 4
+    axis = axis + rank + 1 if axis < 0 else axis
+    if axis < 1:
+        raise _Skip(f"{what}: GQA repeat inserts its axis at position {axis}")
+    return _Repeat(unsq.inputs[0], axis - 1, users[0])
+
+
+def _replace_repeat(g: _Graph, repeat: _Repeat, indices: np.ndarray) -> None:
+    """KV heads repeated and selected for the kept query heads in one Gather (old repeat ops become dead)."""
+    idx = g.new_const(indices, "kv_heads_for_kept_query_heads")
+    gather = ir.node("Gather", [repeat.source, idx], {"axis": repeat.axis}, name=g.fresh(f"{_node_key(repeat.reshape)}/kept_heads"))
+    out = repeat.reshape.outputs[0]
+    gather.outputs[0].name = g.fresh(f"{out.name}_kept_heads")
+    gather.outputs[0].type = out.type
+    g.graph.insert_before(repeat.reshape, gather)
+    ir.convenience.replace_all_uses_with(out, gather.outputs[0])
+
+
+# --------------------------------------------------------------------------- conv channel groups
+
+_SLICED_ROLES = ("producer", "lockstep", "param", "consumer")
+
+
+class _ConvGroup(_Group):
+    """One channel dependency group: every tensor in it loses the same channels.
+
+    Scores: magnitude over the producers' output filters, depthwise filters and consumers' input
+    slices; wanda = sum |W_cons[:, c]| x ||x_c|| and flap = Var(x_c) x ||W_cons[:, c]||^2 over the
+    consumers, with x the consumer's input per channel (axis 1, over batch and pixels).
+    Bias compensation adds ``sum_{c pruned} mean(x_c) x sum_kernel W[:, c]`` to each consumer's
+    bias.  That is exact for 1x1 convs and Gemm/MatMul after pooling; for a k x k consumer with
+    zero padding it is approximate at the borders, where some taps read padding, not mean(x_c).
+    Refit is not done for conv groups.
+    """
+
+    kind = "conv"
+
+    def __init__(self, g: _Graph, cg: ChannelGroup, index: int):
+        self.cg = cg
+        self.sliced = [m for m in cg.members if m.role in _SLICED_ROLES]
+        self.inputs = list(dict.fromkeys((m.node, m.tensor) for m in cg.members if m.role == "consumer_input"))
+        params = 0
+        for m in self.sliced:
+            arr = _const_array(g.nodes[m.node].inputs[m.index])
+            if arr is None:
+                raise _Skip(f"conv group {cg.name}: {m.tensor} is not a constant")
+            if arr.shape[m.axis] != cg.channels:
+                raise _Skip(f"conv group {cg.name}: {m.tensor} has {arr.shape[m.axis]} channels on axis {m.axis}, not {cg.channels}")
+            params += arr.size // cg.channels
+        self.units, self.unit_size, self.unit_params, self.layer = cg.channels, 1, params, index
+        self.consumer = None
+
+    @property
+    def label(self) -> str:
+        return self.cg.name
+
+    @property
+    def consumer_name(self) -> str:
+        return ", ".join(self.cg.consumers)
+
+    def producer_linears(self):
+        return []
+
+    def stat_requests(self, cfg):
+        return [StatsRequest(tensor, axis=1, gram=False) for _, tensor in self.inputs]
+
+    def stats_for_apply(self, stats):
+        return {t: stats[t] for _, t in self.inputs if t in stats} if stats else {}
+
+    def _matrix(self, g: _Graph, m) -> np.ndarray:
+        """The member's weight channel-major: [channels, everything else]."""
+        arr = _const_array(g.nodes[m.node].inputs[m.index])
+        return np.moveaxis(arr, m.axis, 0).reshape(self.cg.channels, -1)
+
+    def _consumer_terms(self, g: _Graph) -> list[tuple[np.ndarray, str]]:
+        """(consumer weight channel-major, the tensor it reads) for every consumer."""
+        tensors = dict(self.inputs)
+        return [(self._matrix(g, m), tensors[m.node]) for m in self.sliced if m.role == "consumer"]
+
+    def score(self, metric, g, stats, unit_size=None):
+        if metric in ("magnitude", "magnitude_l1"):
+            weights = [self._matrix(g, m) for m in self.sliced if m.role != "param" and m.index == 1]
+            return scoring.magnitude(weights, 1, p=1 if metric == "magnitude_l1" else 2)
+        total = np.zeros(self.cg.channels)
+        for w, tensor in self._consumer_terms(g):
+            st = stats[tensor]
+            if metric == "flap":
+                total += scoring.flap(w, st.var)
+            else:
+                total += scoring.wanda_sp((w, np.sqrt(st.sq_norm)))
+        return total
+
+    def apply(self, g, keep_units, stats, cfg):
+        keep = np.asarray(keep_units, dtype=np.int64)
+        pruned = np.setdiff1d(np.arange(self.cg.channels), keep)
+        done: dict[str, Any] = {}
+        if cfg.compensate and stats:
+            done["compensated"] = [name for name, tensor in self.inputs if tensor in stats and _compensate(g, name, pruned, stats[tensor].mean[pruned])]
+        for m in self.sliced:
+            node = g.nodes[m.node]
+            g.set_input(node, m.index, np.take(_const_array(node.inputs[m.index]), keep, axis=m.axis))
+        for m in self.cg.members:
+            if m.role == "shape":
+                node = g.nodes[m.node]
+                shape = _const_array(node.inputs[m.index]).copy()
+                shape[m.axis] = len(keep)
+                g.set_input(node, m.index, shape)
+        for name in self.cg.lockstep:
+            g.nodes[name].attributes["group"] = ir.AttrInt64("group", len(keep))
+        done["channels_kept"] = len(keep)
+        return done
+
+
+def _compensate(g: _Graph, name: str, pruned: np.ndarray, mean: np.ndarray) -> bool:
+    """Fold the pruned channels' mean contribution into consumer ``name``'s bias; False if it has no bias slot."""
+    node = g.nodes[name]
+    w = _const_array(node.inputs[1]).astype(np.float64)
+    if node.op_type == "Conv":
+        delta = w[:, pruned].reshape(w.shape[0], len(pruned), -1).sum(axis=2) @ mean
+        slot, scale = 2, 1.0
+    elif node.op_type == "Gemm":
+        rows = w[:, pruned].T if node.attributes.get("transB") and node.attributes["transB"].value else w[pruned]
+        alpha = node.attributes["alpha"].value if "alpha" in node.attributes else 1.0
+        beta = node.attributes["beta"].value if "beta" in node.attributes else 1.0
+        delta, slot, scale = alpha * (mean @ rows), 2, 1.0 / beta
+    else:
+        return False  # MatMul: no bias input to fold into
+    dtype = _const_array(node.inputs[1]).dtype
+    bias_value = node.inputs[slot] if len(node.inputs) > slot else None
+    bias = _const_array(bias_value)
+    if bias_value is not None and bias is None:
+        return False
+    new = (np.zeros(delta.shape) if bias is None else bias.astype(np.float64)) + delta * scale
+    if bias is None:
+        while len(node.inputs) < slot:
+            node.resize_inputs(len(node.inputs) + 1)
+        node.resize_inputs(slot + 1)
+        node.replace_input_with(slot, g.new_const(new.astype(dtype), f"{node.inputs[1].name}_bias"))
+    else:
+        g.set_input(node, slot, new.astype(bias.dtype))
+    return True
+
+
+def _conv_groups(g: _Graph, allow_residual: bool, first_index: int) -> tuple[list[_Group], list[dict]]:
+    """Prunable conv channel groups as ``_ConvGroup``s, and a record for each group left out."""
+    groups: list[_Group] = []
+    skipped: list[dict] = []
+    for i, cg in enumerate(channel_groups(g.model, allow_residual=allow_residual)):
+        index = first_index + i
+        why = cg.reason
+        if cg.prunable:
+            try:
+                groups.append(_ConvGroup(g, cg, index))
+                continue
+            except _Skip as exc:
+                why = str(exc)
+        (logger.info if cg.residual else logger.warning)("prune: keeping conv group %s: %s", cg.name, why)
+        skipped.append({"layer": cg.name, "index": index, "kind": "conv", "skipped": why, "kept_fraction": 1.0})
+    return groups, skipped
+
+
