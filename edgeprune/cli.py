@@ -234,9 +234,9 @@ def inspect_cmd(model, as_json):
     for line in info["summary"]:
         out_console.print(f"  • {line}")
     if info.get("channel_groups"):
-        rows = [(g["name"], g["channels"], len(g["producers"]), len(g["depthwise"]), len(g["consumers"]), "yes" if g["prunable"] else g["reason"])
+        rows = [(g["name"], g["channels"], len(g["producers"]), len(g["depthwise"]), len(g["consumers"]), "yes" if g["prunable"] else g["reason"].split(":")[0])
                 for g in info["channel_groups"]]
-        out_console.print(_table("conv channel groups", ["group", "channels", "producers", "depthwise", "consumers", "prunable"], rows))
+        out_console.print(_table("conv channel groups (--json gives the full reasons)", ["group", "channels", "producers", "depthwise", "consumers", "prunable"], rows))
 
 
 def main(argv: list[str] | None = None) -> int:
