@@ -43,6 +43,9 @@ class GroupScores:
     """Per-channel scores (units x channels per unit, in unit order); ``global`` then ranks a unit by
     the mean of its standardized channel scores, as FLAP does for heads, so a head is not pushed to
     the extremes by summing many channels."""
+    unit_costs: np.ndarray | None = None
+    """Parameters of each unit where they differ (a conv group split into branches of different
+    consumers); ``unit_params`` is then their mean.  Budgets charge a removed unit its own cost."""
 
     @property
     def units(self) -> int:
@@ -103,11 +106,14 @@ def _global_key(g: GroupScores) -> np.ndarray:
 
 def _global_counts(groups: Sequence[GroupScores], ratio: float, method: str, floor_fraction: float) -> list[int]:
     """Remove units in ascending key order until the parameter budget is spent."""
-    budget = ratio * sum(g.units * g.unit_params for g in groups)
+    costs = [np.full(g.units, g.unit_params, dtype=np.float64) if g.unit_costs is None else np.asarray(g.unit_costs, dtype=np.float64) for g in groups]
+    budget = ratio * sum(float(c.sum()) for c in costs)
     keys, owner = [], []
+    # the n-th unit a group gives up is its n-th lowest score (``allocate`` keeps the top scores)
+    removal_order = [np.argsort(np.asarray(g.scores, dtype=np.float64), kind="stable") for g in groups]
     for i, g in enumerate(groups):
         s = np.asarray(g.scores, dtype=np.float64)
-        keys.append(_global_key(g) if method == "global" else s / max(g.unit_params, 1))
+        keys.append(_global_key(g) if method == "global" else s / np.maximum(costs[i], 1))
         owner.append(np.full(g.units, i))
     order = np.argsort(np.concatenate(keys), kind="stable")
     owners = np.concatenate(owner)[order]
@@ -119,6 +125,6 @@ def _global_counts(groups: Sequence[GroupScores], ratio: float, method: str, flo
             break
         if keep[gi] <= lows[gi]:
             continue
+        removed += costs[gi][removal_order[gi][groups[gi].units - keep[gi]]]
         keep[gi] -= 1
-        removed += groups[gi].unit_params
     return keep

@@ -219,7 +219,7 @@ def profile_cmd(model, target, compare, top, data, tokenizer, seq_len, runs, thr
 @common_json
 def inspect_cmd(model, as_json):
     """Interface, opset, weights by op type and the structures edgeprune finds in MODEL."""
-    from edgeprune.inspection import inspect_model
+    from edgeprune.inspection import inspect_model, prune_table
 
     info = inspect_model(model)
     if as_json:
@@ -237,6 +237,9 @@ def inspect_cmd(model, as_json):
         rows = [(g["name"], g["channels"], len(g["producers"]), len(g["depthwise"]), len(g["consumers"]), "yes" if g["prunable"] else g["reason"].split(":")[0])
                 for g in info["channel_groups"]]
         out_console.print(_table("conv channel groups (--json gives the full reasons)", ["group", "channels", "producers", "depthwise", "consumers", "prunable"], rows))
+    rows = prune_table(info["prune_groups"], info["prune_skipped"])
+    if rows:
+        out_console.print(_table("prunable groups (prune pass defaults; --json lists each group)", ["kind", "groups", "units", "skipped", "skipped because"], rows))
 
 
 def main(argv: list[str] | None = None) -> int:

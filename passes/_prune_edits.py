@@ -39,6 +39,19 @@ class _Graph:
                 if out.name:
                     self.values[out.name] = out
         self._names = set(self.values)
+        self.opset = int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 21)))
+        self._removed: dict[tuple[str, int], list[tuple[int, int]]] = {}  # (node, input) -> [(original offset, positions removed)]
+
+    def note_removed(self, member: Any, count: int) -> None:
+        """``count`` positions of ``member``'s piece (at its original offset) are gone from its tensor."""
+        self._removed.setdefault((member.node, member.index), []).append((member.offset, count))
+
+    def current_offset_of(self, node: str, index: int, offset: int) -> int:
+        """Where original position ``offset`` of input ``index`` of ``node`` is now, after earlier groups' edits."""
+        return offset - sum(n for o, n in self._removed.get((node, index), []) if o < offset)
+
+    def current_offset(self, member: Any) -> int:
+        return self.current_offset_of(member.node, member.index, member.offset)
 
     def fresh(self, base: str) -> str:
         name, i = base, 1

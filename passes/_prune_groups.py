@@ -16,7 +16,7 @@ import onnx_ir as ir
 from edgeprune import scoring
 from edgeprune.analysis import AttentionBlock, FFNBlock, Linear
 from edgeprune.context import StatsRequest
-from edgeprune.dependency import ChannelGroup, channel_groups
+from edgeprune.dependency import ChannelGroup, channel_groups, split_sizes
 from edgeprune.passes._prune_edits import (
     _STD,
     _apply_shape_edit,
@@ -60,6 +60,7 @@ class _Group:
     """Units whose channels are the input channels of ``consumer``; subclasses know their producers."""
 
     kind = ""
+    channel_params: np.ndarray | None = None  # per-unit parameters where units differ (conv groups through a Split)
 
     def __init__(self, layer: int, consumer: Linear, units: int, unit_size: int, unit_params: int):
         self.layer, self.consumer = layer, consumer
@@ -110,6 +111,10 @@ class _Group:
 
     def apply(self, g: _Graph, keep_units: np.ndarray, stats, cfg: PruneConfig) -> dict:
         raise NotImplementedError
+
+    def removed_params(self, keep_units: np.ndarray) -> int:
+        """Parameters the pruned units carry."""
+        return (self.units - len(keep_units)) * self.unit_params
 
     def channels(self, keep_units: np.ndarray) -> np.ndarray:
         return (keep_units[:, None] * self.unit_size + np.arange(self.unit_size)).reshape(-1)
@@ -314,12 +319,17 @@ _SLICED_ROLES = ("producer", "lockstep", "param", "consumer")
 class _ConvGroup(_Group):
     """One channel dependency group: every tensor in it loses the same channels.
 
+    Members carry a span (``Member.offset/length/start/width``): the group's channels
+    ``start..start+length`` sit at ``offset..`` of that tensor's channel axis.  A tensor shared by
+    several groups (the consumer of a Concat) loses each group's positions in turn; the
+    ``_Graph`` remembers how many positions each earlier edit removed before an offset.
     Scores: magnitude over the producers' output filters, depthwise filters and consumers' input
     slices; wanda = sum |W_cons[:, c]| x ||x_c|| and flap = Var(x_c) x ||W_cons[:, c]||^2 over the
     consumers, with x the consumer's input per channel (axis 1, over batch and pixels).
     Bias compensation adds ``sum_{c pruned} mean(x_c) x sum_kernel W[:, c]`` to each consumer's
     bias.  That is exact for 1x1 convs and Gemm/MatMul after pooling; for a k x k consumer with
     zero padding it is approximate at the borders, where some taps read padding, not mean(x_c).
+    Split sizes and Slice bounds lose the pruned positions they cover; Concat needs nothing.
     Refit is not done for conv groups.
     """
 
@@ -328,21 +338,33 @@ class _ConvGroup(_Group):
     def __init__(self, g: _Graph, cg: ChannelGroup, index: int):
         self.cg = cg
         self.sliced = [m for m in cg.members if m.role in _SLICED_ROLES]
-        self.inputs = list(dict.fromkeys((m.node, m.tensor) for m in cg.members if m.role == "consumer_input"))
-        params = 0
+        self.inputs = list(dict.fromkeys((m.node, m.tensor, m.offset, m.length, m.start) for m in cg.members if m.role == "consumer_input"))
+        self.channel_params = np.zeros(cg.channels, dtype=np.int64)  # differs per channel when Split branches differ
         for m in self.sliced:
             arr = _const_array(g.nodes[m.node].inputs[m.index])
             if arr is None:
                 raise _Skip(f"conv group {cg.name}: {m.tensor} is not a constant")
-            if arr.shape[m.axis] != cg.channels:
-                raise _Skip(f"conv group {cg.name}: {m.tensor} has {arr.shape[m.axis]} channels on axis {m.axis}, not {cg.channels}")
-            params += arr.size // cg.channels
-        self.units, self.unit_size, self.unit_params, self.layer = cg.channels, 1, params, index
+            if arr.shape[m.axis] != m.width:
+                raise _Skip(f"conv group {cg.name}: {m.tensor} has {arr.shape[m.axis]} channels on axis {m.axis}, not {m.width}")
+            self.channel_params[m.start : m.start + m.length] += arr.size // m.width
+        self.splits = [(m, split_sizes(g.nodes[m.node], None) or [m.width] * len(g.nodes[m.node].outputs)) for m in cg.members if m.role == "split"]
+        self.slices = []
+        for m in cg.members:
+            if m.role == "slice":
+                node = g.nodes[m.node]
+                begin, end = _slice_entry(node, m.axis)
+                self.slices.append((m, begin, end))
+        total = int(self.channel_params.sum())
+        mean = total // cg.channels if total % cg.channels == 0 else total / cg.channels  # allocation's per-unit cost
+        self.units, self.unit_size, self.unit_params, self.layer = cg.channels, 1, mean, index
         self.consumer = None
 
     @property
     def label(self) -> str:
         return self.cg.name
+
+    def removed_params(self, keep_units: np.ndarray) -> int:
+        return int(self.channel_params.sum() - self.channel_params[np.asarray(keep_units, dtype=np.int64)].sum())
 
     @property
     def consumer_name(self) -> str:
@@ -352,32 +374,39 @@ class _ConvGroup(_Group):
         return []
 
     def stat_requests(self, cfg):
-        return [StatsRequest(tensor, axis=1, gram=False) for _, tensor in self.inputs]
+        return [StatsRequest(tensor, axis=1, gram=False) for tensor in dict.fromkeys(t for _, t, *_ in self.inputs)]
 
     def stats_for_apply(self, stats):
-        return {t: stats[t] for _, t in self.inputs if t in stats} if stats else {}
+        return {t: stats[t] for _, t, *_ in self.inputs if t in stats} if stats else {}
 
     def _matrix(self, g: _Graph, m) -> np.ndarray:
-        """The member's weight channel-major: [channels, everything else]."""
+        """The member's weight as [group channels, everything else]; rows of channels it does not hold are 0."""
         arr = _const_array(g.nodes[m.node].inputs[m.index])
-        return np.moveaxis(arr, m.axis, 0).reshape(self.cg.channels, -1)
+        rows = np.moveaxis(arr, m.axis, 0)[m.offset : m.offset + m.length].reshape(m.length, -1)
+        full = np.zeros((self.cg.channels, rows.shape[1]), dtype=np.float64)
+        full[m.start : m.start + m.length] = rows
+        return full
 
-    def _consumer_terms(self, g: _Graph) -> list[tuple[np.ndarray, str]]:
-        """(consumer weight channel-major, the tensor it reads) for every consumer."""
-        tensors = dict(self.inputs)
-        return [(self._matrix(g, m), tensors[m.node]) for m in self.sliced if m.role == "consumer"]
+    def _consumer_terms(self, g: _Graph) -> list[tuple[np.ndarray, str, slice, slice]]:
+        """(consumer weight rows of the piece, tensor it reads, its positions there, the group channels) per consumer piece."""
+        out = []
+        for node, tensor, offset, length, start in self.inputs:
+            m = next(x for x in self.sliced if x.role == "consumer" and x.node == node and x.offset == offset and x.start == start)
+            w = self._matrix(g, m)[start : start + length]
+            out.append((w, tensor, slice(offset, offset + length), slice(start, start + length)))
+        return out
 
     def score(self, metric, g, stats, unit_size=None):
         if metric in ("magnitude", "magnitude_l1"):
             weights = [self._matrix(g, m) for m in self.sliced if m.role != "param" and m.index == 1]
             return scoring.magnitude(weights, 1, p=1 if metric == "magnitude_l1" else 2)
         total = np.zeros(self.cg.channels)
-        for w, tensor in self._consumer_terms(g):
+        for w, tensor, at, channels in self._consumer_terms(g):
             st = stats[tensor]
             if metric == "flap":
-                total += scoring.flap(w, st.var)
+                total[channels] += scoring.flap(w, st.var[at])
             else:
-                total += scoring.wanda_sp((w, np.sqrt(st.sq_norm)))
+                total[channels] += scoring.wanda_sp((w, np.sqrt(st.sq_norm[at])))
         return total
 
     def apply(self, g, keep_units, stats, cfg):
@@ -385,20 +414,86 @@ class _ConvGroup(_Group):
         pruned = np.setdiff1d(np.arange(self.cg.channels), keep)
         done: dict[str, Any] = {}
         if cfg.compensate and stats:
-            done["compensated"] = [name for name, tensor in self.inputs if tensor in stats and _compensate(g, name, pruned, stats[tensor].mean[pruned])]
+            done["compensated"] = [
+                node for node, tensor, offset, length, start in self.inputs
+                if tensor in stats and _compensate_piece(g, node, pruned, stats[tensor].mean, offset, length, start)
+            ]  # fmt: skip
         for m in self.sliced:
             node = g.nodes[m.node]
-            g.set_input(node, m.index, np.take(_const_array(node.inputs[m.index]), keep, axis=m.axis))
+            arr = _const_array(node.inputs[m.index])
+            g.set_input(node, m.index, np.take(arr, _kept_positions(g, m, keep, arr.shape[m.axis]), axis=m.axis))
+            g.note_removed(m, _removed_in(m, pruned))
         for m in self.cg.members:
             if m.role == "shape":
                 node = g.nodes[m.node]
                 shape = _const_array(node.inputs[m.index]).copy()
-                shape[m.axis] = len(keep)
+                shape[m.axis] -= _removed_in(m, pruned)
                 g.set_input(node, m.index, shape)
+        for m, sizes in self.splits:
+            _set_split_sizes(g, g.nodes[m.node], m.index, _removed_in(m, pruned), sizes)
+        for m, begin, end in self.slices:
+            removed = pruned[(pruned >= m.start) & (pruned < m.start + m.length)] - m.start + m.offset
+            _move_slice_bounds(g, g.nodes[m.node], m.axis, int((removed < begin).sum()), int((removed < end).sum()) if end < m.width else 0)
         for name in self.cg.lockstep:
-            g.nodes[name].attributes["group"] = ir.AttrInt64("group", len(keep))
+            node = g.nodes[name]
+            node.attributes["group"] = ir.AttrInt64("group", int(_const_array(node.inputs[1]).shape[0]))
         done["channels_kept"] = len(keep)
         return done
+
+
+def _removed_in(m, pruned: np.ndarray) -> int:
+    """How many of the pruned group channels lie in member ``m``'s piece."""
+    return int(((pruned >= m.start) & (pruned < m.start + m.length)).sum())
+
+
+def _kept_positions(g: _Graph, m, keep: np.ndarray, size: int) -> np.ndarray:
+    """Positions of ``m``'s tensor axis to keep now: everything outside the piece, and the kept channels inside it."""
+    offset = g.current_offset(m)
+    local = keep[(keep >= m.start) & (keep < m.start + m.length)] - m.start
+    return np.concatenate([np.arange(offset), offset + local, np.arange(offset + m.length, size)]).astype(np.int64)
+
+
+def _slice_entry(node: ir.Node, entry: int) -> tuple[int, int]:
+    """The unpruned (start, end) of entry ``entry`` of a Slice's constant starts/ends."""
+    starts, ends = _const_array(node.inputs[1]).reshape(-1), _const_array(node.inputs[2]).reshape(-1)
+    return int(starts[entry]), int(ends[entry])
+
+
+def _set_split_sizes(g: _Graph, node: ir.Node, output: int, removed: int, original: list[int]) -> None:
+    """Output ``output`` of Split ``node`` loses ``removed`` positions; sizes become explicit if they were implied."""
+    has_input = len(node.inputs) > 1 and node.inputs[1] is not None
+    if has_input:
+        sizes = _const_array(node.inputs[1]).copy().reshape(-1)
+    elif "split" in node.attributes:
+        sizes = np.asarray(node.attributes["split"].value, dtype=np.int64)
+    else:
+        sizes = np.asarray(original, dtype=np.int64)
+    sizes[output] -= removed
+    if has_input:
+        g.set_input(node, 1, sizes)
+    elif "split" in node.attributes or g.opset < 13:
+        node.attributes["split"] = ir.AttrInt64s("split", [int(x) for x in sizes])
+    else:
+        node.attributes.pop("num_outputs", None)
+        node.resize_inputs(2)
+        node.replace_input_with(1, g.new_const(sizes.astype(np.int64), f"{_node_key(node)}_split"))
+
+
+def _move_slice_bounds(g: _Graph, node: ir.Node, entry: int, before_start: int, before_end: int) -> None:
+    for k, shift in ((1, before_start), (2, before_end)):
+        if shift:
+            arr = _const_array(node.inputs[k]).copy().reshape(-1)
+            arr[entry] -= shift
+            g.set_input(node, k, arr)
+
+
+def _compensate_piece(g: _Graph, name: str, pruned: np.ndarray, mean: np.ndarray, offset: int, length: int, start: int) -> bool:
+    """Bias compensation for the pruned channels of one consumer piece (positions in the consumer's current weight)."""
+    local = pruned[(pruned >= start) & (pruned < start + length)] - start
+    if not len(local):
+        return False
+    cur = g.current_offset_of(name, 1, offset)
+    return _compensate(g, name, cur + local, mean[offset + local])
 
 
 def _compensate(g: _Graph, name: str, pruned: np.ndarray, mean: np.ndarray) -> bool:
@@ -444,7 +539,6 @@ def _conv_groups(g: _Graph, allow_residual: bool, first_index: int) -> tuple[lis
                 continue
             except _Skip as exc:
                 why = str(exc)
-        (logger.info if cg.residual else logger.warning)("prune: keeping conv group %s: %s", cg.name, why)
         skipped.append({"layer": cg.name, "index": index, "kind": "conv", "skipped": why, "kept_fraction": 1.0})
     return groups, skipped
 

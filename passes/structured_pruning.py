@@ -99,6 +99,53 @@ class PruneConfig:
         return tuple(k.strip() for k in self.units.split(",") if k.strip())
 
 
+# --------------------------------------------------------------------------- group discovery
+
+
+def _discover(g: _Graph, structures, cfg: PruneConfig) -> tuple[list[_Group], list[dict]]:
+    """The groups the pass scores, and a record (with the ``_Skip`` reason) for each one left out.
+
+    The one place that decides what is prunable: the pass and ``find_groups`` (``edgeprune inspect``) both call it.
+    Read-only: building a group plans its edits but changes nothing.
+    """
+    groups: list[_Group] = []
+    skipped: list[dict] = []
+    kinds = cfg.unit_kinds
+    candidates: list[tuple[str, int, Any]] = []
+    if "ffn" in kinds:
+        candidates += [("ffn", b.layer, lambda b=b: _FFNGroup(g, b)) for b in structures.ffn_blocks]
+    if "heads" in kinds:
+        candidates += [("heads", b.layer, lambda b=b: _HeadGroup(g, b, cfg.kv_groups)) for b in structures.attention_blocks]
+    for kind, layer, make in candidates:
+        try:
+            groups.append(make())
+        except _Skip as why:
+            skipped.append({"layer": f"{layer}.{kind}", "index": layer, "kind": kind, "skipped": str(why), "kept_fraction": 1.0})
+    if "conv" in kinds:
+        first = len(structures.ffn_blocks) + len(structures.attention_blocks)
+        conv_groups, conv_skipped = _conv_groups(g, cfg.conv_residual, first_index=first)
+        groups += conv_groups
+        skipped += conv_skipped
+    return groups, skipped
+
+
+def find_groups(model: ir.Model, config: PruneConfig | None = None) -> tuple[list[dict], list[dict]]:
+    """What the prune pass would score on ``model`` (nothing is changed), and what it would leave out and why.
+
+    Groups: ``label``, ``kind`` (ffn | heads | conv), ``layer``, ``units`` (neurons, heads, KV groups or
+    channels), ``unit_size`` (channels per unit), ``unit_params`` (parameters one unit carries) and
+    ``consumer``.  Skipped: ``label``, ``kind``, ``layer`` and ``reason``.
+    """
+    cfg = config if config is not None else PruneConfig()
+    groups, skipped = _discover(_Graph(model), analyze(model), cfg)
+    found = [
+        {"label": grp.label, "kind": grp.kind, "layer": grp.layer, "units": grp.units, "unit_size": grp.unit_size,
+         "unit_params": grp.unit_params, "consumer": grp.consumer_name}
+        for grp in groups
+    ]  # fmt: skip
+    left_out = [{"label": r["layer"], "kind": r["kind"], "layer": r["index"], "reason": r["skipped"]} for r in skipped]
+    return found, left_out
+
 
 # --------------------------------------------------------------------------- the pass
 
@@ -127,7 +174,9 @@ class StructuredPruningPass(EdgePass):
         if cfg.ratio == 0:
             return EdgePassResult(model, modified=False, summary={"ratio": 0.0, "note": "ratio 0: nothing pruned"})
         g = _Graph(model)
-        groups, records = self._groups(g, analyze(model))
+        groups, records = _discover(g, analyze(model), cfg)
+        for r in records:
+            (logger.info if r["skipped"].startswith("residual") else logger.warning)("prune: keeping %s: %s", r["layer"], r["skipped"])
         if not groups:
             if not records:
                 raise UnsupportedModelError(_nothing_prunable(model, cfg))
@@ -139,7 +188,7 @@ class StructuredPruningPass(EdgePass):
             scores = group.score(cfg.metric, g, stats)
             channels = group.score(cfg.metric, g, stats, unit_size=1) if group.unit_size > 1 else None
             rounding = cfg.round_to if group.kind in ("ffn", "conv") else 1
-            scored.append(alloc.GroupScores(group.label, group.kind, scores, group.unit_params, rounding, channels))
+            scored.append(alloc.GroupScores(group.label, group.kind, scores, group.unit_params, rounding, channels, group.channel_params))
         keeps = alloc.allocate(scored, cfg.ratio, cfg.allocation, min_keep_fraction=cfg.min_keep_fraction)
         params_before = param_count(model)
         for group, gs, keep in zip(groups, scored, keeps):
@@ -160,27 +209,6 @@ class StructuredPruningPass(EdgePass):
         return EdgePassResult(model, modified=modified, records=records, summary=summary)
 
     # ---- pieces
-
-    def _groups(self, g: _Graph, structures) -> tuple[list[_Group], list[dict]]:
-        groups: list[_Group] = []
-        skipped: list[dict] = []
-        kinds = self.config.unit_kinds
-        candidates: list[tuple[str, int, Any]] = []
-        if "ffn" in kinds:
-            candidates += [("ffn", b.layer, lambda b=b: _FFNGroup(g, b)) for b in structures.ffn_blocks]
-        if "heads" in kinds:
-            candidates += [("heads", b.layer, lambda b=b: _HeadGroup(g, b, self.config.kv_groups)) for b in structures.attention_blocks]
-        for kind, layer, make in candidates:
-            try:
-                groups.append(make())
-            except _Skip as why:
-                logger.warning("prune: skipping %s", why)
-                skipped.append({"layer": f"{layer}.{kind}", "index": layer, "kind": kind, "skipped": str(why), "kept_fraction": 1.0})
-        if "conv" in kinds:
-            conv_groups, conv_skipped = _conv_groups(g, self.config.conv_residual, first_index=len(structures.ffn_blocks) + len(structures.attention_blocks))
-            groups += conv_groups
-            skipped += conv_skipped
-        return groups, skipped
 
     def _stats(self, model: ir.Model, groups: list[_Group]) -> tuple[dict, str]:
         cfg = self.config
@@ -206,8 +234,8 @@ class StructuredPruningPass(EdgePass):
 
     def _summary(self, model, same, decisions, records, compensation, params_before=None) -> dict:
         cfg = self.config
-        prunable = sum(d.group.units * d.group.unit_params for d in decisions)
-        removed = sum((d.group.units - len(d.keep)) * d.group.unit_params for d in decisions)
+        prunable = int(round(sum(d.group.units * d.group.unit_params for d in decisions)))
+        removed = sum(d.group.removed_params(d.keep) for d in decisions)
         after = param_count(model)
         before = params_before if params_before is not None else after
         return {

@@ -101,7 +101,7 @@ def unknown_op_proto(seed: int = 0, c: int = 8) -> onnx.ModelProto:
 def gap_head_proto(seed: int = 0, c: int = 32, reshape: bool = False) -> onnx.ModelProto:
     """conv -> Relu -> GlobalAveragePool -> Flatten (or Reshape [-1, c]) -> Gemm(transB): channels become features."""
     rng = np.random.default_rng(seed)
-    flat = f"f = Reshape (p, shp)" if reshape else "f = Flatten <axis = 1> (p)"
+    flat = "f = Reshape (p, shp)" if reshape else "f = Flatten <axis = 1> (p)"
     text = f"""{_HEADER}
     g (float[N, 3, 8, 8] x) => (float[N, 5] y) {{
         h = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
@@ -130,3 +130,81 @@ def image_context(proto: onnx.ModelProto, samples: int = 16, seed: int = 0, size
     rows = [{inp.name: rng.standard_normal((1, channels, size, size)).astype(np.float32)} for _ in range(samples)]
     calib = CalibrationSet(rows, "random images", synthetic=True)
     return CompileContext(target=get_target("cpu"), calibration=calib, holdout=calib, reference=ir.from_proto(proto))
+
+
+def inception_proto(seed: int = 0, c1: int = 16, c2: int = 8) -> onnx.ModelProto:
+    """Two conv branches (1x1 and 3x3) -> Concat on channels -> BN -> Relu -> depthwise 3x3 -> 1x1 conv.
+
+    Each branch is its own group; BN, the depthwise conv and the last conv hold both at offsets 0 and ``c1``.
+    """
+    rng = np.random.default_rng(seed)
+    c = c1 + c2
+    text = f"""{_HEADER}
+    g (float[N, 3, 8, 8] x) => (float[N, 6, 8, 8] y) {{
+        a = Conv (x, wa, ba)
+        ar = Relu (a)
+        b = Conv <pads = [1, 1, 1, 1]> (x, wb, bb)
+        br = Relu (b)
+        cat = Concat <axis = 1> (ar, br)
+        n = BatchNormalization (cat, bn_s, bn_b, bn_m, bn_v)
+        nr = Relu (n)
+        d = Conv <group = {c}, pads = [1, 1, 1, 1]> (nr, wd, bd)
+        y = Conv (d, wy, by)
+    }}"""
+    weights = {"wa": _w(rng, c1, 3, 1, 1), "ba": _w(rng, c1, 1)[:, 0], "wb": _w(rng, c2, 3, 3, 3), "bb": _w(rng, c2, 1)[:, 0],
+               "wd": _w(rng, c, 1, 3, 3), "bd": _w(rng, c, 1)[:, 0], "wy": _w(rng, 6, c, 1, 1), "by": _w(rng, 6, 1)[:, 0],
+               **_bn(rng, "bn", c)}  # fmt: skip
+    return _finish(text, weights)
+
+
+def split_proto(seed: int = 0, c: int = 8, explicit: bool = True) -> onnx.ModelProto:
+    """conv (2c channels) -> Relu -> Split on channels (constant sizes [c, c], or implied equal halves) -> two conv branches -> Add."""
+    rng = np.random.default_rng(seed)
+    split = "Split <axis = 1> (r, sizes)" if explicit else "Split <axis = 1> (r)"
+    text = f"""{_HEADER}
+    g (float[N, 3, 8, 8] x) => (float[N, 6, 8, 8] y) {{
+        h = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+        r = Relu (h)
+        s0, s1 = {split}
+        p = Conv (s0, w2, b2)
+        s1r = Sigmoid (s1)
+        q = Conv <pads = [1, 1, 1, 1]> (s1r, w3, b3)
+        y = Add (p, q)
+    }}"""
+    weights = {"w1": _w(rng, 2 * c, 3, 3, 3), "b1": _w(rng, 2 * c, 1)[:, 0], "w2": _w(rng, 6, c, 1, 1), "b2": _w(rng, 6, 1)[:, 0],
+               "w3": _w(rng, 6, c, 3, 3), "b3": _w(rng, 6, 1)[:, 0]}  # fmt: skip
+    if explicit:
+        weights["sizes"] = np.asarray([c, c], dtype=np.int64)
+    return _finish(text, weights)
+
+
+def slice_proto(seed: int = 0, c: int = 16, begin: int = 4, end: int = 12) -> onnx.ModelProto:
+    """conv -> Relu -> (Slice of channels ``begin:end`` -> conv) + (conv of all channels): one group, the slice bounds move."""
+    rng = np.random.default_rng(seed)
+    text = f"""{_HEADER}
+    g (float[N, 3, 8, 8] x) => (float[N, 6, 8, 8] y) {{
+        h = Conv (x, w1, b1)
+        r = Relu (h)
+        s = Slice (r, starts, ends, axes)
+        p = Conv (s, w2, b2)
+        q = Conv (r, w3, b3)
+        y = Add (p, q)
+    }}"""
+    weights = {"w1": _w(rng, c, 3, 1, 1), "b1": _w(rng, c, 1)[:, 0], "w2": _w(rng, 6, end - begin, 1, 1), "b2": _w(rng, 6, 1)[:, 0],
+               "w3": _w(rng, 6, c, 1, 1), "b3": _w(rng, 6, 1)[:, 0], "starts": np.asarray([begin], dtype=np.int64),
+               "ends": np.asarray([end], dtype=np.int64), "axes": np.asarray([-3], dtype=np.int64)}  # fmt: skip
+    return _finish(text, weights)
+
+
+def gather_proto(seed: int = 0, c: int = 8) -> onnx.ModelProto:
+    """conv -> Gather of a channel permutation -> conv: no index map for Gather yet, so the group stops with a reason."""
+    rng = np.random.default_rng(seed)
+    text = f"""{_HEADER}
+    g (float[N, 3, 8, 8] x) => (float[N, 4, 8, 8] y) {{
+        h = Conv (x, w1, b1)
+        p = Gather <axis = 1> (h, perm)
+        y = Conv (p, w2, b2)
+    }}"""
+    weights = {"w1": _w(rng, c, 3, 1, 1), "b1": _w(rng, c, 1)[:, 0], "w2": _w(rng, 4, c, 1, 1), "b2": _w(rng, 4, 1)[:, 0],
+               "perm": np.random.default_rng(1).permutation(c).astype(np.int64)}  # fmt: skip
+    return _finish(text, weights)

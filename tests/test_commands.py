@@ -97,6 +97,30 @@ def test_inspect_lists_interface_and_weights(pair, capsys):
     assert code == 0 and "weights by consuming op type" in out
 
 
+def test_inspect_lists_prunable_transformer_groups(tmp_path, capsys):
+    from prune_models import bert_proto, shared_ffn_proto
+
+    path = tmp_path / "bert.onnx"
+    onnx.save(bert_proto(heads=4, ffn=64), path)
+    code, out, err = _run(capsys, "inspect", path, "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert [(g["kind"], g["units"]) for g in info["prune_groups"]] == [("ffn", 64), ("heads", 4)]
+    assert info["prune_skipped"] == []
+    assert "prunable: 1 FFN group (64 neurons each), 1 head group (4 heads each); 0 skipped" in info["summary"]
+    code, out, _ = _run(capsys, "inspect", path)
+    assert code == 0 and "prunable groups" in out and "64 neurons each" in out and "4 heads each" in out
+    shared = tmp_path / "shared.onnx"
+    onnx.save(shared_ffn_proto(), shared)
+    code, out, err = _run(capsys, "inspect", shared, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["prune_groups"] == [] and len(info["prune_skipped"]) == 2
+    assert "prunable: nothing; 2 skipped" in info["summary"] and "WARNING" not in err
+    assert all("shared by several nodes" in s["reason"] for s in info["prune_skipped"])
+    code, out, _ = _run(capsys, "inspect", shared)
+    assert code == 0 and "prunable groups" in out and "shared" in out
+
+
 def test_inspect_bad_file(tmp_path, capsys):
     bad = tmp_path / "x.onnx"
     bad.write_bytes(b"\x00\x01garbage" * 10)

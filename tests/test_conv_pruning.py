@@ -8,13 +8,15 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from conv_models import chain_proto, gap_head_proto, image_context, residual_proto, separable_proto
+from conv_models import (chain_proto, gap_head_proto, image_context, inception_proto, residual_proto, separable_proto,
+                         slice_proto, split_proto)  # fmt: skip
 from edgeprune.model_io import param_count, to_proto
 from edgeprune.passes.cleanup import CleanupPass
 from edgeprune.passes.structured_pruning import PruneConfig, StructuredPruningPass
 
 MODELS = {"chain": chain_proto, "separable": separable_proto, "gap_head": gap_head_proto,
-          "gap_head_reshape": lambda: gap_head_proto(reshape=True), "residual": residual_proto}  # fmt: skip
+          "gap_head_reshape": lambda: gap_head_proto(reshape=True), "residual": residual_proto,
+          "inception_concat": inception_proto, "split": split_proto, "slice": slice_proto}  # fmt: skip
 
 
 def _run(proto, x):
@@ -107,6 +109,99 @@ def test_bias_is_added_when_the_consumer_has_none():
     project = [n for n in model.graph if n.op_type == "Conv"][-1]
     assert len(project.inputs) == 3 and project.inputs[2].const_value.shape == (6,)
     onnx.checker.check_model(to_proto(model))
+
+
+# ------------------------------------------------------------------- Concat / Split / Slice index maps
+
+
+def _init(proto_or_model, name):
+    model = proto_or_model if isinstance(proto_or_model, ir.Model) else ir.from_proto(proto_or_model)
+    value = model.graph.initializers[name]
+    return value.const_value.numpy()
+
+
+def _kept_rows(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Which filters of ``before`` survive in ``after`` (rows are matched exactly, in order)."""
+    kept = [next(i for i in range(len(before)) if np.array_equal(before[i], row)) for row in after]
+    assert kept == sorted(kept)
+    return np.asarray(kept)
+
+
+def _zeroed(proto, columns: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """``proto`` with the given input columns (axis 1) of consumer weights zeroed: what pruning without compensation must equal."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    for t in out.graph.initializer:
+        if t.name in columns:
+            arr = onnx.numpy_helper.to_array(t).copy()
+            arr[:, columns[t.name]] = 0
+            t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
+    return out
+
+
+def _pruned_channels(proto, model, producer):
+    before = _init(proto, producer)
+    return np.setdiff1d(np.arange(len(before)), _kept_rows(before, _init(model, producer)))
+
+
+def test_concat_of_two_branches_prunes_each_branch_at_its_offset():
+    proto = inception_proto(c1=16, c2=8)
+    model, result = _prune(proto, ratio=0.3, metric="magnitude", compensate=False)
+    pruned_a, pruned_b = _pruned_channels(proto, model, "wa"), _pruned_channels(proto, model, "wb")
+    assert len(pruned_a) and len(pruned_b)
+    kept = 24 - len(pruned_a) - len(pruned_b)
+    depthwise = next(n for n in model.graph if n.op_type == "Conv" and "group" in n.attributes)
+    assert depthwise.attributes["group"].value == kept and _init(model, "wy").shape == (6, kept, 1, 1)
+    assert _init(model, "bn_s").shape == (kept,)
+    # exact: equal to the unpruned net with the pruned channels' columns of the last conv zeroed
+    expected = _zeroed(proto, {"wy": np.concatenate([pruned_a, 16 + pruned_b])})
+    for batch in (1, 3):
+        x = _x(proto, batch)
+        np.testing.assert_allclose(_run(to_proto(model), x), _run(expected, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_split_into_two_branches_rewrites_the_sizes(explicit):
+    proto = split_proto(c=8, explicit=explicit)
+    model, result = _prune(proto, ratio=0.3, metric="magnitude", compensate=False)
+    after = to_proto(model)
+    onnx.checker.check_model(after, full_check=True)
+    pruned = _pruned_channels(proto, model, "w1")
+    first, second = pruned[pruned < 8], pruned[pruned >= 8] - 8
+    assert len(pruned) and _init(model, "w2").shape[1] == 8 - len(first) and _init(model, "w3").shape[1] == 8 - len(second)
+    split = next(n for n in model.graph if n.op_type == "Split")
+    assert split.inputs[1].const_value.numpy().tolist() == [8 - len(first), 8 - len(second)]
+    expected = _zeroed(proto, {"w2": first, "w3": second})
+    for batch in (1, 3):
+        x = _x(proto, batch)
+        np.testing.assert_allclose(_run(after, x), _run(expected, x), rtol=1e-5, atol=1e-5)
+
+
+def test_slice_bounds_move_by_the_pruned_channels_before_them():
+    proto = slice_proto(c=16, begin=4, end=12)
+    model, _ = _prune(proto, ratio=0.3, metric="magnitude", compensate=False)
+    pruned = _pruned_channels(proto, model, "w1")
+    slice_node = next(n for n in model.graph if n.op_type == "Slice")
+    begin, end = (int(slice_node.inputs[k].const_value.numpy()[0]) for k in (1, 2))
+    assert (begin, end) == (4 - int((pruned < 4).sum()), 12 - int((pruned < 12).sum()))
+    inside = pruned[(pruned >= 4) & (pruned < 12)] - 4
+    assert _init(model, "w2").shape[1] == 8 - len(inside)
+    expected = _zeroed(proto, {"w2": inside, "w3": pruned})
+    for batch in (1, 3):
+        x = _x(proto, batch)
+        np.testing.assert_allclose(_run(to_proto(model), x), _run(expected, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [inception_proto, split_proto, slice_proto])
+def test_compensation_through_index_maps_reduces_error(make):
+    proto = make()
+    x = _x(proto, 8, seed=5)
+    ref = _run(proto, x)
+    errors = {}
+    for compensate in (False, True):
+        model, _ = _prune(proto, ratio=0.3, metric="flap", compensate=compensate)
+        errors[compensate] = float(np.mean((_run(to_proto(model), x) - ref) ** 2))
+    assert errors[True] < errors[False]
 
 
 # ----------------------------------------------------------------------------------- real model

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import onnx
 import onnx_ir as ir
 import pytest
 
-from conv_models import chain_proto, gap_head_proto, residual_proto, separable_proto, unknown_op_proto
+from conv_models import (chain_proto, gap_head_proto, gather_proto, inception_proto, residual_proto, separable_proto,
+                         slice_proto, split_proto, unknown_op_proto)  # fmt: skip
 from edgeprune.dependency import HANDLERS, channel_groups, summary
 
 
@@ -75,3 +77,45 @@ def test_rule_table_and_summary():
     assert lines[-1].startswith("1 of 2 channel groups prunable (16 channels)")
     d = _groups(separable_proto())[0].to_dict()
     assert d["members"] and {"node", "io", "index", "axis", "role", "tensor"} <= set(d["members"][0])
+
+
+def _pieces(group, tensor, role):
+    return sorted((m.offset, m.length, m.start, m.width) for m in group.members if m.tensor == tensor and m.role == role)
+
+
+def test_concat_maps_each_branch_to_its_offset_of_the_output():
+    groups = _groups(inception_proto(c1=16, c2=8))
+    a, b = _by_producer(groups, "wa"), _by_producer(groups, "wb")
+    assert a is not b and a.prunable and b.prunable, (a.reason, b.reason)
+    # the consumer, the BN after the Concat and the depthwise conv hold branch a at 0 and branch b at 16
+    for tensor, role in (("wy", "consumer"), ("bn_s", "param"), ("wd", "lockstep")):
+        assert _pieces(a, tensor, role) == [(0, 16, 0, 24)]
+        assert _pieces(b, tensor, role) == [(16, 8, 0, 24)]
+    assert _pieces(a, "wa", "producer") == [(0, 16, 0, 16)]
+
+
+def test_split_hands_each_output_its_part_of_the_group():
+    for explicit in (True, False):
+        g = _by_producer(_groups(split_proto(c=8, explicit=explicit)), "w1")
+        assert g.prunable and g.channels == 16, g.reason
+        assert _pieces(g, "w2", "consumer") == [(0, 8, 0, 8)]  # output 0: group channels 0..7
+        assert _pieces(g, "w3", "consumer") == [(0, 8, 8, 8)]  # output 1: group channels 8..15
+        assert sorted(m.index for m in g.members if m.role == "split") == [0, 1]
+
+
+def test_slice_keeps_the_part_of_the_group_inside_its_bounds():
+    g = _by_producer(_groups(slice_proto(c=16, begin=4, end=12)), "w1")
+    assert g.prunable, g.reason
+    assert _pieces(g, "w2", "consumer") == [(0, 8, 4, 8)]  # group channels 4..11 at positions 0..7
+    assert _pieces(g, "w3", "consumer") == [(0, 16, 0, 16)]
+    assert [m.axis for m in g.members if m.role == "slice"] == [0]  # entry 0 of starts/ends moves
+
+
+def test_split_with_computed_sizes_and_gather_stop_with_reasons():
+    g = _by_producer(_groups(gather_proto()), "w1")
+    assert not g.prunable and "Gather" in g.reason and "not supported" in g.reason
+    proto = split_proto(c=8)
+    proto.graph.input.append(onnx.helper.make_tensor_value_info("sizes_in", onnx.TensorProto.INT64, [2]))
+    next(n for n in proto.graph.node if n.op_type == "Split").input[1] = "sizes_in"
+    g = _by_producer(_groups(proto), "w1")
+    assert not g.prunable and "Split" in g.reason and "computed sizes" in g.reason

@@ -14,7 +14,7 @@ from edgeprune.errors import BadInputError, UnsupportedModelError
 from edgeprune.model_io import param_count, to_proto
 from edgeprune.passes.cleanup import CleanupPass
 from edgeprune.passes.registry import get_pass
-from edgeprune.passes.structured_pruning import PruneConfig, StructuredPruningPass
+from edgeprune.passes.structured_pruning import PruneConfig, StructuredPruningPass, find_groups
 from prune_models import bert_proto, context, ffn_proto, inputs, llama_proto, shared_ffn_proto
 
 METRICS = ("magnitude", "magnitude_l1", "wanda", "flap")
@@ -246,6 +246,29 @@ def test_relaxed_lowers_the_ratio_and_stops_under_one_percent():
 
 def test_registered_as_prune():
     assert get_pass("prune") is StructuredPruningPass
+
+
+def test_find_groups_lists_what_the_pass_scores():
+    groups, skipped = find_groups(ir.from_proto(bert_proto(heads=4, ffn=64)))
+    assert skipped == []
+    assert [(g["label"], g["kind"], g["layer"], g["units"], g["unit_size"]) for g in groups] == [
+        ("0.ffn", "ffn", 0, 64, 1), ("0.heads", "heads", 0, 4, 8)]  # fmt: skip
+    # the same groups, and the same per-unit parameters, as the pass records
+    model = ir.from_proto(llama_proto(heads=4, kv_heads=2, ffn=48))
+    found, _ = find_groups(model)
+    result = StructuredPruningPass(PruneConfig(ratio=0.3, metric="magnitude"), None)(ir.from_proto(llama_proto(heads=4, kv_heads=2, ffn=48)))
+    assert {(g["label"], g["units"], g["unit_params"]) for g in found} == {(r["layer"], r["units_before"], r["unit_params"]) for r in result.records}
+    kv, _ = find_groups(model, PruneConfig(kv_groups=True, units="heads"))
+    assert [(g["kind"], g["units"], g["unit_size"]) for g in kv] == [("heads", 2, 16)]
+
+
+def test_find_groups_reports_skipped_groups_and_changes_nothing():
+    model = ir.from_proto(shared_ffn_proto())
+    before = to_proto(model).SerializeToString()
+    groups, skipped = find_groups(model, PruneConfig(units="ffn"))
+    assert groups == [] and len(skipped) == 2
+    assert all(s["kind"] == "ffn" and "shared" in s["reason"] for s in skipped) and [s["layer"] for s in skipped] == [0, 1]
+    assert to_proto(model).SerializeToString() == before
 
 
 @pytest.mark.realmodel
