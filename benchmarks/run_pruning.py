@@ -188,11 +188,11 @@ def bench(name: str, ratios: list[float], variants: list[str], args, workdir: Pa
                 rows.append({**row, "variant": f"{variant}+{INT8}", "metric": metric(name, qpath, artifact.tokenizer_path, args.threads),
                              "file_bytes": onnx_file_bytes(qpath)})  # fmt: skip
                 paths[f"{variant}+{INT8}"] = str(qpath)
-        latency = measure_side_by_side(paths, feeds, "cpu", warmup=args.warmup, runs=args.runs, threads=args.threads)
+        latency = _latency_in_chunks(paths, feeds, args)
         for row in rows:
             if row["ratio"] == ratio or (row["variant"] == INT8 and row["variant"] in latency):
                 row["latency_p50_ms"] = latency[row["variant"]].p50_ms
-                row["latency_ratio"] = latency[row["variant"]].p50_ms / latency["fp32"].p50_ms
+                row["latency_ratio"] = latency[row["variant"]].ratio
         rows[0].setdefault("latency_p50_ms_by_round", []).append(latency["fp32"].p50_ms)
         for p in paths.values():
             if p not in (str(artifact.model_path), str(int8_alone)):
@@ -204,21 +204,50 @@ def bench(name: str, ratios: list[float], variants: list[str], args, workdir: Pa
         "higher_is_better": name == "minilm",
         "calibration": calib.source,
         "latency": f"batch 1, {feeds['input_ids'].shape[1]} tokens, {args.threads} threads, p50 of {args.runs} interleaved runs "
-        "(fp32 measured in the same call as each ratio's variants)",
+        "(fp32 measured in the same call as each group of at most 4 variants)",
         "pipeline": "cleanup -> prune -> cleanup; default allocation global (FLAP standardized) unless the variant says floor/uniform; round_to 8",
     }
     return {"model": name, "protocol": protocol, "rows": rows}
+
+
+def _latency_in_chunks(paths: dict[str, str], feeds, args, chunk: int = 4) -> dict:
+    """Side-by-side latency, at most ``chunk`` candidates per call, fp32 in every call.
+
+    Opening every SmolLM2 variant at once would hold a dozen 0.5 GB sessions; the ratio to fp32
+    is taken within each call, so chunks measured at different moments stay comparable.
+    """
+    from edgeprune.runtime.latency import measure_side_by_side
+
+    names = [n for n in paths if n != "fp32"]
+    out = {}
+    for i in range(0, len(names), chunk):
+        part = {"fp32": paths["fp32"], **{n: paths[n] for n in names[i : i + chunk]}}
+        measured = measure_side_by_side(part, feeds, "cpu", warmup=args.warmup, runs=args.runs, threads=args.threads)
+        scale = measured["fp32"].p50_ms
+        for name, result in measured.items():
+            if name != "fp32":
+                out[name] = _Scaled(result.p50_ms, result.p50_ms / scale)
+        out.setdefault("fp32", _Scaled(scale, 1.0))
+    return out
+
+
+class _Scaled:
+    """p50 of one candidate and its ratio to the fp32 run measured beside it."""
+
+    def __init__(self, p50_ms: float, ratio: float):
+        self.p50_ms, self.ratio = p50_ms, ratio
 
 
 # ---------------------------------------------------------------------------------------- output
 
 
 def render(results: dict) -> str:
-    lines = ["## Structured pruning", "", f"Run {results['created']} on {results['machine']['platform']} "
-             f"({results['machine']['cpu_count']} CPUs visible). Command: `{results['command']}`.", ""]  # fmt: skip
+    lines = ["## Structured pruning", ""]
     for model in results["models"]:
-        p = model["protocol"]
-        lines += [f"### {model['model']}", "", f"- Metric: {p['metric']}.", f"- Calibration: {p['calibration']}.",
+        p, m = model["protocol"], model.get("machine", results["machine"])
+        lines += [f"### {model['model']}", "",
+                  f"- Run {model.get('created', results['created'])} on {m['platform']} ({m['cpu_count']} CPUs visible). "
+                  f"Command: `{model.get('command', results['command'])}`.", f"- Metric: {p['metric']}.", f"- Calibration: {p['calibration']}.",
                   f"- Latency: {p['latency']}.", f"- Pipeline: {p['pipeline']}.", ""]  # fmt: skip
         lines += ["| ratio | variant | metric | Δ vs fp32 | params (M) | size MB | removed of prunable | latency ratio |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -257,11 +286,18 @@ def main(argv: list[str] | None = None) -> int:
         "models": [],
     }
     args.out.mkdir(parents=True, exist_ok=True)
+    previous = args.out / "pruning.json"
+    run_names = [m.strip() for m in args.models.split(",") if m.strip()]
+    if previous.exists():  # keep the other models' last results; each model block says its own command and date
+        old = json.loads(previous.read_text())
+        results["models"] = [m for m in old.get("models", []) if m["model"] not in run_names]
     with tempfile.TemporaryDirectory() as tmp:
-        for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        for name in run_names:
             ratios = [float(x) for x in getattr(args, f"{name}_ratios").split(",")]
             variants = [v.strip() for v in getattr(args, f"{name}_variants").split(",")]
-            results["models"].append(bench(name, ratios, variants, args, Path(tmp)))
+            block = bench(name, ratios, variants, args, Path(tmp))
+            block.update(command=results["command"], created=results["created"], machine=results["machine"])
+            results["models"].append(block)
             (args.out / "pruning.json").write_text(json.dumps(results, indent=1))
             (args.out / "pruning.md").write_text(render(results) + "\n")
             if args.out.resolve() == DEFAULT_OUT.resolve():
