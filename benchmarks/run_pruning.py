@@ -133,7 +133,6 @@ def bench(name: str, ratios: list[float], variants: list[str], args, workdir: Pa
     from edgeprune.models import build, onnx_file_bytes
     from edgeprune.passes.cleanup import CleanupPass
     from edgeprune.passes.structured_pruning import PruneConfig, StructuredPruningPass
-    from edgeprune.runtime.latency import measure_side_by_side
     from edgeprune.runtime.targets import get_target
 
     from run_baselines import quantize  # the ORT baseline's exact settings, from its own script

@@ -80,21 +80,33 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--refit", is_flag=True, help="Least-squares refit of each pruned layer's consumer on calibration data.")
 @click.option("--no-compensate", is_flag=True, help="Skip FLAP bias compensation of pruned channels.")
 @click.option("--prune-units", default="ffn,heads,conv", show_default=True, help="Unit kinds to prune: ffn, heads, conv (conv channel groups).")
+@click.option("--bits", "bits_mode", help="Bit allocation: 'auto' (needs --size-budget, --avg-bits or --latency-budget) or 8 / 4 / 2 for uniform.")
+@click.option("--size-budget", help="With --bits auto: weight size of the output, e.g. 137MB.")
+@click.option("--avg-bits", type=float, help="With --bits auto: average bits per weight, e.g. 4.5.")
+@click.option("--latency-budget", help="With --bits auto: prefill latency on the target, in ms (e.g. 150) or relative to the float model (e.g. 0.8x).")
+@click.option("--bit-options", default="4,8", show_default=True, help="Bit widths to choose from besides float (2 and 16 also exist).")
+@click.option("--block-size", default="32,64,128", show_default=True, help="Block size(s) of 4/2-bit blocked formats.")
 @common_threads
 @common_json
 def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example, force, max_samples, seed,
-                prune_ratio, prune_metric, allocation, round_to, refit, no_compensate, prune_units, threads, as_json):
+                prune_ratio, prune_metric, allocation, round_to, refit, no_compensate, prune_units,
+                bits_mode, size_budget, avg_bits, latency_budget, bit_options, block_size, threads, as_json):
     """Compile MODEL into OUT: model.onnx plus report.json, report.md and report.html."""
     from edgeprune.pipeline import CompileOptions, compile_model
     from edgeprune.recipe import recipe_from_flags
 
+    prune = bits = None
     if prune_ratio is not None:
+        prune = {"ratio": prune_ratio, "metric": prune_metric, "allocation": allocation, "round_to": round_to,
+                 "refit": refit, "compensate": not no_compensate, "units": prune_units}  # fmt: skip
+    if bits_mode is not None:
+        bits = _bits_options(bits_mode, size_budget, avg_bits, latency_budget, bit_options, block_size)
+    elif any(v is not None for v in (size_budget, avg_bits, latency_budget)):
+        raise click.UsageError("--size-budget, --avg-bits and --latency-budget go with --bits auto.")
+    if prune is not None or bits is not None:
         if recipe is not None:
-            raise click.UsageError("give either --recipe or --prune, not both: put the prune pass in the recipe.")
-        recipe = recipe_from_flags(prune={
-            "ratio": prune_ratio, "metric": prune_metric, "allocation": allocation, "round_to": round_to,
-            "refit": refit, "compensate": not no_compensate, "units": prune_units,
-        })
+            raise click.UsageError("give either --recipe or --prune/--bits, not both: put the passes in the recipe.")
+        recipe = recipe_from_flags(prune=prune, bits=bits)
 
     if example:
         if model is not None:
@@ -122,6 +134,36 @@ def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example,
     for line in result.report["structures_summary"]:
         out_console.print(f"  • {line}")
     out_console.print(f"Report: {result.out_dir / 'report.html'} (also report.md, report.json)")
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.UsageError(f"{flag} takes comma-separated integers, got {text!r}.") from None
+
+
+def _bits_options(mode, size_budget, avg_bits, latency_budget, bit_options, block_size) -> dict:
+    """The bits pass's options from the CLI flags."""
+    from edgeprune.recipe import parse_size
+
+    blocks = _ints(block_size, "--block-size")
+    common = {"bit_options": _ints(bit_options, "--bit-options"), "block_size": blocks if len(blocks) > 1 else blocks[0]}
+    if mode == "auto":
+        budgets = {"size_budget_bytes": parse_size(size_budget) if size_budget else None, "avg_bits": avg_bits}
+        if latency_budget is not None:
+            text = str(latency_budget).strip().lower()
+            try:
+                key, value = ("latency_budget_ratio", float(text[:-1])) if text.endswith("x") else ("latency_budget_ms", float(text))
+            except ValueError:
+                raise click.UsageError(f"--latency-budget takes milliseconds (150) or a ratio (0.8x), got {latency_budget!r}.") from None
+            budgets[key] = value
+        if not any(v is not None for v in budgets.values()):
+            raise click.UsageError("--bits auto needs a budget: --size-budget, --avg-bits or --latency-budget.")
+        return {"mode": "auto", **{k: v for k, v in budgets.items() if v is not None}, **common}
+    if mode in ("8", "4", "2"):
+        return {"mode": "uniform", "bits": int(mode), "block_size": common["block_size"]}
+    raise click.UsageError(f"--bits takes auto, 8, 4 or 2, got {mode!r}.")
 
 
 @cli.command("validate")

@@ -41,18 +41,37 @@ def default_recipe() -> Recipe:
     return Recipe([PassSpec("cleanup")], source="default")
 
 
-def recipe_from_flags(*, prune: dict[str, Any] | None = None) -> Recipe:
+def recipe_from_flags(*, prune: dict[str, Any] | None = None, bits: dict[str, Any] | None = None) -> Recipe:
     """The recipe the CLI's pass flags describe: cleanup, then each requested pass.
 
     Pruning is followed by another cleanup, which re-infers the shapes the pruned widths changed
-    and folds what pruning left constant.
+    and folds what pruning left constant; bit allocation comes last, on the final widths.
     """
-    if prune is None:
+    if prune is None and bits is None:
         return default_recipe()
-    passes = [PassSpec("cleanup"), PassSpec("prune", dict(prune)), PassSpec("cleanup")]
+    passes = [PassSpec("cleanup")]
+    if prune is not None:
+        passes += [PassSpec("prune", dict(prune)), PassSpec("cleanup")]
+    if bits is not None:
+        passes.append(PassSpec("bits", dict(bits)))
     for spec in passes:
         get_pass(spec.name).from_options(spec.options)  # bad options fail before any work
     return Recipe(passes, source="command line")
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '137MB', '90 MiB', '1.5GB' or a plain number of bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    value = str(text).strip().upper().replace(" ", "")
+    number = value.rstrip("KMGIB")
+    unit = value[len(number):]
+    try:
+        size = float(number) * units[unit]
+    except (KeyError, ValueError):
+        raise BadInputError(f"size {text!r} is not a size: write e.g. 137MB, 90MiB or a number of bytes.") from None
+    if size <= 0:
+        raise BadInputError(f"size {text!r} must be positive.")
+    return int(size)
 
 
 def _parse(path: pathlib.Path) -> Any:

@@ -20,6 +20,7 @@ ENTRY_POINT_GROUP = "edgeprune.passes"
 _BUILTIN = {
     "cleanup": "edgeprune.passes.cleanup:CleanupPass",
     "prune": "edgeprune.passes.structured_pruning:StructuredPruningPass",
+    "bits": "edgeprune.passes.bit_allocation:BitAllocationPass",
 }
 
 

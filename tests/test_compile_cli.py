@@ -260,3 +260,25 @@ def test_backoff_reuses_calibration_statistics(mlp, tmp_path, capsys, monkeypatc
     assert code == 1 and "back off further" in stderr  # every ratio loses something; nothing written
     assert not (tmp_path / "out").exists()
     assert len(calls) == 1, "the prune pass's input is the same at every attempt: one statistics run"
+
+
+def test_bits_flags_build_the_recipe(mlp, tmp_path, capsys):
+    model, calib = mlp
+    code, stdout, stderr = _run(capsys, "compile", model, "-o", tmp_path / "out", "--calib", calib, "--prune", "0.25", "--round-to", "1",
+                                "--bits", "8", "--block-size", "32", "--json")
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    assert [p["name"] for p in report["passes"]] == ["cleanup", "prune", "cleanup", "bits"]
+    assert report["passes"][3]["config"]["mode"] == "uniform" and report["passes"][3]["config"]["bits"] == 8
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--bits", "auto"], "needs a budget"),
+    (["--bits", "3"], "--bits takes"),
+    (["--avg-bits", "4.5"], "go with --bits auto"),
+    (["--bits", "auto", "--size-budget", "lots"], "not a size"),
+    (["--bits", "auto", "--latency-budget", "fast"], "--latency-budget takes"),
+])
+def test_bits_flag_mistakes(mlp, tmp_path, capsys, args, expect):
+    model, calib = mlp
+    _bad(capsys, tmp_path, model, "--calib", calib, *args, expect=expect.lower())

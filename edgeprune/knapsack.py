@@ -1,0 +1,224 @@
+"""Multiple-choice knapsack: pick one option per unit, least total error under size/latency budgets.
+
+Exact: ``scipy.optimize.milp`` (HiGHS) on binaries x[u, o] with sum_o x[u, o] = 1 per unit,
+minimise sum cost * x subject to sum size * x <= size budget and sum latency * x (+ shared
+costs) <= latency budget.  A *shared cost* is paid once when any of its member options is picked
+(e.g. one DynamicQuantizeLinear per distinct input of dynamic-int8 MatMuls): a binary y with
+y >= x[member] for each member carries it.
+
+Greedy fallback (huge models, or ``method="greedy"``): start from every unit's smallest option,
+then repeatedly take the upgrade on a unit's lower convex hull with the best error drop per byte
+(per ms in latency mode) that still fits.  Shared costs are spread over their members there.
+Both are deterministic: ties break on unit then option order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: Above this many option variables ``method="auto"`` uses the greedy solver.
+MILP_MAX_VARIABLES = 200_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One option of one unit: its error (objective), bytes and milliseconds."""
+
+    error: float
+    size: float
+    latency: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedCost:
+    """A cost paid once when any member ``(unit, option)`` is chosen."""
+
+    members: tuple[tuple[int, int], ...]
+    size: float = 0.0
+    latency: float = 0.0
+
+
+@dataclasses.dataclass
+class Solution:
+    choice: list[int]
+    error: float
+    size: float
+    latency: float
+    method: str
+    feasible: bool
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def totals(units: list[list[Item]], choice: list[int], shared: list[SharedCost] = ()) -> tuple[float, float, float]:
+    """(error, size, latency) of a choice, shared costs included once."""
+    err = sum(units[u][o].error for u, o in enumerate(choice))
+    size = sum(units[u][o].size for u, o in enumerate(choice))
+    lat = sum(units[u][o].latency for u, o in enumerate(choice))
+    for s in shared:
+        if any(choice[u] == o for u, o in s.members):
+            size += s.size
+            lat += s.latency
+    return err, size, lat
+
+
+def floor(units: list[list[Item]], *, by: str = "size") -> float:
+    """The least total size (or latency) any choice can reach: each unit's cheapest option.
+
+    Shared costs are left out (they are >= 0), so this is a lower bound, which is what a caller
+    naming "the smallest possible model" needs.
+    """
+    key = (lambda it: it.size) if by == "size" else (lambda it: it.latency)
+    return float(sum(min(key(it) for it in opts) for opts in units))
+
+
+def solve(
+    units: list[list[Item]],
+    *,
+    size_budget: float | None = None,
+    latency_budget: float | None = None,
+    shared: list[SharedCost] = (),
+    method: str = "auto",
+    time_limit: float = 120.0,
+) -> Solution:
+    """Choose one option per unit minimising total error within the budgets (None = unbounded)."""
+    if not units or any(not opts for opts in units):
+        raise ValueError("every unit needs at least one option")
+    n_vars = sum(len(o) for o in units)
+    if method == "auto":
+        method = "milp" if n_vars <= MILP_MAX_VARIABLES else "greedy"
+    if method == "milp":
+        sol = _solve_milp(units, size_budget, latency_budget, list(shared), time_limit)
+        if sol is not None:
+            return sol
+        logger.warning("milp found no solution; trying the greedy solver")
+    return _solve_greedy(units, size_budget, latency_budget, list(shared))
+
+
+def _solve_milp(units, size_budget, latency_budget, shared, time_limit) -> Solution | None:
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import lil_matrix
+
+    offsets = np.cumsum([0] + [len(o) for o in units])
+    n_x = int(offsets[-1])
+    n = n_x + len(shared)
+    flat = [it for opts in units for it in opts]
+    cost = np.array([it.error for it in flat] + [0.0] * len(shared))
+    rows_lb, rows_ub = [], []
+    n_rows = len(units) + (size_budget is not None) + (latency_budget is not None) + sum(len(s.members) for s in shared)
+    a = lil_matrix((n_rows, n))
+    r = 0
+    for u in range(len(units)):
+        a[r, offsets[u] : offsets[u + 1]] = 1.0
+        rows_lb.append(1.0), rows_ub.append(1.0)
+        r += 1
+    if size_budget is not None:
+        for j, it in enumerate(flat):
+            a[r, j] = it.size
+        for k, s in enumerate(shared):
+            a[r, n_x + k] = s.size
+        rows_lb.append(-np.inf), rows_ub.append(float(size_budget))
+        r += 1
+    if latency_budget is not None:
+        for j, it in enumerate(flat):
+            a[r, j] = it.latency
+        for k, s in enumerate(shared):
+            a[r, n_x + k] = s.latency
+        rows_lb.append(-np.inf), rows_ub.append(float(latency_budget))
+        r += 1
+    for k, s in enumerate(shared):  # y_k >= x[u, o]
+        for u, o in s.members:
+            a[r, offsets[u] + o] = 1.0
+            a[r, n_x + k] = -1.0
+            rows_lb.append(-np.inf), rows_ub.append(0.0)
+            r += 1
+    res = milp(
+        cost,
+        constraints=LinearConstraint(a.tocsr(), rows_lb, rows_ub),
+        integrality=np.ones(n),
+        bounds=Bounds(0, 1),
+        options={"time_limit": time_limit, "mip_rel_gap": 1e-9, "disp": False},
+    )
+    if res.x is None:
+        if res.status == 2:  # infeasible
+            return Solution([], math.inf, math.inf, math.inf, "milp", False, note=res.message)
+        return None
+    x = np.round(res.x[:n_x]).astype(int)
+    choice = [int(np.argmax(x[offsets[u] : offsets[u + 1]])) for u in range(len(units))]
+    err, size, lat = totals(units, choice, shared)
+    note = "" if res.status == 0 else f"HiGHS stopped early ({res.message}); best solution found is used"
+    return Solution(choice, err, size, lat, "milp", True, note)
+
+
+def _hull(opts: list[Item], key) -> list[int]:
+    """Indices on the lower convex hull of (resource, error), resource increasing, error decreasing."""
+    order = sorted(range(len(opts)), key=lambda o: (key(opts[o]), opts[o].error, o))
+    pts: list[int] = []
+    for o in order:
+        if pts and opts[o].error >= opts[pts[-1]].error:
+            continue  # costs more and is no better
+        while len(pts) >= 2:
+            a, b = opts[pts[-2]], opts[pts[-1]]
+            c = opts[o]
+            # b is above the segment a-c: drop it
+            if (b.error - a.error) * (key(c) - key(a)) >= (c.error - a.error) * (key(b) - key(a)):
+                pts.pop()
+            else:
+                break
+        pts.append(o)
+    return pts
+
+
+def _solve_greedy(units, size_budget, latency_budget, shared) -> Solution:
+    # Spread shared costs over their members (an approximation the MILP does not need).
+    extra_size = [[0.0] * len(o) for o in units]
+    extra_lat = [[0.0] * len(o) for o in units]
+    for s in shared:
+        for u, o in s.members:
+            extra_size[u][o] += s.size / len(s.members)
+            extra_lat[u][o] += s.latency / len(s.members)
+    adj = [[Item(it.error, it.size + extra_size[u][o], it.latency + extra_lat[u][o]) for o, it in enumerate(opts)] for u, opts in enumerate(units)]
+    by_latency = latency_budget is not None and size_budget is None
+    key = (lambda it: it.latency) if by_latency else (lambda it: it.size)
+    hulls = [_hull(opts, key) for opts in adj]
+    pos = [0] * len(units)
+    choice = [h[0] for h in hulls]
+
+    def used() -> tuple[float, float]:
+        return sum(adj[u][o].size for u, o in enumerate(choice)), sum(adj[u][o].latency for u, o in enumerate(choice))
+
+    size, lat = used()
+    feasible = (size_budget is None or size <= size_budget + 1e-9) and (latency_budget is None or lat <= latency_budget + 1e-9)
+    if not feasible:
+        err, size, lat = totals(units, choice, shared)
+        return Solution(choice, err, size, lat, "greedy", False, note="even the smallest option of every unit is over budget")
+    while True:
+        best, best_gain = None, 0.0
+        for u, h in enumerate(hulls):
+            if pos[u] + 1 >= len(h):
+                continue
+            cur, nxt = adj[u][h[pos[u]]], adj[u][h[pos[u] + 1]]
+            d_size, d_lat = nxt.size - cur.size, nxt.latency - cur.latency
+            if size_budget is not None and size + d_size > size_budget + 1e-9:
+                continue
+            if latency_budget is not None and lat + d_lat > latency_budget + 1e-9:
+                continue
+            d_res = max(key(nxt) - key(cur), 1e-12)
+            gain = (cur.error - nxt.error) / d_res
+            if gain > best_gain:
+                best, best_gain = u, gain
+        if best is None:
+            break
+        pos[best] += 1
+        choice[best] = hulls[best][pos[best]]
+        size, lat = used()
+    err, size, lat = totals(units, choice, shared)
+    return Solution(choice, err, size, lat, "greedy", True)

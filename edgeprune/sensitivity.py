@@ -1,0 +1,270 @@
+"""Quantization sensitivity, measured: simulators of ORT's weight formats and Gram-based output error.
+
+Everything here is pure (arrays in, numbers out), so the bit-allocation pass, its tests and the
+benchmarks compare formats on the same footing.
+
+- Simulators quantize-dequantize a weight exactly as ONNX Runtime's tools will emit it, by calling
+  the very functions those tools call: the C++ ``quantize_matmul_{2,4,8}bits`` that
+  ``MatMulNBitsQuantizer`` uses (then unpacking its blob layout), ``DefaultWeightOnlyQuantizer
+  .quantize_ndarray`` for ``GatherBlockQuantized``, and ``quant_utils.quantize_data`` for the
+  per-channel symmetric int8 weights of ``quantize_dynamic``.  A test checks each against the
+  emitted model's outputs.
+- Output error of a linear ``Y = X W`` on calibration rows, via the Gram matrix ``G = X^T X``:
+  ``||X W - X Q(W)||_F^2 / ||X W||_F^2 = tr(dW^T G dW) / tr(W^T G W)`` (exact, no rows kept).
+  For an embedding ``Gather`` the "rows" are one-hot tokens, so ``G`` is diag(token counts).
+- Dynamic int8 also quantizes the activation (``DynamicQuantizeLinear``: uint8, per tensor, range
+  [min(x,0), max(x,0)]).  Its error is modelled as uniform rounding noise of variance ``s^2/12``
+  per element with ``s = range / 255``, i.e. ``rows * s^2/12 * ||Q(W)||_F^2``; the range comes from
+  the calibration absmax (an upper bound, so the estimate errs on the safe side).
+- Proxies recorded beside the measured error: share of outlier weights (|z| > 3) and the cosine
+  between a block's input and output hidden states (low cosine = the block changes a lot).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+#: Float formats: "keep" is the weight's own dtype, untouched.
+KEEP = "keep"
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One way to store a unit's weight.
+
+    ``kind``: ``keep`` (float as is), ``nbits`` (MatMulNBits, weight-only, block-wise along K),
+    ``gather-nbits`` (GatherBlockQuantized, block-wise along the embedding dim), ``int8-dynamic``
+    (quantize_dynamic: int8 weight per output channel + uint8 dynamic activation), ``int8-gather``
+    (quantize_dynamic on a Gather: uint8 table per tensor + DequantizeLinear after the lookup).
+    """
+
+    kind: str
+    bits: int = 32
+    block: int = 0
+    symmetric: bool = True
+
+    @property
+    def key(self) -> str:
+        if self.kind == KEEP:
+            return "float"
+        if self.kind == "int8-dynamic":
+            return "int8-dyn"
+        if self.kind == "int8-gather":
+            return "int8-gather"
+        prefix = "nbits" if self.kind == "nbits" else "gather"
+        return f"{prefix}{self.bits}-b{self.block}-{'sym' if self.symmetric else 'asym'}"
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "key": self.key}
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def option_bytes(option: Option, shape: tuple[int, int], float_bytes: int = 4) -> int:
+    """Bytes the emitted initializers of one unit take (weight + scales + zero points).
+
+    ``shape`` is the stored weight's shape: [K, N] for a MatMul, [vocab, dim] for an embedding.
+    Layouts are those of ORT 1.32's tools (checked against emitted models in the tests).
+    """
+    rows, cols = int(shape[0]), int(shape[1])
+    if option.kind == KEEP:
+        return rows * cols * float_bytes
+    if option.kind == "int8-dynamic":
+        return rows * cols + cols * (float_bytes + 1)  # int8 weight, per-channel scale + zero point
+    if option.kind == "int8-gather":
+        return rows * cols + float_bytes + 1  # uint8 table, one scale + zero point
+    bits, block = option.bits, option.block
+    if option.kind == "nbits":  # [N, k_blocks, blob] + scales [N, k_blocks] + zp [N, ceil(k_blocks*bits/8)]
+        k_blocks = -(-rows // block)
+        blob = -(-block * bits // 8)
+        size = cols * k_blocks * blob + cols * k_blocks * float_bytes
+        if not option.symmetric:
+            size += cols * -(-k_blocks * bits // 8)
+        return size
+    if option.kind == "gather-nbits":  # packed [vocab, dim] + scales [vocab, d_blocks] (+ zp, same packing)
+        d_blocks = -(-cols // block)
+        size = -(-rows * cols * bits // 8) + rows * d_blocks * float_bytes
+        if not option.symmetric:
+            size += -(-rows * d_blocks * bits // 8)
+        return size
+    raise ValueError(f"unknown option kind {option.kind!r}")
+
+
+# --------------------------------------------------------------------------- simulators
+
+
+def simulate(option: Option, weight: np.ndarray) -> np.ndarray:
+    """``weight`` after quantize-dequantize in ``option``'s format (float32, same shape)."""
+    w = np.ascontiguousarray(weight, dtype=np.float32)
+    if option.kind == KEEP:
+        return w
+    if option.kind == "nbits":
+        return nbits_dequant(w, option.bits, option.block, option.symmetric)
+    if option.kind == "gather-nbits":
+        return gather_dequant(w, option.bits, option.block, option.symmetric)
+    if option.kind == "int8-dynamic":
+        return int8_channel_dequant(w, axis=1)
+    if option.kind == "int8-gather":
+        return uint8_tensor_dequant(w)
+    raise ValueError(f"unknown option kind {option.kind!r}")
+
+
+@functools.cache
+def _nbits_kernel(bits: int):
+    from onnxruntime.capi import _pybind_state as c
+
+    return {2: c.quantize_matmul_2bits, 4: c.quantize_matmul_4bits, 8: c.quantize_matmul_8bits}[bits]
+
+
+def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Unpack the last axis of uint8 ``packed`` into ``count`` values, low bits first (ORT's order)."""
+    per = 8 // bits
+    shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
+    vals = (packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)
+    return vals.reshape(*packed.shape[:-1], -1)[..., :count]
+
+
+def nbits_dequant(w: np.ndarray, bits: int, block: int, symmetric: bool) -> np.ndarray:
+    """MatMulNBits round trip of a [K, N] weight, using ORT's own C++ quantizer."""
+    rows, cols = w.shape
+    k_blocks = -(-rows // block)
+    kpack = 8 // bits
+    src = w if rows == k_blocks * block else np.pad(w, ((0, k_blocks * block - rows), (0, 0)))
+    src = np.ascontiguousarray(src)
+    packed = np.zeros((cols, k_blocks, -(-block // kpack)), dtype=np.uint8)
+    zp = np.zeros((cols, -(-k_blocks // kpack)), dtype=np.uint8)
+    scales = np.zeros((cols, k_blocks), dtype=np.float32)
+    _nbits_kernel(bits)(packed, src, scales, zp, block, cols, rows, symmetric)
+    q = _unpack(packed, bits, block).reshape(cols, k_blocks, block).astype(np.float32)
+    if symmetric:
+        zero = np.full((cols, k_blocks), float(1 << (bits - 1)), dtype=np.float32)
+    else:
+        zero = _unpack(zp, bits, k_blocks).astype(np.float32)
+    deq = (q - zero[..., None]) * scales[..., None]  # [N, k_blocks, block]
+    return np.ascontiguousarray(deq.reshape(cols, -1)[:, :rows].T)
+
+
+def gather_dequant(table: np.ndarray, bits: int, block: int, symmetric: bool) -> np.ndarray:
+    """GatherBlockQuantized round trip of a [vocab, dim] table (quantize_axis 1), via ORT's numpy code."""
+    if bits != 4:
+        raise ValueError("ORT's quantizer writes GatherBlockQuantized with 4 bits only")
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer as Q
+
+    rows, cols = table.shape
+    d_blocks = -(-cols // block)
+    packed, scales, zp = Q.quantize_ndarray(np.ascontiguousarray(table, np.float32), 1, block, symmetric)
+    q = _unpack(packed, 4, rows * cols).reshape(rows, cols).astype(np.int16)
+    if symmetric:  # two's-complement nibbles, no zero point
+        q = np.where(q > 7, q - 16, q)
+        zero = np.zeros((rows, cols), dtype=np.float32)
+    else:
+        zero = _unpack(zp, 4, rows * d_blocks).reshape(rows, d_blocks).astype(np.float32)
+        zero = np.repeat(zero, block, axis=1)[:, :cols]
+    scale = np.repeat(scales.reshape(rows, d_blocks), block, axis=1)[:, :cols]
+    return ((q.astype(np.float32) - zero) * scale).astype(np.float32)
+
+
+def int8_channel_dequant(w: np.ndarray, axis: int = 1) -> np.ndarray:
+    """quantize_dynamic's weight round trip: symmetric int8 per channel along ``axis`` (ORT's quantize_data)."""
+    from onnx import TensorProto
+    from onnxruntime.quantization.quant_utils import quantize_data
+
+    out = np.empty_like(w)
+    moved = np.moveaxis(w, axis, 0)
+    target = np.moveaxis(out, axis, 0)
+    for i in range(moved.shape[0]):
+        zero, scale, q = quantize_data(moved[i].ravel(), TensorProto.INT8, True)
+        target[i] = ((q.astype(np.float32) - np.float32(zero)) * np.float32(scale)).reshape(moved[i].shape)
+    return out
+
+
+def int8_tensor_dequant(w: np.ndarray) -> np.ndarray:
+    """quantize_dynamic's Conv weight round trip: symmetric int8, one scale (ConvInteger is per tensor)."""
+    from onnx import TensorProto
+    from onnxruntime.quantization.quant_utils import quantize_data
+
+    zero, scale, q = quantize_data(w.ravel(), TensorProto.INT8, True)
+    return ((q.astype(np.float32) - np.float32(zero)) * np.float32(scale)).reshape(w.shape)
+
+
+def uint8_tensor_dequant(table: np.ndarray) -> np.ndarray:
+    """quantize_dynamic's Gather round trip: asymmetric uint8, one scale for the whole table."""
+    from onnx import TensorProto
+    from onnxruntime.quantization.quant_utils import quantize_data
+
+    zero, scale, q = quantize_data(table.ravel(), TensorProto.UINT8, False)
+    return ((q.astype(np.float32) - np.float32(zero)) * np.float32(scale)).reshape(table.shape)
+
+
+# --------------------------------------------------------------------------- error
+
+
+def gram_rel_error(weight: np.ndarray, quantized: np.ndarray, gram: np.ndarray) -> float:
+    """sqrt(tr(dW^T G dW) / tr(W^T G W)): relative Frobenius error of X W on the calibration rows."""
+    return gram_rel_errors(weight, [quantized], gram, exact=True)[0]
+
+
+def _quad(g: np.ndarray, m: np.ndarray, exact: bool) -> float:
+    """tr(M^T G M); float32 BLAS unless ``exact`` (relative errors need ~3 digits, float32 gives ~6)."""
+    dt = np.float64 if exact else np.float32
+    m = np.asarray(m, dtype=dt)
+    return float(np.einsum("ij,ij->", np.asarray(g, dtype=dt) @ m, m, dtype=np.float64))
+
+
+def gram_rel_errors(weight: np.ndarray, quantized: list[np.ndarray], gram: np.ndarray, *, exact: bool = False,
+                    extra_sq: list[float] | None = None) -> list[float]:
+    """``gram_rel_error`` for several quantized versions of one weight (the denominator is computed once).
+
+    ``extra_sq`` adds a known squared error per version (e.g. activation rounding of dynamic int8).
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    den = _quad(gram, w, exact)
+    if den <= 0:
+        return [0.0] * len(quantized)
+    out = []
+    for i, q in enumerate(quantized):
+        num = _quad(gram, np.asarray(q, np.float64) - w, exact) + (extra_sq[i] if extra_sq else 0.0)
+        out.append(float(np.sqrt(max(num, 0.0) / den)))
+    return out
+
+
+def row_weighted_rel_error(table: np.ndarray, quantized: np.ndarray, counts: np.ndarray) -> float:
+    """Relative error of an embedding lookup: the Gram of one-hot rows is diag(counts)."""
+    c = np.asarray(counts, dtype=np.float64)
+    num = float(c @ np.square(np.asarray(quantized, np.float64) - table).sum(axis=1))
+    den = float(c @ np.square(np.asarray(table, np.float64)).sum(axis=1))
+    return float(np.sqrt(num / den)) if den > 0 else 0.0
+
+
+def activation_noise_sq(quantized: np.ndarray, absmax: float, rows: int) -> float:
+    """Expected ||dX Q(W)||_F^2 from uint8 per-tensor dynamic activation rounding (uniform noise model)."""
+    scale = 2.0 * float(absmax) / 255.0
+    return rows * scale * scale / 12.0 * float(np.square(np.asarray(quantized, np.float64)).sum())
+
+
+def dynamic_rel_error(weight: np.ndarray, quantized: np.ndarray, gram: np.ndarray, absmax: float, rows: int) -> float:
+    """Relative error of a dynamic-int8 MatMul: weight rounding (exact) + activation rounding (modelled)."""
+    return gram_rel_errors(weight, [quantized], gram, extra_sq=[activation_noise_sq(quantized, absmax, rows)])[0]
+
+
+# --------------------------------------------------------------------------- proxies
+
+
+def outlier_share(weight: np.ndarray, z: float = 3.0) -> float:
+    """Share of weights more than ``z`` standard deviations from the mean (heavy tails quantize badly)."""
+    w = np.asarray(weight, dtype=np.float64)
+    std = w.std()
+    return float((np.abs(w - w.mean()) > z * std).mean()) if std > 0 else 0.0
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean cosine between matching rows of ``a`` and ``b`` (last axis = features)."""
+    a = np.asarray(a, np.float64).reshape(-1, np.shape(a)[-1])
+    b = np.asarray(b, np.float64).reshape(-1, np.shape(b)[-1])
+    num = (a * b).sum(axis=1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.mean(num / np.maximum(den, 1e-30)))

@@ -1,0 +1,201 @@
+"""Emit a per-node quantization plan through ONNX Runtime's own quantization tools.
+
+The plan maps node names to :class:`edgeprune.sensitivity.Option`.  Emission works on files:
+
+1. a small onnx-ir preparation, for what the tools cannot express (each step says why):
+   every node gets a name (both tools select nodes by name); a MatMul whose weight is
+   ``Transpose(W)`` (a tied LM head) gets its own constant ``W^T`` when it is quantized (neither
+   tool looks through the Transpose); a quantized ``Gemm`` becomes ``MatMul`` (+ ``Add``) since
+   neither tool quantizes Gemm; the IR version is raised to 10 when a GatherBlockQuantized will
+   hold int4 tensors (the opset is left alone: the ops it contains are unchanged);
+2. ``quantize_dynamic(nodes_to_quantize=...)`` for the dynamic-int8 MatMul/Conv/Gather nodes;
+3. one ``MatMulNBitsQuantizer`` run per distinct (bits, block, symmetric) setting, restricted
+   with ``nodes_to_exclude`` to that setting's nodes (in ORT 1.32 the DEFAULT algorithm takes
+   one setting per run: ``customized_weight_config`` is read only by the RTN/GPTQ algorithms);
+   embeddings go through its ``nodes_to_include`` so ``Gather`` is not added to
+   ``op_types_to_quantize``, which would force opset 21 onto the whole model;
+4. load the result back with ``edgeprune.model_io.load_model``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import pathlib
+import tempfile
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from edgeprune import model_io
+from edgeprune.sensitivity import KEEP, Option
+
+logger = logging.getLogger(__name__)
+
+#: Op types the ORT quantizers produce: a node of these types is already quantized.
+QUANTIZED_OPS = frozenset(
+    {
+        "MatMulNBits", "GatherBlockQuantized", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul",
+        "QLinearMatMul", "QLinearConv", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+        "MatMulIntegerToFloat", "QGemm",
+    }
+)  # fmt: skip
+
+
+def node_name(node: ir.Node) -> str:
+    """The analysis' name for a node (unnamed nodes are ``<op>:<first output>``)."""
+    if node.name:
+        return node.name
+    out = node.outputs[0].name if node.outputs else ""
+    return f"{node.op_type}:{out}"
+
+
+def _name_nodes(model: ir.Model) -> None:
+    for node in model.graph:
+        if not node.name:
+            node.name = node_name(node)
+
+
+def _untie(model: ir.Model, names: set[str]) -> int:
+    """Give each quantized MatMul on ``Transpose(constant)`` its own transposed constant; return the count."""
+    done = 0
+    for node in list(model.graph):
+        if node.name not in names or node.op_type != "MatMul":
+            continue
+        w = node.inputs[1]
+        producer = w.producer() if w is not None else None
+        if producer is None or producer.op_type != "Transpose" or producer.inputs[0].const_value is None:
+            continue
+        src = producer.inputs[0]
+        table = src.const_value.numpy()
+        perm = producer.attributes.get("perm")
+        perm = tuple(perm.value) if perm is not None else tuple(reversed(range(table.ndim)))
+        value = ir.Value(name=f"{src.name}_T_{done}", const_value=ir.tensor(np.ascontiguousarray(table.transpose(perm))))
+        model.graph.register_initializer(value)
+        node.replace_input_with(1, value)
+        if not producer.outputs[0].uses():
+            model.graph.remove(producer, safe=True)
+        done += 1
+    return done
+
+
+def _gemm_to_matmul(model: ir.Model, names: set[str]) -> int:
+    """Rewrite quantized Gemm nodes (transA=0) as MatMul(+Add), folding alpha/beta/transB into constants."""
+    done = 0
+    for node in list(model.graph):
+        if node.name not in names or node.op_type != "Gemm":
+            continue
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        if attrs.get("transA", 0) or node.inputs[1].const_value is None:
+            continue
+        w = node.inputs[1].const_value.numpy().astype(np.float32)
+        if attrs.get("transB", 0):
+            w = w.T
+        w = np.ascontiguousarray(w * np.float32(attrs.get("alpha", 1.0)))
+        wv = ir.Value(name=f"{node.inputs[1].name}_mm", const_value=ir.tensor(w))
+        model.graph.register_initializer(wv)
+        out = node.outputs[0]
+        mm_out = ir.Value(name=f"{out.name}_mm")
+        mm = ir.Node("", "MatMul", [node.inputs[0], wv], outputs=[mm_out], name=node.name)
+        new = [mm]
+        c = node.inputs[2] if len(node.inputs) > 2 else None
+        result = mm_out
+        if c is not None:
+            beta = float(attrs.get("beta", 1.0))
+            if beta != 1.0 and c.const_value is not None:
+                cv = ir.Value(name=f"{c.name}_beta", const_value=ir.tensor(c.const_value.numpy() * np.float32(beta)))
+                model.graph.register_initializer(cv)
+                c = cv
+            result = ir.Value(name=f"{out.name}_add")
+            new.append(ir.Node("", "Add", [mm_out, c], outputs=[result], name=f"{node.name}_bias"))
+        model.graph.insert_before(node, new)
+        is_output = out in model.graph.outputs
+        out.replace_all_uses_with(result, replace_graph_outputs=True)
+        if is_output:  # keep the graph output's name
+            name = out.name
+            out.name = f"{name}_gemm"
+            result.name = name
+        model.graph.remove(node, safe=True)
+        done += 1
+    return done
+
+
+def prepare(model: ir.Model, plan: dict[str, Option]) -> dict[str, int]:
+    """Step 1 on ``model`` in place: names, untied heads, Gemm->MatMul, IR version. Returns counts."""
+    _name_nodes(model)
+    quantized = {n for n, o in plan.items() if o.kind != KEEP}
+    counts = {"untied": _untie(model, quantized), "gemm_to_matmul": _gemm_to_matmul(model, quantized)}
+    if any(o.kind == "gather-nbits" for o in plan.values()) and (model.ir_version or 0) < 10:
+        model.ir_version = 10
+    return counts
+
+
+def emit(model: ir.Model, plan: dict[str, Option], *, accuracy_level: int | None = None,
+         workdir: str | pathlib.Path | None = None) -> tuple[ir.Model, dict]:
+    """Quantize ``model`` (not changed) per ``plan`` with ORT's tools; return the new model and a log."""
+    work = ir.from_proto(model_io.to_proto(model))
+    log: dict = {"prepare": prepare(work, plan), "steps": []}
+    all_names = [n.name for n in work.graph]
+    with tempfile.TemporaryDirectory(prefix="edgeprune_bits_", dir=workdir) as tmp:
+        path = pathlib.Path(tmp) / "in.onnx"
+        model_io.save_model(work, path)
+        dynamic = sorted(n for n, o in plan.items() if o.kind in ("int8-dynamic", "int8-gather"))
+        if dynamic:
+            path = _quantize_dynamic(path, pathlib.Path(tmp) / "dyn.onnx", dynamic)
+            log["steps"].append({"tool": "quantize_dynamic", "nodes": len(dynamic)})
+        groups: dict[tuple, list[str]] = collections.defaultdict(list)
+        for name, o in plan.items():
+            if o.kind in ("nbits", "gather-nbits"):
+                groups[(o.bits, o.block, o.symmetric)].append(name)
+        proto = onnx.load(str(path))
+        for (bits, block, sym), names in sorted(groups.items()):
+            proto = _matmul_nbits(proto, bits, block, sym, names, all_names, plan, accuracy_level)
+            log["steps"].append({"tool": "MatMulNBitsQuantizer", "bits": bits, "block": block, "symmetric": sym,
+                                 "nodes": len(names)})
+        out = pathlib.Path(tmp) / "out.onnx"
+        onnx.save(proto, str(out), save_as_external_data=proto.ByteSize() > model_io.EXTERNAL_DATA_THRESHOLD)
+        result = model_io.load_model(out)
+        # Pull every weight into memory before the folder goes away.
+        for v in result.graph.initializers.values():
+            if v.const_value is not None and not isinstance(v.const_value, ir.Tensor):
+                v.const_value = ir.tensor(v.const_value.numpy())
+    return result, log
+
+
+def _quantize_dynamic(src: pathlib.Path, dst: pathlib.Path, names: list[str]) -> pathlib.Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        src, dst, op_types_to_quantize=["MatMul", "Gather", "Conv"], nodes_to_quantize=names,
+        per_channel=True, weight_type=QuantType.QInt8,
+    )
+    return dst
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    """ORT's quantizer logs every node it visits at INFO on its own handler: keep it to warnings."""
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _matmul_nbits(proto, bits, block, sym, names, all_names, plan, accuracy_level):
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    chosen = set(names)
+    gathers = [n for n in names if plan[n].kind == "gather-nbits"]
+    quant = MatMulNBitsQuantizer(
+        proto, bits=bits, block_size=block, is_symmetric=sym, accuracy_level=accuracy_level,
+        nodes_to_exclude=[n for n in all_names if n not in chosen], nodes_to_include=gathers or None,
+        op_types_to_quantize=("MatMul",), quant_axes=(("MatMul", 0), ("Gather", 1)),
+    )
+    with _quiet("onnxruntime.quantization.matmul_nbits_quantizer"):
+        quant.process()
+    return quant.model.model

@@ -1,0 +1,290 @@
+"""Bit allocation pass on tiny models: more bits where it hurts, exact sizes, clean refusals."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from edgeprune.calibration import CalibrationSet
+from edgeprune.context import CompileContext
+from edgeprune.errors import BadInputError
+from edgeprune.model_io import model_bytes, to_proto
+from edgeprune.passes.bit_allocation import BitAllocationConfig, BitAllocationPass
+from edgeprune.passes.registry import get_pass
+from edgeprune.runtime.targets import get_target
+
+D, T = 64, 16
+
+
+def _two_layer(seed: int = 0) -> ir.Model:
+    """x -> MatMul(A) -> Relu -> MatMul(B) -> y; A has heavy-tailed weights (outliers), B is Gaussian."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((D, D)).astype(np.float32)
+    a[rng.random((D, D)) < 0.01] *= 25.0  # a few large weights stretch every 4-bit block they sit in
+    b = rng.standard_normal((D, D)).astype(np.float32)
+    proto = onnx.parser.parse_model(
+        f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, {T}, {D}] x) => (float[N, {T}, {D}] y) {{
+            h = MatMul(x, A)
+            r = Relu(h)
+            y = MatMul(r, B)
+        }}
+        """
+    )
+    proto.graph.initializer.extend([onnx.numpy_helper.from_array(a, "A"), onnx.numpy_helper.from_array(b, "B")])
+    for i, n in enumerate(proto.graph.node):
+        n.name = ["layerA", "relu", "layerB"][i]
+    return ir.from_proto(proto)
+
+
+def _tied(seed: int = 0, vocab: int = 96, dim: int = 64) -> ir.Model:
+    """ids -> Gather(E) -> Tanh -> MatMul(Transpose(E)): an embedding tied to its LM head."""
+    rng = np.random.default_rng(seed)
+    proto = onnx.parser.parse_model(
+        f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N, {T}] ids) => (float[N, {T}, {vocab}] logits) {{
+            h = Gather <axis = 0> (E, ids)
+            t = Tanh(h)
+            et = Transpose <perm = [1, 0]> (E)
+            logits = MatMul(t, et)
+        }}
+        """
+    )
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal((vocab, dim)).astype(np.float32), "E"))
+    return ir.from_proto(proto)
+
+
+def _ctx(model: ir.Model, target: str = "cpu") -> CompileContext:
+    rng = np.random.default_rng(7)
+    name = model.graph.inputs[0].name
+    if name == "x":
+        rows = [{"x": rng.standard_normal((1, T, D)).astype(np.float32)} for _ in range(12)]
+    else:
+        rows = [{"ids": rng.integers(0, 96, (1, T))} for _ in range(12)]
+    calib = CalibrationSet(rows, "random test rows", synthetic=True)
+    return CompileContext(target=get_target(target), calibration=calib, holdout=calib, reference=model)
+
+
+def _run(model: ir.Model, feeds) -> np.ndarray:
+    return ort.InferenceSession(to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def _by_layer(result) -> dict:
+    return {r["layer"]: r for r in result.records}
+
+
+def test_more_sensitive_layer_gets_more_bits():
+    model = _two_layer()
+    cfg = BitAllocationConfig(avg_bits=7.3, bit_options=(4, 8), block_size=32, dynamic_int8=False, output_checks=2)
+    result = BitAllocationPass(cfg, _ctx(model))(model)
+    recs = _by_layer(result)
+    assert result.modified
+    assert recs["layerA"]["options"]["nbits4-b32-asym"]["rel_error"] > recs["layerB"]["options"]["nbits4-b32-asym"]["rel_error"]
+    assert recs["layerA"]["bits"] > recs["layerB"]["bits"]
+    assert recs["layerA"]["format"] == "nbits8-b32-asym" and recs["layerB"]["format"] == "nbits4-b32-asym"
+    assert {n.op_type for n in model.graph} == {"MatMulNBits", "Relu"}
+    # the size the solver saw is the size written
+    assert model_bytes(model) == result.summary["unit_bytes"] + result.summary["other_bytes"]
+    assert result.summary["avg_bits"] <= 7.3
+    assert result.summary["per_layer_chart"] == {"y": "bits", "ylabel": "bits per weight"}
+    curve = result.summary["tradeoff"]
+    assert len(curve) >= 2 and curve[0]["error"] >= curve[-1]["error"]
+    assert any("output_rel_error" in r for r in result.records)
+    probes = [r["probe"] for r in result.records]  # measured importance: one probe per node
+    assert all(pr["output_rel_error"] > 0 and pr["option"] == "nbits4-b32-asym" for pr in probes)
+
+
+def test_budget_at_float_size_is_a_no_op_with_equal_outputs():
+    model = _two_layer()
+    feeds = {"x": np.random.default_rng(1).standard_normal((1, T, D)).astype(np.float32)}
+    before = _run(model, feeds)
+    result = BitAllocationPass(BitAllocationConfig(avg_bits=32), _ctx(model))(model)
+    assert not result.modified
+    assert any("nothing to do" in n for n in result.summary["notes"])
+    np.testing.assert_array_equal(_run(model, feeds), before)
+
+
+def test_budget_below_floor_names_the_floor():
+    model = _two_layer()
+    with pytest.raises(BadInputError, match="smallest model .* MB"):
+        BitAllocationPass(BitAllocationConfig(avg_bits=1.0), _ctx(model))(model)
+
+
+def test_missing_or_conflicting_budget():
+    model = _two_layer()
+    with pytest.raises(BadInputError, match="needs a budget"):
+        BitAllocationPass(BitAllocationConfig(), _ctx(model))(model)
+    with pytest.raises(BadInputError, match="only one"):
+        BitAllocationPass(BitAllocationConfig(avg_bits=4, size_budget_bytes=10_000), _ctx(model))(model)
+
+
+def test_target_without_a_kernel_is_refused():
+    model = _two_layer()
+    with pytest.raises(BadInputError, match="coreml runs none"):
+        BitAllocationPass(BitAllocationConfig(avg_bits=6), _ctx(model, "coreml"))(model)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_uniform_with_tied_head(bits):
+    model = _tied()
+    feeds = {"ids": np.random.default_rng(2).integers(0, 96, (1, T))}
+    before = _run(model, feeds)
+    result = BitAllocationPass(BitAllocationConfig(mode="uniform", bits=bits, block_size=32), _ctx(model))(model)
+    ops = sorted(n.op_type for n in model.graph)
+    assert "Transpose" not in ops  # the head got its own constant
+    assert ("GatherBlockQuantized" in ops) if bits == 4 else ("DequantizeLinear" in ops)
+    assert "MatMulNBits" in ops
+    after = _run(model, feeds)
+    rel = np.linalg.norm(after - before) / np.linalg.norm(before)
+    assert rel < (0.15 if bits == 4 else 0.02)
+    assert model_bytes(model) == result.summary["unit_bytes"] + result.summary["other_bytes"]
+    assert model_bytes(model) < 96 * 64 * 4  # smaller than the one float table
+
+
+def test_tied_pair_gets_different_formats_and_float_table_counts_once():
+    model = _tied()
+    table = 96 * 64 * 4
+    cfg = BitAllocationConfig(size_budget_bytes=int(table * 0.45), bit_options=(4, 8), block_size=32, dynamic_int8=True)
+    result = BitAllocationPass(cfg, _ctx(model))(model)
+    recs = result.records
+    assert len(recs) == 2 and recs[0]["tied_unit"] == recs[1]["tied_unit"]
+    assert model_bytes(model) <= table * 0.45
+    # options: all pairs of (embedding format, head format); both-float costs the table once
+    assert recs[0]["options"]["float"]["bytes"] == table
+
+
+def test_uniform_two_bits_even_when_not_in_bit_options():
+    model = _two_layer()
+    result = BitAllocationPass(BitAllocationConfig(mode="uniform", bits=2), _ctx(model))(model)
+    assert [r["format"] for r in result.records] == ["nbits2-b32-asym", "nbits2-b32-asym"]
+
+
+def test_already_quantized_and_activation_matmuls_are_left_alone():
+    model = _two_layer()
+    BitAllocationPass(BitAllocationConfig(mode="uniform", bits=4), _ctx(model))(model)
+    again = BitAllocationPass(BitAllocationConfig(mode="uniform", bits=4), _ctx(model))(model)
+    assert not again.modified
+    assert again.summary["already_quantized_nodes"] == 2
+    assert any("already quantized" in n for n in again.summary["notes"])
+
+    proto = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[4, 8] a, float[8, 3] b) => (float[4, 3] y) { y = MatMul(a, b) }
+        """
+    )
+    m = ir.from_proto(proto)
+    ctx = CompileContext(get_target("cpu"), CalibrationSet([], "none"), CalibrationSet([], "none"), m)
+    r = BitAllocationPass(BitAllocationConfig(avg_bits=4), ctx)(m)
+    assert not r.modified and r.summary["nodes_without_constant_weight"] == 1
+
+
+def test_registry_and_relaxed():
+    assert get_pass("bits") is BitAllocationPass
+    p = BitAllocationPass(BitAllocationConfig(avg_bits=4.0))
+    assert p.relaxed().config.avg_bits == pytest.approx(4.6)
+    s = BitAllocationPass(BitAllocationConfig(size_budget_bytes=1000, relax_step=0.5)).relaxed()
+    assert s.config.size_budget_bytes == 1500
+    r = BitAllocationPass(BitAllocationConfig(latency_budget_ratio=0.9, relax_step=0.5)).relaxed()
+    assert r.config.latency_budget_ratio == 1.0 and r.relaxed() is None
+    u = BitAllocationPass(BitAllocationConfig(mode="uniform", bits=4)).relaxed()
+    assert u.config.bits == 8 and u.relaxed() is None
+    with pytest.raises(BadInputError, match="no option"):
+        BitAllocationPass.from_options({"bitz": 4})
+    with pytest.raises(BadInputError):
+        BitAllocationPass.from_options({"block_size": 24})
+
+
+def test_conv_dynamic_int8():
+    rng = np.random.default_rng(0)
+    proto = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 3, 8, 8] x) => (float[N, 4, 6, 6] y) { y = Conv(x, W) }
+        """
+    )
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W"))
+    model = ir.from_proto(proto)
+    rows = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(6)]
+    calib = CalibrationSet(rows, "random test rows", synthetic=True)
+    ctx = CompileContext(get_target("cpu"), calib, calib, model)
+    before = _run(model, rows[0])
+    result = BitAllocationPass(BitAllocationConfig(mode="uniform", bits=8), ctx)(model)
+    assert "ConvInteger" in {n.op_type for n in model.graph}
+    assert model_bytes(model) == result.summary["unit_bytes"]
+    measured = np.linalg.norm(_run(model, rows[0]) - before) / np.linalg.norm(before)
+    assert result.records[0]["rel_error"] / 3 < measured < result.records[0]["rel_error"] * 3
+
+
+@pytest.mark.realmodel
+def test_minilm_compile_at_six_bits(minilm_artifact, tmp_path):
+    """A real compile: MiniLM at 6 bits per weight is about 5x smaller and keeps its embeddings."""
+    from edgeprune.pipeline import CompileOptions, compile_model
+    from edgeprune.recipe import PassSpec, Recipe
+
+    recipe = Recipe([PassSpec("cleanup"), PassSpec("bits", {"avg_bits": 6, "output_checks": 2})], source="test")
+    import edgeprune
+
+    calib = pathlib.Path(edgeprune.__file__).parent / "data" / "calibration_sentences.txt"
+    opts = CompileOptions(recipe=recipe, calib=calib, tokenizer=minilm_artifact.tokenizer_path, max_samples=16, seq_len=64,
+                          latency_runs=3, profile=False, threads=2)
+    report = compile_model(minilm_artifact.model_path, tmp_path / "out", opts).report
+    bits = report["passes"][1]
+    assert bits["modified"] and bits["summary"]["avg_bits"] <= 6.0
+    assert report["size"]["candidate_bytes"] < 0.22 * report["size"]["reference_bytes"]
+    cosines = [o["cosine_mean"] for o in report["verification"]["outputs"]]
+    assert min(cosines) > 0.98, cosines
+    assert len(bits["summary"]["tradeoff"]) >= 2
+    assert {r["op"] for r in bits["records"]} == {"MatMul", "Gather"}
+    cos = [r["block_cosine"] for r in bits["records"] if "block_cosine" in r]
+    assert len(cos) == 36 and all(-1 <= c <= 1 for c in cos)  # 6 layers x (q, k, v, o, up, down)
+
+
+def test_latency_mode_microbenchmarks_are_cached_and_budgets_checked(tmp_path, monkeypatch):
+    from edgeprune.runtime import microbench
+
+    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path))
+    model = _two_layer()
+    with pytest.raises(BadInputError, match="fastest model"):
+        BitAllocationPass(BitAllocationConfig(latency_budget_ms=1e-6, latency_tokens=T), _ctx(model))(model)
+    with pytest.raises(BadInputError, match="fastest model"):
+        BitAllocationPass(BitAllocationConfig(latency_budget_ratio=1e-6, latency_tokens=T), _ctx(model))(model)
+    cache = microbench.cache_path()
+    assert cache.exists()
+    entries = cache.read_text()
+    assert "matmul|64x64|int8-dyn" in entries and "dql|64" in entries
+    result = BitAllocationPass(BitAllocationConfig(latency_budget_ms=1e6, latency_tokens=T), _ctx(model))(model)
+    assert not result.modified and any("latency budget" in n for n in result.summary["notes"])
+    assert cache.read_text() == entries  # the second run measured nothing new
+    lat = result.summary["latency"]
+    assert lat["float_ms"] > 0 and "layerA|int8-dyn" in lat["per_unit_ms"]
+
+
+def test_gemm_is_rewritten_to_matmul_and_quantized():
+    rng = np.random.default_rng(5)
+    proto = onnx.parser.parse_model(
+        f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, {D}] x) => (float[N, 48] y) {{ y = Gemm <transB = 1, alpha = 0.5, beta = 2.0> (x, W, C) }}
+        """
+    )
+    proto.graph.initializer.extend([
+        onnx.numpy_helper.from_array(rng.standard_normal((48, D)).astype(np.float32), "W"),
+        onnx.numpy_helper.from_array(rng.standard_normal(48).astype(np.float32), "C"),
+    ])  # fmt: skip
+    model = ir.from_proto(proto)
+    rows = [{"x": rng.standard_normal((1, D)).astype(np.float32)} for _ in range(8)]
+    calib = CalibrationSet(rows, "random test rows", synthetic=True)
+    feeds = {"x": rng.standard_normal((5, D)).astype(np.float32)}
+    before = _run(model, feeds)
+    BitAllocationPass(BitAllocationConfig(mode="uniform", bits=8), CompileContext(get_target("cpu"), calib, calib, model))(model)
+    assert sorted(n.op_type for n in model.graph) == ["Add", "MatMulNBits"]
+    after = _run(model, feeds)
+    assert np.linalg.norm(after - before) / np.linalg.norm(before) < 0.01
