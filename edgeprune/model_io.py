@@ -145,9 +145,36 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False, inputs: tu
         staging.rename(out)
 
 
+def _attr_int(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else int(attr.value)
+
+
 def param_count(model: ir.Model) -> int:
-    """Number of weight elements (initializers) in the main graph."""
-    return sum(v.const_value.size for v in model.graph.initializers.values() if v.const_value is not None)
+    """Number of weights in the main graph's initializers.
+
+    Packed N-bit weights (MatMulNBits, GatherBlockQuantized) count as the weights they hold, not
+    as their storage bytes, and their block scales and zero points count as metadata, so a
+    quantized model reports the parameters of the model it stands for.
+    """
+    logical: dict[str, int] = {}
+    metadata: set[str] = set()
+    for node in model.graph:
+        if node.domain != "com.microsoft" or node.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
+            continue
+        packed = node.inputs[1] if node.op_type == "MatMulNBits" else node.inputs[0]
+        if packed is None or packed.const_value is None:
+            continue
+        if node.op_type == "MatMulNBits":
+            logical[packed.name] = _attr_int(node, "K", 0) * _attr_int(node, "N", 0)
+        elif packed.const_value.dtype == ir.DataType.UINT8:  # two 4-bit values per byte
+            logical[packed.name] = packed.const_value.size * 8 // _attr_int(node, "bits", 4)
+        metadata.update(v.name for v in node.inputs[2:] if v is not None)
+    return sum(
+        logical.get(name, v.const_value.size)
+        for name, v in model.graph.initializers.items()
+        if v.const_value is not None and name not in metadata
+    )
 
 
 def file_size(path: str | os.PathLike) -> int:

@@ -90,3 +90,17 @@ def test_python_api_mirrors_cli(tmp_path):
     checked = edgeprune.validate(model, tmp_path / "out" / "model.onnx", data=calib, runs=3)
     assert checked.fidelity[0].cosine_min == pytest.approx(1.0, abs=1e-6)
     assert edgeprune.inspect(model)["params"] == model_io.param_count(model_io.load_model(model))
+
+
+def test_param_count_of_a_4bit_model_counts_logical_weights(tmp_path):
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    proto = onnx.parser.parse_model('<ir_version: 8, opset_import: ["" : 17]> g (float[N, 64] x) => (float[N, 32] y) { y = MatMul(x, w) }')
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32), "w"))
+    quant = MatMulNBitsQuantizer(proto, bits=4, block_size=32, is_symmetric=False)
+    quant.process()
+    path = tmp_path / "q4.onnx"
+    quant.model.save_model_to_file(str(path), use_external_data_format=False)
+    model = model_io.load_model(path)
+    assert any(n.op_type == "MatMulNBits" for n in model.graph)
+    assert model_io.param_count(model) == 64 * 32  # not 64*32/2 packed bytes, scales and zero points excluded
