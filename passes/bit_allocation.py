@@ -219,7 +219,11 @@ class BitAllocationPass(EdgePass):
             sol = knapsack.solve(items, size_budget=budget.get("size"), latency_budget=budget.get("latency"),
                                  shared=shared, method=c.solver)
             if not sol.feasible:
-                raise BadInputError(f"the budget cannot be met: {budget['floor_text']}; raise the budget.")
+                floor = budget["floor_text"]
+                if budget.get("latency") is not None:  # shared DynamicQuantizeLinear costs can make it infeasible
+                    floor += (f"; the fastest model the offered formats allow needs {knapsack.floor(items, by='latency'):.3f} ms "
+                              f"in the quantizable nodes against {budget['latency']:.3f} ms left for them")
+                raise BadInputError(f"the budget cannot be met: {floor}; raise the budget.")
             summary["tradeoff"] = self._curve(items, shared, budget, other_bytes)
         summary.update(solver=sol.method, objective=sol.error, unit_bytes=int(sol.size), solver_note=sol.note,
                        budget=budget.get("text"), floor=budget.get("floor_text"))
