@@ -110,13 +110,8 @@ def save_model(model: ir.Model, path: str | os.PathLike) -> list[pathlib.Path]:
     return [path]
 
 
-@contextmanager
-def atomic_output_dir(out: str | os.PathLike, *, force: bool = False, inputs: tuple = ()) -> Iterator[pathlib.Path]:
-    """Yield a staging folder whose contents replace ``out`` only if the block succeeds.
-
-    Refuses ``out`` when it is one of ``inputs`` (or holds one), or is a non-empty folder and
-    ``force`` is off, so a user's model is never overwritten and a failed compile leaves nothing.
-    """
+def check_output_dir(out: str | os.PathLike, *, force: bool = False, inputs: tuple = ()) -> pathlib.Path:
+    """Refuse an output folder that is (or holds) one of ``inputs``, is a file, or is non-empty without ``force``."""
     out = pathlib.Path(out).resolve()
     for item in inputs:
         item = pathlib.Path(item).resolve()
@@ -128,6 +123,17 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False, inputs: tu
         raise BadInputError(f"{out} is a file, not a folder: -o takes a folder; choose another path.")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise BadInputError(f"the output folder {out} is not empty: choose an empty folder or pass --force.")
+    return out
+
+
+@contextmanager
+def atomic_output_dir(out: str | os.PathLike, *, force: bool = False, inputs: tuple = ()) -> Iterator[pathlib.Path]:
+    """Yield a staging folder whose contents replace ``out`` only if the block succeeds.
+
+    Refuses ``out`` when it is one of ``inputs`` (or holds one), or is a non-empty folder and
+    ``force`` is off, so a user's model is never overwritten and a failed compile leaves nothing.
+    """
+    out = check_output_dir(out, force=force, inputs=inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

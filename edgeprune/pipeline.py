@@ -70,17 +70,6 @@ def _resolve_recipe(recipe: Recipe | str | pathlib.Path | None) -> Recipe:
     return load_recipe(recipe)
 
 
-def _check_out_dir(out: pathlib.Path, model_path: pathlib.Path, force: bool) -> None:
-    """Refuse an output folder early (the atomic writer checks again when it writes)."""
-    out, model_path = out.resolve(), model_path.resolve()
-    if out == model_path or out in model_path.parents:
-        raise BadInputError(f"the output folder {out} would overwrite the input {model_path}: choose another -o folder.")
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"{out} is a file, not a folder: -o takes a folder; choose another path.")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise BadInputError(f"the output folder {out} is not empty: choose an empty folder or pass --force.")
-
-
 def _model_facts(model: ir.Model, path: pathlib.Path | None = None) -> dict[str, Any]:
     facts = {
         "opset": model.opset_imports.get("", None),
@@ -149,7 +138,7 @@ def compile_model(
     recipe = _resolve_recipe(opts.recipe)
     if opts.max_drop is not None and not 0 <= opts.max_drop:
         raise BadInputError(f"--max-drop must be >= 0, got {opts.max_drop}.")
-    _check_out_dir(out_dir, model_path, opts.force)
+    model_io.check_output_dir(out_dir, force=opts.force, inputs=(model_path,))  # early; the writer checks again
     with progress.stage(f"load {model_path.name}"):
         reference = model_io.load_model(model_path)
     calib = load_calibration(

@@ -13,6 +13,8 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeprune.analysis import Linear
+from edgeprune.analysis import _consumers  # noqa: F401  (re-exported to _prune_groups)
+from edgeprune.analysis import _node_name as _node_key  # noqa: F401  (analysis names nodes; groups look them up by it)
 
 _STD = ("", "ai.onnx")
 
@@ -89,13 +91,6 @@ class _Graph:
         return self.nodes[lin.node]
 
 
-def _node_key(node: ir.Node) -> str:
-    """analysis names nodes this way: the node's name, else ``<op>:<first output>``."""
-    if node.name:
-        return node.name
-    return f"{node.op_type}:{node.outputs[0].name if node.outputs else ''}"
-
-
 def _is_std(node: ir.Node | None, *ops: str) -> bool:
     return node is not None and node.domain in _STD and node.op_type in ops
 
@@ -109,13 +104,6 @@ def _const(value: ir.Value | None) -> ir.TensorProtocol | None:
 def _const_array(value: ir.Value | None) -> np.ndarray | None:
     tensor = _const(value)
     return None if tensor is None else tensor.numpy()
-
-
-def _consumers(value: ir.Value) -> list[ir.Node]:
-    seen: dict[int, ir.Node] = {}
-    for use in value.uses():
-        seen.setdefault(id(use.node), use.node)
-    return list(seen.values())
 
 
 # --------------------------------------------------------------------------- linears
