@@ -38,7 +38,9 @@ class Option:
     ``kind``: ``keep`` (float as is), ``nbits`` (MatMulNBits, weight-only, block-wise along K),
     ``gather-nbits`` (GatherBlockQuantized, block-wise along the embedding dim), ``int8-dynamic``
     (quantize_dynamic: int8 weight per output channel + uint8 dynamic activation), ``int8-gather``
-    (quantize_dynamic on a Gather: uint8 table per tensor + DequantizeLinear after the lookup).
+    (quantize_dynamic on a Gather: uint8 table per tensor + DequantizeLinear after the lookup),
+    ``gather-tied`` (GatherBlockQuantized reading the packed table of the tied LM head's MatMulNBits with
+    the same bits/block/symmetry: the table is stored once, so the lookup itself costs no bytes).
     """
 
     kind: str
@@ -54,7 +56,7 @@ class Option:
             return "int8-dyn"
         if self.kind == "int8-gather":
             return "int8-gather"
-        prefix = "nbits" if self.kind == "nbits" else "gather"
+        prefix = {"nbits": "nbits", "gather-nbits": "gather", "gather-tied": "tied"}[self.kind]
         return f"{prefix}{self.bits}-b{self.block}-{'sym' if self.symmetric else 'asym'}"
 
     def to_dict(self) -> dict:
@@ -77,6 +79,8 @@ def option_bytes(option: Option, shape: tuple[int, int], float_bytes: int = 4) -
         return rows * cols + cols * (float_bytes + 1)  # int8 weight, per-channel scale + zero point
     if option.kind == "int8-gather":
         return rows * cols + float_bytes + 1  # uint8 table, one scale + zero point
+    if option.kind == "gather-tied":
+        return 3 * 8  # the head's MatMulNBits initializers (counted there) + the int64 shape of their Reshape
     bits, block = option.bits, option.block
     if option.kind == "nbits":  # [N, k_blocks, blob] + scales [N, k_blocks] + zp [N, ceil(k_blocks*bits/8)]
         k_blocks = -(-rows // block)
@@ -106,6 +110,8 @@ def simulate(option: Option, weight: np.ndarray) -> np.ndarray:
         return nbits_dequant(w, option.bits, option.block, option.symmetric)
     if option.kind == "gather-nbits":
         return gather_dequant(w, option.bits, option.block, option.symmetric)
+    if option.kind == "gather-tied":  # the head's [dim, vocab] weight is the table transposed
+        return np.ascontiguousarray(nbits_dequant(np.ascontiguousarray(w.T), option.bits, option.block, option.symmetric).T)
     if option.kind == "int8-dynamic":
         return int8_channel_dequant(w, axis=1)
     if option.kind == "int8-gather":

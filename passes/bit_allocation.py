@@ -2,8 +2,9 @@
 
 Units are every MatMul/Gemm by a constant weight, every Conv, and every Gather on an embedding
 table; a table tied to the LM head (``MatMul(x, Transpose(table))``) forms one joint unit whose
-options are all pairs (embedding format, head format), so both uses may differ and the table's
-bytes are counted once while both stay float.
+options are pairs (embedding format, head format): both uses may differ, and the table's bytes
+are counted once while both stay float or while the lookup reads the head's packed MatMulNBits
+table (``gather-tied``: GatherBlockQuantized over the same initializers, same bits and blocks).
 
 Per unit and option the pass measures the relative output error on the calibration rows
 (``edgeprune.sensitivity``: the exact quantize-dequantize of ORT's tools, then
@@ -121,7 +122,8 @@ class _Unit:
         return " + ".join(p.node for p in self.parts)
 
     def combos(self) -> list[tuple[Option, ...]]:
-        return list(itertools.product(*[p.options for p in self.parts]))
+        """Every choice of one option per part; a ``gather-tied`` lookup only beside its matching head."""
+        return [cb for cb in itertools.product(*[p.options for p in self.parts]) if _tied_ok(cb)]
 
     def size(self, combo: tuple[Option, ...]) -> int:
         if self.tied_bytes and all(o.kind == KEEP for o in combo):
@@ -137,6 +139,16 @@ class _Unit:
         if self.tied_bytes:
             return self.tied_bytes // self.parts[0].weight.dtype.itemsize
         return sum(p.weight.size for p in self.parts)
+
+
+def _tied_ok(combo: tuple[Option, ...]) -> bool:
+    """A lookup reading the head's packed table needs the head in exactly that format."""
+    for o in combo:
+        if o.kind == "gather-tied" and not any(
+            h.kind == "nbits" and (h.bits, h.block, h.symmetric) == (o.bits, o.block, o.symmetric) for h in combo
+        ):
+            return False
+    return True
 
 
 def _float_bytes(arr: np.ndarray) -> int:
@@ -317,6 +329,9 @@ class BitAllocationPass(EdgePass):
                 lin = lin_by_node[emb.tied_with]
                 head = _Part(lin.node, "MatMul", np.ascontiguousarray(table.T) if lin.transposed else table,
                              lin.input, mm_options(emb.dim))
+                if lin.transposed:  # the head's [dim, vocab] blocks run along dim: the table's rows
+                    part.options += [Option("gather-tied", o.bits, o.block, o.symmetric) for o in head.options
+                                     if o.kind == "nbits" and emb.dim % o.block == 0]
                 units.append(_Unit([part, head], tied_bytes=table.nbytes))
             else:
                 units.append(_Unit([part]))
@@ -595,14 +610,16 @@ class BitAllocationPass(EdgePass):
 
         def want(p: _Part) -> Option:
             if p.op == "Gather":
-                pref = ["int8-gather"] if bits == 8 else ["gather-nbits"]
+                pref = ["gather-tied"] + (["int8-gather"] if bits == 8 else ["gather-nbits"])
             elif p.op == "Conv":
                 pref = ["int8-dynamic"]
             else:
                 pref = ["nbits"]
-            for o in p.options:
-                if o.kind in pref and (o.kind != "nbits" or o.bits == bits) and o.block in (0, _blocks(self.config)[0]):
-                    return o
+            for kind in pref:
+                for o in p.options:
+                    if (o.kind == kind and (kind not in ("nbits", "gather-tied") or o.bits == bits)
+                            and o.block in (0, _blocks(self.config)[0])):
+                        return o
             return Option(KEEP)
 
         target = tuple(want(p) for p in u.parts)
@@ -655,9 +672,12 @@ class BitAllocationPass(EdgePass):
             combo = u.combos()[i]
             for p, o in zip(u.parts, combo):
                 size = p.sizes[o.key] if not (u.tied_bytes and all(x.kind == KEEP for x in combo)) else u.tied_bytes / len(u.parts)
+                bits = 8.0 * p.sizes[o.key] / p.weight.size
+                if o.kind == "gather-tied":  # stored once, in the head's initializers
+                    bits = max(8.0 * q.sizes[x.key] / q.weight.size for q, x in zip(u.parts, combo))
                 recs.append({
                     "layer": p.node, "op": p.op, "shape": list(p.weight.shape), "params": int(p.weight.size),
-                    "format": o.key, "bits": round(8.0 * p.sizes[o.key] / p.weight.size, 3), "bytes": int(size),
+                    "format": o.key, "bits": round(bits, 3), "bytes": int(size),
                     "rel_error": p.errors[o.key], "importance": p.importance, "probe": p.probe, "tied_unit": u.name if len(u.parts) > 1 else None,
                     "options": {k: {"bytes": p.sizes[k], "rel_error": p.errors[k]} for k in p.sizes},
                     "outlier_share": sensitivity.outlier_share(p.weight),

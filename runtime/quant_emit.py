@@ -14,7 +14,9 @@ The plan maps node names to :class:`edgeprune.sensitivity.Option`.  Emission wor
    one setting per run: ``customized_weight_config`` is read only by the RTN/GPTQ algorithms);
    embeddings go through its ``nodes_to_include`` so ``Gather`` is not added to
    ``op_types_to_quantize``, which would force opset 21 onto the whole model;
-4. load the result back with ``edgeprune.model_io.load_model``.
+4. load the result back with ``edgeprune.model_io.load_model``;
+5. a ``gather-tied`` lookup becomes a GatherBlockQuantized over the tied head's MatMulNBits
+   initializers (:func:`_tie_lookups`: no tool shares one packed table between the two ops).
 """
 
 from __future__ import annotations
@@ -122,6 +124,73 @@ def _gemm_to_matmul(model: ir.Model, names: set[str]) -> int:
     return done
 
 
+def _tied_heads(model: ir.Model, plan: dict[str, Option]) -> dict[str, str]:
+    """Gather node -> output name of the head MatMul whose packed table a ``gather-tied`` lookup reads.
+
+    The head is the MatMul in the same ``nbits`` format whose weight is ``Transpose(table)``.
+    """
+    nodes = {n.name: n for n in model.graph}
+    pairs = {}
+    for name, o in plan.items():
+        if o.kind != "gather-tied":
+            continue
+        table = nodes[name].inputs[0]
+        for use in table.uses() if table is not None else ():
+            tr = use.node
+            if tr.op_type != "Transpose":
+                continue
+            for head_use in tr.outputs[0].uses():
+                head = head_use.node
+                h = plan.get(head.name)
+                if (head.op_type == "MatMul" and head_use.idx == 1 and h is not None and h.kind == "nbits"
+                        and (h.bits, h.block, h.symmetric) == (o.bits, o.block, o.symmetric)):
+                    pairs[name] = head.outputs[0].name
+        if name not in pairs:
+            raise ValueError(f"{name}: no MatMul on Transpose(table) quantized as nbits{o.bits}-b{o.block} to share")
+    return pairs
+
+
+def _tie_lookups(model: ir.Model, pairs: dict[str, str]) -> int:
+    """Replace each paired Gather by GatherBlockQuantized over its head's MatMulNBits initializers.
+
+    MatMulNBits wants B as [N, k_blocks, blob] while GatherBlockQuantized wants [N, K*bits/8]: the
+    file holds the 2-D table once and the head reads it through a Reshape, which ORT folds at load.
+    """
+    produced = {o.name: n for n in model.graph for o in n.outputs}
+    nodes = {n.name: n for n in model.graph}
+    done = 0
+    for gname, head_out in pairs.items():
+        gather, mnb = nodes[gname], produced[head_out]
+        assert mnb.op_type == "MatMulNBits", mnb.op_type
+        attrs = {k: a.value for k, a in mnb.attributes.items()}
+        b = mnb.inputs[1]
+        packed = b.const_value.numpy()
+        n_rows = packed.shape[0]
+        data = ir.Value(name=f"{b.name}_table", const_value=ir.tensor(np.ascontiguousarray(packed.reshape(n_rows, -1))))
+        shape = ir.Value(name=f"{b.name}_shape", const_value=ir.tensor(np.array(packed.shape, dtype=np.int64)))
+        model.graph.register_initializer(data)
+        model.graph.register_initializer(shape)
+        b3 = ir.Value(name=f"{b.name}_3d")
+        model.graph.insert_before(mnb, ir.Node("", "Reshape", [data, shape], outputs=[b3], name=f"{mnb.name}_table"))
+        mnb.replace_input_with(1, b3)
+        table = gather.inputs[0]
+        inputs = [data, gather.inputs[1], mnb.inputs[2]] + ([mnb.inputs[3]] if len(mnb.inputs) > 3 and mnb.inputs[3] is not None else [])
+        gbq = ir.Node("com.microsoft", "GatherBlockQuantized", inputs, name=f"{gname}_tied",
+                      attributes=[ir.AttrInt64("bits", int(attrs["bits"])), ir.AttrInt64("block_size", int(attrs["block_size"])),
+                                  ir.AttrInt64("quantize_axis", 1), ir.AttrInt64("gather_axis", 0)])
+        model.graph.insert_before(gather, gbq)
+        out, name = gather.outputs[0], gather.outputs[0].name
+        out.replace_all_uses_with(gbq.outputs[0], replace_graph_outputs=True)
+        out.name = f"{name}_float"
+        gbq.outputs[0].name = name
+        model.graph.remove(gather, safe=True)
+        for v in (b, table):
+            if v is not None and not v.uses() and v.name in model.graph.initializers:
+                del model.graph.initializers[v.name]
+        done += 1
+    return done
+
+
 def prepare(model: ir.Model, plan: dict[str, Option]) -> dict[str, int]:
     """Step 1 on ``model`` in place: names, untied heads, Gemm->MatMul, IR version. Returns counts."""
     _name_nodes(model)
@@ -136,6 +205,8 @@ def emit(model: ir.Model, plan: dict[str, Option], *, accuracy_level: int | None
          workdir: str | pathlib.Path | None = None) -> tuple[ir.Model, dict]:
     """Quantize ``model`` (not changed) per ``plan`` with ORT's tools; return the new model and a log."""
     work = ir.from_proto(model_io.to_proto(model))
+    _name_nodes(work)
+    tied = _tied_heads(work, plan)
     log: dict = {"prepare": prepare(work, plan), "steps": []}
     all_names = [n.name for n in work.graph]
     with tempfile.TemporaryDirectory(prefix="edgeprune_bits_", dir=workdir) as tmp:
@@ -157,6 +228,8 @@ def emit(model: ir.Model, plan: dict[str, Option], *, accuracy_level: int | None
         out = pathlib.Path(tmp) / "out.onnx"
         onnx.save(proto, str(out), save_as_external_data=proto.ByteSize() > model_io.EXTERNAL_DATA_THRESHOLD)
         result = model_io.load_model(out)
+        if tied:
+            log["tied_lookups"] = _tie_lookups(result, tied)
         # Pull every weight into memory before the folder goes away.
         for v in result.graph.initializers.values():
             if v.const_value is not None and not isinstance(v.const_value, ir.Tensor):

@@ -138,14 +138,26 @@ def test_uniform_with_tied_head(bits):
     before = _run(model, feeds)
     result = BitAllocationPass(BitAllocationConfig(mode="uniform", bits=bits, block_size=32), _ctx(model))(model)
     ops = sorted(n.op_type for n in model.graph)
-    assert "Transpose" not in ops  # the head got its own constant
-    assert ("GatherBlockQuantized" in ops) if bits == 4 else ("DequantizeLinear" in ops)
-    assert "MatMulNBits" in ops
+    assert "Transpose" not in ops
+    # Lookup and head share one packed table: the lookup reads the head's MatMulNBits initializers.
+    assert ops == ["GatherBlockQuantized", "MatMulNBits", "Reshape", "Tanh"]
+    assert [r["format"] for r in result.records] == [f"tied{bits}-b32-asym", f"nbits{bits}-b32-asym"]
     after = _run(model, feeds)
     rel = np.linalg.norm(after - before) / np.linalg.norm(before)
     assert rel < (0.15 if bits == 4 else 0.02)
     assert model_bytes(model) == result.summary["unit_bytes"] + result.summary["other_bytes"]
-    assert model_bytes(model) < 96 * 64 * 4  # smaller than the one float table
+    assert model_bytes(model) < 96 * 64 * (bits / 8 + 0.2)  # one quantized table, not two
+
+
+def test_tight_budget_shares_the_tied_table_at_eight_bits():
+    """Below two 8-bit copies of the table, sharing one 8-bit copy beats any 4-bit choice."""
+    model = _tied()
+    table = 96 * 64 * 4
+    cfg = BitAllocationConfig(size_budget_bytes=int(table * 0.32), bit_options=(4, 8), block_size=32, dynamic_int8=False)
+    result = BitAllocationPass(cfg, _ctx(model))(model)
+    assert [r["format"] for r in result.records] == ["tied8-b32-asym", "nbits8-b32-asym"]
+    assert result.records[0]["bits"] == result.records[1]["bits"] > 8
+    assert model_bytes(model) <= table * 0.32
 
 
 def test_tied_pair_gets_different_formats_and_float_table_counts_once():

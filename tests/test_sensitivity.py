@@ -131,3 +131,42 @@ def test_proxies():
     a = np.random.default_rng(0).standard_normal((4, 8))
     assert S.cosine(a, a) == pytest.approx(1.0)
     assert S.cosine(a, -a) == pytest.approx(-1.0)
+
+
+def _tied_toy(seed=0) -> ir.Model:
+    """ids -> Gather(E) -> h -> MatMul(h, Transpose(E)) -> logits: a tied embedding and LM head."""
+    rng = np.random.default_rng(seed)
+    ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([2, 5]))
+    e = ir.Value(name="E", const_value=ir.tensor(rng.standard_normal((V, 64)).astype(np.float32)))
+    h = ir.Value(name="h", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 5, 64]))
+    et = ir.Value(name="E_t")
+    y = ir.Value(name="y", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 5, V]))
+    nodes = [
+        ir.Node("", "Gather", [e, ids], outputs=[h], name="emb"),
+        ir.Node("", "Transpose", [e], outputs=[et], attributes=[ir.AttrInt64s("perm", [1, 0])], name="tr"),
+        ir.Node("", "MatMul", [h, et], outputs=[y], name="head"),
+    ]
+    graph = ir.Graph([ids], [y, h], nodes=nodes, initializers=[e], opset_imports={"": 17})
+    return ir.Model(graph, ir_version=8)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+def test_tied_lookup_reads_the_heads_packed_table(bits, sym):
+    model = _tied_toy()
+    e = model.graph.initializers["E"].const_value.numpy()
+    plan = {"head": Option("nbits", bits, 32, sym), "emb": Option("gather-tied", bits, 32, sym)}
+    out, log = emit(model, plan)
+    assert log["tied_lookups"] == 1
+    assert sorted(n.op_type for n in out.graph) == ["GatherBlockQuantized", "MatMulNBits", "Reshape"]
+    gbq = next(n for n in out.graph if n.op_type == "GatherBlockQuantized")
+    mnb = next(n for n in out.graph if n.op_type == "MatMulNBits")
+    assert gbq.inputs[0] is mnb.inputs[1].producer().inputs[0]  # one packed table ...
+    assert gbq.inputs[2] is mnb.inputs[2]  # ... one set of scales
+    y, h = _run(out, IDS)
+    e_sim = S.simulate(plan["emb"], e)
+    np.testing.assert_array_equal(h, e_sim[IDS["ids"]])
+    np.testing.assert_allclose(y, h @ e_sim.T, rtol=1e-4, atol=1e-4)
+    # The table is stored once: the head's format, and nothing for the lookup.
+    assert S.option_bytes(plan["emb"], e.shape) == 3 * 8  # the Reshape's shape
+    assert model_bytes(out) == S.option_bytes(plan["head"], e.T.shape) + S.option_bytes(plan["emb"], e.shape)
