@@ -39,7 +39,8 @@ class Option:
     ``gather-nbits`` (GatherBlockQuantized, block-wise along the embedding dim), ``int8-dynamic``
     (quantize_dynamic: int8 weight per output channel + uint8 dynamic activation), ``int8-gather``
     (quantize_dynamic on a Gather: uint8 table per tensor + DequantizeLinear after the lookup),
-    ``gather-tied`` (GatherBlockQuantized reading the packed table of the tied LM head's MatMulNBits with
+    ``gptq`` (MatMulNBits on the same grid, its codes rounded by GPTQ against the Gram of the node's
+    input: ``edgeprune.gptq``), ``gather-tied`` (GatherBlockQuantized reading the packed table of the tied LM head's MatMulNBits with
     the same bits/block/symmetry: the table is stored once, so the lookup itself costs no bytes).
     """
 
@@ -56,7 +57,7 @@ class Option:
             return "int8-dyn"
         if self.kind == "int8-gather":
             return "int8-gather"
-        prefix = {"nbits": "nbits", "gather-nbits": "gather", "gather-tied": "tied"}[self.kind]
+        prefix = {"nbits": "nbits", "gptq": "gptq", "gather-nbits": "gather", "gather-tied": "tied"}[self.kind]
         return f"{prefix}{self.bits}-b{self.block}-{'sym' if self.symmetric else 'asym'}"
 
     def to_dict(self) -> dict:
@@ -82,7 +83,7 @@ def option_bytes(option: Option, shape: tuple[int, int], float_bytes: int = 4) -
     if option.kind == "gather-tied":
         return 3 * 8  # the head's MatMulNBits initializers (counted there) + the int64 shape of their Reshape
     bits, block = option.bits, option.block
-    if option.kind == "nbits":  # [N, k_blocks, blob] + scales [N, k_blocks] + zp [N, ceil(k_blocks*bits/8)]
+    if option.kind in ("nbits", "gptq"):  # [N, k_blocks, blob] + scales [N, k_blocks] + zp [N, ceil(k_blocks*bits/8)]
         k_blocks = -(-rows // block)
         blob = -(-block * bits // 8)
         size = cols * k_blocks * blob + cols * k_blocks * float_bytes
@@ -101,13 +102,20 @@ def option_bytes(option: Option, shape: tuple[int, int], float_bytes: int = 4) -
 # --------------------------------------------------------------------------- simulators
 
 
-def simulate(option: Option, weight: np.ndarray) -> np.ndarray:
-    """``weight`` after quantize-dequantize in ``option``'s format (float32, same shape)."""
+def simulate(option: Option, weight: np.ndarray, gram: np.ndarray | None = None) -> np.ndarray:
+    """``weight`` after quantize-dequantize in ``option``'s format (float32, same shape).
+
+    ``gram`` (the node input's ``X^T X``) is needed by ``gptq`` only.
+    """
     w = np.ascontiguousarray(weight, dtype=np.float32)
     if option.kind == KEEP:
         return w
     if option.kind == "nbits":
         return nbits_dequant(w, option.bits, option.block, option.symmetric)
+    if option.kind == "gptq":
+        if gram is None:
+            raise ValueError("GPTQ rounding needs the Gram matrix of the node's input")
+        return gptq_dequant(w, gram, option.bits, option.block, option.symmetric)
     if option.kind == "gather-nbits":
         return gather_dequant(w, option.bits, option.block, option.symmetric)
     if option.kind == "gather-tied":  # the head's [dim, vocab] weight is the table transposed
@@ -134,24 +142,45 @@ def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return vals.reshape(*packed.shape[:-1], -1)[..., :count]
 
 
-def nbits_dequant(w: np.ndarray, bits: int, block: int, symmetric: bool) -> np.ndarray:
-    """MatMulNBits round trip of a [K, N] weight, using ORT's own C++ quantizer."""
+def _nbits_quantize(w: np.ndarray, bits: int, block: int, symmetric: bool):
+    """ORT's C++ MatMulNBits quantizer on a [K, N] weight: (codes [N, k_blocks, block], scales, zero points)."""
     rows, cols = w.shape
     k_blocks = -(-rows // block)
     kpack = 8 // bits
     src = w if rows == k_blocks * block else np.pad(w, ((0, k_blocks * block - rows), (0, 0)))
-    src = np.ascontiguousarray(src)
+    src = np.ascontiguousarray(src, dtype=np.float32)
     packed = np.zeros((cols, k_blocks, -(-block // kpack)), dtype=np.uint8)
     zp = np.zeros((cols, -(-k_blocks // kpack)), dtype=np.uint8)
     scales = np.zeros((cols, k_blocks), dtype=np.float32)
     _nbits_kernel(bits)(packed, src, scales, zp, block, cols, rows, symmetric)
-    q = _unpack(packed, bits, block).reshape(cols, k_blocks, block).astype(np.float32)
+    q = _unpack(packed, bits, block).reshape(cols, k_blocks, block)
     if symmetric:
-        zero = np.full((cols, k_blocks), float(1 << (bits - 1)), dtype=np.float32)
+        zero = np.full((cols, k_blocks), 1 << (bits - 1), dtype=np.uint8)
     else:
-        zero = _unpack(zp, bits, k_blocks).astype(np.float32)
-    deq = (q - zero[..., None]) * scales[..., None]  # [N, k_blocks, block]
-    return np.ascontiguousarray(deq.reshape(cols, -1)[:, :rows].T)
+        zero = _unpack(zp, bits, k_blocks).astype(np.uint8)
+    return q, scales, zero
+
+
+def nbits_grid(w: np.ndarray, bits: int, block: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(scales, zero points), each [N, k_blocks], of ORT's MatMulNBits quantizer for a [K, N] weight."""
+    _, scales, zero = _nbits_quantize(w, bits, block, symmetric)
+    return scales, zero
+
+
+def nbits_dequant(w: np.ndarray, bits: int, block: int, symmetric: bool) -> np.ndarray:
+    """MatMulNBits round trip of a [K, N] weight, using ORT's own C++ quantizer."""
+    from edgeprune import gptq
+
+    q, scales, zero = _nbits_quantize(w, bits, block, symmetric)
+    return gptq.dequant(q.reshape(q.shape[0], -1), scales, zero, w.shape[0], block)
+
+
+def gptq_dequant(w: np.ndarray, gram: np.ndarray, bits: int, block: int, symmetric: bool) -> np.ndarray:
+    """MatMulNBits weight after GPTQ rounding on ORT's grid (``edgeprune.gptq``), as a [K, N] float."""
+    from edgeprune import gptq
+
+    scales, zero = nbits_grid(w, bits, block, symmetric)
+    return gptq.dequant(gptq.gptq_codes(w, gram, scales, zero, bits, block), scales, zero, w.shape[0], block)
 
 
 def gather_dequant(table: np.ndarray, bits: int, block: int, symmetric: bool) -> np.ndarray:

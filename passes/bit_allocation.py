@@ -67,6 +67,8 @@ class BitAllocationConfig:
     """Symmetric blocks (no zero points) for MatMulNBits/GatherBlockQuantized."""
     accuracy_level: int | None = None
     """MatMulNBits accuracy_level (None: ORT's default; 4 = int8 compute on CPU, faster, less exact)."""
+    gptq: bool = True
+    """Offer GPTQ rounding (``edgeprune.gptq``: same grid and bytes, less output error) for 2/4-bit MatMul weights."""
     dynamic_int8: bool = True
     """Offer dynamic int8 (quantize_dynamic: activations quantized too) where the target runs it."""
     solver: str = "auto"
@@ -253,7 +255,8 @@ class BitAllocationPass(EdgePass):
         from edgeprune.runtime.quant_emit import emit
 
         with self._stage("emit through ORT's quantizers"):
-            new, log = emit(model, plan, accuracy_level=c.accuracy_level)
+            grams = {p.node: self._gram_stats[p.input].gram for u in units for p in u.parts if plan[p.node].kind == "gptq"}
+            new, log = emit(model, plan, accuracy_level=c.accuracy_level, grams=grams)
         model.graph = new.graph
         model.ir_version = new.ir_version
         summary.update(emit=log, weight_bytes_after=model_bytes(model),
@@ -263,6 +266,10 @@ class BitAllocationPass(EdgePass):
         return EdgePassResult(model, modified=True, records=records, summary=summary)
 
     # ------------------------------------------------------------------ pieces
+
+    def _simulate(self, p: _Part, o: Option) -> np.ndarray:
+        gram = self._gram_stats[p.input].gram if o.kind == "gptq" else None
+        return sensitivity.simulate(o, p.weight, gram=gram)
 
     def _stage(self, text: str):
         import contextlib
@@ -301,6 +308,8 @@ class BitAllocationPass(EdgePass):
             if "nbits" in kinds:
                 opts += [Option("nbits", b, blk, c.symmetric) for b in c.bit_options if b in _NBITS_TOOL_BITS
                          for blk in _blocks(c)]
+                if c.gptq:
+                    opts += [Option("gptq", b, blk, c.symmetric) for b in c.bit_options if b in (2, 4) for blk in _blocks(c)]
             return opts
 
         def gather_options(dim: int) -> list[Option]:
@@ -454,7 +463,7 @@ class BitAllocationPass(EdgePass):
                 probe = min((o for o in p.options if o.kind != KEEP), key=lambda o: (p.sizes[o.key], o.key))
                 local = p.errors[probe.key]
                 name = f"__edgeprune_w{i}"
-                q = sensitivity.simulate(probe, p.weight)
+                q = self._simulate(p, probe)
                 arr = np.ascontiguousarray(q.T) if arrays[name] is not p.weight else q
                 out = session.run([out_name], {**feeds, **arrays, name: arr})[0].astype(np.float64)
                 out_err = math.sqrt(float(np.square(out - ref).sum()) / ref_sq) if ref_sq > 0 else 0.0
@@ -552,7 +561,7 @@ class BitAllocationPass(EdgePass):
             for o in lossy:
                 errs[o.key] = math.sqrt(num / den) if den > 0 else 0.0
             return errs
-        qs = [sensitivity.simulate(o, p.weight) for o in lossy]
+        qs = [sensitivity.simulate(o, p.weight, gram=st.gram) for o in lossy]
         extra = [sensitivity.activation_noise_sq(q, float(st.absmax.max()), st.count) if o.kind == "int8-dynamic" else 0.0
                  for o, q in zip(lossy, qs)]
         for o, e in zip(lossy, sensitivity.gram_rel_errors(p.weight, qs, st.gram, extra_sq=extra)):
@@ -614,16 +623,18 @@ class BitAllocationPass(EdgePass):
             elif p.op == "Conv":
                 pref = ["int8-dynamic"]
             else:
-                pref = ["nbits"]
+                pref = ["gptq", "nbits"]
             for kind in pref:
                 for o in p.options:
-                    if (o.kind == kind and (kind not in ("nbits", "gather-tied") or o.bits == bits)
+                    if (o.kind == kind and (kind not in ("nbits", "gptq", "gather-tied") or o.bits == bits)
                             and o.block in (0, _blocks(self.config)[0])):
                         return o
             return Option(KEEP)
 
         target = tuple(want(p) for p in u.parts)
-        return next(i for i, cb in enumerate(combos) if cb == target)
+        if target not in combos:  # a tied lookup shares only a round-to-nearest head: same grid, no GPTQ
+            target = tuple(Option("nbits", o.bits, o.block, o.symmetric) if o.kind == "gptq" else o for o in target)
+        return combos.index(target)
 
     def _curve(self, items, shared, budget, other_bytes) -> list[dict]:
         """Error/size (or error/latency) points the solver sees between the floor and the float model."""
@@ -702,7 +713,7 @@ class BitAllocationPass(EdgePass):
             ref = run_batches(proto, batches, threads=self.context.threads)
             for rec in cand:
                 p, o = by_node[rec["layer"]]
-                out = run_batches(_with_weight(proto, model, p, sensitivity.simulate(o, p.weight)), batches,
+                out = run_batches(_with_weight(proto, model, p, self._simulate(p, o)), batches,
                                   threads=self.context.threads)
                 rec["output_rel_error"] = _rel(ref, out)
 

@@ -92,7 +92,7 @@ def unit_latencies(units, target, *, tokens: int = 128, threads: int | None = No
     """(node, option key) -> ms for every part/option of ``units``; ("dql", input) -> ms per input."""
     from edgeprune.runtime.quant_emit import emit
     from edgeprune.runtime.targets import resolve_target
-    from edgeprune.sensitivity import KEEP
+    from edgeprune.sensitivity import KEEP, Option
 
     import onnxruntime
 
@@ -121,6 +121,10 @@ def unit_latencies(units, target, *, tokens: int = 128, threads: int | None = No
             dql = cached(f"dql|{k}", lambda k=k: _time(_single_op_model("DynamicQuantizeLinear", k, tokens), k, tokens, target, threads))
             out[("dql", p.input)] = max(dql - overhead, 0.0)
             for o in p.options:
+                key = o.key
+                if o.kind == "gptq":  # GPTQ changes the codes, not the format: time it as MatMulNBits
+                    o = Option("nbits", o.bits, o.block, o.symmetric)
+
                 def make(o=o, k=k, n=n):
                     base = _matmul_model(k, n, tokens)
                     model = base if o.kind == KEEP else emit(base, {"mm": o}, accuracy_level=accuracy_level)[0]
@@ -129,7 +133,7 @@ def unit_latencies(units, target, *, tokens: int = 128, threads: int | None = No
                 ms = cached(f"matmul|{k}x{n}|{o.key}", make) - overhead
                 if o.kind == "int8-dynamic":
                     ms -= dql - overhead
-                out[(p.node, o.key)] = max(ms, 0.0)
+                out[(p.node, key)] = max(ms, 0.0)
     if dirty:
         _save_cache(cache)
     return out

@@ -14,7 +14,9 @@ The plan maps node names to :class:`edgeprune.sensitivity.Option`.  Emission wor
    one setting per run: ``customized_weight_config`` is read only by the RTN/GPTQ algorithms);
    embeddings go through its ``nodes_to_include`` so ``Gather`` is not added to
    ``op_types_to_quantize``, which would force opset 21 onto the whole model;
-4. load the result back with ``edgeprune.model_io.load_model``;
+   a ``gptq`` node goes through the same run as ``nbits`` nodes of its bits and block;
+4. load the result back with ``edgeprune.model_io.load_model``; the packed codes of each ``gptq``
+   node are replaced by GPTQ's (``edgeprune.gptq``: same grid, so ORT's scales and zero points stay);
 5. a ``gather-tied`` lookup becomes a GatherBlockQuantized over the tied head's MatMulNBits
    initializers (:func:`_tie_lookups`: no tool shares one packed table between the two ops).
 """
@@ -202,8 +204,11 @@ def prepare(model: ir.Model, plan: dict[str, Option]) -> dict[str, int]:
 
 
 def emit(model: ir.Model, plan: dict[str, Option], *, accuracy_level: int | None = None,
-         workdir: str | pathlib.Path | None = None) -> tuple[ir.Model, dict]:
-    """Quantize ``model`` (not changed) per ``plan`` with ORT's tools; return the new model and a log."""
+         workdir: str | pathlib.Path | None = None, grams: dict[str, np.ndarray] | None = None) -> tuple[ir.Model, dict]:
+    """Quantize ``model`` (not changed) per ``plan`` with ORT's tools; return the new model and a log.
+
+    ``grams`` (node name -> ``X^T X`` of its input) is needed only for the plan's ``gptq`` nodes.
+    """
     work = ir.from_proto(model_io.to_proto(model))
     _name_nodes(work)
     tied = _tied_heads(work, plan)
@@ -212,13 +217,18 @@ def emit(model: ir.Model, plan: dict[str, Option], *, accuracy_level: int | None
     with tempfile.TemporaryDirectory(prefix="edgeprune_bits_", dir=workdir) as tmp:
         path = pathlib.Path(tmp) / "in.onnx"
         model_io.save_model(work, path)
+        gptq_weights = {n.name: (n.outputs[0].name, n.inputs[1].const_value.numpy()) for n in work.graph
+                        if plan.get(n.name) is not None and plan[n.name].kind == "gptq"}
+        missing = sorted(set(gptq_weights) - set(grams or {}))
+        if missing:
+            raise ValueError(f"GPTQ needs the Gram of each node's input; none for {missing[:3]}")
         dynamic = sorted(n for n, o in plan.items() if o.kind in ("int8-dynamic", "int8-gather"))
         if dynamic:
             path = _quantize_dynamic(path, pathlib.Path(tmp) / "dyn.onnx", dynamic)
             log["steps"].append({"tool": "quantize_dynamic", "nodes": len(dynamic)})
         groups: dict[tuple, list[str]] = collections.defaultdict(list)
         for name, o in plan.items():
-            if o.kind in ("nbits", "gather-nbits"):
+            if o.kind in ("nbits", "gather-nbits", "gptq"):
                 groups[(o.bits, o.block, o.symmetric)].append(name)
         proto = onnx.load(str(path))
         for (bits, block, sym), names in sorted(groups.items()):
@@ -230,11 +240,30 @@ def emit(model: ir.Model, plan: dict[str, Option], *, accuracy_level: int | None
         result = model_io.load_model(out)
         if tied:
             log["tied_lookups"] = _tie_lookups(result, tied)
+        if gptq_weights:
+            log["gptq_nodes"] = _gptq_codes(result, plan, gptq_weights, grams)
         # Pull every weight into memory before the folder goes away.
         for v in result.graph.initializers.values():
             if v.const_value is not None and not isinstance(v.const_value, ir.Tensor):
                 v.const_value = ir.tensor(v.const_value.numpy())
     return result, log
+
+
+def _gptq_codes(model: ir.Model, plan: dict[str, Option], weights: dict, grams: dict[str, np.ndarray]) -> int:
+    """Replace the packed codes of each ``gptq`` node's MatMulNBits by GPTQ's on the same grid."""
+    from edgeprune import gptq, sensitivity
+
+    produced = {o.name: n for n in model.graph for o in n.outputs}
+    for name, (out, w) in weights.items():
+        o, mnb = plan[name], produced[out]
+        assert mnb.op_type == "MatMulNBits", mnb.op_type
+        b = mnb.inputs[1]
+        scales, zeros = sensitivity.nbits_grid(w, o.bits, o.block, o.symmetric)
+        stored = mnb.inputs[2].const_value.numpy()
+        assert np.array_equal(stored.reshape(scales.shape), scales), "ORT's grid changed under the GPTQ codes"
+        packed = gptq.pack(gptq.gptq_codes(w, grams[name], scales, zeros, o.bits, o.block), o.bits, o.block)
+        b.const_value = ir.tensor(packed.reshape(b.const_value.shape.numpy()), name=b.name)
+    return len(weights)
 
 
 def _quantize_dynamic(src: pathlib.Path, dst: pathlib.Path, names: list[str]) -> pathlib.Path:

@@ -170,3 +170,25 @@ def test_tied_lookup_reads_the_heads_packed_table(bits, sym):
     # The table is stored once: the head's format, and nothing for the lookup.
     assert S.option_bytes(plan["emb"], e.shape) == 3 * 8  # the Reshape's shape
     assert model_bytes(out) == S.option_bytes(plan["head"], e.T.shape) + S.option_bytes(plan["emb"], e.shape)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("sym", [True, False])
+def test_gptq_emission_matches_its_simulation(bits, sym):
+    """ORT's tool writes the MatMulNBits node and grid; the codes are GPTQ's, exactly as simulated."""
+    model = _toy()
+    e = model.graph.initializers["E"].const_value.numpy()
+    w = model.graph.initializers["W"].const_value.numpy()
+    h = np.concatenate([e, e[:7] * 3.0]).astype(np.float64)  # uneven rows: a non-trivial Gram
+    gram = h.T @ h
+    plan = {"mm": Option("gptq", bits, 32, sym)}
+    out, log = emit(model, plan, grams={"mm": gram})
+    assert log["gptq_nodes"] == 1
+    assert sorted(n.op_type for n in out.graph) == ["Gather", "MatMulNBits"]
+    assert model_bytes(out) == e.nbytes + S.option_bytes(plan["mm"], w.shape)
+    q = S.simulate(plan["mm"], w, gram=gram)
+    y, hh = _run(out, IDS)
+    np.testing.assert_allclose(y, hh @ q, rtol=1e-4, atol=1e-4)
+    assert S.gram_rel_error(w, q, gram) < S.gram_rel_error(w, S.simulate(Option("nbits", bits, 32, sym), w), gram)
+    with pytest.raises(ValueError, match="Gram"):
+        emit(model, plan)
