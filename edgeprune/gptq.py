@@ -17,11 +17,38 @@ replaced (``edgeprune.runtime.quant_emit``).
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 
 #: Dampening, as a fraction of the Hessian's mean diagonal (GPTQ's default), and the lazy-batch width.
 DAMP = 0.01
 LAZY_BLOCK = 128
+
+
+_FACTORS: collections.OrderedDict = collections.OrderedDict()  # id(gram) -> (gram, U, dead rows); a few, LRU
+
+
+def hessian_factor(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(U, dead): the upper Cholesky factor of the dampened ``H^-1`` (``H^-1 = U^T U``), and zero-input rows.
+
+    The nodes reading one input (q/k/v, gate/up) and every option of a node share it, so the last
+    few are kept: the O(K^3) factorisation is paid once per input, not once per node and option.
+    """
+    key = id(gram)
+    hit = _FACTORS.get(key)
+    if hit is not None and hit[0] is gram:
+        _FACTORS.move_to_end(key)
+        return hit[1], hit[2]
+    h = np.array(gram, dtype=np.float64, copy=True)
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices(h.shape[0])] += DAMP * float(np.mean(np.diag(h)))
+    u = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)
+    _FACTORS[key] = (gram, u, dead)
+    while len(_FACTORS) > 4:
+        _FACTORS.popitem(last=False)
+    return u, dead
 
 
 def gptq_codes(w: np.ndarray, gram: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int, block: int) -> np.ndarray:
@@ -32,19 +59,13 @@ def gptq_codes(w: np.ndarray, gram: np.ndarray, scales: np.ndarray, zeros: np.nd
     k, n = w.shape
     maxq = (1 << bits) - 1
     row_block = np.arange(k) // block
-    scale_rows = scales.T[row_block].astype(np.float64)  # [K, N]: the scale of each weight
-    zero_rows = zeros.T[row_block].astype(np.float64)
-
-    h = np.array(gram, dtype=np.float64, copy=True)
-    work = np.array(w, dtype=np.float64, copy=True)
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
+    scale_rows = np.ascontiguousarray(scales.T[row_block], dtype=np.float32)  # [K, N]: the scale of each weight
+    zero_rows = np.ascontiguousarray(zeros.T[row_block], dtype=np.float32)
+    u, dead = hessian_factor(gram)
+    work = np.array(w, dtype=np.float32, copy=True)
     work[dead] = 0.0
-    h[np.diag_indices(k)] += DAMP * float(np.mean(np.diag(h)))
-    # Upper Cholesky factor U of H^-1 (H^-1 = U^T U): row i of U carries row i's error forward.
-    u = np.linalg.cholesky(np.linalg.inv(h)).T
 
-    codes = np.zeros((k, n), dtype=np.float64)
+    codes = np.zeros((k, n), dtype=np.float32)
     for i1 in range(0, k, LAZY_BLOCK):
         i2 = min(i1 + LAZY_BLOCK, k)
         w1 = work[i1:i2].copy()
@@ -53,8 +74,7 @@ def gptq_codes(w: np.ndarray, gram: np.ndarray, scales: np.ndarray, zeros: np.nd
             r = i1 + i
             c = np.clip(np.round(w1[i] / scale_rows[r] + zero_rows[r]), 0, maxq)
             codes[r] = c
-            q = (c - zero_rows[r]) * scale_rows[r]
-            e = (w1[i] - q) / u[r, r]
+            e = (w1[i] - (c - zero_rows[r]) * scale_rows[r]) / u[r, r]
             w1[i:] -= np.outer(u[r, r:i2], e)
             err1[i] = e
         work[i2:] -= u[i1:i2, i2:].T @ err1
