@@ -98,7 +98,7 @@ def unit_latencies(units, target, *, tokens: int = 128, threads: int | None = No
 
     target = resolve_target(target)
     cache = _load_cache()
-    prefix = f"ort{onnxruntime.__version__}|{_cpu()}|{target.name}|t{threads}|T{tokens}|acc{accuracy_level}"
+    prefix = f"ort{onnxruntime.__version__}|{_cpu()}|{target.name}|t{threads}|T{tokens}|acc{accuracy_level}|nospin"
     dirty = False
 
     def cached(key: str, make) -> float:
