@@ -86,11 +86,12 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--latency-budget", help="With --bits auto: prefill latency on the target, in ms (e.g. 150) or relative to the float model (e.g. 0.8x).")
 @click.option("--bit-options", default="4,8", show_default=True, help="Bit widths to choose from besides float (2 and 16 also exist).")
 @click.option("--block-size", default="32,64,128", show_default=True, help="Block size(s) of 4/2-bit blocked formats.")
+@click.option("--gptq", is_flag=True, help="Also offer GPTQ rounding for 4/2-bit weights: better when --calib is the deployment data, worse off-domain.")
 @common_threads
 @common_json
 def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example, force, max_samples, seed,
                 prune_ratio, prune_metric, allocation, round_to, refit, no_compensate, prune_units,
-                bits_mode, size_budget, avg_bits, latency_budget, bit_options, block_size, threads, as_json):
+                bits_mode, size_budget, avg_bits, latency_budget, bit_options, block_size, gptq, threads, as_json):
     """Compile MODEL into OUT: model.onnx plus report.json, report.md and report.html."""
     from edgeprune.pipeline import CompileOptions, compile_model
     from edgeprune.recipe import recipe_from_flags
@@ -101,8 +102,10 @@ def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example,
                  "refit": refit, "compensate": not no_compensate, "units": prune_units}  # fmt: skip
     if bits_mode is not None:
         bits = _bits_options(bits_mode, size_budget, avg_bits, latency_budget, bit_options, block_size)
-    elif any(v is not None for v in (size_budget, avg_bits, latency_budget)):
-        raise click.UsageError("--size-budget, --avg-bits and --latency-budget go with --bits auto.")
+        if gptq:
+            bits["gptq"] = True
+    elif any(v is not None for v in (size_budget, avg_bits, latency_budget)) or gptq:
+        raise click.UsageError("--size-budget, --avg-bits, --latency-budget and --gptq go with --bits.")
     if prune is not None or bits is not None:
         if recipe is not None:
             raise click.UsageError("give either --recipe or --prune/--bits, not both: put the passes in the recipe.")

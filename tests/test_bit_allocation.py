@@ -88,7 +88,7 @@ def test_more_sensitive_layer_gets_more_bits():
     assert result.modified
     assert recs["layerA"]["options"]["nbits4-b32-asym"]["rel_error"] > recs["layerB"]["options"]["nbits4-b32-asym"]["rel_error"]
     assert recs["layerA"]["bits"] > recs["layerB"]["bits"]
-    assert recs["layerA"]["format"] == "nbits8-b32-asym" and recs["layerB"]["format"] in ("nbits4-b32-asym", "gptq4-b32-asym")
+    assert recs["layerA"]["format"] == "nbits8-b32-asym" and recs["layerB"]["format"] == "nbits4-b32-asym"
     assert {n.op_type for n in model.graph} == {"MatMulNBits", "Relu"}
     # the size the solver saw is the size written
     assert model_bytes(model) == result.summary["unit_bytes"] + result.summary["other_bytes"]
@@ -98,7 +98,7 @@ def test_more_sensitive_layer_gets_more_bits():
     assert len(curve) >= 2 and curve[0]["error"] >= curve[-1]["error"]
     assert any("output_rel_error" in r for r in result.records)
     probes = [r["probe"] for r in result.records]  # measured importance: one probe per node
-    assert all(pr["output_rel_error"] > 0 and pr["option"] in ("nbits4-b32-asym", "gptq4-b32-asym") for pr in probes)
+    assert all(pr["output_rel_error"] > 0 and pr["option"] == "nbits4-b32-asym" for pr in probes)
 
 
 def test_budget_at_float_size_is_a_no_op_with_equal_outputs():
@@ -175,7 +175,10 @@ def test_tied_pair_gets_different_formats_and_float_table_counts_once():
 def test_uniform_two_bits_even_when_not_in_bit_options():
     model = _two_layer()
     result = BitAllocationPass(BitAllocationConfig(mode="uniform", bits=2), _ctx(model))(model)
-    assert [r["format"] for r in result.records] == ["gptq2-b32-asym", "gptq2-b32-asym"]  # GPTQ rounding by default
+    assert [r["format"] for r in result.records] == ["nbits2-b32-asym", "nbits2-b32-asym"]
+    m2 = _two_layer()
+    again = BitAllocationPass(BitAllocationConfig(mode="uniform", bits=2, gptq=True), _ctx(m2))(m2)
+    assert [r["format"] for r in again.records] == ["gptq2-b32-asym", "gptq2-b32-asym"]  # the opt-in rounding
 
 
 def test_already_quantized_and_activation_matmuls_are_left_alone():

@@ -265,17 +265,20 @@ def test_backoff_reuses_calibration_statistics(mlp, tmp_path, capsys, monkeypatc
 def test_bits_flags_build_the_recipe(mlp, tmp_path, capsys):
     model, calib = mlp
     code, stdout, stderr = _run(capsys, "compile", model, "-o", tmp_path / "out", "--calib", calib, "--prune", "0.25", "--round-to", "1",
-                                "--bits", "8", "--block-size", "32", "--json")
+                                "--bits", "4", "--block-size", "32", "--gptq", "--json")
     assert code == 0, stderr
     report = json.loads(stdout)
     assert [p["name"] for p in report["passes"]] == ["cleanup", "prune", "cleanup", "bits"]
-    assert report["passes"][3]["config"]["mode"] == "uniform" and report["passes"][3]["config"]["bits"] == 8
+    config = report["passes"][3]["config"]
+    assert config["mode"] == "uniform" and config["bits"] == 4 and config["gptq"] is True
+    assert {r["format"] for r in report["passes"][3]["records"]} == {"gptq4-b32-asym"}
 
 
 @pytest.mark.parametrize("args, expect", [
     (["--bits", "auto"], "needs a budget"),
     (["--bits", "3"], "--bits takes"),
-    (["--avg-bits", "4.5"], "go with --bits auto"),
+    (["--avg-bits", "4.5"], "go with --bits"),
+    (["--gptq"], "go with --bits"),
     (["--bits", "auto", "--size-budget", "lots"], "not a size"),
     (["--bits", "auto", "--latency-budget", "fast"], "--latency-budget takes"),
 ])
