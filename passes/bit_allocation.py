@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 _NBITS_TOOL_BITS = (2, 4, 8)  # what ORT 1.32's MatMulNBitsQuantizer writes (it asserts bits in [2, 4, 8])
 _CURVE_POINTS = 12
+_LATENCY_TOLERANCE = 0.03  # a measured ratio this far above the budget counts as met (timing noise)
 
 
 @dataclasses.dataclass
@@ -81,6 +82,11 @@ class BitAllocationConfig:
     """Measure the model-output error with only that unit quantized, for this many most-sensitive units."""
     latency_tokens: int = 128
     """Sequence length of the latency microbenchmarks."""
+    latency_checks: int = 3
+    """Latency budgets: measure the emitted model (side by side with the float one) up to this many
+    times, re-solving with a tighter budget after each miss."""
+    latency_runs: int = 10
+    """Timed runs per model in each latency check."""
     importance: str = "measured"
     """Weight of each node's squared relative error: ``measured`` (model-output error when only that node
     is quantized, over its local error, measured for every node in one session), ``uniform`` (1 each) or
@@ -243,24 +249,23 @@ class BitAllocationPass(EdgePass):
                               f"in the quantizable nodes against {budget['latency']:.3f} ms left for them")
                 raise BadInputError(f"the budget cannot be met: {floor}; raise the budget.")
             summary["tradeoff"] = self._curve(items, shared, budget, other_bytes)
-        summary.update(solver=sol.method, objective=sol.error, unit_bytes=int(sol.size), solver_note=sol.note,
-                       budget=budget.get("text"), floor=budget.get("floor_text"))
-        if sol.latency:
-            summary["predicted_latency_ms"] = sol.latency + latency_info.get("rest_ms", 0.0)
-        plan = {p.node: o for u, i in zip(units, sol.choice) for p, o in zip(u.parts, u.combos()[i])}
+        plan = self._plan(units, sol)
         if all(o.kind == KEEP for o in plan.values()):
             self._float_reached = True
             notes.append("the solver kept every unit float: the budget allows the float model")
             summary["notes"] = notes
             return EdgePassResult(model, modified=False, records=self._records(units, sol.choice), summary=summary)
+        new, log = self._emit(model, units, plan)
+        if budget.get("latency") is not None:
+            sol, new, log, summary["latency_check"] = self._meet_latency(model, units, items, shared, budget, latency_info,
+                                                                         sol, new, log, notes)
+        summary.update(solver=sol.method, objective=sol.error, unit_bytes=int(sol.size), solver_note=sol.note,
+                       budget=budget.get("text"), floor=budget.get("floor_text"))
+        if sol.latency:
+            summary["predicted_latency_ms"] = sol.latency + latency_info.get("rest_ms", 0.0)
         records = self._records(units, sol.choice)
         self._output_checks(model, units, sol.choice, records)
         self._block_cosines(model, structures, records)
-        from edgeprune.runtime.quant_emit import emit
-
-        with self._stage("emit through ORT's quantizers"):
-            grams = {p.node: self._gram_stats[p.input].gram for u in units for p in u.parts if plan[p.node].kind == "gptq"}
-            new, log = emit(model, plan, accuracy_level=c.accuracy_level, grams=grams)
         model.graph = new.graph
         model.ir_version = new.ir_version
         summary.update(emit=log, weight_bytes_after=model_bytes(model),
@@ -268,6 +273,61 @@ class BitAllocationPass(EdgePass):
         summary["notes"] = notes
         logger.info("bits: %d units, %.2f avg bits, %.1f MB of weights", len(units), summary["avg_bits"], summary["weight_bytes_after"] / 1e6)
         return EdgePassResult(model, modified=True, records=records, summary=summary)
+
+    # ------------------------------------------------------------------ emission and the latency check
+
+    @staticmethod
+    def _plan(units: list[_Unit], sol) -> dict[str, Option]:
+        return {p.node: o for u, i in zip(units, sol.choice) for p, o in zip(u.parts, u.combos()[i])}
+
+    def _emit(self, model: ir.Model, units: list[_Unit], plan: dict[str, Option]):
+        from edgeprune.runtime.quant_emit import emit
+
+        with self._stage("emit through ORT's quantizers"):
+            grams = {p.node: self._gram_stats[p.input].gram for u in units for p in u.parts if plan[p.node].kind == "gptq"}
+            return emit(model, plan, accuracy_level=self.config.accuracy_level, grams=grams)
+
+    def _meet_latency(self, model, units, items, shared, budget, latency_info, sol, new, log, notes):
+        """Measure the emitted model against the float one on the target; re-solve while it misses the budget.
+
+        Per-shape microbenchmarks miss what happens between nodes (fusions such as attention or
+        DynamicQuantizeMatMul, which quantized neighbours enable or block; cache traffic), so the
+        prediction can be off by tens of percent.  Each miss tightens the solver's budget by the
+        measured overshoot and re-solves; after ``latency_checks`` measurements the last model is
+        kept, with a note when it still misses.
+        """
+        from edgeprune.runtime.latency import measure_side_by_side
+        from edgeprune.validation import latency_feed
+
+        c = self.config
+        float_ms = latency_info["float_ms"]
+        target = c.latency_budget_ratio if c.latency_budget_ratio is not None else c.latency_budget_ms / float_ms
+        feed = latency_feed(self.context.calibration.samples[0], model, c.latency_tokens)
+        solver_budget = budget["latency"]
+        attempts = []
+        while True:
+            with self._stage("measure the emitted model's latency side by side with the float model"):
+                lat = measure_side_by_side({"float": model, "candidate": new}, feed, self.context.target, warmup=2,
+                                           runs=c.latency_runs, threads=self.context.threads)
+            ratio = lat["candidate"].p50_ms / lat["float"].p50_ms
+            attempts.append({"solver_budget_ms": solver_budget, "predicted_ms": sol.latency + latency_info["rest_ms"],
+                             "predicted_ratio": (sol.latency + latency_info["rest_ms"]) / float_ms,
+                             "measured_ratio": ratio, "measured_ms": lat["candidate"].p50_ms, "float_ms": lat["float"].p50_ms})
+            if ratio <= target * (1 + _LATENCY_TOLERANCE) or len(attempts) >= c.latency_checks:
+                break
+            solver_budget -= (ratio - target) * float_ms
+            nxt = knapsack.solve(items, size_budget=budget.get("size"), latency_budget=solver_budget, shared=shared,
+                                 method=c.solver)
+            if not nxt.feasible:
+                notes.append("no faster choice is left by the microbenchmarks after the measured overshoot")
+                break
+            sol = nxt
+            new, log = self._emit(model, units, self._plan(units, sol))
+        met = attempts[-1]["measured_ratio"] <= target * (1 + _LATENCY_TOLERANCE)
+        if not met:
+            notes.append(f"measured latency {attempts[-1]['measured_ratio']:.2f}x of the float model misses the budget "
+                         f"{target:.2f}x after {len(attempts)} measurement(s): the offered formats are not faster here")
+        return sol, new, log, {"target_ratio": target, "met": met, "attempts": attempts}
 
     # ------------------------------------------------------------------ pieces
 

@@ -303,3 +303,48 @@ def test_gemm_is_rewritten_to_matmul_and_quantized():
     assert sorted(n.op_type for n in model.graph) == ["Add", "MatMulNBits"]
     after = _run(model, feeds)
     assert np.linalg.norm(after - before) / np.linalg.norm(before) < 0.01
+
+
+def test_latency_budget_is_checked_by_measurement_and_tightened(monkeypatch):
+    """A measured miss tightens the solver's budget by the overshoot and re-solves; the check is recorded.
+
+    Microbenchmarks and measurements are replaced by fixed figures: this checks the loop, not a clock.
+    """
+    from edgeprune.runtime import latency as latency_mod
+    from edgeprune.runtime import microbench
+    from edgeprune.runtime.latency import LatencyResult
+
+    def table(units, target, **kw):  # per node: float 1 ms, int8-dyn 0.3 ms, MatMulNBits 0.8 ms
+        t = {("dql", p.input): 0.05 for u in units for p in u.parts}
+        for u in units:
+            for p in u.parts:
+                for o in p.options:
+                    t[(p.node, o.key)] = {"keep": 1.0, "int8-dynamic": 0.3}.get(o.kind, 0.8)
+        return t
+
+    monkeypatch.setattr(microbench, "unit_latencies", table)
+    monkeypatch.setattr(microbench, "model_latency", lambda model, ctx, units, t, tokens: (3.0, 2.0))  # 1 ms outside
+
+    def fake(models, feeds, target="cpu", *, warmup=5, runs=30, threads=None):
+        r = next(ratios)
+        res = lambda ms: LatencyResult(ms, ms, ms, ms, ms, 1000 / ms, runs, warmup, threads, None, None)  # noqa: E731
+        return {"float": res(10.0), "candidate": res(10.0 * r)}
+
+    monkeypatch.setattr(latency_mod, "measure_side_by_side", fake)
+    ratios = iter([0.95, 0.6])  # the first emitted model misses a 0.9x budget, the second meets it
+    model = _two_layer()
+    result = BitAllocationPass(BitAllocationConfig(latency_budget_ratio=0.9), _ctx(model))(model)
+    check = result.summary["latency_check"]
+    assert check["met"] and check["target_ratio"] == 0.9
+    first, second = check["attempts"]
+    assert first["measured_ratio"] == 0.95 and second["measured_ratio"] == 0.6
+    assert first["solver_budget_ms"] == pytest.approx(0.9 * 3.0 - 1.0)
+    assert second["solver_budget_ms"] == pytest.approx(first["solver_budget_ms"] - 0.05 * 3.0)
+    assert second["predicted_ms"] < first["predicted_ms"]
+
+    ratios = iter([0.95, 0.95, 0.95])  # never met: the last model is kept, with a note
+    model = _two_layer()
+    result = BitAllocationPass(BitAllocationConfig(latency_budget_ratio=0.9), _ctx(model))(model)
+    check = result.summary["latency_check"]
+    assert not check["met"] and 2 <= len(check["attempts"]) <= 3
+    assert any("misses the budget" in n for n in result.summary["notes"])
