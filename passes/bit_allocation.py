@@ -276,6 +276,13 @@ class BitAllocationPass(EdgePass):
 
     # ------------------------------------------------------------------ emission and the latency check
 
+    def _fastest(self, items, shared, size_budget):
+        """The choice of least predicted latency within the size budget (ties: least error)."""
+        by_latency = [[knapsack.Item(it.latency + 1e-9 * it.error, it.size, 0.0) for it in row] for row in items]
+        s = knapsack.solve(by_latency, size_budget=size_budget, method=self.config.solver)
+        return knapsack.Solution(s.choice, *knapsack.totals(items, s.choice, shared), method=f"{s.method} (fastest)",
+                                 feasible=s.feasible)
+
     @staticmethod
     def _plan(units: list[_Unit], sol) -> dict[str, Option]:
         return {p.node: o for u, i in zip(units, sol.choice) for p, o in zip(u.parts, u.combos()[i])}
@@ -304,23 +311,27 @@ class BitAllocationPass(EdgePass):
         target = c.latency_budget_ratio if c.latency_budget_ratio is not None else c.latency_budget_ms / float_ms
         feed = latency_feed(self.context.calibration.samples[0], model, c.latency_tokens)
         solver_budget = budget["latency"]
-        attempts = []
+        attempts, fastest = [], False
         while True:
             with self._stage("measure the emitted model's latency side by side with the float model"):
                 lat = measure_side_by_side({"float": model, "candidate": new}, feed, self.context.target, warmup=2,
                                            runs=c.latency_runs, threads=self.context.threads)
             ratio = lat["candidate"].p50_ms / lat["float"].p50_ms
-            attempts.append({"solver_budget_ms": solver_budget, "predicted_ms": sol.latency + latency_info["rest_ms"],
-                             "predicted_ratio": (sol.latency + latency_info["rest_ms"]) / float_ms,
-                             "measured_ratio": ratio, "measured_ms": lat["candidate"].p50_ms, "float_ms": lat["float"].p50_ms})
-            if ratio <= target * (1 + _LATENCY_TOLERANCE) or len(attempts) >= c.latency_checks:
+            predicted = sol.latency + latency_info["rest_ms"]
+            attempts.append({"solver_budget_ms": solver_budget, "predicted_ms": predicted, "predicted_ratio": predicted / float_ms,
+                             "measured_ratio": ratio, "measured_ms": lat["candidate"].p50_ms,
+                             "float_ms": lat["float"].p50_ms, "fastest_choice": fastest})
+            if ratio <= target * (1 + _LATENCY_TOLERANCE) or len(attempts) >= c.latency_checks or fastest:
                 break
             solver_budget -= (ratio - target) * float_ms
             nxt = knapsack.solve(items, size_budget=budget.get("size"), latency_budget=solver_budget, shared=shared,
                                  method=c.solver)
-            if not nxt.feasible:
-                notes.append("no faster choice is left by the microbenchmarks after the measured overshoot")
-                break
+            if not nxt.feasible:  # the microbenchmarks see nothing faster: take the fastest choice the size allows
+                fastest = True
+                nxt = self._fastest(items, shared, budget.get("size"))
+                if nxt.choice == sol.choice:
+                    break
+                solver_budget = nxt.latency
             sol = nxt
             new, log = self._emit(model, units, self._plan(units, sol))
         met = attempts[-1]["measured_ratio"] <= target * (1 + _LATENCY_TOLERANCE)
