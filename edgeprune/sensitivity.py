@@ -39,7 +39,8 @@ class Option:
     ``gather-nbits`` (GatherBlockQuantized, block-wise along the embedding dim), ``int8-dynamic``
     (quantize_dynamic: int8 weight per output channel + uint8 dynamic activation), ``int8-gather``
     (quantize_dynamic on a Gather: uint8 table per tensor + DequantizeLinear after the lookup),
-    ``gptq`` (MatMulNBits on the same grid, its codes rounded by GPTQ against the Gram of the node's
+    ``qdq`` (static QDQ for NPU-style targets: int8 weights per output channel, activations of
+    ``bits`` 8 or 16 quantized per tensor with a range calibrated once), ``gptq`` (MatMulNBits on the same grid, its codes rounded by GPTQ against the Gram of the node's
     input: ``edgeprune.gptq``), ``gather-tied`` (GatherBlockQuantized reading the packed table of the tied LM head's MatMulNBits with
     the same bits/block/symmetry: the table is stored once, so the lookup itself costs no bytes).
     """
@@ -57,6 +58,8 @@ class Option:
             return "int8-dyn"
         if self.kind == "int8-gather":
             return "int8-gather"
+        if self.kind == "qdq":
+            return f"qdq-a{self.bits}w8"
         prefix = {"nbits": "nbits", "gptq": "gptq", "gather-nbits": "gather", "gather-tied": "tied"}[self.kind]
         return f"{prefix}{self.bits}-b{self.block}-{'sym' if self.symmetric else 'asym'}"
 
@@ -80,6 +83,8 @@ def option_bytes(option: Option, shape: tuple[int, int], float_bytes: int = 4) -
         return rows * cols + cols * (float_bytes + 1)  # int8 weight, per-channel scale + zero point
     if option.kind == "int8-gather":
         return rows * cols + float_bytes + 1  # uint8 table, one scale + zero point
+    if option.kind == "qdq":  # int8 weight, per-channel scale + zero point; scale + zero point of input and output
+        return rows * cols + cols * (float_bytes + 1) + 2 * (float_bytes + option.bits // 8)
     if option.kind == "gather-tied":
         return 3 * 8  # the head's MatMulNBits initializers (counted there) + the int64 shape of their Reshape
     bits, block = option.bits, option.block
@@ -120,7 +125,7 @@ def simulate(option: Option, weight: np.ndarray, gram: np.ndarray | None = None)
         return gather_dequant(w, option.bits, option.block, option.symmetric)
     if option.kind == "gather-tied":  # the head's [dim, vocab] weight is the table transposed
         return np.ascontiguousarray(nbits_dequant(np.ascontiguousarray(w.T), option.bits, option.block, option.symmetric).T)
-    if option.kind == "int8-dynamic":
+    if option.kind in ("int8-dynamic", "qdq"):  # both: ORT's symmetric int8 per output channel
         return int8_channel_dequant(w, axis=1)
     if option.kind == "int8-gather":
         return uint8_tensor_dequant(w)
@@ -275,9 +280,13 @@ def row_weighted_rel_error(table: np.ndarray, quantized: np.ndarray, counts: np.
     return float(np.sqrt(num / den)) if den > 0 else 0.0
 
 
-def activation_noise_sq(quantized: np.ndarray, absmax: float, rows: int) -> float:
-    """Expected ||dX Q(W)||_F^2 from uint8 per-tensor dynamic activation rounding (uniform noise model)."""
-    scale = 2.0 * float(absmax) / 255.0
+def activation_noise_sq(quantized: np.ndarray, absmax: float, rows: int, bits: int = 8) -> float:
+    """Expected ||dX Q(W)||_F^2 from per-tensor activation rounding to ``bits`` (uniform noise model).
+
+    Dynamic int8 takes the range of each run, static QDQ one calibrated range: both are bounded
+    by the calibration rows' absolute maximum.
+    """
+    scale = 2.0 * float(absmax) / float((1 << bits) - 1)
     return rows * scale * scale / 12.0 * float(np.square(np.asarray(quantized, np.float64)).sum())
 
 

@@ -39,7 +39,8 @@ from edgeprune.sensitivity import KEEP, Option
 
 logger = logging.getLogger(__name__)
 
-_NBITS_TOOL_BITS = (2, 4, 8)  # what ORT 1.32's MatMulNBitsQuantizer writes (it asserts bits in [2, 4, 8])
+_NBITS_TOOL_BITS = (2, 4, 8)
+_QDQ_BITS = (8, 16)  # activation widths of static QDQ (int8 weights either way)  # what ORT 1.32's MatMulNBitsQuantizer writes (it asserts bits in [2, 4, 8])
 _CURVE_POINTS = 12
 _LATENCY_TOLERANCE = 0.03  # a measured ratio this far above the budget counts as met (timing noise)
 
@@ -122,6 +123,7 @@ class _Part:
     sizes: dict[str, int] = dataclasses.field(default_factory=dict)
     importance: float = 1.0  # weight of this node's squared relative error in the objective
     probe: dict | None = None  # the measured model-output error behind a "measured" importance
+    output: str = ""  # the node's output tensor (static QDQ quantizes it too)
 
 
 @dataclasses.dataclass
@@ -292,7 +294,8 @@ class BitAllocationPass(EdgePass):
 
         with self._stage("emit through ORT's quantizers"):
             grams = {p.node: self._gram_stats[p.input].gram for u in units for p in u.parts if plan[p.node].kind == "gptq"}
-            return emit(model, plan, accuracy_level=self.config.accuracy_level, grams=grams)
+            rows = self.context.calibration.samples if any(o.kind == "qdq" for o in plan.values()) else None
+            return emit(model, plan, accuracy_level=self.config.accuracy_level, grams=grams, calibration=rows)
 
     def _meet_latency(self, model, units, items, shared, budget, latency_info, sol, new, log, notes):
         """Measure the emitted model against the float one on the target; re-solve while it misses the budget.
@@ -380,6 +383,7 @@ class BitAllocationPass(EdgePass):
             opts = [Option(KEEP)]
             if "int8-dynamic" in kinds and 8 in c.bit_options:
                 opts.append(Option("int8-dynamic", 8))
+            opts += [Option("qdq", b) for b in _QDQ_BITS if f"qdq{b}" in kinds]
             if "nbits" in kinds:
                 opts += [Option("nbits", b, blk, c.symmetric) for b in c.bit_options if b in _NBITS_TOOL_BITS
                          for blk in _blocks(c)]
@@ -403,7 +407,7 @@ class BitAllocationPass(EdgePass):
             w = _weight_array(init, lin)
             if w is None:
                 continue
-            units.append(_Unit([_Part(lin.node, lin.op_type, w, lin.input, mm_options(w.shape[0]))]))
+            units.append(_Unit([_Part(lin.node, lin.op_type, w, lin.input, mm_options(w.shape[0]), output=lin.output)]))
         for emb in structures.embeddings:
             table = init[emb.table].const_value.numpy()
             if table.dtype != np.float32:
@@ -412,7 +416,7 @@ class BitAllocationPass(EdgePass):
             if emb.tied and emb.tied_with in lin_by_node:
                 lin = lin_by_node[emb.tied_with]
                 head = _Part(lin.node, "MatMul", np.ascontiguousarray(table.T) if lin.transposed else table,
-                             lin.input, mm_options(emb.dim))
+                             lin.input, mm_options(emb.dim), output=lin.output)
                 if lin.transposed:  # the head's [dim, vocab] blocks run along dim: the table's rows
                     part.options += [Option("gather-tied", o.bits, o.block, o.symmetric) for o in head.options
                                      if o.kind == "nbits" and emb.dim % o.block == 0]
@@ -424,7 +428,8 @@ class BitAllocationPass(EdgePass):
             if w is None or w.dtype != np.float32:
                 continue
             opts = [Option(KEEP)] + ([Option("int8-dynamic", 8)] if "int8-dynamic" in kinds and 8 in c.bit_options else [])
-            units.append(_Unit([_Part(conv.node, "Conv", w, conv.input, opts)]))
+            opts += [Option("qdq", b) for b in _QDQ_BITS if f"qdq{b}" in kinds]
+            units.append(_Unit([_Part(conv.node, "Conv", w, conv.input, opts, output=conv.output)]))
         # What is left alone, and why.
         from edgeprune.runtime.quant_emit import QUANTIZED_OPS, node_name
 
@@ -443,6 +448,10 @@ class BitAllocationPass(EdgePass):
         gram_inputs = sorted({p.input for u in units for p in u.parts if p.op in ("MatMul", "Gemm")})
         conv_inputs = sorted({p.input for u in units for p in u.parts if p.op == "Conv"})
         requests = [StatsRequest(t, axis=-1, gram=True) for t in gram_inputs] + [StatsRequest(t, axis=1) for t in conv_inputs]
+        # Static QDQ also rounds each node's output to a calibrated range: its noise needs that range.
+        qdq_outputs = {p.output: (1 if p.op == "Conv" else -1) for u in units for p in u.parts
+                       if p.output and any(o.kind == "qdq" for o in p.options)}
+        requests += [StatsRequest(t, axis=a) for t, a in sorted(qdq_outputs.items()) if t not in gram_inputs + conv_inputs]
         stats = self.context.stats(model, requests) if requests else {}
         self._gram_stats = stats
         counts = self._token_counts(units)
@@ -451,8 +460,9 @@ class BitAllocationPass(EdgePass):
                 for p in u.parts:
                     fb = _float_bytes(p.weight)
                     for o in p.options:
-                        if p.op == "Conv":
-                            p.sizes[o.key] = p.weight.nbytes if o.kind == KEEP else p.weight.size + fb + 1
+                        if p.op == "Conv":  # dynamic: one weight scale (ConvInteger); QDQ: one per output channel
+                            per = {KEEP: None, "qdq": p.weight.shape[0] * (fb + 1) + 2 * (fb + o.bits // 8)}
+                            p.sizes[o.key] = p.weight.nbytes if o.kind == KEEP else p.weight.size + per.get(o.kind, fb + 1)
                         else:
                             p.sizes[o.key] = sensitivity.option_bytes(o, p.weight.shape, fb)
                     p.errors.update(self._cached_errors(p, stats, counts))
@@ -629,19 +639,32 @@ class BitAllocationPass(EdgePass):
             # Diagonal Gram (per-input-channel energy): exact cross terms would need im2col statistics.
             # quantize_dynamic writes ConvInteger with one weight scale (per tensor), whatever per_channel says.
             w2 = p.weight.reshape(p.weight.shape[0], -1).T
-            q = sensitivity.int8_tensor_dequant(p.weight).reshape(p.weight.shape[0], -1).T
             per = np.repeat(st.sq_norm, int(np.prod(p.weight.shape[2:])))
-            num = float(per @ np.square(q - w2).sum(axis=1)) + sensitivity.activation_noise_sq(q, float(st.absmax.max()), st.count)
             den = float(per @ np.square(w2).sum(axis=1))
             for o in lossy:
+                deq = sensitivity.int8_channel_dequant(p.weight, axis=0) if o.kind == "qdq" else sensitivity.int8_tensor_dequant(p.weight)
+                q = deq.reshape(p.weight.shape[0], -1).T
+                num = (float(per @ np.square(q - w2).sum(axis=1)) + self._activation_noise(p, o, q, st, stats))
                 errs[o.key] = math.sqrt(num / den) if den > 0 else 0.0
             return errs
         qs = [sensitivity.simulate(o, p.weight, gram=st.gram) for o in lossy]
-        extra = [sensitivity.activation_noise_sq(q, float(st.absmax.max()), st.count) if o.kind == "int8-dynamic" else 0.0
-                 for o, q in zip(lossy, qs)]
+        extra = [self._activation_noise(p, o, q, st, stats) for o, q in zip(lossy, qs)]
         for o, e in zip(lossy, sensitivity.gram_rel_errors(p.weight, qs, st.gram, extra_sq=extra)):
             errs[o.key] = e
         return errs
+
+    @staticmethod
+    def _activation_noise(p: _Part, o: Option, q: np.ndarray, st, stats) -> float:
+        """Squared output error from rounding activations: dynamic int8 rounds the input, static QDQ the
+        input and the output, each to a per-tensor range (uniform noise model)."""
+        if o.kind not in ("int8-dynamic", "qdq"):
+            return 0.0
+        noise = sensitivity.activation_noise_sq(q, float(st.absmax.max()), st.count, bits=o.bits)
+        out = stats.get(p.output) if o.kind == "qdq" else None
+        if out is not None:
+            scale = 2.0 * float(out.absmax.max()) / float((1 << o.bits) - 1)
+            noise += out.count * out.absmax.size * scale * scale / 12.0
+        return noise
 
     def _budget(self, units, other_bytes, items, latency_info, notes) -> dict[str, Any]:
         c = self.config
@@ -696,12 +719,12 @@ class BitAllocationPass(EdgePass):
             if p.op == "Gather":
                 pref = ["gather-tied"] + (["int8-gather"] if bits == 8 else ["gather-nbits"])
             elif p.op == "Conv":
-                pref = ["int8-dynamic"]
+                pref = ["int8-dynamic", "qdq"]
             else:
-                pref = ["gptq", "nbits"]
+                pref = ["gptq", "nbits", "qdq"]
             for kind in pref:
                 for o in p.options:
-                    if (o.kind == kind and (kind not in ("nbits", "gptq", "gather-tied") or o.bits == bits)
+                    if (o.kind == kind and (kind not in ("nbits", "gptq", "gather-tied", "qdq") or o.bits == bits)
                             and o.block in (0, _blocks(self.config)[0])):
                         return o
             return Option(KEEP)
@@ -813,11 +836,11 @@ def _formats_for(target, c: BitAllocationConfig) -> tuple[set[str], list[str]]:
         if b == 16:
             notes.append("fp16 is not emitted by this pass (no ORT tool converts single nodes); float stays fp32"
                          + ("" if "fp16" in fast else f", and target {name} does not run fp16 fast anyway"))
-    if "qdq-int8" in fast and "int8-dynamic" not in fast:
-        notes.append(f"target {name} wants static QDQ int8, which this pass does not emit yet")
+    if "int8-dynamic" not in fast:  # NPU-style targets: static QDQ (on CPU, dynamic int8 is the faster int8)
+        kinds |= {f"qdq{b}" for b in _QDQ_BITS if f"qdq-int{b}" in fast and 8 in c.bit_options}
     if not kinds:
         raise BadInputError(
-            f"target {name} runs none of the formats this pass emits (MatMulNBits, dynamic int8): "
+            f"target {name} runs none of the formats this pass emits (MatMulNBits, dynamic int8, static QDQ): "
             "choose --target cpu or cuda, or leave bit allocation out of the recipe."
         )
     return kinds, notes

@@ -8,7 +8,9 @@ The plan maps node names to :class:`edgeprune.sensitivity.Option`.  Emission wor
    tool looks through the Transpose); a quantized ``Gemm`` becomes ``MatMul`` (+ ``Add``) since
    neither tool quantizes Gemm; the IR version is raised to 10 when a GatherBlockQuantized will
    hold int4 tensors (the opset is left alone: the ops it contains are unchanged);
-2. ``quantize_dynamic(nodes_to_quantize=...)`` for the dynamic-int8 MatMul/Conv/Gather nodes;
+2. ``quantize_static(QuantFormat.QDQ, nodes_to_quantize=...)`` for the QDQ nodes (NPU-style
+   targets), one run per activation width, ranges calibrated on ``calibration`` rows of the float
+   model; then ``quantize_dynamic(nodes_to_quantize=...)`` for the dynamic-int8 MatMul/Conv/Gather nodes;
 3. one ``MatMulNBitsQuantizer`` run per distinct (bits, block, symmetric) setting, restricted
    with ``nodes_to_exclude`` to that setting's nodes (in ORT 1.32 the DEFAULT algorithm takes
    one setting per run: ``customized_weight_config`` is read only by the RTN/GPTQ algorithms);
@@ -204,10 +206,12 @@ def prepare(model: ir.Model, plan: dict[str, Option]) -> dict[str, int]:
 
 
 def emit(model: ir.Model, plan: dict[str, Option], *, accuracy_level: int | None = None,
-         workdir: str | pathlib.Path | None = None, grams: dict[str, np.ndarray] | None = None) -> tuple[ir.Model, dict]:
+         workdir: str | pathlib.Path | None = None, grams: dict[str, np.ndarray] | None = None,
+         calibration: list[dict] | None = None) -> tuple[ir.Model, dict]:
     """Quantize ``model`` (not changed) per ``plan`` with ORT's tools; return the new model and a log.
 
-    ``grams`` (node name -> ``X^T X`` of its input) is needed only for the plan's ``gptq`` nodes.
+    ``grams`` (node name -> ``X^T X`` of its input) is needed only for the plan's ``gptq`` nodes,
+    ``calibration`` (feed dicts) only for its ``qdq`` nodes.
     """
     work = ir.from_proto(model_io.to_proto(model))
     _name_nodes(work)
@@ -222,6 +226,12 @@ def emit(model: ir.Model, plan: dict[str, Option], *, accuracy_level: int | None
         missing = sorted(set(gptq_weights) - set(grams or {}))
         if missing:
             raise ValueError(f"GPTQ needs the Gram of each node's input; none for {missing[:3]}")
+        for bits in sorted({o.bits for o in plan.values() if o.kind == "qdq"}):
+            if not calibration:
+                raise ValueError("static QDQ needs calibration rows for its activation ranges")
+            names = sorted(n for n, o in plan.items() if o.kind == "qdq" and o.bits == bits)
+            path = _quantize_static(path, pathlib.Path(tmp) / f"qdq{bits}.onnx", names, calibration, bits)
+            log["steps"].append({"tool": "quantize_static", "activation_bits": bits, "nodes": len(names)})
         dynamic = sorted(n for n, o in plan.items() if o.kind in ("int8-dynamic", "int8-gather"))
         if dynamic:
             path = _quantize_dynamic(path, pathlib.Path(tmp) / "dyn.onnx", dynamic)
@@ -264,6 +274,25 @@ def _gptq_codes(model: ir.Model, plan: dict[str, Option], weights: dict, grams: 
         packed = gptq.pack(gptq.gptq_codes(w, grams[name], scales, zeros, o.bits, o.block), o.bits, o.block)
         b.const_value = ir.tensor(packed.reshape(b.const_value.shape.numpy()), name=b.name)
     return len(weights)
+
+
+def _quantize_static(src: pathlib.Path, dst: pathlib.Path, names: list[str], rows: list[dict], bits: int) -> pathlib.Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Rows(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(rows)
+
+        def get_next(self):
+            return next(self._it, None)
+
+    quantize_static(
+        src, dst, Rows(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Conv"],
+        nodes_to_quantize=names, per_channel=True, weight_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt16 if bits == 16 else QuantType.QUInt8,
+        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, "UseQDQContribOps": bits == 16},
+    )
+    return dst
 
 
 def _quantize_dynamic(src: pathlib.Path, dst: pathlib.Path, names: list[str]) -> pathlib.Path:

@@ -348,3 +348,26 @@ def test_latency_budget_is_checked_by_measurement_and_tightened(monkeypatch):
     check = result.summary["latency_check"]
     assert not check["met"] and 2 <= len(check["attempts"]) <= 3
     assert any("misses the budget" in n for n in result.summary["notes"])
+
+
+def test_npu_target_gets_static_qdq():
+    """qnn runs neither MatMulNBits nor dynamic int8: the pass offers static QDQ (8- or 16-bit activations)."""
+    model = _two_layer()
+    feeds = {"x": np.random.default_rng(3).standard_normal((1, T, D)).astype(np.float32)}
+    before = _run(model, feeds)
+    uniform = BitAllocationPass(BitAllocationConfig(mode="uniform", bits=8), _ctx(model, "qnn"))(model)
+    assert [r["format"] for r in uniform.records] == ["qdq-a8w8", "qdq-a8w8"]
+    assert "QuantizeLinear" in {n.op_type for n in model.graph}
+    rel = np.linalg.norm(_run(model, feeds) - before) / np.linalg.norm(before)
+    assert rel < 0.05
+
+    model = _two_layer()
+    result = BitAllocationPass(BitAllocationConfig(size_budget_bytes=int(2 * D * D * 1.2)), _ctx(model, "qnn"))(model)
+    recs = {r["layer"]: r for r in result.records}
+    assert set(recs["layerA"]["options"]) == {"float", "qdq-a8w8", "qdq-a16w8"}
+    for r in recs.values():  # same bytes within a few: the finer activations win on error
+        assert r["options"]["qdq-a16w8"]["rel_error"] < r["options"]["qdq-a8w8"]["rel_error"]
+        assert r["format"] == "qdq-a16w8"
+    assert model_bytes(model) <= 2 * D * D * 1.2
+    rel = np.linalg.norm(_run(model, feeds) - before) / np.linalg.norm(before)
+    assert rel < 0.02

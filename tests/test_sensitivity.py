@@ -192,3 +192,26 @@ def test_gptq_emission_matches_its_simulation(bits, sym):
     assert S.gram_rel_error(w, q, gram) < S.gram_rel_error(w, S.simulate(Option("nbits", bits, 32, sym), w), gram)
     with pytest.raises(ValueError, match="Gram"):
         emit(model, plan)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_static_qdq_emission_matches_simulated_weights(bits):
+    """NPU-style static QDQ: int8 weights per output channel as simulated, activations calibrated."""
+    model = _toy()
+    w = model.graph.initializers["W"].const_value.numpy()
+    rng = np.random.default_rng(4)
+    rows = [{"ids": rng.integers(0, V, (2, 5))} for _ in range(6)]
+    plan = {"mm": Option("qdq", bits)}
+    out, log = emit(model, plan, calibration=rows)
+    assert [s["tool"] for s in log["steps"]] == ["quantize_static"]
+    ops = sorted(n.op_type for n in out.graph)
+    assert ops.count("DequantizeLinear") == 3 and "MatMul" in ops  # weight, input and output rounded
+    deq = next(n for n in out.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None)
+    qw, scale = (v.const_value.numpy() for v in deq.inputs[:2])
+    np.testing.assert_allclose(qw.astype(np.float32) * scale, S.simulate(plan["mm"], w), rtol=1e-6, atol=1e-7)
+    y, h = _run(out, IDS)
+    rel = np.linalg.norm(y - h @ w) / np.linalg.norm(h @ w)
+    assert rel < (0.02 if bits == 8 else 0.01)
+    assert model_bytes(out) == model_bytes(model) - w.nbytes + S.option_bytes(plan["mm"], w.shape)
+    with pytest.raises(ValueError, match="calibration rows"):
+        emit(model, plan)
