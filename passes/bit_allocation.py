@@ -15,7 +15,12 @@ picks one option per unit minimising the sum of squared relative errors under th
 ``size_budget_bytes`` (whole-model weight bytes), ``avg_bits`` (bits per weight over the units,
 scales included) or ``latency_budget_ms`` / ``latency_budget_ratio`` (per-option latencies from cached microbenchmarks on
 the target, plus one DynamicQuantizeLinear per distinct dynamic-int8 input).  The choice is
-emitted through ORT's own quantizers (``edgeprune.runtime.quant_emit``).
+emitted through ORT's own quantizers (``edgeprune.runtime.quant_emit``); a latency budget is then
+checked by timing the emitted model against the float one, and re-solved tighter on a miss.
+
+Formats follow the target profile: on CPU/GPU MatMulNBits (2/4/8-bit blocks, optionally GPTQ
+rounding: ``edgeprune.gptq``), GatherBlockQuantized and dynamic int8; on NPU-style targets
+(no dynamic int8) static QDQ with 8- or 16-bit activations.
 """
 
 from __future__ import annotations
