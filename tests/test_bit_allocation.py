@@ -371,3 +371,12 @@ def test_npu_target_gets_static_qdq():
     assert model_bytes(model) <= 2 * D * D * 1.2
     rel = np.linalg.norm(_run(model, feeds) - before) / np.linalg.norm(before)
     assert rel < 0.02
+
+
+def test_fastest_fallback_is_the_most_accurate_of_the_fastest():
+    from edgeprune import knapsack
+
+    items = [[knapsack.Item(1.0, 10, 1.0), knapsack.Item(0.5, 10, 1.0), knapsack.Item(0.1, 20, 2.0)],
+             [knapsack.Item(0.0, 40, 0.0), knapsack.Item(0.3, 5, 0.0), knapsack.Item(0.2, 8, 0.0)]]
+    sol = BitAllocationPass(BitAllocationConfig(avg_bits=8))._fastest(items, [], size_budget=20)
+    assert sol.choice == [1, 2] and sol.latency == 1.0 and sol.error == pytest.approx(0.7)
