@@ -48,6 +48,9 @@ _NBITS_TOOL_BITS = (2, 4, 8)
 _QDQ_BITS = (8, 16)  # activation widths of static QDQ (int8 weights either way)  # what ORT 1.32's MatMulNBitsQuantizer writes (it asserts bits in [2, 4, 8])
 _CURVE_POINTS = 12
 _LATENCY_TOLERANCE = 0.03  # a measured ratio this far above the budget counts as met (timing noise)
+# A latency budget this far below the microbenchmarks' floor is refused; closer ones get the fastest
+# choice, measured (the microbenchmarks' floor has been 5-10 % pessimistic on MiniLM).
+_LATENCY_FLOOR_SLACK = 0.15
 
 
 @dataclasses.dataclass
@@ -92,7 +95,7 @@ class BitAllocationConfig:
     """Latency budgets: measure the emitted model (side by side with the float one) up to this many
     times, re-solving with a tighter budget after each miss."""
     latency_runs: int = 10
-    """Timed runs per model in each latency check."""
+    """Timed runs per model in each latency check, at least (small models get up to 50)."""
     importance: str = "measured"
     """Weight of each node's squared relative error: ``measured`` (model-output error when only that node
     is quantized, over its local error, measured for every node in one session), ``uniform`` (1 each) or
@@ -249,6 +252,12 @@ class BitAllocationPass(EdgePass):
         else:
             sol = knapsack.solve(items, size_budget=budget.get("size"), latency_budget=budget.get("latency"),
                                  shared=shared, method=c.solver)
+            if not sol.feasible and budget.get("latency") is not None:
+                fastest = self._fastest(items, shared, budget.get("size"))
+                if fastest.feasible:  # just below the predicted floor: let the measurement decide
+                    notes.append("the latency budget is just below what the microbenchmarks predict for the fastest "
+                                 "choice: that choice is emitted and measured")
+                    sol = fastest
             if not sol.feasible:
                 floor = budget["floor_text"]
                 if budget.get("latency") is not None:  # shared DynamicQuantizeLinear costs can make it infeasible
@@ -326,12 +335,14 @@ class BitAllocationPass(EdgePass):
         float_ms = latency_info["float_ms"]
         target = c.latency_budget_ratio if c.latency_budget_ratio is not None else c.latency_budget_ms / float_ms
         feed = latency_feed(self.context.calibration.samples[0], model, c.latency_tokens)
+        # p50 of a few runs is noisy on a shared machine: small models get more runs (about 2 s per model).
+        runs = max(c.latency_runs, min(50, int(2000.0 / max(float_ms, 1e-3))))
         solver_budget = budget["latency"]
         attempts, fastest = [], False
         while True:
             with self._stage("measure the emitted model's latency side by side with the float model"):
                 lat = measure_side_by_side({"float": model, "candidate": new}, feed, self.context.target, warmup=2,
-                                           runs=c.latency_runs, threads=self.context.threads)
+                                           runs=runs, threads=self.context.threads)
             ratio = lat["candidate"].p50_ms / lat["float"].p50_ms
             predicted = sol.latency + latency_info["rest_ms"]
             attempts.append({"solver_budget_ms": solver_budget, "predicted_ms": predicted, "predicted_ratio": predicted / float_ms,
@@ -709,7 +720,7 @@ class BitAllocationPass(EdgePass):
             out["latency"] = ms - rest
             what = f"{ms:.1f} ms" if c.latency_budget_ratio is None else f"{c.latency_budget_ratio:g} x the float model's {latency_info['float_ms']:.1f} ms = {ms:.1f} ms"
             texts.append(f"latency {what} (model outside the units: {rest:.1f} ms)")
-            if ms < lat_floor * 0.999:
+            if ms < lat_floor * (1 - _LATENCY_FLOOR_SLACK):
                 raise BadInputError(
                     f"the latency budget {what} is below the fastest model the offered formats "
                     f"allow (about {lat_floor:.1f} ms by the microbenchmarks): raise the budget."
