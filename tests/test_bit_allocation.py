@@ -380,3 +380,14 @@ def test_fastest_fallback_is_the_most_accurate_of_the_fastest():
              [knapsack.Item(0.0, 40, 0.0), knapsack.Item(0.3, 5, 0.0), knapsack.Item(0.2, 8, 0.0)]]
     sol = BitAllocationPass(BitAllocationConfig(avg_bits=8))._fastest(items, [], size_budget=20)
     assert sol.choice == [1, 2] and sol.latency == 1.0 and sol.error == pytest.approx(0.7)
+
+
+def test_the_pass_is_reproducible():
+    """Same model, same calibration rows, same budget: the same formats and byte-identical weights."""
+    outs = []
+    for _ in range(2):
+        model = _two_layer()
+        result = BitAllocationPass(BitAllocationConfig(avg_bits=6, bit_options=(2, 4, 8)), _ctx(model))(model)
+        outs.append(([r["format"] for r in result.records],
+                     {k: v.const_value.numpy().tobytes() for k, v in model.graph.initializers.items()}))
+    assert outs[0] == outs[1]
