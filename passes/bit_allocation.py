@@ -44,8 +44,8 @@ from edgeprune.sensitivity import KEEP, Option
 
 logger = logging.getLogger(__name__)
 
-_NBITS_TOOL_BITS = (2, 4, 8)
-_QDQ_BITS = (8, 16)  # activation widths of static QDQ (int8 weights either way)  # what ORT 1.32's MatMulNBitsQuantizer writes (it asserts bits in [2, 4, 8])
+_NBITS_TOOL_BITS = (2, 4, 8)  # what ORT 1.32's MatMulNBitsQuantizer writes (it asserts bits in [2, 4, 8])
+_QDQ_BITS = (8, 16)  # activation widths of static QDQ (int8 weights either way)
 _CURVE_POINTS = 12
 _LATENCY_TOLERANCE = 0.03  # a measured ratio this far above the budget counts as met (timing noise)
 # A latency budget this far below the microbenchmarks' floor is refused; closer ones get the fastest
@@ -484,9 +484,8 @@ class BitAllocationPass(EdgePass):
                 for p in u.parts:
                     fb = _float_bytes(p.weight)
                     for o in p.options:
-                        if p.op == "Conv":  # dynamic: one weight scale (ConvInteger); QDQ: one per output channel
-                            per = {KEEP: None, "qdq": p.weight.shape[0] * (fb + 1) + 2 * (fb + o.bits // 8)}
-                            p.sizes[o.key] = p.weight.nbytes if o.kind == KEEP else p.weight.size + per.get(o.kind, fb + 1)
+                        if p.op == "Conv":
+                            p.sizes[o.key] = _conv_bytes(p.weight, o, fb)
                         else:
                             p.sizes[o.key] = sensitivity.option_bytes(o, p.weight.shape, fb)
                     p.errors.update(self._cached_errors(p, stats, counts))
@@ -910,6 +909,16 @@ def _weight_array(init, lin) -> np.ndarray | None:
     if w.dtype != np.float32 or w.ndim != 2:
         return None
     return np.ascontiguousarray(w.T) if lin.transposed else w
+
+
+def _conv_bytes(w: np.ndarray, o: Option, float_bytes: int) -> int:
+    """Conv weight bytes: dynamic int8 has one weight scale (ConvInteger), QDQ one per output channel
+    plus the scale and zero point of its input and output."""
+    if o.kind == KEEP:
+        return w.nbytes
+    if o.kind == "qdq":
+        return w.size + w.shape[0] * (float_bytes + 1) + 2 * (float_bytes + o.bits // 8)
+    return w.size + float_bytes + 1
 
 
 def _float_size(u: _Unit) -> int:
