@@ -217,7 +217,9 @@ def test_registry_and_relaxed():
         BitAllocationPass.from_options({"block_size": 24})
 
 
-def test_conv_dynamic_int8():
+@pytest.mark.parametrize("target, op", [("cpu", "ConvInteger"), ("qnn", "QuantizeLinear")])
+def test_conv_int8(target, op):
+    """Conv at 8 bits: dynamic int8 (ConvInteger) on CPU, static QDQ on an NPU-style target."""
     rng = np.random.default_rng(0)
     proto = onnx.parser.parse_model(
         """
@@ -229,10 +231,10 @@ def test_conv_dynamic_int8():
     model = ir.from_proto(proto)
     rows = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(6)]
     calib = CalibrationSet(rows, "random test rows", synthetic=True)
-    ctx = CompileContext(get_target("cpu"), calib, calib, model)
+    ctx = CompileContext(get_target(target), calib, calib, model)
     before = _run(model, rows[0])
     result = BitAllocationPass(BitAllocationConfig(mode="uniform", bits=8), ctx)(model)
-    assert "ConvInteger" in {n.op_type for n in model.graph}
+    assert op in {n.op_type for n in model.graph}
     assert model_bytes(model) == result.summary["unit_bytes"]
     measured = np.linalg.norm(_run(model, rows[0]) - before) / np.linalg.norm(before)
     assert result.records[0]["rel_error"] / 3 < measured < result.records[0]["rel_error"] * 3
