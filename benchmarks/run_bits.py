@@ -32,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run_baselines as rb  # noqa: E402
+from run_pruning import prune_options  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results"
@@ -157,7 +158,7 @@ def bench(name: str, args, work: Path) -> dict:
         # in the pruning benchmark), under tighter budgets than int8 alone can meet.
         for r, lat in ((0.1, 0.55), (0.2, 0.6)):  # latency relative to the pruned float model
             configs[f"prune{r:g}+bits-size0.8+lat{lat:g}"] = {
-                "prune": {"ratio": r, "metric": "flap", "compensate": True, "allocation": "floor"},
+                "prune": {"ratio": r, **prune_options("flap+bias/floor")},
                 "size_budget_bytes": int(0.8 * ort_int8), "latency_budget_ratio": lat}
     if args.only:
         configs = {k: v for k, v in configs.items() if k in args.only}

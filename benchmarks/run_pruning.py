@@ -38,18 +38,28 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 logger = logging.getLogger("run_pruning")
 
-#: variant name -> prune options (ratio added per run)
-VARIANTS = {
-    "magnitude": {"metric": "magnitude", "compensate": False},
-    "magnitude+bias": {"metric": "magnitude", "compensate": True},
-    "wanda": {"metric": "wanda", "compensate": False},
-    "wanda+bias": {"metric": "wanda", "compensate": True},
-    "flap": {"metric": "flap", "compensate": False},
-    "flap+bias": {"metric": "flap", "compensate": True},
-    "flap+bias+refit": {"metric": "flap", "compensate": True, "refit": True},
-    "flap+bias/floor": {"metric": "flap", "compensate": True, "allocation": "floor"},
-    "flap+bias/uniform": {"metric": "flap", "compensate": True, "allocation": "uniform"},
-}
+def prune_options(variant: str) -> dict:
+    """Prune options of a variant name ``<metric>[+bias][+refit][/<allocation>]`` (ratio added per run).
+
+    The grammar every benchmark's variant names follow (run_pruning_cnn, run_bits too).
+    """
+    name, _, allocation = variant.partition("/")
+    metric, *flags = name.split("+")
+    unknown = set(flags) - {"bias", "refit"}
+    if unknown:
+        raise ValueError(f"unknown flag(s) {sorted(unknown)} in variant {variant!r}")
+    options = {"metric": metric, "compensate": "bias" in flags}
+    if "refit" in flags:
+        options["refit"] = True
+    if allocation:
+        options["allocation"] = allocation
+    return options
+
+
+VARIANTS = {v: prune_options(v) for v in (
+    "magnitude", "magnitude+bias", "wanda", "wanda+bias", "flap", "flap+bias", "flap+bias+refit",
+    "flap+bias/floor", "flap+bias/uniform",
+)}  # fmt: skip
 DEFAULTS = {
     "minilm": ("0.1,0.2,0.3,0.4", "magnitude,wanda,flap,flap+bias,flap+bias+refit,flap+bias/floor,flap+bias/uniform"),
     "smollm2": ("0.1,0.2", "magnitude,magnitude+bias,wanda,wanda+bias,flap,flap+bias,flap+bias+refit"),

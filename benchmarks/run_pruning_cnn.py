@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_md import BENCHMARKS_MD, update_section
+from run_pruning import prune_options
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -40,15 +41,9 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 logger = logging.getLogger("run_pruning_cnn")
 
-VARIANTS = {
-    "magnitude": {"metric": "magnitude", "compensate": False},
-    "wanda": {"metric": "wanda", "compensate": False},
-    "flap": {"metric": "flap", "compensate": False},
-    "flap+bias": {"metric": "flap", "compensate": True},
-    "wanda+bias": {"metric": "wanda", "compensate": True},
-    "wanda+bias/floor": {"metric": "wanda", "compensate": True, "allocation": "floor"},
-    "wanda+bias/uniform": {"metric": "wanda", "compensate": True, "allocation": "uniform"},
-}
+VARIANTS = {v: prune_options(v) for v in (
+    "magnitude", "wanda", "flap", "flap+bias", "wanda+bias", "wanda+bias/floor", "wanda+bias/uniform",
+)}  # fmt: skip
 CALIB_IMAGES = 16
 THREADS = 2
 
