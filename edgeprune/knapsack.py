@@ -120,19 +120,14 @@ def _solve_milp(units, size_budget, latency_budget, shared, time_limit) -> Solut
         a[r, offsets[u] : offsets[u + 1]] = 1.0
         rows_lb.append(1.0), rows_ub.append(1.0)
         r += 1
-    if size_budget is not None:
+    for attr, budget in (("size", size_budget), ("latency", latency_budget)):
+        if budget is None:
+            continue
         for j, it in enumerate(flat):
-            a[r, j] = it.size
+            a[r, j] = getattr(it, attr)
         for k, s in enumerate(shared):
-            a[r, n_x + k] = s.size
-        rows_lb.append(-np.inf), rows_ub.append(float(size_budget))
-        r += 1
-    if latency_budget is not None:
-        for j, it in enumerate(flat):
-            a[r, j] = it.latency
-        for k, s in enumerate(shared):
-            a[r, n_x + k] = s.latency
-        rows_lb.append(-np.inf), rows_ub.append(float(latency_budget))
+            a[r, n_x + k] = getattr(s, attr)
+        rows_lb.append(-np.inf), rows_ub.append(float(budget))
         r += 1
     for k, s in enumerate(shared):  # y_k >= x[u, o]
         for u, o in s.members:

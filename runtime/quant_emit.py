@@ -195,14 +195,18 @@ def _tie_lookups(model: ir.Model, pairs: dict[str, str]) -> int:
     return done
 
 
-def prepare(model: ir.Model, plan: dict[str, Option]) -> dict[str, int]:
-    """Step 1 on ``model`` in place: names, untied heads, Gemm->MatMul, IR version. Returns counts."""
+def prepare(model: ir.Model, plan: dict[str, Option]) -> tuple[dict[str, int], dict[str, str]]:
+    """Step 1 on ``model`` in place: names, untied heads, Gemm->MatMul, IR version.
+
+    Returns the counts, and the tied lookups' heads (:func:`_tied_heads`, found before untying).
+    """
     _name_nodes(model)
+    tied = _tied_heads(model, plan)
     quantized = {n for n, o in plan.items() if o.kind != KEEP}
     counts = {"untied": _untie(model, quantized), "gemm_to_matmul": _gemm_to_matmul(model, quantized)}
     if any(o.kind == "gather-nbits" for o in plan.values()) and (model.ir_version or 0) < 10:
         model.ir_version = 10
-    return counts
+    return counts, tied
 
 
 def emit(model: ir.Model, plan: dict[str, Option], *, accuracy_level: int | None = None,
@@ -214,9 +218,8 @@ def emit(model: ir.Model, plan: dict[str, Option], *, accuracy_level: int | None
     ``calibration`` (feed dicts) only for its ``qdq`` nodes.
     """
     work = ir.from_proto(model_io.to_proto(model))
-    _name_nodes(work)
-    tied = _tied_heads(work, plan)
-    log: dict = {"prepare": prepare(work, plan), "steps": []}
+    counts, tied = prepare(work, plan)
+    log: dict = {"prepare": counts, "steps": []}
     all_names = [n.name for n in work.graph]
     with tempfile.TemporaryDirectory(prefix="edgeprune_bits_", dir=workdir) as tmp:
         path = pathlib.Path(tmp) / "in.onnx"
