@@ -165,12 +165,7 @@ class _Unit:
 
 def _tied_ok(combo: tuple[Option, ...]) -> bool:
     """A lookup reading the head's packed table needs the head in exactly that format."""
-    for o in combo:
-        if o.kind == "gather-tied" and not any(
-            h.kind == "nbits" and (h.bits, h.block, h.symmetric) == (o.bits, o.block, o.symmetric) for h in combo
-        ):
-            return False
-    return True
+    return all(o.kind != "gather-tied" or dataclasses.replace(o, kind="nbits") in combo for o in combo)
 
 
 def _float_bytes(arr: np.ndarray) -> int:
@@ -442,7 +437,7 @@ class BitAllocationPass(EdgePass):
                 head = _Part(lin.node, "MatMul", np.ascontiguousarray(table.T) if lin.transposed else table,
                              lin.input, mm_options(emb.dim), output=lin.output)
                 if lin.transposed:  # the head's [dim, vocab] blocks run along dim: the table's rows
-                    part.options += [Option("gather-tied", o.bits, o.block, o.symmetric) for o in head.options
+                    part.options += [dataclasses.replace(o, kind="gather-tied") for o in head.options
                                      if o.kind == "nbits" and emb.dim % o.block == 0]
                 units.append(_Unit([part, head], tied_bytes=table.nbytes))
             else:
@@ -754,7 +749,7 @@ class BitAllocationPass(EdgePass):
 
         target = tuple(want(p) for p in u.parts)
         if target not in combos:  # a tied lookup shares only a round-to-nearest head: same grid, no GPTQ
-            target = tuple(Option("nbits", o.bits, o.block, o.symmetric) if o.kind == "gptq" else o for o in target)
+            target = tuple(dataclasses.replace(o, kind="nbits") if o.kind == "gptq" else o for o in target)
         return combos.index(target)
 
     def _curve(self, items, shared, budget, other_bytes) -> list[dict]:

@@ -14,6 +14,7 @@ ORT version, CPU, target, threads, tokens, shape and format, so a rerun costs no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -92,7 +93,7 @@ def unit_latencies(units, target, *, tokens: int = 128, threads: int | None = No
     """(node, option key) -> ms for every part/option of ``units``; ("dql", input) -> ms per input."""
     from edgeprune.runtime.quant_emit import emit
     from edgeprune.runtime.targets import resolve_target
-    from edgeprune.sensitivity import KEEP, Option
+    from edgeprune.sensitivity import KEEP
 
     import onnxruntime
 
@@ -123,7 +124,7 @@ def unit_latencies(units, target, *, tokens: int = 128, threads: int | None = No
             for o in p.options:
                 key = o.key
                 if o.kind == "gptq":  # GPTQ changes the codes, not the format: time it as MatMulNBits
-                    o = Option("nbits", o.bits, o.block, o.symmetric)
+                    o = dataclasses.replace(o, kind="nbits")
 
                 def make(o=o, k=k, n=n):
                     base = _matmul_model(k, n, tokens)

@@ -26,6 +26,7 @@ The plan maps node names to :class:`edgeprune.sensitivity.Option`.  Emission wor
 from __future__ import annotations
 
 import collections
+import dataclasses
 import contextlib
 import logging
 import pathlib
@@ -146,8 +147,7 @@ def _tied_heads(model: ir.Model, plan: dict[str, Option]) -> dict[str, str]:
             for head_use in tr.outputs[0].uses():
                 head = head_use.node
                 h = plan.get(head.name)
-                if (head.op_type == "MatMul" and head_use.idx == 1 and h is not None and h.kind == "nbits"
-                        and (h.bits, h.block, h.symmetric) == (o.bits, o.block, o.symmetric)):
+                if head.op_type == "MatMul" and head_use.idx == 1 and h == dataclasses.replace(o, kind="nbits"):
                     pairs[name] = head.outputs[0].name
         if name not in pairs:
             raise ValueError(f"{name}: no MatMul on Transpose(table) quantized as nbits{o.bits}-b{o.block} to share")
