@@ -75,7 +75,7 @@ def run_pass(fp32_path: Path, ctx, options: dict, dst: Path) -> dict:
     import dataclasses
 
     from edgeprune import model_io
-    from edgeprune.passes.bit_allocation import BitAllocationPass
+    from edgeprune.passes.bits.bits_pass import BitAllocationPass
 
     model = model_io.load_model(fp32_path)
     start = time.perf_counter()
@@ -83,7 +83,7 @@ def run_pass(fp32_path: Path, ctx, options: dict, dst: Path) -> dict:
     prune = options.pop("prune", None)
     if prune is not None:
         from edgeprune.passes.cleanup import CleanupPass
-        from edgeprune.passes.structured_pruning import PruneConfig, StructuredPruningPass
+        from edgeprune.passes.prune.prune_pass import PruneConfig, StructuredPruningPass
 
         CleanupPass()(model)
         StructuredPruningPass(PruneConfig(**prune), ctx)(model)

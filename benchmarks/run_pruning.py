@@ -142,7 +142,7 @@ def bench(name: str, ratios: list[float], variants: list[str], args, workdir: Pa
     from edgeprune.model_io import load_model, param_count, save_model, to_proto
     from edgeprune.models import build, onnx_file_bytes
     from edgeprune.passes.cleanup import CleanupPass
-    from edgeprune.passes.structured_pruning import PruneConfig, StructuredPruningPass
+    from edgeprune.passes.prune.prune_pass import PruneConfig, StructuredPruningPass
     from edgeprune.runtime.targets import get_target
 
     from run_baselines import quantize  # the ORT baseline's exact settings, from its own script

@@ -99,7 +99,7 @@ def run(args) -> dict:
     from edgeprune.model_io import load_model, param_count, save_model, to_proto
     from edgeprune.models import build, imagenet_pixels, load_imagenet, onnx_file_bytes
     from edgeprune.passes.cleanup import CleanupPass
-    from edgeprune.passes.structured_pruning import PruneConfig, StructuredPruningPass
+    from edgeprune.passes.prune.prune_pass import PruneConfig, StructuredPruningPass
     from edgeprune.runtime.latency import measure_side_by_side
     from edgeprune.runtime.targets import get_target
 

@@ -10,8 +10,8 @@ import onnx_ir as ir
 
 from edgeprune import model_io
 from edgeprune.analysis import analyze
-from edgeprune.dependency import channel_groups, summary as channel_summary
-from edgeprune.passes.structured_pruning import find_groups
+from edgeprune.passes.prune.dependency import channel_groups, summary as channel_summary
+from edgeprune.passes.prune.prune_pass import find_groups
 
 
 def weights_by_op_type(model: ir.Model) -> dict[str, dict[str, int]]:

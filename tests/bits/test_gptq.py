@@ -1,12 +1,12 @@
-"""GPTQ rounding (edgeprune.gptq): beats round-to-nearest on its objective, on ORT's own grid."""
+"""GPTQ rounding (edgeprune.passes.bits.gptq): beats round-to-nearest on its objective, on ORT's own grid."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from edgeprune import gptq
-from edgeprune import sensitivity as S
+from edgeprune.passes.bits import gptq
+from edgeprune.passes.bits import sensitivity as S
 
 
 def _layer(k=256, n=96, seed=0):

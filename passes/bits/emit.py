@@ -1,6 +1,6 @@
 """Emit a per-node quantization plan through ONNX Runtime's own quantization tools.
 
-The plan maps node names to :class:`edgeprune.sensitivity.Option`.  Emission works on files:
+The plan maps node names to :class:`edgeprune.passes.bits.sensitivity.Option`.  Emission works on files:
 
 1. a small onnx-ir preparation, for what the tools cannot express (each step says why):
    every node gets a name (both tools select nodes by name); a MatMul whose weight is
@@ -18,7 +18,7 @@ The plan maps node names to :class:`edgeprune.sensitivity.Option`.  Emission wor
    ``op_types_to_quantize``, which would force opset 21 onto the whole model;
    a ``gptq`` node goes through the same run as ``nbits`` nodes of its bits and block;
 4. load the result back with ``edgeprune.model_io.load_model``; the packed codes of each ``gptq``
-   node are replaced by GPTQ's (``edgeprune.gptq``: same grid, so ORT's scales and zero points stay);
+   node are replaced by GPTQ's (``edgeprune.passes.bits.gptq``: same grid, so ORT's scales and zero points stay);
 5. a ``gather-tied`` lookup becomes a GatherBlockQuantized over the tied head's MatMulNBits
    initializers (:func:`_tie_lookups`: no tool shares one packed table between the two ops).
 """
@@ -37,7 +37,7 @@ import onnx
 import onnx_ir as ir
 
 from edgeprune import model_io
-from edgeprune.sensitivity import KEEP, Option
+from edgeprune.passes.bits.sensitivity import KEEP, Option
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def emit(model: ir.Model, plan: dict[str, Option], *, accuracy_level: int | None
 
 def _gptq_codes(model: ir.Model, plan: dict[str, Option], weights: dict, grams: dict[str, np.ndarray]) -> int:
     """Replace the packed codes of each ``gptq`` node's MatMulNBits by GPTQ's on the same grid."""
-    from edgeprune import gptq, sensitivity
+    from edgeprune.passes.bits import gptq, sensitivity
 
     produced = {o.name: n for n in model.graph for o in n.outputs}
     for name, (out, w) in weights.items():

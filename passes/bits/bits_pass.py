@@ -7,19 +7,19 @@ are counted once while both stay float or while the lookup reads the head's pack
 table (``gather-tied``: GatherBlockQuantized over the same initializers, same bits and blocks).
 
 Per unit and option the pass measures the relative output error on the calibration rows
-(``edgeprune.sensitivity``: the exact quantize-dequantize of ORT's tools, then
+(``edgeprune.passes.bits.sensitivity``: the exact quantize-dequantize of ORT's tools, then
 ``tr(dW^T G dW) / tr(W^T G W)`` on the Gram of the node's input), and records proxies beside it
 (outlier share; the measured model-output error when only that unit changes, for the units with
-the largest local error).  A multiple-choice knapsack (``edgeprune.knapsack``, HiGHS via scipy)
+the largest local error).  A multiple-choice knapsack (``edgeprune.passes.bits.knapsack``, HiGHS via scipy)
 picks one option per unit minimising the sum of squared relative errors under the budget:
 ``size_budget_bytes`` (whole-model weight bytes), ``avg_bits`` (bits per weight over the units,
 scales included) or ``latency_budget_ms`` / ``latency_budget_ratio`` (per-option latencies from cached microbenchmarks on
 the target, plus one DynamicQuantizeLinear per distinct dynamic-int8 input).  The choice is
-emitted through ORT's own quantizers (``edgeprune.runtime.quant_emit``); a latency budget is then
+emitted through ORT's own quantizers (``edgeprune.passes.bits.emit``); a latency budget is then
 checked by timing the emitted model against the float one, and re-solved tighter on a miss.
 
 Formats follow the target profile: on CPU/GPU MatMulNBits (2/4/8-bit blocks, optionally GPTQ
-rounding: ``edgeprune.gptq``), GatherBlockQuantized and dynamic int8; on NPU-style targets
+rounding: ``edgeprune.passes.bits.gptq``), GatherBlockQuantized and dynamic int8; on NPU-style targets
 (no dynamic int8) static QDQ with 8- or 16-bit activations.
 """
 
@@ -34,13 +34,13 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from edgeprune import knapsack, sensitivity
+from edgeprune.passes.bits import knapsack, sensitivity
 from edgeprune.analysis import analyze
 from edgeprune.context import StatsRequest
 from edgeprune.errors import BadInputError
 from edgeprune.model_io import model_bytes
 from edgeprune.passes.base import EdgePass, EdgePassResult
-from edgeprune.sensitivity import KEEP, Option
+from edgeprune.passes.bits.sensitivity import KEEP, Option
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class BitAllocationConfig:
     accuracy_level: int | None = None
     """MatMulNBits accuracy_level (None: ORT's default; 4 = int8 compute on CPU, faster, less exact)."""
     gptq: bool = False
-    """Offer GPTQ rounding (``edgeprune.gptq``: same grid and bytes, less output error on data like the
+    """Offer GPTQ rounding (``edgeprune.passes.bits.gptq``: same grid and bytes, less output error on data like the
     calibration rows) for 2/4-bit MatMul weights.  Opt-in: it fits the calibration domain; SmolLM2
     calibrated on Tiny Shakespeare and scored on WikiText-2 does worse with it (uniform 4-bit b64:
     perplexity 28.8 vs 27.5 round-to-nearest), though its layer errors drop 50 % on held-back
@@ -307,7 +307,7 @@ class BitAllocationPass(EdgePass):
         return {p.node: o for u, i in zip(units, sol.choice) for p, o in zip(u.parts, u.combos()[i])}
 
     def _emit(self, model: ir.Model, units: list[_Unit], plan: dict[str, Option]):
-        from edgeprune.runtime.quant_emit import emit
+        from edgeprune.passes.bits.emit import emit
 
         with self._stage("emit through ORT's quantizers"):
             grams = {p.node: self._gram_stats[p.input].gram for u in units for p in u.parts if plan[p.node].kind == "gptq"}
@@ -450,7 +450,7 @@ class BitAllocationPass(EdgePass):
             opts += [Option("qdq", b) for b in _QDQ_BITS if f"qdq{b}" in kinds]
             units.append(_Unit([_Part(conv.node, "Conv", w, conv.input, opts, output=conv.output)]))
         # What is left alone, and why.
-        from edgeprune.runtime.quant_emit import QUANTIZED_OPS, node_name
+        from edgeprune.passes.bits.emit import QUANTIZED_OPS, node_name
 
         found = {p.node for u in units for p in u.parts}
         quantized = sum(1 for n in model.graph if n.op_type in QUANTIZED_OPS)
@@ -770,7 +770,7 @@ class BitAllocationPass(EdgePass):
         return points
 
     def _latency(self, model, units, items):
-        from edgeprune.runtime import microbench
+        from edgeprune.passes.bits import microbench
 
         c = self.config
         target = self.context.target

@@ -14,7 +14,7 @@ from edgeprune.calibration import CalibrationSet
 from edgeprune.context import CompileContext
 from edgeprune.errors import BadInputError
 from edgeprune.model_io import model_bytes, to_proto
-from edgeprune.passes.bit_allocation import BitAllocationConfig, BitAllocationPass
+from edgeprune.passes.bits.bits_pass import BitAllocationConfig, BitAllocationPass
 from edgeprune.passes.registry import get_pass
 from edgeprune.runtime.targets import get_target
 
@@ -265,7 +265,7 @@ def test_minilm_compile_at_six_bits(minilm_artifact, tmp_path):
 
 
 def test_latency_mode_microbenchmarks_are_cached_and_budgets_checked(tmp_path, monkeypatch):
-    from edgeprune.runtime import microbench
+    from edgeprune.passes.bits import microbench
 
     monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path))
     model = _two_layer()
@@ -313,7 +313,7 @@ def test_latency_budget_is_checked_by_measurement_and_tightened(monkeypatch):
     Microbenchmarks and measurements are replaced by fixed figures: this checks the loop, not a clock.
     """
     from edgeprune.runtime import latency as latency_mod
-    from edgeprune.runtime import microbench
+    from edgeprune.passes.bits import microbench
     from edgeprune.runtime.latency import LatencyResult
 
     def table(units, target, **kw):  # per node: float 1 ms, int8-dyn 0.3 ms, MatMulNBits 0.8 ms
@@ -376,7 +376,7 @@ def test_npu_target_gets_static_qdq():
 
 
 def test_fastest_fallback_is_the_most_accurate_of_the_fastest():
-    from edgeprune import knapsack
+    from edgeprune.passes.bits import knapsack
 
     items = [[knapsack.Item(1.0, 10, 1.0), knapsack.Item(0.5, 10, 1.0), knapsack.Item(0.1, 20, 2.0)],
              [knapsack.Item(0.0, 40, 0.0), knapsack.Item(0.3, 5, 0.0), knapsack.Item(0.2, 8, 0.0)]]

@@ -91,9 +91,9 @@ def _time(model: ir.Model, k: int, tokens: int, target, threads) -> float:
 def unit_latencies(units, target, *, tokens: int = 128, threads: int | None = None,
                    accuracy_level: int | None = None) -> dict[tuple[str, str], float]:
     """(node, option key) -> ms for every part/option of ``units``; ("dql", input) -> ms per input."""
-    from edgeprune.runtime.quant_emit import emit
+    from edgeprune.passes.bits.emit import emit
     from edgeprune.runtime.targets import resolve_target
-    from edgeprune.sensitivity import KEEP
+    from edgeprune.passes.bits.sensitivity import KEEP
 
     import onnxruntime
 

@@ -1,6 +1,6 @@
 """The prunable groups of the prune pass: FFN neurons, attention heads, conv channel groups.
 
-Each group knows its coupled weights, scores its units (``edgeprune.scoring``) and removes the
+Each group knows its coupled weights, scores its units (``edgeprune.passes.prune.scoring``) and removes the
 units allocation did not keep (``apply``). Private to ``structured_pruning``.
 """
 
@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from edgeprune import scoring
+from edgeprune.passes.prune import scoring
 from edgeprune.analysis import AttentionBlock, FFNBlock, Linear
 from edgeprune.context import StatsRequest
-from edgeprune.dependency import ChannelGroup, channel_groups, split_sizes
-from edgeprune.passes._prune_edits import (
+from edgeprune.passes.prune.dependency import ChannelGroup, channel_groups, split_sizes
+from edgeprune.passes.prune.edits import (
     _STD,
     _apply_shape_edit,
     _check_linears,
@@ -39,7 +39,7 @@ from edgeprune.passes._prune_edits import (
 )
 
 if TYPE_CHECKING:
-    from edgeprune.passes.structured_pruning import PruneConfig
+    from edgeprune.passes.prune.prune_pass import PruneConfig
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import pytest
 
 from conv_models import (chain_proto, gap_head_proto, gather_proto, inception_proto, residual_proto, separable_proto,
                          slice_proto, split_proto, unknown_op_proto)  # fmt: skip
-from edgeprune.dependency import HANDLERS, channel_groups, summary
+from edgeprune.passes.prune.dependency import HANDLERS, channel_groups, summary
 
 
 def _groups(proto, **kw):

@@ -14,7 +14,7 @@ from edgeprune.errors import BadInputError, UnsupportedModelError
 from edgeprune.model_io import param_count, to_proto
 from edgeprune.passes.cleanup import CleanupPass
 from edgeprune.passes.registry import get_pass
-from edgeprune.passes.structured_pruning import PruneConfig, StructuredPruningPass, find_groups
+from edgeprune.passes.prune.prune_pass import PruneConfig, StructuredPruningPass, find_groups
 from prune_models import bert_proto, context, ffn_proto, inputs, llama_proto, shared_ffn_proto
 
 METRICS = ("magnitude", "magnitude_l1", "wanda", "flap")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from edgeprune.allocation import GroupScores, allocate, round_width, standardize
+from edgeprune.passes.prune.allocation import GroupScores, allocate, round_width, standardize
 from edgeprune.errors import BadInputError
 
 

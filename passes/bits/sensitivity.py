@@ -41,7 +41,7 @@ class Option:
     (quantize_dynamic on a Gather: uint8 table per tensor + DequantizeLinear after the lookup),
     ``qdq`` (static QDQ for NPU-style targets: int8 weights per output channel, activations of
     ``bits`` 8 or 16 quantized per tensor with a range calibrated once), ``gptq`` (MatMulNBits on the same grid, its codes rounded by GPTQ against the Gram of the node's
-    input: ``edgeprune.gptq``), ``gather-tied`` (GatherBlockQuantized reading the packed table of the tied LM head's MatMulNBits with
+    input: ``edgeprune.passes.bits.gptq``), ``gather-tied`` (GatherBlockQuantized reading the packed table of the tied LM head's MatMulNBits with
     the same bits/block/symmetry: the table is stored once, so the lookup itself costs no bytes).
     """
 
@@ -174,15 +174,15 @@ def nbits_grid(w: np.ndarray, bits: int, block: int, symmetric: bool) -> tuple[n
 
 def nbits_dequant(w: np.ndarray, bits: int, block: int, symmetric: bool) -> np.ndarray:
     """MatMulNBits round trip of a [K, N] weight, using ORT's own C++ quantizer."""
-    from edgeprune import gptq
+    from edgeprune.passes.bits import gptq
 
     q, scales, zero = _nbits_quantize(w, bits, block, symmetric)
     return gptq.dequant(q.reshape(q.shape[0], -1), scales, zero, w.shape[0], block)
 
 
 def gptq_dequant(w: np.ndarray, gram: np.ndarray, bits: int, block: int, symmetric: bool) -> np.ndarray:
-    """MatMulNBits weight after GPTQ rounding on ORT's grid (``edgeprune.gptq``), as a [K, N] float."""
-    from edgeprune import gptq
+    """MatMulNBits weight after GPTQ rounding on ORT's grid (``edgeprune.passes.bits.gptq``), as a [K, N] float."""
+    from edgeprune.passes.bits import gptq
 
     scales, zero = nbits_grid(w, bits, block, symmetric)
     return gptq.dequant(gptq.gptq_codes(w, gram, scales, zero, bits, block), scales, zero, w.shape[0], block)

@@ -7,10 +7,10 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from edgeprune import sensitivity as S
+from edgeprune.passes.bits import sensitivity as S
 from edgeprune.model_io import model_bytes, to_proto
-from edgeprune.runtime.quant_emit import emit
-from edgeprune.sensitivity import KEEP, Option
+from edgeprune.passes.bits.emit import emit
+from edgeprune.passes.bits.sensitivity import KEEP, Option
 
 K, N, V = 72, 40, 30  # K not a multiple of the block: exercises padding
 

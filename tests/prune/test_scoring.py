@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from edgeprune import scoring
+from edgeprune.passes.prune import scoring
 
 
 def test_magnitude_l1_and_l2_sum_over_every_matrix_of_the_unit():

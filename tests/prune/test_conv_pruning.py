@@ -12,7 +12,7 @@ from conv_models import (chain_proto, gap_head_proto, image_context, inception_p
                          slice_proto, split_proto)  # fmt: skip
 from edgeprune.model_io import param_count, to_proto
 from edgeprune.passes.cleanup import CleanupPass
-from edgeprune.passes.structured_pruning import PruneConfig, StructuredPruningPass
+from edgeprune.passes.prune.prune_pass import PruneConfig, StructuredPruningPass
 
 MODELS = {"chain": chain_proto, "separable": separable_proto, "gap_head": gap_head_proto,
           "gap_head_reshape": lambda: gap_head_proto(reshape=True), "residual": residual_proto,
