@@ -30,16 +30,28 @@ import dataclasses
 import logging
 import math
 from collections import Counter
-from typing import Callable, Iterable
+from typing import Iterable
 
-import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from edgeprune.analysis.graph import (
+    MS_DOMAIN,
+    STD_DOMAINS,
+    attr,
+    const_shape,
+    constant,
+    consumers,
+    is_std,
+    node_index,
+    node_name,
+    static_ints,
+    value_name,
+    walk,
+)
+
 logger = logging.getLogger(__name__)
 
-_STD_DOMAINS = ("", "ai.onnx")
-_MS_DOMAIN = "com.microsoft"
 
 
 # --------------------------------------------------------------------------- results
@@ -259,171 +271,6 @@ def analyze(model: ir.Model) -> Structures:
     return structures
 
 
-# --------------------------------------------------------------------------- small helpers
-
-
-def _is_std(node: ir.Node, *ops: str) -> bool:
-    return node.domain in _STD_DOMAINS and node.op_type in ops
-
-
-def _constant(value: ir.Value | None) -> ir.TensorProtocol | None:
-    """The tensor behind an initializer or Constant node; None for anything a caller can feed."""
-    if value is None or value.is_graph_input():
-        return None
-    if value.const_value is not None:
-        return value.const_value
-    producer = value.producer()
-    if producer is not None and _is_std(producer, "Constant"):
-        return _constant_node_tensor(producer)
-    return None
-
-
-def _constant_node_tensor(node: ir.Node) -> ir.TensorProtocol | None:
-    """Read a Constant node's value without touching it (ir.convenience.get_const_tensor names it)."""
-    for name, attr in node.attributes.items():
-        if name == "value":
-            return attr.value
-        if name in ("value_float", "value_floats"):
-            return ir.tensor(np.asarray(attr.value, dtype=np.float32))
-        if name in ("value_int", "value_ints"):
-            return ir.tensor(np.asarray(attr.value, dtype=np.int64))
-    return None
-
-
-def _const_shape(value: ir.Value | None) -> tuple[int, ...] | None:
-    tensor = _constant(value)
-    if tensor is None:
-        return None
-    return tuple(int(d) for d in tensor.shape)
-
-
-def _consumers(value: ir.Value) -> list[ir.Node]:
-    """Distinct nodes that read ``value`` (a node reading it twice counts once)."""
-    seen: dict[int, ir.Node] = {}
-    for use in value.uses():
-        seen.setdefault(id(use.node), use.node)
-    return list(seen.values())
-
-
-def _node_name(node: ir.Node) -> str:
-    """The node's name; unnamed nodes (legal ONNX) are called ``<op>:<first output>``, which is unique."""
-    if node.name:
-        return node.name
-    out = node.outputs[0].name if node.outputs else ""
-    return f"{node.op_type}:{out}"
-
-
-def _name(value: ir.Value | None) -> str | None:
-    return None if value is None else value.name
-
-
-def _node_index(graph: ir.Graph) -> dict[int, int]:
-    return {id(node): i for i, node in enumerate(graph)}
-
-
-def _attr(node: ir.Node, name: str, default=None):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
-
-def _static_ints(value: ir.Value | None, depth: int = 0) -> list[int | None] | None:
-    """Read a 1-D int shape tensor statically: constants known, dynamic pieces None.
-
-    Exporters build Reshape shapes as Concat(Unsqueeze(Gather(Shape(x))), const, ...); the
-    constant pieces are what carries the head count and head size.
-    """
-    if value is None or depth > 12:
-        return None
-    tensor = _constant(value)
-    if tensor is not None:
-        arr = tensor.numpy()
-        if arr.dtype.kind not in "iu" or arr.ndim > 1:
-            return None
-        return [int(x) for x in arr.reshape(-1)]
-    node = value.producer()
-    if node is None or node.domain not in _STD_DOMAINS:
-        return _unknown_ints(value)
-    op = node.op_type
-    if op == "Concat":
-        parts: list[int | None] = []
-        for inp in node.inputs:
-            piece = _static_ints(inp, depth + 1)
-            if piece is None:
-                return None
-            parts.extend(piece)
-        return parts
-    if op in ("Cast", "Identity", "Unsqueeze", "Squeeze"):
-        inner = _static_ints(node.inputs[0], depth + 1)
-        if inner is None and op == "Unsqueeze":
-            return [None]  # a scalar made 1-D: one unknown element
-        return inner
-    if op == "Shape":
-        shape = node.inputs[0].shape if node.inputs[0] is not None else None
-        if shape is None:
-            return None
-        dims = [d if isinstance(d, int) else None for d in shape]
-        start, end = _attr(node, "start", 0), _attr(node, "end", None)
-        return dims[start:end]
-    if op == "Gather":
-        data, idx = _static_ints(node.inputs[0], depth + 1), _static_ints(node.inputs[1], depth + 1)
-        if data is None or idx is None or any(i is None for i in idx):
-            return _unknown_ints(value)
-        try:
-            return [data[i] for i in idx]  # type: ignore[index]
-        except IndexError:
-            return None
-    return _unknown_ints(value)
-
-
-def _unknown_ints(value: ir.Value) -> list[int | None] | None:
-    """A dynamic piece of known length (from its static shape) as Nones."""
-    shape = value.shape
-    if shape is None or not all(isinstance(d, int) for d in shape):
-        return None
-    return [None] * int(np.prod(shape, dtype=np.int64))
-
-
-def _walk(
-    start: ir.Value,
-    step: Callable[[ir.Node], Iterable[ir.Value] | None],
-    stop: Callable[[ir.Value], bool],
-    max_nodes: int = 64,
-    graph_inputs_end: bool = False,
-) -> tuple[list[ir.Value], list[ir.Node]] | None:
-    """Backward walk from ``start``: values where ``stop`` holds end a branch; ``step(node)``
-    gives the inputs to follow (None: the walk hits a node it must not cross, so no match).
-    A graph input fails the walk unless ``graph_inputs_end``."""
-    ends: list[ir.Value] = []
-    nodes: list[ir.Node] = []
-    seen_nodes: set[int] = set()
-    seen_values: set[int] = set()
-    stack = [start]
-    while stack:
-        value = stack.pop()
-        if id(value) in seen_values:
-            continue
-        seen_values.add(id(value))
-        if stop(value):
-            ends.append(value)
-            continue
-        node = value.producer()
-        if node is None:
-            if graph_inputs_end:
-                continue
-            return None
-        if id(node) in seen_nodes:
-            continue
-        follow = step(node)
-        if follow is None:
-            return None
-        seen_nodes.add(id(node))
-        nodes.append(node)
-        if len(nodes) > max_nodes:
-            return None
-        stack.extend(v for v in follow if v is not None)
-    return ends, nodes
-
-
 # --------------------------------------------------------------------------- linears
 
 
@@ -432,9 +279,9 @@ def find_linears(graph: ir.Graph) -> list[Linear]:
     found = []
     for node in graph:
         lin = None
-        if _is_std(node, "MatMul"):
+        if is_std(node, "MatMul"):
             lin = _matmul_linear(node)
-        elif _is_std(node, "Gemm"):
+        elif is_std(node, "Gemm"):
             lin = _gemm_linear(node)
         if lin is not None:
             found.append(lin)
@@ -442,19 +289,19 @@ def find_linears(graph: ir.Graph) -> list[Linear]:
 
 
 def _weight_users(weight: ir.Value) -> int:
-    return len(_consumers(weight))
+    return len(consumers(weight))
 
 
 def _matmul_linear(node: ir.Node) -> Linear | None:
     x, w = node.inputs[0], node.inputs[1]
-    if x is None or _constant(x) is not None:
+    if x is None or constant(x) is not None:
         return None
     transposed, transpose_node = False, None
-    shape = _const_shape(w)
-    if shape is None and w is not None and w.producer() is not None and _is_std(w.producer(), "Transpose"):
+    shape = const_shape(w)
+    if shape is None and w is not None and w.producer() is not None and is_std(w.producer(), "Transpose"):
         tnode = w.producer()
-        perm = _attr(tnode, "perm")
-        src_shape = _const_shape(tnode.inputs[0])
+        perm = attr(tnode, "perm")
+        src_shape = const_shape(tnode.inputs[0])
         if src_shape is not None and len(src_shape) == 2 and perm in (None, (1, 0), [1, 0]):
             transposed, transpose_node, w = True, tnode, tnode.inputs[0]
             shape = src_shape
@@ -463,7 +310,7 @@ def _matmul_linear(node: ir.Node) -> Linear | None:
     in_f, out_f = (shape[1], shape[0]) if transposed else shape
     bias, bias_node, output = _bias_add(node.outputs[0], out_f)
     return Linear(
-        node=_node_name(node),
+        node=node_name(node),
         weight=w.name or "",
         in_features=in_f,
         out_features=out_f,
@@ -474,19 +321,19 @@ def _matmul_linear(node: ir.Node) -> Linear | None:
         shared=_weight_users(w) > 1,
         op_type="MatMul",
         bias_node=bias_node,
-        weight_transpose=None if transpose_node is None else _node_name(transpose_node),
+        weight_transpose=None if transpose_node is None else node_name(transpose_node),
     )
 
 
 def _gemm_linear(node: ir.Node) -> Linear | None:
     x, w = node.inputs[0], node.inputs[1]
-    shape = _const_shape(w)
-    if x is None or shape is None or len(shape) != 2 or _attr(node, "transA", 0):
+    shape = const_shape(w)
+    if x is None or shape is None or len(shape) != 2 or attr(node, "transA", 0):
         return None
-    transposed = bool(_attr(node, "transB", 0))
+    transposed = bool(attr(node, "transB", 0))
     in_f, out_f = (shape[1], shape[0]) if transposed else shape
     c = node.inputs[2] if len(node.inputs) > 2 else None
-    bias = c.name if c is not None and _constant(c) is not None else None
+    bias = c.name if c is not None and constant(c) is not None else None
     output = node.outputs[0]
     bias_node = None
     if bias is None:
@@ -494,7 +341,7 @@ def _gemm_linear(node: ir.Node) -> Linear | None:
     else:
         out_name = output.name or ""
     return Linear(
-        node=_node_name(node),
+        node=node_name(node),
         weight=w.name or "",
         in_features=in_f,
         out_features=out_f,
@@ -510,13 +357,13 @@ def _gemm_linear(node: ir.Node) -> Linear | None:
 
 def _bias_add(out: ir.Value, out_features: int) -> tuple[str | None, str | None, str]:
     """(bias name, Add node name, value after bias) when ``out``'s only consumer adds a 1-D constant."""
-    users = _consumers(out)
-    if len(users) == 1 and _is_std(users[0], "Add") and not out.is_graph_output():
+    users = consumers(out)
+    if len(users) == 1 and is_std(users[0], "Add") and not out.is_graph_output():
         add = users[0]
         other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
-        shape = _const_shape(other)
+        shape = const_shape(other)
         if shape is not None and len(shape) == 1 and shape[0] == out_features:
-            return other.name, _node_name(add), add.outputs[0].name or ""
+            return other.name, node_name(add), add.outputs[0].name or ""
     return None, None, out.name or ""
 
 
@@ -576,7 +423,7 @@ def _constants_match(context, **bindings) -> bool:
     for name, value in bindings.items():
         if not name.startswith("c_"):
             continue
-        tensor = _constant(value)
+        tensor = constant(value)
         if tensor is None or tensor.size != 1:
             return False
         if not math.isclose(float(tensor.numpy().reshape(-1)[0]), _EXPECTED_CONSTANTS[name], rel_tol=1e-3):
@@ -629,18 +476,18 @@ def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
 
 
 def _elementwise_inputs(node: ir.Node) -> Iterable[ir.Value] | None:
-    if node.domain not in _STD_DOMAINS + (_MS_DOMAIN,):
+    if node.domain not in STD_DOMAINS + (MS_DOMAIN,):
         return None
     if node.op_type in _LINEAR_OPS or node.op_type in _NONLINEAR_OPS:
-        return [v for v in node.inputs if v is not None and _constant(v) is None]
+        return [v for v in node.inputs if v is not None and constant(v) is None]
     return None
 
 
 def _ffn_ending_at(model: ir.Model, down: Linear, start: ir.Value, by_output: dict[str, Linear]) -> FFNBlock | None:
-    walk = _walk(start, _elementwise_inputs, lambda v: v.name in by_output, max_nodes=40)
-    if walk is None:
+    found = walk(start, _elementwise_inputs, lambda v: v.name in by_output, max_nodes=40)
+    if found is None:
         return None
-    ends, region = walk
+    ends, region = found
     sources = {v.name: v for v in ends}
     if not region or not any(n.op_type in _NONLINEAR_OPS for n in region):
         return None
@@ -664,7 +511,7 @@ def _gated_ffn(model, down, region, sources, by_output) -> FFNBlock | None:
     in_region = {id(n) for n in region}
 
     def feeds_nonlinear(value: ir.Value) -> bool:
-        return any(id(n) in in_region and n.op_type in _NONLINEAR_OPS for n in _consumers(value))
+        return any(id(n) in in_region and n.op_type in _NONLINEAR_OPS for n in consumers(value))
 
     gating = [feeds_nonlinear(v) for v in sources]
     if gating.count(True) != 1:
@@ -707,12 +554,12 @@ _NATIVE_ATTENTION = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
 
 def find_attention_blocks(graph: ir.Graph, linears: list[Linear], by_output: dict[str, Linear]) -> list[AttentionBlock]:
     """Softmax-centred attention subgraphs plus contrib attention ops, numbered in graph order."""
-    order = _node_index(graph)
+    order = node_index(graph)
     found: list[tuple[int, AttentionBlock]] = []
     for node in graph:
-        if _is_std(node, "Softmax"):
+        if is_std(node, "Softmax"):
             block = _attention_at_softmax(node, by_output)
-        elif node.domain == _MS_DOMAIN and node.op_type in _NATIVE_ATTENTION:
+        elif node.domain == MS_DOMAIN and node.op_type in _NATIVE_ATTENTION:
             block = _native_attention(node, by_output)
         else:
             continue
@@ -729,10 +576,10 @@ def _is_activation_matmul(node: ir.Node | None) -> bool:
     """A MatMul of two computed tensors (scores or context), not a linear."""
     return (
         node is not None
-        and _is_std(node, "MatMul")
-        and all(v is not None and _constant(v) is None for v in node.inputs)
-        and not (node.inputs[1].producer() is not None and _is_std(node.inputs[1].producer(), "Transpose")
-                 and _constant(node.inputs[1].producer().inputs[0]) is not None)
+        and is_std(node, "MatMul")
+        and all(v is not None and constant(v) is None for v in node.inputs)
+        and not (node.inputs[1].producer() is not None and is_std(node.inputs[1].producer(), "Transpose")
+                 and constant(node.inputs[1].producer().inputs[0]) is not None)
     )  # fmt: skip
 
 
@@ -747,8 +594,8 @@ def _score_matmul(softmax: ir.Node) -> ir.Node | None:
             continue
         if _is_activation_matmul(node):
             return node
-        if _is_std(node, *_SCORE_TO_SOFTMAX_OPS):
-            frontier.extend(v for v in node.inputs if v is not None and _constant(v) is None)
+        if is_std(node, *_SCORE_TO_SOFTMAX_OPS):
+            frontier.extend(v for v in node.inputs if v is not None and constant(v) is None)
     return None
 
 
@@ -758,29 +605,29 @@ def _context_matmul(softmax: ir.Node) -> ir.Node | None:
     while frontier and seen < 16:
         value = frontier.pop(0)
         seen += 1
-        for node in _consumers(value):
+        for node in consumers(value):
             if _is_activation_matmul(node) and node.inputs[0] is value:
                 return node
-            if _is_std(node, *_SOFTMAX_TO_CONTEXT_OPS):
+            if is_std(node, *_SOFTMAX_TO_CONTEXT_OPS):
                 frontier.extend(node.outputs)
     return None
 
 
 def _path_inputs(node: ir.Node) -> Iterable[ir.Value] | None:
-    if node.domain in _STD_DOMAINS and node.op_type in _PATH_OPS:
+    if node.domain in STD_DOMAINS and node.op_type in _PATH_OPS:
         inputs = node.inputs[:1] if node.op_type in _DATA_INPUT_ONLY else node.inputs
-        return [v for v in inputs if v is not None and _constant(v) is None]
-    if node.domain == _MS_DOMAIN and node.op_type == "RotaryEmbedding":
+        return [v for v in inputs if v is not None and constant(v) is None]
+    if node.domain == MS_DOMAIN and node.op_type == "RotaryEmbedding":
         return node.inputs[:1]
     return []  # any other op (Sin/Cos, Shape, ...) ends this branch without a linear
 
 
 def _trace_to_linear(value: ir.Value, by_output: dict[str, Linear]) -> tuple[Linear, list[ir.Node]] | None:
     """The single linear that ``value`` is computed from through head-split/rotary/repeat ops."""
-    walk = _walk(value, _path_inputs, lambda v: v.name in by_output, max_nodes=80, graph_inputs_end=True)
-    if walk is None:
+    found = walk(value, _path_inputs, lambda v: v.name in by_output, max_nodes=80, graph_inputs_end=True)
+    if found is None:
         return None
-    ends, nodes = walk
+    ends, nodes = found
     names = {v.name for v in ends}
     if len(names) != 1:
         return None
@@ -793,8 +640,8 @@ def _output_linear(value: ir.Value, linears_by_input: dict[str, list[Linear]]) -
         lins = linears_by_input.get(value.name or "")
         if lins and len(lins) == 1:
             return lins[0]
-        users = [n for n in _consumers(value) if not _is_std(n, "Shape")]
-        if len(users) != 1 or not _is_std(users[0], *_MERGE_OPS):
+        users = [n for n in consumers(value) if not is_std(n, "Shape")]
+        if len(users) != 1 or not is_std(users[0], *_MERGE_OPS):
             return None
         value = users[0].outputs[0]
     return None
@@ -824,7 +671,7 @@ def _attention_at_softmax(softmax: ir.Node, by_output: dict[str, Linear]) -> Att
     rotary = _has_rotary(q_nodes) and _has_rotary(k_nodes)
     return AttentionBlock(
         q=q, k=k, v=v, o=o, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-        softmax=_node_name(softmax), rotary=rotary, score_matmul=_node_name(score), context_matmul=_node_name(context),
+        softmax=node_name(softmax), rotary=rotary, score_matmul=node_name(score), context_matmul=node_name(context),
     )  # fmt: skip
 
 
@@ -837,14 +684,14 @@ def _has_rotary(nodes: list[ir.Node]) -> bool:
 def _head_split(lin: Linear, path: list[ir.Node]) -> tuple[int | None, int | None]:
     """(heads, head_dim) from the constant pieces of the Reshape right after ``lin``."""
     for node in path:
-        if not _is_std(node, "Reshape"):
+        if not is_std(node, "Reshape"):
             continue
         src = node.inputs[0]
-        while src is not None and src.name != lin.output and src.producer() is not None and _is_std(src.producer(), "Cast", "Identity"):
+        while src is not None and src.name != lin.output and src.producer() is not None and is_std(src.producer(), "Cast", "Identity"):
             src = src.producer().inputs[0]
         if src is None or src.name != lin.output:
             continue
-        shape = _static_ints(node.inputs[1])
+        shape = static_ints(node.inputs[1])
         if shape is None or len(shape) < 2:
             out_shape = node.outputs[0].shape
             shape = None if out_shape is None else [d if isinstance(d, int) else None for d in out_shape]
@@ -878,21 +725,21 @@ def _reconcile_heads(name, q, k, heads, head_dim, kv_heads, kv_dim):
 
 def _native_attention(node: ir.Node, by_output: dict[str, Linear]) -> AttentionBlock | None:
     """Contrib attention ops carry num_heads (and kv_num_heads) as attributes."""
-    heads = _attr(node, "num_heads")
-    kv_heads = _attr(node, "kv_num_heads", heads)
+    heads = attr(node, "num_heads")
+    kv_heads = attr(node, "kv_num_heads", heads)
     linears_by_input: dict[str, list[Linear]] = {}
     for lin in by_output.values():
         linears_by_input.setdefault(lin.input, []).append(lin)
     o = _output_linear(node.outputs[0], linears_by_input)
     packed, q = None, None
     if node.op_type == "Attention":
-        shape = _const_shape(node.inputs[1])
+        shape = const_shape(node.inputs[1])
         if shape is None or len(shape) != 2:
             return None
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         packed = Linear(
-            node=_node_name(node), weight=node.inputs[1].name or "", in_features=shape[0],
-            out_features=shape[1], bias=_name(bias), transposed=False, input=_name(node.inputs[0]) or "",
+            node=node_name(node), weight=node.inputs[1].name or "", in_features=shape[0],
+            out_features=shape[1], bias=value_name(bias), transposed=False, input=value_name(node.inputs[0]) or "",
             output=node.outputs[0].name or "", shared=_weight_users(node.inputs[1]) > 1, op_type="Attention",
         )  # fmt: skip
         width = shape[1] // 3
@@ -904,7 +751,7 @@ def _native_attention(node: ir.Node, by_output: dict[str, Linear]) -> AttentionB
     head_dim = width // heads if width and heads else None
     return AttentionBlock(
         q=q, k=k, v=v, o=o, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, softmax=None,
-        rotary=bool(_attr(node, "do_rotary", 0)), op_type=node.op_type, node=_node_name(node), packed_qkv=packed,
+        rotary=bool(attr(node, "do_rotary", 0)), op_type=node.op_type, node=node_name(node), packed_qkv=packed,
     )  # fmt: skip
 
 
@@ -918,20 +765,20 @@ def find_conv_layers(graph: ir.Graph) -> list[ConvLayer]:
     """Conv nodes with constant weights, with the BatchNormalization/activation right after them."""
     layers = []
     for node in graph:
-        if not _is_std(node, "Conv"):
+        if not is_std(node, "Conv"):
             continue
-        shape = _const_shape(node.inputs[1])
+        shape = const_shape(node.inputs[1])
         if shape is None or len(shape) < 3 or node.inputs[0] is None:
             continue
-        groups = int(_attr(node, "group", 1))
+        groups = int(attr(node, "group", 1))
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         out = node.outputs[0]
         bn, act = None, None
-        users = _consumers(out)
-        if len(users) == 1 and _is_std(users[0], "BatchNormalization"):
-            bn, out = _node_name(users[0]), users[0].outputs[0]
-            users = _consumers(out)
-        if len(users) == 1 and _is_std(users[0], *_CONV_FOLLOW_ACTS):
+        users = consumers(out)
+        if len(users) == 1 and is_std(users[0], "BatchNormalization"):
+            bn, out = node_name(users[0]), users[0].outputs[0]
+            users = consumers(out)
+        if len(users) == 1 and is_std(users[0], *_CONV_FOLLOW_ACTS):
             act_node = users[0]
             act = _swish_or(act_node, out)
             out = _swish_output(act_node, out)
@@ -939,7 +786,7 @@ def find_conv_layers(graph: ir.Graph) -> list[ConvLayer]:
             act, out = "silu", _swish_output(None, out)
         layers.append(
             ConvLayer(
-                node=_node_name(node), weight=node.inputs[1].name or "", bias=_name(bias) if _constant(bias) is not None else None,
+                node=node_name(node), weight=node.inputs[1].name or "", bias=value_name(bias) if constant(bias) is not None else None,
                 out_channels=shape[0], in_channels=shape[1] * groups, groups=groups, kernel=tuple(shape[2:]),
                 depthwise=groups > 1 and shape[1] == 1, input=node.inputs[0].name or "", output=out.name or "",
                 batchnorm=bn, activation=act,
@@ -952,13 +799,13 @@ def _swish_output(act_node: ir.Node | None, x: ir.Value) -> ir.Value | None:
     """For x * Sigmoid(x) the Mul's output; otherwise the activation's own output."""
     sig = act_node
     if sig is None:
-        sigs = [n for n in _consumers(x) if _is_std(n, "Sigmoid")]
+        sigs = [n for n in consumers(x) if is_std(n, "Sigmoid")]
         if not sigs:
             return None
         sig = sigs[0]
-    if _is_std(sig, "Sigmoid"):
-        for mul in _consumers(sig.outputs[0]):
-            if _is_std(mul, "Mul") and x in mul.inputs:
+    if is_std(sig, "Sigmoid"):
+        for mul in consumers(sig.outputs[0]):
+            if is_std(mul, "Mul") and x in mul.inputs:
                 return mul.outputs[0]
         if act_node is None:
             return None
@@ -966,7 +813,7 @@ def _swish_output(act_node: ir.Node | None, x: ir.Value) -> ir.Value | None:
 
 
 def _swish_or(act_node: ir.Node, x: ir.Value) -> str:
-    if _is_std(act_node, "Sigmoid") and _swish_output(act_node, x) is not act_node.outputs[0]:
+    if is_std(act_node, "Sigmoid") and _swish_output(act_node, x) is not act_node.outputs[0]:
         return "silu"
     return _ACTIVATION_NAMES.get(act_node.op_type, act_node.op_type.lower())
 
@@ -995,8 +842,8 @@ def find_conv_chains(convs: list[ConvLayer], graph: ir.Graph) -> list[ConvChain]
             seen.add(id(value))
             for nxt in by_input.get(value.name or "", []):
                 parent[root(nxt)] = root(c.node)
-            for user in _consumers(value):
-                if user.domain in _STD_DOMAINS and user.op_type in _CHAIN_OPS:
+            for user in consumers(value):
+                if user.domain in STD_DOMAINS and user.op_type in _CHAIN_OPS:
                     frontier.extend(user.outputs)
     chains: dict[str, list[str]] = {}
     for c in convs:
@@ -1012,10 +859,10 @@ def find_embeddings(graph: ir.Graph, linears: list[Linear]) -> list[Embedding]:
     head_by_weight = {lin.weight: lin.node for lin in linears}
     found = []
     for node in graph:
-        if not _is_std(node, "Gather") or _attr(node, "axis", 0) != 0:
+        if not is_std(node, "Gather") or attr(node, "axis", 0) != 0:
             continue
         table, idx = node.inputs[0], node.inputs[1]
-        tensor = _constant(table)
+        tensor = constant(table)
         if tensor is None or len(tensor.shape) != 2 or idx is None:
             continue
         if tensor.dtype is not None and not tensor.dtype.is_floating_point():
@@ -1025,7 +872,7 @@ def find_embeddings(graph: ir.Graph, linears: list[Linear]) -> list[Embedding]:
         head = head_by_weight.get(table.name or "")
         found.append(
             Embedding(
-                node=_node_name(node), table=table.name or "", vocab=int(tensor.shape[0]), dim=int(tensor.shape[1]),
+                node=node_name(node), table=table.name or "", vocab=int(tensor.shape[0]), dim=int(tensor.shape[1]),
                 input=idx.name or "", tied=head is not None, tied_with=head,
             )
         )  # fmt: skip
@@ -1041,29 +888,29 @@ def find_moe_layers(graph: ir.Graph, linears: list[Linear], ffns: list[FFNBlock]
     values = _values_by_name(graph)
     layers = []
     for node in graph:
-        if node.domain == _MS_DOMAIN and node.op_type in ("MoE", "QMoE"):
-            router = by_output.get(_name(node.inputs[1]) or "")
+        if node.domain == MS_DOMAIN and node.op_type in ("MoE", "QMoE"):
+            router = by_output.get(value_name(node.inputs[1]) or "")
             n = router.out_features if router else None
-            layers.append(MoELayer(router=router, num_experts=n or 0, top_k=_attr(node, "k"), experts=[], node=_node_name(node)))
+            layers.append(MoELayer(router=router, num_experts=n or 0, top_k=attr(node, "k"), experts=[], node=node_name(node)))
     for lin in linears:
         topk = _topk_after(values.get(lin.output))
         if topk is None:
             continue
-        k_tensor = _constant(topk.inputs[1]) if len(topk.inputs) > 1 else None
+        k_tensor = constant(topk.inputs[1]) if len(topk.inputs) > 1 else None
         k = int(k_tensor.numpy().reshape(-1)[0]) if k_tensor is not None else None
         experts = [f for f in ffns if (f.gate or f.up).input == lin.input]
-        layers.append(MoELayer(router=lin, num_experts=lin.out_features, top_k=k, experts=experts, node=_node_name(topk)))
+        layers.append(MoELayer(router=lin, num_experts=lin.out_features, top_k=k, experts=experts, node=node_name(topk)))
     return layers
 
 
 def _topk_after(value: ir.Value | None) -> ir.Node | None:
     if value is None:
         return None
-    for user in _consumers(value):
-        if _is_std(user, "TopK"):
+    for user in consumers(value):
+        if is_std(user, "TopK"):
             return user
-        if _is_std(user, "Softmax", "Sigmoid", "Cast"):
-            for nxt in _consumers(user.outputs[0]):
-                if _is_std(nxt, "TopK"):
+        if is_std(user, "Softmax", "Sigmoid", "Cast"):
+            for nxt in consumers(user.outputs[0]):
+                if is_std(nxt, "TopK"):
                     return nxt
     return None

@@ -37,7 +37,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from edgeprune.analysis import _attr, _constant, _is_std, _node_name, _static_ints
+from edgeprune.analysis.graph import attr as _attr, constant as _constant, is_std as _is_std, node_name as _node_name, static_ints as _static_ints
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeprune.analysis import Linear
-from edgeprune.analysis import _consumers  # noqa: F401  (re-exported to _prune_groups)
-from edgeprune.analysis import _node_name as _node_key  # noqa: F401  (analysis names nodes; groups look them up by it)
+from edgeprune.analysis.graph import consumers as _consumers  # noqa: F401  (re-exported to groups)
+from edgeprune.analysis.graph import node_name as _node_key  # noqa: F401  (analysis names nodes; groups look them up by it)
 
 _STD = ("", "ai.onnx")
 
