@@ -194,6 +194,9 @@ def bench(name: str, args, work: Path) -> dict:
             "speedup_p50_vs_fp32": lat["fp32"].p50_ms / lat[key].p50_ms, "quantized_ops": rb.quantized_op_counts(path),
             "pass": passes.get(key),
         })  # fmt: skip
+    for key, p in passes.items():  # a variant the pass refused still gets its row, saying why
+        if "error" in p:
+            rows.append({"variant": key, "error": p["error"], "pass": p})
     return {
         "model": name, "command": "python benchmarks/run_bits.py " + " ".join(sys.argv[1:]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": rb.machine(),
@@ -204,6 +207,11 @@ def bench(name: str, args, work: Path) -> dict:
                      if name == "smollm2" else {"metric": "STS-B dev Spearman, 1500 pairs"}),
         "rows": rows,
     }  # fmt: skip
+
+
+def _one_line(text: str) -> str:
+    """An error message fit for a table cell."""
+    return " ".join(text.split()).replace("|", "/")
 
 
 def render(results: dict) -> str:
@@ -220,6 +228,9 @@ def render(results: dict) -> str:
         metric = "perplexity" if name.startswith("smollm2") else "stsb_spearman"
         lines += [f"| variant | {metric} | size MB | p50 ms | speedup | avg bits | formats |", "|---|---:|---:|---:|---:|---:|---|"]
         for r in e["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['variant']} | failed: {_one_line(r['error'])} |  |  |  |  |  |")
+                continue
             p = r.get("pass") or {}
             fm = ", ".join(f"{k} x{v}" for k, v in sorted((p.get("formats") or {}).items())) or ", ".join(
                 f"{k} x{v}" for k, v in sorted(r["quantized_ops"].items()))

@@ -175,14 +175,17 @@ def run(args) -> dict:
 
 
 def markdown(r: dict) -> str:
+    st = r["settings"]
     lines = [
         "## Conv channel pruning: EfficientNet-Lite0",
         "",
         f"- command: `{r.get('command', 'python benchmarks/run_pruning_cnn.py')}`; date {r['date']}",
         f"- {r['card']['title']}; {r['reference']['params']:,} parameters, unpruned top-1 {r['reference']['top1']:.3f} on the evaluation images",
         f"- split: calibration = {r['split']['calibration']}; evaluation = {r['split']['evaluation']}",
-        f"- latency: p50, batch 1, 224x224, {r['settings']['threads']} threads, interleaved with fp32 ({r['settings']['latency_runs']} runs); {r['machine']}",
-        "- units = conv, allocation global (standardized per group) unless the variant says /floor or /uniform, round_to 8, residual groups kept",
+        f"- latency: p50, batch {st['batch']}, {st['image']}x{st['image']}, {st['threads']} threads, interleaved with fp32 "
+        f"({st['latency_runs']} runs); {r['machine']}",
+        f"- units = {st['units']}, allocation {st['allocation']} (standardized per group), round_to {st['round_to']}, "
+        f"residual groups {'pruned' if st['conv_residual'] else 'kept'}",
         "",
         "| ratio | variant | params | top-1 agreement | top-1 | p50 ms | latency ratio |",
         "|---|---|---|---|---|---|---|",
@@ -192,7 +195,7 @@ def markdown(r: dict) -> str:
             f"| {row['ratio']:.0%} | {row['variant']} | {row['params']:,} | {row['top1_agreement']:.3f} | {row['top1']:.3f} | "
             f"{row['p50_ms']:.2f} | {row['latency_ratio']:.3f} |"
         )
-    lines += ["", "### with int8 (static QDQ, per-channel, 16 calibration images)", "",
+    lines += ["", f"### with int8 (static QDQ, per-channel, calibration {r['split']['calibration']})", "",
               "| model | MB | top-1 agreement | top-1 | p50 ms | vs fp32 |", "|---|---|---|---|---|---|"]  # fmt: skip
     for row in r["int8"]:
         lines.append(
