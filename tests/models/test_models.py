@@ -20,7 +20,7 @@ from edgeprune.errors import BadInputError, CalibrationDataError
 from edgeprune.models import recipes
 from edgeprune.models import build, data_dir, load_stsb, stsb_spearman, token_nll, wikitext_perplexity
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------- helpers

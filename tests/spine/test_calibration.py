@@ -15,7 +15,7 @@ import pytest
 from edgeprune.calibration import CalibrationSet, InputSpec, input_specs, load_calibration, validate_feeds
 from edgeprune.errors import CalibrationDataError
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _model(text: str) -> ir.Model:
