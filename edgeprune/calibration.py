@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from edgeprune.errors import CalibrationDataError
+from edgeprune.errors import BadInputError, CalibrationDataError
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class CalibrationSet:
         runs on the very rows the statistics came from.
         """
         if not 0.0 <= holdout < 1.0:
-            raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+            raise BadInputError(f"holdout must be in [0, 1), got {holdout}: e.g. 0.25 holds back a quarter of the rows.")
         n = len(self.samples)
         if n < 2:
             return self._subset(range(n), "stats"), self._subset([], "holdout")
@@ -109,7 +109,7 @@ class CalibrationSet:
         mask's length are right-padded with 0 to the longest sample in the batch.
         """
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise BadInputError(f"batch_size must be >= 1, got {batch_size}: e.g. batch_size=8.")
         if self.max_batch is not None:
             batch_size = min(batch_size, self.max_batch)
         padded = _paddable_inputs(self.samples)

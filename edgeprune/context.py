@@ -1,21 +1,21 @@
 """The CompileContext: what every pass may ask of the compile it runs in.
 
 It carries the target, the calibration rows (statistics part and held-back part), the
-untouched reference model, the analysis, budgets, seed and progress. Statistics are filled
-lazily: a pass asks for the tensors it needs and one ORT run per batch collects them all.
+untouched reference model, threads and progress. Statistics are filled lazily: a pass asks for
+the tensors it needs and one ORT run per batch collects them all. Budgets and seeds live in each
+pass's own config, so a recipe says everything a pass decides by.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 
 from edgeprune.progress import Progress
 
 if TYPE_CHECKING:
-    from edgeprune.analysis import Structures
     from edgeprune.calibration import CalibrationSet
     from edgeprune.runtime.targets import Target
     from edgeprune.stats import TensorStats
@@ -34,10 +34,7 @@ class CompileContext:
     calibration: CalibrationSet
     holdout: CalibrationSet
     reference: ir.Model
-    structures: Structures | None = None
-    seed: int = 0
     threads: int | None = None
-    budgets: dict[str, Any] = dataclasses.field(default_factory=dict)
     progress: Progress = dataclasses.field(default_factory=Progress)
     stage: int = 0
     """Index of the pass now running in the recipe; set by the pipeline."""

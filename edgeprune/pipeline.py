@@ -22,11 +22,10 @@ from edgeprune import model_io
 from edgeprune.analysis import analyze
 from edgeprune.calibration import load_calibration
 from edgeprune.context import CompileContext
-from edgeprune.errors import BadInputError, BudgetError
+from edgeprune.errors import BadInputError, BudgetError, CalibrationDataError
 from edgeprune.passes.base import EdgePass, EdgePassResult
-from edgeprune.passes.registry import get_pass
 from edgeprune.progress import Progress
-from edgeprune.recipe import Recipe, default_recipe, load_recipe
+from edgeprune.recipe import Recipe, build_passes, default_recipe, load_recipe
 from edgeprune.runtime.targets import get_target
 from edgeprune.validation import LATENCY_SEQ_LEN, find_tokenizer, latency_feed, measure_pair
 from edgeprune.verify import Verification, run_batches, verify
@@ -64,10 +63,16 @@ def _resolve_recipe(recipe: Recipe | str | pathlib.Path | None) -> Recipe:
     if recipe is None:
         return default_recipe()
     if isinstance(recipe, Recipe):
-        for spec in recipe.passes:
-            get_pass(spec.name)
         return recipe
     return load_recipe(recipe)
+
+
+#: Calibration rows a compile needs: statistics come from some, fidelity is checked on others.
+MIN_CALIBRATION_ROWS = 2
+TOO_FEW_ROWS = (
+    "compile needs at least 2 calibration rows, some to collect statistics on and at least one held back "
+    "to verify the result, but got {n}: pass --calib with 2 or more rows and --max-samples 2 or more."
+)
 
 
 def _model_facts(model: ir.Model, path: pathlib.Path | None = None) -> dict[str, Any]:
@@ -136,8 +141,11 @@ def compile_model(
     # Everything that can refuse the input, cheapest first.
     target = get_target(opts.target)
     recipe = _resolve_recipe(opts.recipe)
+    passes = build_passes(recipe)  # every option checked; the context is attached once it exists
     if opts.max_drop is not None and not 0 <= opts.max_drop:
         raise BadInputError(f"--max-drop must be >= 0, got {opts.max_drop}.")
+    if opts.max_samples < MIN_CALIBRATION_ROWS:
+        raise CalibrationDataError(TOO_FEW_ROWS.format(n=opts.max_samples))
     model_io.check_output_dir(out_dir, force=opts.force, inputs=(model_path,))  # early; the writer checks again
     with progress.stage(f"load {model_path.name}"):
         reference = model_io.load_model(model_path)
@@ -149,6 +157,8 @@ def compile_model(
         seq_len=opts.seq_len,
         seed=opts.seed,
     )
+    if len(calib) < MIN_CALIBRATION_ROWS:
+        raise CalibrationDataError(TOO_FEW_ROWS.format(n=len(calib)))
     stats_rows, holdout = calib.split(opts.holdout, seed=opts.seed)
     holdout_batches = list(holdout.batches(opts.batch_size))
 
@@ -162,13 +172,11 @@ def compile_model(
         calibration=stats_rows,
         holdout=holdout,
         reference=reference,
-        structures=structures,
-        seed=opts.seed,
         threads=opts.threads,
-        budgets={"max_drop": opts.max_drop},
         progress=progress,
     )
-    passes = [get_pass(spec.name).from_options(spec.options, ctx) for spec in recipe.passes]
+    for p in passes:
+        p.context = ctx
 
     backoff: list[dict[str, Any]] = []
     while True:

@@ -6,8 +6,8 @@
     [passes.options]
     fold_constants = true
 
-Names are checked against the pass registry when the recipe is read, so a typo fails before
-any work starts.
+Every pass is built from its options when the recipe is read (``build_passes``), so a typo in a
+name or an option fails before any work starts.
 """
 
 from __future__ import annotations
@@ -15,10 +15,14 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import tomllib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeprune.errors import BadInputError
+from edgeprune.passes.base import EdgePass
 from edgeprune.passes.registry import get_pass
+
+if TYPE_CHECKING:
+    from edgeprune.context import CompileContext
 
 
 @dataclasses.dataclass
@@ -34,6 +38,11 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "passes": [dataclasses.asdict(p) for p in self.passes]}
+
+
+def build_passes(recipe: Recipe, context: CompileContext | None = None) -> list[EdgePass]:
+    """Each pass of ``recipe`` built from its options: the one place a bad name or option is refused."""
+    return [get_pass(spec.name).from_options(spec.options, context) for spec in recipe.passes]
 
 
 def default_recipe() -> Recipe:
@@ -54,9 +63,9 @@ def recipe_from_flags(*, prune: dict[str, Any] | None = None, bits: dict[str, An
         passes += [PassSpec("prune", dict(prune)), PassSpec("cleanup")]
     if bits is not None:
         passes.append(PassSpec("bits", dict(bits)))
-    for spec in passes:
-        get_pass(spec.name).from_options(spec.options)  # bad options fail before any work
-    return Recipe(passes, source="command line")
+    recipe = Recipe(passes, source="command line")
+    build_passes(recipe)  # bad options fail before any work
+    return recipe
 
 
 def parse_size(text: str) -> int:
@@ -92,7 +101,7 @@ def _parse(path: pathlib.Path) -> Any:
 
 
 def load_recipe(path: str | pathlib.Path) -> Recipe:
-    """Read and check a recipe file; every pass name must be registered."""
+    """Read and check a recipe file; every pass must be registered and accept its options."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise BadInputError(f"recipe file {path} does not exist: check the --recipe path.")
@@ -109,6 +118,7 @@ def load_recipe(path: str | pathlib.Path) -> Recipe:
         options = entry.get("options") or {}
         if not isinstance(options, dict):
             raise BadInputError(f"recipe {path}: options of pass {entry['name']!r} must be a table.")
-        get_pass(entry["name"])
         specs.append(PassSpec(entry["name"], dict(options)))
-    return Recipe(specs, source=str(path))
+    recipe = Recipe(specs, source=str(path))
+    build_passes(recipe)
+    return recipe
