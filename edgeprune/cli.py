@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgeprune.errors import BudgetError, EdgepruneError
+from edgeprune.passes.prune.scoring import METRICS as PRUNE_METRICS  # names only: the pass loads on first use
 
 out_console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
@@ -74,7 +75,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--max-samples", type=int, default=64, show_default=True, help="Calibration rows to use.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--prune", "prune_ratio", type=float, help="Structured pruning: share of the prunable parameters (FFN neurons, attention heads, conv channels) to remove, in [0, 1).")
-@click.option("--prune-metric", type=click.Choice(["flap", "wanda", "magnitude", "magnitude_l1"]), default="flap", show_default=True, help="Importance metric for --prune.")
+@click.option("--prune-metric", type=click.Choice(list(PRUNE_METRICS)), default="flap", show_default=True, help="Importance metric for --prune.")
 @click.option("--allocation", type=click.Choice(["global", "floor", "uniform"]), default="global", show_default=True, help="How --prune spreads the budget over layers.")
 @click.option("--round-to", type=int, default=8, show_default=True, help="Keep pruned FFN widths multiples of N (1 disables).")
 @click.option("--refit", is_flag=True, help="Least-squares refit of each pruned layer's consumer on calibration data.")

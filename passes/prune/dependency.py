@@ -37,7 +37,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from edgeprune.analysis.graph import attr as _attr, constant as _constant, is_std as _is_std, node_name as _node_name, static_ints as _static_ints
+from edgeprune.analysis.graph import attr, constant, is_std, node_name, static_ints
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class Span:
 
     def member(self, node: ir.Node, io: str, index: int, axis: int, role: str, tensor: ir.Value | None, width: int | None = None) -> Member:
         name = tensor.name if tensor is not None else ""
-        return Member(_node_name(node), io, index, axis, role, name or "", self.offset, self.length, self.start, self.width if width is None else width)
+        return Member(node_name(node), io, index, axis, role, name or "", self.offset, self.length, self.start, self.width if width is None else width)
 
 
 class _State:
@@ -195,12 +195,12 @@ _Handler = Callable[[_State, ir.Node, int, int, int, Span], None]
 
 def _weight(node: ir.Node, index: int) -> np.ndarray | None:
     value = node.inputs[index] if len(node.inputs) > index else None
-    tensor = _constant(value)
+    tensor = constant(value)
     return None if tensor is None else tensor.numpy()
 
 
 def _conv_groups_attr(node: ir.Node) -> int:
-    return int(_attr(node, "group", 1))
+    return int(attr(node, "group", 1))
 
 
 def _weight_members(node: ir.Node, role: str, span: Span, with_bias: bool) -> list[Member]:
@@ -233,14 +233,14 @@ def _spatially_one(value: ir.Value, axis: int) -> bool:
     node = value.producer()
     while node is not None and node.op_type in _PASS_THROUGH - _SPATIAL_POOLS and node.domain in ("", "ai.onnx"):
         node = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
-    if node is not None and _is_std(node, "ReduceMean", "ReduceMax") and value.shape is None:
+    if node is not None and is_std(node, "ReduceMean", "ReduceMax") and value.shape is None:
         return True  # _reduce only lets spatial reductions through
-    return node is not None and _is_std(node, *_SPATIAL_POOLS)
+    return node is not None and is_std(node, *_SPATIAL_POOLS)
 
 
 def _on_channel_axis(node: ir.Node, axis: int, span: Span, default: int = 0) -> bool:
     """Whether ``node``'s ``axis`` attribute names the channel axis (``axis`` counted from the end)."""
-    a = int(_attr(node, "axis", default))
+    a = int(attr(node, "axis", default))
     return a == axis or a == span.rank + axis
 
 
@@ -250,7 +250,7 @@ def split_sizes(node: ir.Node, width: int | None) -> list[int] | None:
     if sizes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
         return None  # computed sizes
     if sizes is None and "split" in node.attributes:
-        sizes = np.asarray(_attr(node, "split"))
+        sizes = np.asarray(attr(node, "split"))
     if sizes is not None:
         return [int(x) for x in np.asarray(sizes).reshape(-1)]
     parts = len(node.outputs)
@@ -288,21 +288,21 @@ def slice_bounds(node: ir.Node, axis: int, rank: int) -> tuple[int, int, int] | 
 
 def _pass_through(st: _State, node: ir.Node, index: int, gid: int, axis: int, span: Span) -> None:
     if index != 0:
-        st.block(gid, f"{node.op_type} node {_node_name(node)} reads the channels as a parameter")
+        st.block(gid, f"{node.op_type} node {node_name(node)} reads the channels as a parameter")
         return
     for k, extra in enumerate(node.inputs[1:], start=1):
         arr = _weight(node, k)
         if extra is not None and (arr is None or arr.size != 1):
-            st.block(gid, f"{node.op_type} node {_node_name(node)} has a non-scalar or computed input {extra.name}")
+            st.block(gid, f"{node.op_type} node {node_name(node)} has a non-scalar or computed input {extra.name}")
             return
     st.reach(node.outputs[0], gid, axis, node, 0, span)
 
 
 def _batchnorm(st: _State, node: ir.Node, index: int, gid: int, axis: int, span: Span) -> None:
     if index != 0:
-        st.block(gid, f"BatchNormalization node {_node_name(node)} reads the channels as a parameter")
+        st.block(gid, f"BatchNormalization node {node_name(node)} reads the channels as a parameter")
         return
-    name = _node_name(node)
+    name = node_name(node)
     for k in range(1, 5):
         if _weight(node, k) is None:
             st.block(gid, f"BatchNormalization node {name} has computed statistics ({node.inputs[k].name})")
@@ -312,7 +312,7 @@ def _batchnorm(st: _State, node: ir.Node, index: int, gid: int, axis: int, span:
 
 
 def _binary(st: _State, node: ir.Node, index: int, gid: int, axis: int, span: Span) -> None:
-    name = _node_name(node)
+    name = node_name(node)
     rank = span.rank
     for k, other in enumerate(node.inputs):
         if k == index or other is None:
@@ -332,7 +332,7 @@ def _binary(st: _State, node: ir.Node, index: int, gid: int, axis: int, span: Sp
 
 
 def _conv(st: _State, node: ir.Node, index: int, gid: int, axis: int, span: Span) -> None:
-    name = _node_name(node)
+    name = node_name(node)
     w = _weight(node, 1)
     if index != 0 or w is None:
         st.block(gid, f"Conv node {name} reads the channels as its weight or has a computed weight")
@@ -351,24 +351,24 @@ def _conv(st: _State, node: ir.Node, index: int, gid: int, axis: int, span: Span
 
 
 def _linear(st: _State, node: ir.Node, index: int, gid: int, axis: int, span: Span) -> None:
-    name = _node_name(node)
+    name = node_name(node)
     w = _weight(node, 1)
     if index != 0 or w is None or w.ndim != 2 or axis != -1:
         st.block(gid, f"{node.op_type} node {name} does not read the channels as the rows of a constant weight")
         return
-    if node.op_type == "Gemm" and int(_attr(node, "transA", 0)):
+    if node.op_type == "Gemm" and int(attr(node, "transA", 0)):
         st.block(gid, f"Gemm node {name} transposes its input (transA)")
         return
-    w_axis = 1 if node.op_type == "Gemm" and int(_attr(node, "transB", 0)) else 0
+    w_axis = 1 if node.op_type == "Gemm" and int(attr(node, "transB", 0)) else 0
     st.add(gid, span.member(node, "input", 1, w_axis, "consumer", node.inputs[1]))
     st.add(gid, span.member(node, "input", 0, 1, "consumer_input", node.inputs[0]))
 
 
 def _pad(st: _State, node: ir.Node, index: int, gid: int, axis: int, span: Span) -> None:
-    name = _node_name(node)
+    name = node_name(node)
     pads = _weight(node, 1) if len(node.inputs) > 1 else None
     if pads is None and "pads" in node.attributes:
-        pads = np.asarray(_attr(node, "pads"))
+        pads = np.asarray(attr(node, "pads"))
     if index != 0 or pads is None or len(node.inputs) > 3 and node.inputs[3] is not None:
         st.block(gid, f"Pad node {name} has computed pads or axes (run cleanup/constant folding first)")
         return
@@ -382,15 +382,15 @@ def _pad(st: _State, node: ir.Node, index: int, gid: int, axis: int, span: Span)
 
 def _to_features(st: _State, node: ir.Node, index: int, gid: int, axis: int, span: Span) -> None:
     """Flatten / Reshape / Squeeze of a [N, C, 1, 1] tensor into [N, C]: channel c becomes feature c."""
-    name, value = _node_name(node), node.inputs[0]
+    name, value = node_name(node), node.inputs[0]
     if index != 0 or not _spatially_one(value, axis):
         st.block(gid, f"{node.op_type} node {name} reshapes channels that still have a spatial extent")
         return
     ok = False
     if node.op_type == "Flatten":
-        ok = int(_attr(node, "axis", 1)) == 1  # conv tensors are [N, C, spatial...]: C lands at feature axis 1
+        ok = int(attr(node, "axis", 1)) == 1  # conv tensors are [N, C, spatial...]: C lands at feature axis 1
     elif node.op_type == "Reshape":
-        entries = _static_ints(node.inputs[1])
+        entries = static_ints(node.inputs[1])
         ok = entries is not None and len(entries) == 2 and entries[1] in (-1, span.width)
         if ok and entries[1] != -1:
             if _weight(node, 1) is None:
@@ -410,10 +410,10 @@ def _to_features(st: _State, node: ir.Node, index: int, gid: int, axis: int, spa
 
 def _reduce(st: _State, node: ir.Node, index: int, gid: int, axis: int, span: Span) -> None:
     """ReduceMean/ReduceMax over spatial axes only (global pooling written as a reduction)."""
-    name, value = _node_name(node), node.inputs[0]
+    name, value = node_name(node), node.inputs[0]
     axes = _weight(node, 1) if len(node.inputs) > 1 else None
     if axes is None and "axes" in node.attributes:
-        axes = np.asarray(_attr(node, "axes"))
+        axes = np.asarray(attr(node, "axes"))
     rank = len(value.shape) if value.shape is not None else None
     if index != 0 or axes is None or rank is None:
         st.block(gid, f"{node.op_type} node {name} reduces over axes that cannot be read statically")
@@ -423,7 +423,7 @@ def _reduce(st: _State, node: ir.Node, index: int, gid: int, axis: int, span: Sp
     if any(a <= channel for a in axes):
         st.block(gid, f"{node.op_type} node {name} reduces over the channel or batch axis")
         return
-    keep = int(_attr(node, "keepdims", 1))
+    keep = int(attr(node, "keepdims", 1))
     out_axis = axis if keep else axis + len(axes)
     st.reach(node.outputs[0], gid, out_axis, node, 0, span.moved(rank=rank if keep else rank - len(axes)))
 
@@ -435,14 +435,14 @@ def _shape_only(st: _State, node: ir.Node, index: int, gid: int, axis: int, span
 def _concat(st: _State, node: ir.Node, index: int, gid: int, axis: int, span: Span) -> None:
     """Wait for every input: the output's offsets need all the widths before this input (``_resolve_concats``)."""
     if not _on_channel_axis(node, axis, span):
-        st.block(gid, f"Concat node {_node_name(node)} joins tensors on an axis other than the channels")
+        st.block(gid, f"Concat node {node_name(node)} joins tensors on an axis other than the channels")
         return
     st.concats.setdefault(id(node), node)
 
 
 def _split(st: _State, node: ir.Node, index: int, gid: int, axis: int, span: Span) -> None:
     """Output i carries the input positions ``s_i .. s_i + n_i``: the group's part there moves along; sizes are rewritten."""
-    name = _node_name(node)
+    name = node_name(node)
     if index != 0 or not _on_channel_axis(node, axis, span):
         st.block(gid, f"Split node {name} splits an axis other than the channels or reads them as its sizes")
         return
@@ -462,7 +462,7 @@ def _split(st: _State, node: ir.Node, index: int, gid: int, axis: int, span: Spa
 
 def _slice(st: _State, node: ir.Node, index: int, gid: int, axis: int, span: Span) -> None:
     """The output keeps input positions ``start .. end``; the bounds move by the pruned channels before them."""
-    name = _node_name(node)
+    name = node_name(node)
     if index != 0:
         st.block(gid, f"Slice node {name} reads the channels as its bounds")
         return
@@ -484,7 +484,7 @@ def _slice(st: _State, node: ir.Node, index: int, gid: int, axis: int, span: Spa
 
 
 def _gather(st: _State, node: ir.Node, index: int, gid: int, axis: int, span: Span) -> None:
-    name = _node_name(node)
+    name = node_name(node)
     if index == 0 and _on_channel_axis(node, axis, span):
         st.block(gid, f"Gather node {name} selects channels by index (channel permutations are not supported yet)")
         return
@@ -529,7 +529,7 @@ def _start(st: _State, node: ir.Node) -> None:
     for m in _weight_members(node, "producer", span, True):
         st.add(gid, m)
     if groups > 1:
-        st.block(gid, f"grouped Conv node {_node_name(node)} (group={groups}) produces channels in groups")
+        st.block(gid, f"grouped Conv node {node_name(node)} (group={groups}) produces channels in groups")
     st.reach(node.outputs[0], gid, -(w.ndim - 1), node, 0, span)
 
 
@@ -542,14 +542,14 @@ def _follow(st: _State) -> None:
             node = use.node
             handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
             if handler is None:
-                st.block(gid, f"{node.op_type} node {_node_name(node)} reads the channels and has no pruning rule")
+                st.block(gid, f"{node.op_type} node {node_name(node)} reads the channels and has no pruning rule")
                 continue
             handler(st, node, use.idx, gid, axis, span)
 
 
 def _static_width(value: ir.Value, axis: int) -> int | None:
     """The channel count of a tensor no group reaches (a graph input or a constant), from its shape."""
-    arr = _constant(value)
+    arr = constant(value)
     shape = list(arr.shape) if arr is not None else (list(value.shape) if value.shape is not None else None)
     if shape is None or len(shape) < -axis or not isinstance(shape[axis], int):
         return None
@@ -564,7 +564,7 @@ def _resolve_concats(st: _State, final: bool) -> bool:
     """
     ran = False
     for key, node in list(st.concats.items()):
-        name, layout, missing = _node_name(node), [], False
+        name, layout, missing = node_name(node), [], False
         for inp in node.inputs:
             pieces = st.pieces.get(id(inp), [])
             axis = pieces[0][1] if pieces else next(a for v in node.inputs for _, a, _ in st.pieces.get(id(v), []))
@@ -592,7 +592,7 @@ def _resolve_concats(st: _State, final: bool) -> bool:
 
 def _produced_by_conv_path(value: ir.Value) -> bool:
     """Whether a group may still reach ``value`` (it is computed, not a graph input or constant)."""
-    return value.producer() is not None and _constant(value) is None
+    return value.producer() is not None and constant(value) is None
 
 
 def _resolve_joins(st: _State) -> None:
@@ -604,18 +604,18 @@ def _resolve_joins(st: _State) -> None:
                 continue
             pieces = st.pieces.get(id(inp))
             if not pieces:
-                st.block(gid, f"{node.op_type} node {_node_name(node)} combines the channels with {inp.name}, which no conv produces")
+                st.block(gid, f"{node.op_type} node {node_name(node)} combines the channels with {inp.name}, which no conv produces")
                 break
             sides.append({(s.offset, s.length, s.start, a): g for g, a, s in pieces})
         else:
             if any(side.keys() != sides[0].keys() for side in sides):
-                st.block(gid, f"{node.op_type} node {_node_name(node)} combines tensors whose channels sit at different positions or axes")
+                st.block(gid, f"{node.op_type} node {node_name(node)} combines tensors whose channels sit at different positions or axes")
             # Different start ids = different producer convs (roots may already have merged where
             # the output was reached from both sides).
             for key in sides[0]:
                 ids = {side[key] for side in sides if key in side}
                 if len(ids) > 1 and node.op_type in _RESIDUAL:
-                    st.residual[gid].append(_node_name(node))
+                    st.residual[gid].append(node_name(node))
                 for g in ids:
                     st.union(gid, g)
 
@@ -628,7 +628,7 @@ def channel_groups(model: ir.Model, *, allow_residual: bool = False) -> list[Cha
     """
     st = _State(model.graph)
     for node in model.graph:
-        if _is_std(node, "Conv"):
+        if is_std(node, "Conv"):
             _start(st, node)
     while True:
         _follow(st)

@@ -13,8 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeprune.analysis import Linear
-from edgeprune.analysis.graph import consumers as _consumers  # noqa: F401  (re-exported to groups)
-from edgeprune.analysis.graph import node_name as _node_key  # noqa: F401  (analysis names nodes; groups look them up by it)
+from edgeprune.analysis.graph import consumers, node_name
 
 _STD = ("", "ai.onnx")
 
@@ -36,7 +35,7 @@ class _Graph:
         self.values.update(self.graph.initializers)
         self.nodes: dict[str, ir.Node] = {}
         for node in self.graph:
-            self.nodes[_node_key(node)] = node
+            self.nodes[node_name(node)] = node
             for out in node.outputs:
                 if out.name:
                     self.values[out.name] = out
@@ -195,7 +194,7 @@ def _add_to_bias(g: _Graph, lin: Linear, delta: np.ndarray) -> None:
     dtype = _const(_weight_slot(g, lin)[0].inputs[_weight_slot(g, lin)[1]]).numpy().dtype
     bias = g.new_const(delta.astype(dtype), f"{lin.weight}_bias")
     uses = list(out.uses())
-    add = ir.node("Add", [out, bias], name=g.fresh(f"{_node_key(node)}/bias_compensation"))
+    add = ir.node("Add", [out, bias], name=g.fresh(f"{node_name(node)}/bias_compensation"))
     add.outputs[0].name = g.fresh(f"{out.name}_compensated")
     add.outputs[0].type = out.type
     g.graph.insert_after(node, add)
@@ -258,19 +257,19 @@ def _plan_shape_edit(reshape: ir.Node, from_end: int, expected: int, what: str) 
     """Check the entry ``from_end`` places from the end is ``expected`` (edit) or -1 (nothing to do)."""
     entries = _shape_entries(reshape.inputs[1])
     if entries is None or len(entries) < from_end:
-        raise _Skip(f"{what}: the shape of {_node_key(reshape)} cannot be read statically")
+        raise _Skip(f"{what}: the shape of {node_name(reshape)} cannot be read statically")
     pos = len(entries) - from_end
     entry = entries[pos]
     if entry == -1:
         return None
     if entry != expected:
-        raise _Skip(f"{what}: {_node_key(reshape)} has {entry!r} where the head count {expected} was expected")
+        raise _Skip(f"{what}: {node_name(reshape)} has {entry!r} where the head count {expected} was expected")
     pieces = _shape_pieces(reshape.inputs[1])
     offset = 0
     for value, ints in pieces:
         if offset <= pos < offset + len(ints):
             if value is None:
-                raise _Skip(f"{what}: the head count in {_node_key(reshape)} is computed at run time")
+                raise _Skip(f"{what}: the head count in {node_name(reshape)} is computed at run time")
             break
         offset += len(ints)
     return _ShapeEdit(reshape, pos, expected)
@@ -295,7 +294,7 @@ def _apply_shape_edit(g: _Graph, edit: _ShapeEdit, new: int) -> None:
             inputs[k] = g.new_const(piece, f"{inp.name}_pruned")
             break
         offset += n
-    clone = ir.node("Concat", inputs, {"axis": 0}, name=g.fresh(f"{_node_key(concat)}_pruned"))
+    clone = ir.node("Concat", inputs, {"axis": 0}, name=g.fresh(f"{node_name(concat)}_pruned"))
     clone.outputs[0].name = g.fresh(f"{shape.name}_pruned")
     clone.outputs[0].type = shape.type
     g.graph.insert_before(edit.node, clone)
@@ -315,7 +314,7 @@ def _split_reshape(g: _Graph, lin: Linear, what: str) -> ir.Node:
     """The Reshape that splits ``lin``'s output into heads (through Cast/Identity)."""
     value = g.values[lin.output]
     for _ in range(4):
-        users = [n for n in _consumers(value) if not _is_std(n, "Shape")]
+        users = [n for n in consumers(value) if not _is_std(n, "Shape")]
         if len(users) != 1:
             raise _Skip(f"{what}: {lin.output} is read by {len(users)} nodes, not only by a head-split Reshape")
         if _is_std(users[0], "Reshape") and users[0].inputs[0] is value:

@@ -15,20 +15,19 @@ import onnx_ir as ir
 
 from edgeprune.passes.prune import scoring
 from edgeprune.analysis import AttentionBlock, FFNBlock, Linear
+from edgeprune.analysis.ffn import elementwise_op
+from edgeprune.analysis.graph import consumers, node_name
 from edgeprune.context import StatsRequest
 from edgeprune.passes.prune.dependency import ChannelGroup, channel_groups, split_sizes
 from edgeprune.passes.prune.edits import (
-    _STD,
     _apply_shape_edit,
     _check_linears,
     _const,
     _const_array,
-    _consumers,
     _Graph,
     _in_major,
     _is_std,
     _linear_params,
-    _node_key,
     _out_major,
     _plan_shape_edit,
     _shrink_consumer,
@@ -43,11 +42,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_ELEMENTWISE = {
-    "Add", "Sub", "Mul", "Div", "Neg", "Cast", "Identity", "Erf", "Tanh", "Sigmoid", "Relu", "LeakyRelu",
-    "Gelu", "Silu", "Swish", "HardSigmoid", "HardSwish", "Clip", "Softplus", "Mish", "Elu", "Selu", "Celu",
-    "Exp", "Pow", "Sqrt", "Abs", "PRelu", "Softsign", "Min", "Max", "ThresholdedRelu",
-}  # fmt: skip
 _HEAD_PATH_OPS = {"Reshape", "Unsqueeze", "Squeeze", "Expand", "Slice", "Transpose", "Mul", "Div", "Add", "Sub",
                   "Neg", "Concat", "Cast", "Identity"}  # fmt: skip
 _DATA_ONLY = {"Reshape", "Unsqueeze", "Squeeze", "Expand", "Slice"}
@@ -77,7 +71,7 @@ class _Group:
     def stat_requests(self, cfg: PruneConfig) -> list[StatsRequest]:
         """Calibration statistics the metric and the compensation need."""
         out = [StatsRequest(self.consumer.input, axis=-1, gram=cfg.refit)]
-        if cfg.metric == "wanda":
+        if scoring.METRICS[cfg.metric].producer_stats:
             out += [StatsRequest(lin.input, axis=-1, gram=False) for lin in self.producer_linears()]
         return out
 
@@ -98,16 +92,19 @@ class _Group:
         return [(_out_major(p, _weight(g, p)), p.input) for p in self.producer_linears()]
 
     def score(self, metric: str, g: _Graph, stats: dict, unit_size: int | None = None) -> np.ndarray:
-        """Scores per unit (per channel with ``unit_size=1``)."""
+        """Scores per unit (per channel with ``unit_size=1``), by the metric registered as ``metric``."""
         size = self.unit_size if unit_size is None else unit_size
-        if metric in ("magnitude", "magnitude_l1"):
-            return scoring.magnitude(self.channel_weights(g), size, p=1 if metric == "magnitude_l1" else 2)
-        cons = _in_major(self.consumer, _weight(g, self.consumer))
-        st = stats[self.consumer.input]
-        if metric == "flap":
-            return scoring.flap(cons, st.var, size)
-        producers = [(m, np.sqrt(stats[name].sq_norm)) for m, name in self.producer_terms(g)]
-        return scoring.wanda_sp((cons, np.sqrt(st.sq_norm)), producers, size)
+        return scoring.METRICS[metric].score(self.metric_channels(g, stats), size)
+
+    def metric_channels(self, g: _Graph, stats: dict) -> scoring.Channels:
+        """The units' weights and statistics as every metric reads them: one consumer, its producers."""
+        everything = slice(None)
+        return scoring.Channels(
+            self.units * self.unit_size,
+            weights=lambda: self.channel_weights(g),
+            consumers=lambda: [(_in_major(self.consumer, _weight(g, self.consumer)), stats[self.consumer.input], everything, everything)],
+            producers=lambda: [(m, stats[name]) for m, name in self.producer_terms(g)],
+        )
 
     def apply(self, g: _Graph, keep_units: np.ndarray, stats, cfg: PruneConfig) -> dict:
         raise NotImplementedError
@@ -159,11 +156,11 @@ def _ffn_region(g: _Graph, producers: list[Linear], down: Linear, hidden: int, w
         seen.add(id(value))
         if value.is_graph_output():
             raise _Skip(f"{what}: the intermediate {value.name} is a graph output")
-        for node in _consumers(value):
+        for node in consumers(value):
             if node is down_node and node.inputs[0] is value:
                 continue
-            if not (node.domain in _STD and node.op_type in _ELEMENTWISE):
-                raise _Skip(f"{what}: {node.op_type} node {_node_key(node)} reads the FFN intermediate")
+            if elementwise_op(node) is None:  # analysis' table of ops allowed inside an FFN
+                raise _Skip(f"{what}: {node.op_type} node {node_name(node)} reads the FFN intermediate")
             if id(node) in seen:
                 continue
             seen.add(id(node))
@@ -284,7 +281,7 @@ def _find_repeat(g: _Graph, block: AttentionBlock, which: str, what: str) -> _Re
         raise _Skip(f"{what}: GQA repeat of {which} heads is not one Unsqueeze -> Expand -> Reshape ({len(expands)} Expand ops found)")
     expand = expands[0]
     unsq = expand.inputs[0].producer()
-    users = _consumers(expand.outputs[0])
+    users = consumers(expand.outputs[0])
     if not _is_std(unsq, "Unsqueeze") or len(users) != 1 or not _is_std(users[0], "Reshape"):
         raise _Skip(f"{what}: GQA repeat of {which} heads is not Unsqueeze -> Expand -> Reshape")
     axes = _const_array(unsq.inputs[1]) if len(unsq.inputs) > 1 else None
@@ -303,7 +300,7 @@ def _find_repeat(g: _Graph, block: AttentionBlock, which: str, what: str) -> _Re
 def _replace_repeat(g: _Graph, repeat: _Repeat, indices: np.ndarray) -> None:
     """KV heads repeated and selected for the kept query heads in one Gather (old repeat ops become dead)."""
     idx = g.new_const(indices, "kv_heads_for_kept_query_heads")
-    gather = ir.node("Gather", [repeat.source, idx], {"axis": repeat.axis}, name=g.fresh(f"{_node_key(repeat.reshape)}/kept_heads"))
+    gather = ir.node("Gather", [repeat.source, idx], {"axis": repeat.axis}, name=g.fresh(f"{node_name(repeat.reshape)}/kept_heads"))
     out = repeat.reshape.outputs[0]
     gather.outputs[0].name = g.fresh(f"{out.name}_kept_heads")
     gather.outputs[0].type = out.type
@@ -396,18 +393,13 @@ class _ConvGroup(_Group):
             out.append((w, tensor, slice(offset, offset + length), slice(start, start + length)))
         return out
 
-    def score(self, metric, g, stats, unit_size=None):
-        if metric in ("magnitude", "magnitude_l1"):
-            weights = [self._matrix(g, m) for m in self.sliced if m.role != "param" and m.index == 1]
-            return scoring.magnitude(weights, 1, p=1 if metric == "magnitude_l1" else 2)
-        total = np.zeros(self.cg.channels)
-        for w, tensor, at, channels in self._consumer_terms(g):
-            st = stats[tensor]
-            if metric == "flap":
-                total[channels] += scoring.flap(w, st.var[at])
-            else:
-                total[channels] += scoring.wanda_sp((w, np.sqrt(st.sq_norm[at])))
-        return total
+    def metric_channels(self, g, stats):
+        """Producers', depthwise and consumers' filters; consumer pieces with the statistics of what they read (no producer terms)."""
+        return scoring.Channels(
+            self.cg.channels,
+            weights=lambda: [self._matrix(g, m) for m in self.sliced if m.role != "param" and m.index == 1],
+            consumers=lambda: [(w, stats[tensor], at, channels) for w, tensor, at, channels in self._consumer_terms(g)],
+        )
 
     def apply(self, g, keep_units, stats, cfg):
         keep = np.asarray(keep_units, dtype=np.int64)
@@ -476,7 +468,7 @@ def _set_split_sizes(g: _Graph, node: ir.Node, output: int, removed: int, origin
     else:
         node.attributes.pop("num_outputs", None)
         node.resize_inputs(2)
-        node.replace_input_with(1, g.new_const(sizes.astype(np.int64), f"{_node_key(node)}_split"))
+        node.replace_input_with(1, g.new_const(sizes.astype(np.int64), f"{node_name(node)}_split"))
 
 
 def _move_slice_bounds(g: _Graph, node: ir.Node, entry: int, before_start: int, before_end: int) -> None:

@@ -59,7 +59,7 @@ class PruneConfig:
     ratio: float = 0.2
     """Share of the prunable parameters (FFN weights, attention q/o, and k/v where removed with a head) to remove, in [0, 1)."""
     metric: str = "flap"
-    """magnitude (L2), magnitude_l1, wanda (Wanda-sp) or flap (fluctuation)."""
+    """A name in ``scoring.METRICS``: flap (fluctuation), wanda (Wanda-sp), magnitude (L2) or magnitude_l1."""
     allocation: str = "global"
     """global (per-layer standardized, one ranking), floor (global with min_keep_fraction), uniform."""
     round_to: int = 8
@@ -212,7 +212,7 @@ class StructuredPruningPass(EdgePass):
 
     def _stats(self, model: ir.Model, groups: list[_Group]) -> tuple[dict, str]:
         cfg = self.config
-        needs = cfg.metric in scoring.NEEDS_STATS
+        needs = scoring.METRICS[cfg.metric].needs_stats
         wants = cfg.compensate or cfg.refit
         if self.context is None:
             if needs:

@@ -14,19 +14,18 @@ channel scores are summed onto units with ``reduce_units``.  Weights are passed 
 - ``flap``: fluctuation (FLAP, An et al. 2024): Var(x_c) over calibration tokens x ||W_cons[c, :]||^2,
   i.e. how much the consumer's output moves when channel ``c`` is replaced by its mean.
 
-Nothing here reads a model: the pruning pass gathers the arrays, so metrics can be compared
-on the same run and unit-tested by hand.
+Nothing here reads a model: a group hands its arrays over as ``Channels``, so metrics can be
+compared on the same run and unit-tested by hand.  ``METRICS`` is the one registry of metric
+names: FFN, head and conv groups score through it, and ``PruneConfig`` and the CLI's
+``--prune-metric`` take their choices from it.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Any, Callable, Sequence
 
 import numpy as np
-
-METRICS = ("magnitude", "magnitude_l1", "wanda", "flap")
-#: Metrics that need calibration statistics.
-NEEDS_STATS = frozenset({"wanda", "flap"})
 
 
 def reduce_units(channel_scores: np.ndarray, unit_size: int = 1) -> np.ndarray:
@@ -75,11 +74,16 @@ def wanda_sp(
         raise ValueError(f"consumer norms must have shape ({channels},), not {n_c.shape}")
     per_channel = np.abs(w_c).sum(axis=1) * n_c
     for w, norm in producers:
-        w, norm = np.asarray(w, dtype=np.float64), np.asarray(norm, dtype=np.float64)
-        if norm.shape != (w.shape[1],):
-            raise ValueError(f"producer norms must have shape ({w.shape[1]},), not {norm.shape}")
-        per_channel = per_channel + np.abs(w) @ norm
+        per_channel = per_channel + _wanda_producer(w, norm)
     return reduce_units(per_channel, unit_size)
+
+
+def _wanda_producer(w: np.ndarray, norm: np.ndarray) -> np.ndarray:
+    """sum_j |W[c, j]| x ||x_j|| per channel of a producer weight (channel-major)."""
+    w, norm = np.asarray(w, dtype=np.float64), np.asarray(norm, dtype=np.float64)
+    if norm.shape != (w.shape[1],):
+        raise ValueError(f"producer norms must have shape ({w.shape[1]},), not {norm.shape}")
+    return np.abs(w) @ norm
 
 
 def flap(consumer_weight: np.ndarray, variance: np.ndarray, unit_size: int = 1) -> np.ndarray:
@@ -89,3 +93,68 @@ def flap(consumer_weight: np.ndarray, variance: np.ndarray, unit_size: int = 1) 
     if var.shape != (w.shape[0],):
         raise ValueError(f"variance must have shape ({w.shape[0]},), not {var.shape}")
     return reduce_units(var * (w**2).sum(axis=1), unit_size)
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Channels:
+    """What a group hands a metric; each part is built only when the metric asks for it.
+
+    ``weights()``: every weight the units own, channel-major ``[channels, fan]``.
+    ``consumers()``: one ``(rows, stats, at, channels)`` per consumer piece: the consumer's weight
+    rows for the group channels ``channels``, the statistics of the activation they multiply
+    (``TensorStats``) and the rows' positions ``at`` in those statistics.
+    ``producers()``: ``(weight channel-major, statistics of the input it multiplies)`` per producer.
+    """
+
+    count: int
+    weights: Callable[[], list[np.ndarray]]
+    consumers: Callable[[], list[tuple[np.ndarray, Any, slice, slice]]]
+    producers: Callable[[], list[tuple[np.ndarray, Any]]] = list
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """One importance metric: ``score(channels, unit_size)`` -> one score per unit."""
+
+    name: str
+    doc: str
+    score: Callable[[Channels, int], np.ndarray]
+    needs_stats: bool = False
+    """Reads calibration statistics of the consumers' inputs."""
+    producer_stats: bool = False
+    """Also reads statistics of the producers' inputs."""
+
+
+def _magnitude(p: int) -> Callable[[Channels, int], np.ndarray]:
+    return lambda ch, unit_size: magnitude(ch.weights(), unit_size, p=p)
+
+
+def _flap(ch: Channels, unit_size: int) -> np.ndarray:
+    total = np.zeros(ch.count)
+    for rows, st, at, channels in ch.consumers():
+        total[channels] += flap(rows, st.var[at])
+    return reduce_units(total, unit_size)
+
+
+def _wanda(ch: Channels, unit_size: int) -> np.ndarray:
+    total = np.zeros(ch.count)
+    for rows, st, at, channels in ch.consumers():
+        total[channels] += wanda_sp((rows, np.sqrt(st.sq_norm[at])))
+    for w, st in ch.producers():
+        total = total + _wanda_producer(w, np.sqrt(st.sq_norm))
+    return reduce_units(total, unit_size)
+
+
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("flap", "fluctuation: Var(x_c) x ||W_cons[c, :]||^2", _flap, needs_stats=True),
+        Metric("wanda", "Wanda-sp: sum |W| x ||x|| over the unit's weights", _wanda, needs_stats=True, producer_stats=True),
+        Metric("magnitude", "L2 norm of the unit's weights", _magnitude(2)),
+        Metric("magnitude_l1", "L1 norm of the unit's weights", _magnitude(1)),
+    )
+}
+"""Every importance metric, by the name a recipe or ``--prune-metric`` gives."""
