@@ -69,6 +69,17 @@ def value_name(value: ir.Value | None) -> str | None:
     return None if value is None else value.name
 
 
+def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    """Graph inputs, initializers and node outputs of the main graph by name (structures refer to values by name)."""
+    values = {v.name: v for v in graph.inputs}
+    values.update({name: v for name, v in graph.initializers.items()})
+    for node in graph:
+        for out in node.outputs:
+            if out.name:
+                values[out.name] = out
+    return values
+
+
 def node_index(graph: ir.Graph) -> dict[int, int]:
     return {id(node): i for i, node in enumerate(graph)}
 
