@@ -376,11 +376,11 @@ def test_npu_target_gets_static_qdq():
 
 
 def test_fastest_fallback_is_the_most_accurate_of_the_fastest():
-    from edgeprune.passes.bits import knapsack
+    from edgeprune.passes.bits import knapsack, solve
 
     items = [[knapsack.Item(1.0, 10, 1.0), knapsack.Item(0.5, 10, 1.0), knapsack.Item(0.1, 20, 2.0)],
              [knapsack.Item(0.0, 40, 0.0), knapsack.Item(0.3, 5, 0.0), knapsack.Item(0.2, 8, 0.0)]]
-    sol = BitAllocationPass(BitAllocationConfig(avg_bits=8))._fastest(items, [], size_budget=20)
+    sol = solve.fastest(items, [], 20, "auto")
     assert sol.choice == [1, 2] and sol.latency == 1.0 and sol.error == pytest.approx(0.7)
 
 

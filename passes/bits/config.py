@@ -1,0 +1,102 @@
+"""The bit-allocation pass's options and their checks, kept apart so the recipe loader, the CLI and
+the pass refuse a bad setting with the same ``BadInputError`` before any work is done."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from edgeprune.errors import BadInputError
+
+
+@dataclasses.dataclass
+class BitAllocationConfig:
+    mode: str = "auto"
+    """``auto``: solve for a budget; ``uniform``: every unit at ``bits``."""
+    bits: int | None = None
+    """Uniform mode: 8 (8-bit weight-only MatMulNBits, uint8 embeddings) or 4 / 2 (block-quantized)."""
+    size_budget_bytes: int | None = None
+    """Auto mode: total weight bytes of the output model (all initializers)."""
+    avg_bits: float | None = None
+    """Auto mode: average bits per weight over the quantizable units, scales and zero points included."""
+    latency_budget_ms: float | None = None
+    """Auto mode: prefill latency (batch 1, ``latency_tokens`` tokens) of the output model on the target."""
+    latency_budget_ratio: float | None = None
+    """Auto mode: prefill latency as a fraction of the float model's, both measured in this pass
+    (robust where the machine's speed drifts, e.g. shared CPUs); excludes ``latency_budget_ms``."""
+    bit_options: tuple[int, ...] = (4, 8)
+    """Bit widths to offer besides keeping float (2 also works: ORT's 2-bit RTN costs 0.3-0.6 relative error
+    per SmolLM2 layer, so it is opt-in); 16 asks for fp16, emitted only where the target runs it."""
+    block_size: int | tuple[int, ...] = (32, 64, 128)
+    """Block size(s) of block-quantized formats (powers of two >= 16); each bit width is offered with each."""
+    symmetric: bool = False
+    """Symmetric blocks (no zero points) for MatMulNBits/GatherBlockQuantized."""
+    accuracy_level: int | None = None
+    """MatMulNBits accuracy_level (None: ORT's default; 4 = int8 compute on CPU, faster, less exact)."""
+    gptq: bool = False
+    """Offer GPTQ rounding (``edgeprune.passes.bits.gptq``: same grid and bytes, less output error on data like the
+    calibration rows) for 2/4-bit MatMul weights.  Opt-in: it fits the calibration domain; SmolLM2
+    calibrated on Tiny Shakespeare and scored on WikiText-2 does worse with it (uniform 4-bit b64:
+    perplexity 28.8 vs 27.5 round-to-nearest), though its layer errors drop 50 % on held-back
+    Shakespeare.  Use it when the calibration data is the deployment data."""
+    dynamic_int8: bool = True
+    """Offer dynamic int8 (quantize_dynamic: activations quantized too) where the target runs it."""
+    solver: str = "auto"
+    """``auto`` (milp, greedy for huge models), ``milp`` or ``greedy``."""
+    output_checks: int = 4
+    """Measure the model-output error with only that unit quantized, for this many most-sensitive units."""
+    latency_tokens: int = 128
+    """Sequence length of the latency microbenchmarks."""
+    latency_checks: int = 3
+    """Latency budgets: measure the emitted model (side by side with the float one) up to this many
+    times, re-solving with a tighter budget after each miss."""
+    latency_runs: int = 10
+    """Timed runs per model in each latency check, at least (small models get up to 50)."""
+    importance: str = "measured"
+    """Weight of each node's squared relative error: ``measured`` (model-output error when only that node
+    is quantized, over its local error, measured for every node in one session), ``uniform`` (1 each) or
+    ``residual`` (its block's ||output||^2 / ||residual stream||^2)."""
+    relax_step: float = 0.15
+    """Accuracy back-off: each step grows the budget by this fraction (uniform: 2 -> 4 -> 8 bits)."""
+
+    def __post_init__(self):
+        self.bit_options = tuple(int(b) for b in self.bit_options)
+        blocks = (self.block_size,) if isinstance(self.block_size, int) else tuple(self.block_size)
+        if not blocks or any(b < 16 or b & (b - 1) for b in blocks):
+            raise BadInputError(f"block sizes must be powers of two >= 16, not {self.block_size!r}")
+        self.block_size = blocks[0] if len(blocks) == 1 else blocks
+        if self.mode not in ("auto", "uniform"):
+            raise BadInputError(f"mode must be 'auto' or 'uniform', not {self.mode!r}")
+        if self.importance not in ("uniform", "residual", "measured"):
+            raise BadInputError(f"importance must be 'uniform', 'residual' or 'measured', not {self.importance!r}")
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """The block sizes as a tuple, however they were given."""
+        return (self.block_size,) if isinstance(self.block_size, int) else tuple(self.block_size)
+
+    @property
+    def latency_bounded(self) -> bool:
+        return self.latency_budget_ms is not None or self.latency_budget_ratio is not None
+
+    @property
+    def size_bounded(self) -> bool:
+        return self.size_budget_bytes is not None or self.avg_bits is not None
+
+
+def check(c: BitAllocationConfig, context) -> None:
+    """Refuse a config the pass cannot run: no calibration context, no budget, two budgets on one resource."""
+    budgets = [b for b in (c.size_budget_bytes, c.avg_bits, c.latency_budget_ms, c.latency_budget_ratio) if b is not None]
+    if context is None:
+        raise BadInputError("bit allocation measures errors on calibration data: run it inside a compile (with --calib).")
+    if c.mode == "uniform":
+        if c.bits not in (2, 4, 8):
+            raise BadInputError(f"uniform bits must be 2, 4 or 8, not {c.bits!r}: pass --bits 8 or --bits 4.")
+        return
+    if not budgets:
+        raise BadInputError("--bits auto needs a budget: pass --size-budget, --avg-bits or --latency-budget.")
+    if c.size_budget_bytes is not None and c.avg_bits is not None:
+        raise BadInputError("--size-budget and --avg-bits both bound the size: pass only one of them.")
+    if c.latency_budget_ms is not None and c.latency_budget_ratio is not None:
+        raise BadInputError("latency_budget_ms and latency_budget_ratio both bound the latency: pass only one of them.")
+    if any(b <= 0 for b in budgets):
+        raise BadInputError("budgets must be positive: pass a size in bytes/MB, bits per weight or milliseconds.")

@@ -1,0 +1,160 @@
+"""From a budget to one option per unit: the budget in the solver's terms (and its floor), the
+multiple-choice knapsack, the error/size curve around the answer, and the fastest fallback.
+Separate from measuring so the same items can be re-solved (a latency miss) without re-measuring."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from edgeprune.errors import BadInputError
+from edgeprune.passes.bits import knapsack
+from edgeprune.passes.bits.config import BitAllocationConfig
+from edgeprune.passes.bits.sensitivity import KEEP, Option
+from edgeprune.passes.bits.units import Part, Unit
+
+CURVE_POINTS = 12
+# A latency budget this far below the microbenchmarks' floor is refused; closer ones get the fastest
+# choice, measured (the microbenchmarks' floor has been 5-10 % pessimistic on MiniLM).
+LATENCY_FLOOR_SLACK = 0.15
+
+
+def items(units: list[Unit]) -> list[list[knapsack.Item]]:
+    """The knapsack's rows: (error, bytes) of every option combination of every unit."""
+    return [[knapsack.Item(u.error(cb), u.size(cb)) for cb in u.combos()] for u in units]
+
+
+def budget(c: BitAllocationConfig, units: list[Unit], other_bytes: int, rows, latency_info: dict) -> dict[str, Any]:
+    """The budget the solver works to (bytes/ms for the units alone), its text, the floor, and ``noop``
+    when every bound is at or above the float model (nothing to do).  Refuses budgets below the floor."""
+    float_unit = sum(u.float_size for u in units)
+    min_unit = knapsack.floor(rows)
+    params = sum(u.params for u in units)
+    floor_text = (f"the smallest model the offered formats allow is {(min_unit + other_bytes) / 1e6:.2f} MB of weights "
+                  f"({8 * min_unit / params:.2f} bits per weight over the quantized nodes)")
+    out: dict[str, Any] = {"floor_text": floor_text}
+    if c.mode == "uniform":
+        return out
+    texts, noop = [], []
+    if c.size_bounded:
+        if c.size_budget_bytes is not None:
+            unit_budget = c.size_budget_bytes - other_bytes
+            texts.append(f"{c.size_budget_bytes / 1e6:.2f} MB of weights ({unit_budget / 1e6:.2f} MB for the quantizable nodes)")
+        else:
+            unit_budget = c.avg_bits * params / 8.0
+            texts.append(f"{c.avg_bits:g} bits per weight over the quantizable nodes ({unit_budget / 1e6:.2f} MB)")
+        out["size"] = unit_budget
+        if unit_budget < min_unit:
+            raise BadInputError(f"the size budget ({texts[-1]}) is below the floor: {floor_text}; raise the budget.")
+        if unit_budget >= float_unit:
+            noop.append(f"the size budget ({texts[-1]}) is at or above the float model's size")
+    if c.latency_bounded:
+        rest = latency_info["rest_ms"]
+        lat_floor = knapsack.floor(rows, by="latency") + rest
+        ms = c.latency_budget_ms if c.latency_budget_ms is not None else c.latency_budget_ratio * latency_info["float_ms"]
+        out["latency"] = ms - rest
+        what = f"{ms:.1f} ms" if c.latency_budget_ratio is None else f"{c.latency_budget_ratio:g} x the float model's {latency_info['float_ms']:.1f} ms = {ms:.1f} ms"
+        texts.append(f"latency {what} (model outside the units: {rest:.1f} ms)")
+        if ms < lat_floor * (1 - LATENCY_FLOOR_SLACK):
+            raise BadInputError(
+                f"the latency budget {what} is below the fastest model the offered formats "
+                f"allow (about {lat_floor:.1f} ms by the microbenchmarks): raise the budget."
+            )
+        if ms >= latency_info["float_ms"]:
+            noop.append(f"the latency budget {what} is at or above the float model's "
+                        f"{latency_info['float_ms']:.1f} ms")
+    out["text"] = "; ".join(texts)
+    if len(noop) == c.size_bounded + c.latency_bounded:
+        out["noop"] = " and ".join(noop) + ": nothing to do"
+    return out
+
+
+def float_choice(units: list[Unit]) -> list[int]:
+    """Each unit's all-float combination."""
+    return [next(i for i, cb in enumerate(u.combos()) if all(o.kind == KEEP for o in cb)) for u in units]
+
+
+def uniform_choice(c: BitAllocationConfig, u: Unit) -> int:
+    """The combination of ``u`` that stores every part at ``c.bits`` in the first block size."""
+    bits = c.bits
+
+    def want(p: Part) -> Option:
+        if p.op == "Gather":
+            pref = ["gather-tied"] + (["int8-gather"] if bits == 8 else ["gather-nbits"])
+        elif p.op == "Conv":
+            pref = ["int8-dynamic", "qdq"]
+        else:
+            pref = ["gptq", "nbits", "qdq"]
+        for kind in pref:
+            for o in p.options:
+                if (o.kind == kind and (kind not in ("nbits", "gptq", "gather-tied", "qdq") or o.bits == bits)
+                        and o.block in (0, c.blocks[0])):
+                    return o
+        return Option(KEEP)
+
+    combos = u.combos()
+    target = tuple(want(p) for p in u.parts)
+    if target not in combos:  # a tied lookup shares only a round-to-nearest head: same grid, no GPTQ
+        target = tuple(dataclasses.replace(o, kind="nbits") if o.kind == "gptq" else o for o in target)
+    return combos.index(target)
+
+
+def curve(rows, shared, bud: dict, other_bytes: int, method: str) -> list[dict]:
+    """Error/size (or error/latency) points the solver sees between the floor and the float model."""
+    by_lat = "latency" in bud
+    key = (lambda it: it.latency) if by_lat else (lambda it: it.size)
+    lo = knapsack.floor(rows, by="latency" if by_lat else "size")
+    hi = sum(max(key(it) for it in opts) for opts in rows)
+    points = []
+    for b in np.linspace(lo, hi, CURVE_POINTS):
+        kw = {"latency_budget": b} if by_lat else {"size_budget": b}
+        s = knapsack.solve(rows, shared=shared, method=method, **kw)
+        if s.feasible:
+            pt = {"budget": float(b), "error": s.error, "size_bytes": int(s.size + other_bytes)}
+            if by_lat:
+                pt["latency_ms"] = s.latency
+            points.append(pt)
+    return points
+
+
+def fastest(rows, shared, size_budget, method: str) -> knapsack.Solution:
+    """The most accurate of the choices of least predicted latency within the size budget.
+
+    Two solves, lexicographic: the least latency first, then the least error at that latency
+    (a tie-breaking term in one objective would sit below the solver's tolerance).
+    """
+    by_latency = [[knapsack.Item(it.latency, it.size, 0.0) for it in row] for row in rows]
+    s = knapsack.solve(by_latency, size_budget=size_budget, method=method)
+    least = knapsack.totals(rows, s.choice, shared)[2]
+    best = knapsack.solve(rows, size_budget=size_budget, latency_budget=least * (1 + 1e-6) + 1e-9, shared=shared,
+                          method=method)
+    choice = best.choice if best.feasible else s.choice
+    return knapsack.Solution(choice, *knapsack.totals(rows, choice, shared), method=f"{s.method} (fastest)",
+                             feasible=s.feasible)
+
+
+def choose(c: BitAllocationConfig, units: list[Unit], rows, shared, bud: dict, notes: list[str]) -> knapsack.Solution:
+    """One option combination per unit: the uniform one, or the knapsack's within the budget.
+
+    A latency budget just below the predicted floor gets the fastest choice (the measurement
+    decides); a budget nothing meets is refused with the floor.
+    """
+    if c.mode == "uniform":
+        choice = [uniform_choice(c, u) for u in units]
+        return knapsack.Solution(choice, *knapsack.totals(rows, choice), method="uniform", feasible=True)
+    sol = knapsack.solve(rows, size_budget=bud.get("size"), latency_budget=bud.get("latency"), shared=shared, method=c.solver)
+    if not sol.feasible and bud.get("latency") is not None:
+        quick = fastest(rows, shared, bud.get("size"), c.solver)
+        if quick.feasible:  # just below the predicted floor: let the measurement decide
+            notes.append("the latency budget is just below what the microbenchmarks predict for the fastest "
+                         "choice: that choice is emitted and measured")
+            sol = quick
+    if not sol.feasible:
+        floor = bud["floor_text"]
+        if bud.get("latency") is not None:  # shared DynamicQuantizeLinear costs can make it infeasible
+            floor += (f"; the fastest model the offered formats allow needs {knapsack.floor(rows, by='latency'):.3f} ms "
+                      f"in the quantizable nodes against {bud['latency']:.3f} ms left for them")
+        raise BadInputError(f"the budget cannot be met: {floor}; raise the budget.")
+    return sol

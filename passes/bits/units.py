@@ -1,0 +1,211 @@
+"""What the pass chooses formats for: each weight-bearing node (or tied embedding + head pair) as a
+unit of parts, with the option grid its target runs.  Kept apart from measuring and solving so the
+format rules (which node gets which options) live in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import onnx_ir as ir
+
+from edgeprune.analysis.graph import node_name
+from edgeprune.errors import BadInputError
+from edgeprune.passes.bits import sensitivity
+from edgeprune.passes.bits.config import BitAllocationConfig
+from edgeprune.passes.bits.emit import QUANTIZED_OPS
+from edgeprune.passes.bits.sensitivity import KEEP, Option
+
+NBITS_TOOL_BITS = (2, 4, 8)  # what ORT 1.32's MatMulNBitsQuantizer writes (it asserts bits in [2, 4, 8])
+QDQ_BITS = (8, 16)  # activation widths of static QDQ (int8 weights either way)
+
+
+@dataclasses.dataclass
+class Part:
+    """One node of a unit: its weight and how its error is measured."""
+
+    node: str
+    op: str  # MatMul, Gemm, Conv, Gather
+    weight: np.ndarray  # as the quantizer sees it: [K, N] for MatMul/Gemm, [vocab, dim] for Gather
+    input: str
+    options: list[Option]
+    errors: dict[str, float] = dataclasses.field(default_factory=dict)
+    sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+    importance: float = 1.0  # weight of this node's squared relative error in the objective
+    probe: dict | None = None  # the measured model-output error behind a "measured" importance
+    output: str = ""  # the node's output tensor (static QDQ quantizes it too)
+
+
+@dataclasses.dataclass
+class Unit:
+    parts: list[Part]
+    tied_bytes: int = 0  # bytes of a float table shared by all parts (counted once while all are float)
+
+    @property
+    def name(self) -> str:
+        return " + ".join(p.node for p in self.parts)
+
+    def combos(self) -> list[tuple[Option, ...]]:
+        """Every choice of one option per part; a ``gather-tied`` lookup only beside its matching head."""
+        return [cb for cb in itertools.product(*[p.options for p in self.parts]) if tied_ok(cb)]
+
+    def size(self, combo: tuple[Option, ...]) -> int:
+        if self.tied_bytes and all(o.kind == KEEP for o in combo):
+            return self.tied_bytes
+        return sum(p.sizes[o.key] for p, o in zip(self.parts, combo))
+
+    def error(self, combo: tuple[Option, ...]) -> float:
+        return sum(p.importance * p.errors[o.key] ** 2 for p, o in zip(self.parts, combo))
+
+    @property
+    def params(self) -> int:
+        """Distinct weights: a tied table counts once."""
+        if self.tied_bytes:
+            return self.tied_bytes // self.parts[0].weight.dtype.itemsize
+        return sum(p.weight.size for p in self.parts)
+
+    @property
+    def float_size(self) -> int:
+        return self.tied_bytes or sum(p.weight.nbytes for p in self.parts)
+
+
+def tied_ok(combo: tuple[Option, ...]) -> bool:
+    """A lookup reading the head's packed table needs the head in exactly that format."""
+    return all(o.kind != "gather-tied" or dataclasses.replace(o, kind="nbits") in combo for o in combo)
+
+
+def formats_for(target, c: BitAllocationConfig) -> tuple[set[str], list[str]]:
+    """Option kinds the target has kernels for, and notes on the requested ones it lacks."""
+    fast = set(target.fast_formats) if target is not None else {"fp32", "int8-dynamic", "int4-matmulnbits"}
+    name = target.name if target is not None else "cpu"
+    kinds, notes = set(), []
+    if "int4-matmulnbits" in fast:
+        kinds.add("nbits")
+    elif any(b in (2, 4) for b in c.bit_options):
+        notes.append(f"target {name} has no MatMulNBits kernel: 2/4-bit formats not offered")
+    if "int8-dynamic" in fast and c.dynamic_int8:
+        kinds.add("int8-dynamic")
+    for b in c.bit_options:
+        if b == 3 or b in (5, 6, 7):
+            notes.append(f"{b}-bit: ORT 1.32's MatMulNBitsQuantizer writes only 2, 4 or 8 bits, so {b}-bit is not offered")
+        if b == 16:
+            notes.append("fp16 is not emitted by this pass (no ORT tool converts single nodes); float stays fp32"
+                         + ("" if "fp16" in fast else f", and target {name} does not run fp16 fast anyway"))
+    if "int8-dynamic" not in fast:  # NPU-style targets: static QDQ (on CPU, dynamic int8 is the faster int8)
+        kinds |= {f"qdq{b}" for b in QDQ_BITS if f"qdq-int{b}" in fast and 8 in c.bit_options}
+    if not kinds:
+        raise BadInputError(
+            f"target {name} runs none of the formats this pass emits (MatMulNBits, dynamic int8, static QDQ): "
+            "choose --target cpu or cuda, or leave bit allocation out of the recipe."
+        )
+    return kinds, notes
+
+
+def _mm_options(c: BitAllocationConfig, kinds: set[str]) -> list[Option]:
+    opts = [Option(KEEP)]
+    if "int8-dynamic" in kinds and 8 in c.bit_options:
+        opts.append(Option("int8-dynamic", 8))
+    opts += [Option("qdq", b) for b in QDQ_BITS if f"qdq{b}" in kinds]
+    if "nbits" in kinds:
+        opts += [Option("nbits", b, blk, c.symmetric) for b in c.bit_options if b in NBITS_TOOL_BITS for blk in c.blocks]
+        if c.gptq:
+            opts += [Option("gptq", b, blk, c.symmetric) for b in c.bit_options if b in (2, 4) for blk in c.blocks]
+    return opts
+
+
+def _gather_options(c: BitAllocationConfig, kinds: set[str], dim: int) -> list[Option]:
+    opts = [Option(KEEP)]
+    if "int8-dynamic" in kinds and 8 in c.bit_options:
+        opts.append(Option("int8-gather", 8))
+    if "nbits" in kinds and 4 in c.bit_options:
+        opts += [Option("gather-nbits", 4, blk, c.symmetric) for blk in c.blocks if dim % blk == 0]
+    return opts
+
+
+def _conv_options(c: BitAllocationConfig, kinds: set[str]) -> list[Option]:
+    opts = [Option(KEEP)] + ([Option("int8-dynamic", 8)] if "int8-dynamic" in kinds and 8 in c.bit_options else [])
+    return opts + [Option("qdq", b) for b in QDQ_BITS if f"qdq{b}" in kinds]
+
+
+def _weight_array(init, lin) -> np.ndarray | None:
+    """[K, N] float32 weight of a linear as the quantizer sees it, or None when it is not float32."""
+    if lin.weight not in init or init[lin.weight].const_value is None:
+        return None
+    w = init[lin.weight].const_value.numpy()
+    if w.dtype != np.float32 or w.ndim != 2:
+        return None
+    return np.ascontiguousarray(w.T) if lin.transposed else w
+
+
+def build(model: ir.Model, structures, c: BitAllocationConfig, kinds: set[str], notes: list[str]) -> tuple[list[Unit], dict]:
+    """The units of ``model`` with their options, and counts of the nodes left alone (noted in ``notes``)."""
+    if c.mode == "uniform":  # offer exactly the uniform width (plus float for nodes it cannot take)
+        c = dataclasses.replace(c, bit_options=(c.bits,))
+    units: list[Unit] = []
+    head_of = {e.tied_with: e for e in structures.embeddings if e.tied}
+    init = model.graph.initializers
+    lin_by_node = {lin.node: lin for lin in structures.linears}
+    for lin in structures.linears:
+        if lin.node in head_of:
+            continue
+        w = _weight_array(init, lin)
+        if w is None:
+            continue
+        units.append(Unit([Part(lin.node, lin.op_type, w, lin.input, _mm_options(c, kinds), output=lin.output)]))
+    for emb in structures.embeddings:
+        table = init[emb.table].const_value.numpy()
+        if table.dtype != np.float32:
+            continue
+        part = Part(emb.node, "Gather", table, emb.input, _gather_options(c, kinds, emb.dim))
+        if emb.tied and emb.tied_with in lin_by_node:
+            lin = lin_by_node[emb.tied_with]
+            head = Part(lin.node, "MatMul", np.ascontiguousarray(table.T) if lin.transposed else table,
+                        lin.input, _mm_options(c, kinds), output=lin.output)
+            if lin.transposed:  # the head's [dim, vocab] blocks run along dim: the table's rows
+                part.options += [dataclasses.replace(o, kind="gather-tied") for o in head.options
+                                 if o.kind == "nbits" and emb.dim % o.block == 0]
+            units.append(Unit([part, head], tied_bytes=table.nbytes))
+        else:
+            units.append(Unit([part]))
+    for conv in structures.conv_layers:
+        w = init[conv.weight].const_value.numpy() if conv.weight in init else None
+        if w is None or w.dtype != np.float32:
+            continue
+        units.append(Unit([Part(conv.node, "Conv", w, conv.input, _conv_options(c, kinds), output=conv.output)]))
+    # What is left alone, and why.
+    found = {p.node for u in units for p in u.parts}
+    quantized = sum(1 for n in model.graph if n.op_type in QUANTIZED_OPS)
+    no_const = sum(1 for n in model.graph if n.op_type in ("MatMul", "Gemm", "Conv") and node_name(n) not in found)
+    if quantized:
+        ops = ", ".join(sorted({n.op_type for n in model.graph if n.op_type in QUANTIZED_OPS}))
+        notes.append(f"{quantized} nodes are already quantized ({ops}): left as they are")
+    if no_const:
+        notes.append(f"{no_const} MatMul/Gemm/Conv nodes have no constant float weight (activation x activation, "
+                     "or a weight computed at run time): left as they are")
+    return units, {"already_quantized_nodes": quantized, "nodes_without_constant_weight": no_const}
+
+
+def records(units: list[Unit], choice: list[int]) -> list[dict]:
+    """One JSON-able record per part: the chosen format, its bytes and error, and every option's."""
+    recs = []
+    for u, i in zip(units, choice):
+        combo = u.combos()[i]
+        for p, o in zip(u.parts, combo):
+            size = p.sizes[o.key] if not (u.tied_bytes and all(x.kind == KEEP for x in combo)) else u.tied_bytes / len(u.parts)
+            bits = 8.0 * p.sizes[o.key] / p.weight.size
+            if o.kind == "gather-tied":  # stored once, in the head's initializers
+                bits = max(8.0 * q.sizes[x.key] / q.weight.size for q, x in zip(u.parts, combo))
+            recs.append({
+                "layer": p.node, "op": p.op, "shape": list(p.weight.shape), "params": int(p.weight.size),
+                "format": o.key, "bits": round(bits, 3), "bytes": int(size),
+                "rel_error": p.errors[o.key], "importance": p.importance, "probe": p.probe, "tied_unit": u.name if len(u.parts) > 1 else None,
+                "options": {k: {"bytes": p.sizes[k], "rel_error": p.errors[k]} for k in p.sizes},
+                "outlier_share": sensitivity.outlier_share(p.weight),
+            })  # fmt: skip
+    return recs
+
+
+def plan(units: list[Unit], choice: list[int]) -> dict[str, Option]:
+    """Node name -> chosen option, the form the emitter takes."""
+    return {p.node: o for u, i in zip(units, choice) for p, o in zip(u.parts, u.combos()[i])}
