@@ -7,6 +7,7 @@ model must be untouched whatever happens.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -95,7 +96,8 @@ def test_max_drop_that_cannot_hold_exits_1_and_writes_nothing(mlp, tmp_path, cap
     out = tmp_path / "out"
     code, _, stderr = _run(capsys, "compile", model, "-o", out, "--calib", calib, "--recipe", recipe, "--max-drop", "0.001")
     assert code == 1
-    assert "budget" in stderr and "nothing was written" in stderr
+    assert re.fullmatch(r"budget failed: accuracy budget not met: fidelity drop 0\.\d{4} > --max-drop 0\.001 after 1 attempt\(s\), "
+                        r"and no pass can back off further; nothing was written\.\n", stderr.splitlines(keepends=True)[-1]), stderr
     assert not out.exists()
 
 
@@ -105,16 +107,18 @@ def test_force_replaces_non_empty_output(mlp, tmp_path, capsys):
     out.mkdir()
     (out / "old.txt").write_text("x")
     code, _, stderr = _run(capsys, "compile", model, "-o", out, "--calib", calib)
-    assert code == 2 and "not empty" in stderr and (out / "old.txt").exists()
+    assert stderr.splitlines()[-1] == f"error: the output folder {out.resolve()} is not empty: choose an empty folder or pass --force."
+    assert code == 2 and (out / "old.txt").exists()
     code, _, _ = _run(capsys, "compile", model, "-o", out, "--calib", calib, "--force")
     assert code == 0 and not (out / "old.txt").exists() and (out / "model.onnx").exists()
 
 
-def _bad(capsys, tmp_path, *args, expect: str):
+def _bad(capsys, tmp_path, *args, error: str):
+    """Exit 2, ``error`` as the last line of stderr exactly (progress lines may come before it), no output."""
     out = tmp_path / "out"
     code, stdout, stderr = _run(capsys, "compile", *args, "-o", out)
     assert code == 2, (stdout, stderr)
-    assert expect in stderr.lower(), stderr
+    assert stderr.splitlines()[-1] == error, stderr
     assert "Traceback" not in stderr
     assert not out.exists(), "bad input must leave no output folder"
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
@@ -125,14 +129,16 @@ def _bad(capsys, tmp_path, *args, expect: str):
 def test_not_onnx(tmp_path, capsys):
     bogus = tmp_path / "model.onnx"
     bogus.write_text("this is a text file, not a model\n" * 20)
-    _bad(capsys, tmp_path, bogus, expect="not")
+    _bad(capsys, tmp_path, bogus, error=f"error: {bogus} is not a readable ONNX model (DecodeError): the file is not ONNX "
+         "or is truncated; re-export it or copy it again.")
 
 
 def test_truncated_onnx(tmp_path, capsys):
     model = write_mlp(tmp_path / "in")
     data = model.read_bytes()
     model.write_bytes(data[: len(data) // 2])
-    _bad(capsys, tmp_path, model, expect="truncated")
+    _bad(capsys, tmp_path, model, error=f"error: {model} is not a readable ONNX model (DecodeError): the file is not ONNX "
+         "or is truncated; re-export it or copy it again.")
 
 
 def test_missing_external_data(tmp_path, capsys):
@@ -141,66 +147,140 @@ def test_missing_external_data(tmp_path, capsys):
     folder.mkdir()
     onnx.save(proto, folder / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True, location="m.onnx.data", size_threshold=0)
     (folder / "m.onnx.data").unlink()
-    _bad(capsys, tmp_path, folder / "m.onnx", expect="external data")
+    _bad(capsys, tmp_path, folder / "m.onnx", error=f"error: the model's external data file(s) m.onnx.data are missing: "
+         f"put them in {folder} next to the .onnx file.")
 
 
 def test_missing_model_file(tmp_path, capsys):
-    _bad(capsys, tmp_path, tmp_path / "nope.onnx", expect="does not exist")
+    _bad(capsys, tmp_path, tmp_path / "nope.onnx", error=f"error: {tmp_path / 'nope.onnx'} does not exist: check the path to the model.")
 
 
 @pytest.mark.parametrize(
-    "arrays, expect",
+    "arrays, problem",
     [
-        ({"y": np.zeros((4, 4), np.float32)}, "y"),  # unknown input name
-        ({"x": np.zeros((4, 4), np.int64)}, "dtype"),  # wrong dtype
-        ({"x": np.zeros((4, 5), np.float32)}, "x"),  # wrong static dim
-        ({"x": np.zeros((4, 2, 4), np.float32)}, "rank"),  # wrong rank
+        ({"y": np.zeros((4, 4), np.float32)},
+         "calibration data has input 'y', which is not a model input (the model's inputs are x): rename or drop it."),
+        ({"x": np.zeros((4, 4), np.int64)},
+         "calibration input 'x' has dtype int64 but the model expects float32: save 'x' as float32 (e.g. array.astype(np.float32))."),
+        ({"x": np.zeros((4, 5), np.float32)},
+         "calibration input 'x' has size 5 on axis 1 but the model expects 4 [N, 4]: resize or re-export the data to match."),
+        ({"x": np.zeros((4, 2, 4), np.float32)},
+         "calibration input 'x' has shape [1, 2, 4] (rank 3) but the model expects rank 2 [N, 4]: reshape it (axis 0 is the sample axis)."),
     ],
+    ids=["unknown-name", "dtype", "static-dim", "rank"],
 )
-def test_calibration_that_does_not_fit(tmp_path, capsys, arrays, expect):
+def test_calibration_that_does_not_fit(tmp_path, capsys, arrays, problem):
     model = write_mlp(tmp_path / "in")
     calib = tmp_path / "in" / "bad.npz"
     np.savez(calib, **arrays)
-    stderr = _bad(capsys, tmp_path, model, "--calib", calib, expect=expect)
-    assert "calib" in stderr.lower() or "input" in stderr.lower()
+    _bad(capsys, tmp_path, model, "--calib", calib, error=f"error: {calib} (4 of 4 samples), sample 0: {problem}")
 
 
 def test_empty_calibration_file(tmp_path, capsys):
     model = write_mlp(tmp_path / "in")
     empty = tmp_path / "in" / "empty.txt"
     empty.write_text("")
-    _bad(capsys, tmp_path, model, "--calib", empty, expect="empty")
+    _bad(capsys, tmp_path, model, "--calib", empty,
+         error=f"error: calibration file {empty} is empty: write samples into it or pass another file.")
 
 
 def test_output_is_the_input_model(tmp_path, capsys):
     model = write_mlp(tmp_path / "in")
     before = model.read_bytes()
+    resolved = model.resolve()
     code, _, stderr = _run(capsys, "compile", model, "-o", model)
-    assert code == 2 and "overwrite" in stderr
+    assert (code, stderr) == (2, f"error: the output folder {resolved} would overwrite the input {resolved}: choose another -o folder.\n")
     code, _, stderr = _run(capsys, "compile", model, "-o", model.parent)
-    assert code == 2
+    assert (code, stderr) == (2, f"error: the output folder {resolved.parent} would overwrite the input {resolved}: choose another -o folder.\n")
     assert model.read_bytes() == before
 
 
 def test_unknown_target(tmp_path, capsys):
     model = write_mlp(tmp_path / "in")
-    stderr = _bad(capsys, tmp_path, model, "--target", "tpu9000", expect="target")
-    assert "cpu" in stderr
+    _bad(capsys, tmp_path, model, "--target", "tpu9000",
+         error="error: unknown target 'tpu9000': choose one of cpu, cuda, openvino, qnn, coreml, nnapi, xnnpack.")
 
 
 def test_recipe_with_unknown_pass(tmp_path, capsys):
     model = write_mlp(tmp_path / "in")
     recipe = tmp_path / "in" / "r.toml"
     recipe.write_text('[[passes]]\nname = "prune-everything"\n')
-    stderr = _bad(capsys, tmp_path, model, "--recipe", recipe, expect="unknown pass")
-    assert "cleanup" in stderr
+    known = ", ".join(sorted(registry.available_passes()))
+    assert "cleanup" in known.split(", ")
+    _bad(capsys, tmp_path, model, "--recipe", recipe,
+         error=f"error: unknown pass 'prune-everything' in the recipe: known passes are {known}.")
 
 
 def test_recipe_with_unknown_option(tmp_path, capsys):
     model = write_mlp(tmp_path / "in")
     recipe = tmp_path / "in" / "r.toml"
     recipe.write_text('[[passes]]\nname = "cleanup"\n[passes.options]\nfold = true\n')
-    _bad(capsys, tmp_path, model, "--recipe", recipe, expect="no option")
+    _bad(capsys, tmp_path, model, "--recipe", recipe,
+         error="error: pass 'cleanup' has no option(s) fold: its options are fold_constants, iterations.")
+
+
+def _refuse_heavy_work(monkeypatch):
+    """Make loading the model, calibration data and reference runs fail loudly if anything reaches them."""
+    from edgeprune import model_io, pipeline
+
+    def heavy(*args, **kwargs):
+        raise AssertionError("heavy work ran before the recipe's options were checked")
+
+    monkeypatch.setattr(model_io, "load_model", heavy)
+    monkeypatch.setattr(pipeline, "load_calibration", heavy)
+    monkeypatch.setattr(pipeline, "run_batches", heavy)
+    monkeypatch.setattr(pipeline, "analyze", heavy)
+
+
+def test_recipe_options_are_checked_before_any_heavy_work(mlp, tmp_path, capsys, monkeypatch):
+    model, calib = mlp
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - cleanup\n  - name: cleanup\n    options: {iterations: 1, sweeps: 3}\n")
+    _refuse_heavy_work(monkeypatch)
+    _bad(capsys, tmp_path, model, "--calib", calib, "--recipe", recipe,
+         error="error: pass 'cleanup' has no option(s) sweeps: its options are fold_constants, iterations.")
+
+
+def test_recipe_object_options_are_checked_before_any_heavy_work(mlp, tmp_path, monkeypatch):
+    """The Python API takes a Recipe as it is, so compile itself must build the passes first."""
+    from edgeprune.errors import BadInputError
+    from edgeprune.pipeline import CompileOptions, compile_model
+    from edgeprune.recipe import PassSpec, Recipe
+
+    model, calib = mlp
+    _refuse_heavy_work(monkeypatch)
+    recipe = Recipe([PassSpec("cleanup"), PassSpec("cleanup", {"fold": False})])
+    with pytest.raises(BadInputError) as err:
+        compile_model(model, tmp_path / "out", CompileOptions(recipe=recipe, calib=calib))
+    assert str(err.value) == "pass 'cleanup' has no option(s) fold: its options are fold_constants, iterations."
+    assert not (tmp_path / "out").exists()
+
+
+TOO_FEW_ROWS = ("error: compile needs at least 2 calibration rows, some to collect statistics on and at least one held back "
+                "to verify the result, but got 1: pass --calib with 2 or more rows and --max-samples 2 or more.")
+
+
+def test_one_calibration_row_by_max_samples_is_refused(mlp, tmp_path, capsys, monkeypatch):
+    model, calib = mlp
+    _refuse_heavy_work(monkeypatch)  # --max-samples is known before anything is loaded
+    _bad(capsys, tmp_path, model, "--calib", calib, "--max-samples", "1", error=TOO_FEW_ROWS)
+
+
+def test_one_calibration_row_in_the_file_is_refused(tmp_path, capsys, monkeypatch):
+    from edgeprune import pipeline
+
+    model = write_mlp(tmp_path / "in")
+    calib = write_mlp_calib(tmp_path / "in", n=1)
+    monkeypatch.setattr(pipeline, "run_batches", lambda *a, **k: pytest.fail("reference outputs computed for one row"))
+    _bad(capsys, tmp_path, model, "--calib", calib, error=TOO_FEW_ROWS)
+
+
+def test_two_calibration_rows_compile(mlp, tmp_path, capsys):
+    model, calib = mlp
+    code, stdout, stderr = _run(capsys, "compile", model, "-o", tmp_path / "out", "--calib", calib, "--max-samples", "2", "--json")
+    assert code == 0, stderr
+    rows = json.loads(stdout)["calibration"]
+    assert (rows["samples"], rows["statistics_rows"], rows["holdout_rows"]) == (2, 1, 1)
 
 
 def test_unmeasurable_target_still_compiles_and_says_so(mlp, tmp_path, capsys):
@@ -231,17 +311,22 @@ def test_prune_flag_shrinks_the_model(mlp, tmp_path, capsys):
     assert (4, 4) in hidden and (4, 3) in hidden  # 8 hidden neurons -> 4
 
 
-@pytest.mark.parametrize("args, expect", [(["--prune", "1.0"], "ratio"), (["--prune", "-0.1"], "ratio"), (["--prune", "0.2", "--round-to", "0"], "round_to")])
-def test_prune_flag_bad_values(mlp, tmp_path, capsys, args, expect):
+@pytest.mark.parametrize("args, error", [
+    (["--prune", "1.0"], "error: prune ratio must be in [0, 1), got 1.0: e.g. ratio = 0.2 removes 20% of the prunable parameters."),
+    (["--prune", "-0.1"], "error: prune ratio must be in [0, 1), got -0.1: e.g. ratio = 0.2 removes 20% of the prunable parameters."),
+    (["--prune", "0.2", "--round-to", "0"], "error: prune round_to must be >= 1 (1 disables rounding), got 0."),
+])
+def test_prune_flag_bad_values(mlp, tmp_path, capsys, args, error):
     model, calib = mlp
-    _bad(capsys, tmp_path, model, "--calib", calib, *args, expect=expect)
+    _bad(capsys, tmp_path, model, "--calib", calib, *args, error=error)
 
 
 def test_prune_and_recipe_are_exclusive(mlp, tmp_path, capsys):
     model, calib = mlp
     recipe = tmp_path / "r.toml"
     recipe.write_text('[[passes]]\nname = "cleanup"\n')
-    _bad(capsys, tmp_path, model, "--calib", calib, "--recipe", recipe, "--prune", "0.2", expect="either --recipe or --prune")
+    _bad(capsys, tmp_path, model, "--calib", calib, "--recipe", recipe, "--prune", "0.2",
+         error="Error: give either --recipe or --prune/--bits, not both: put the passes in the recipe.")
 
 
 def test_backoff_reuses_calibration_statistics(mlp, tmp_path, capsys, monkeypatch):
@@ -257,7 +342,9 @@ def test_backoff_reuses_calibration_statistics(mlp, tmp_path, capsys, monkeypatc
     monkeypatch.setattr(stats.StatsCollector, "collect", counting)
     model, calib = mlp
     code, _, stderr = _run(capsys, "compile", model, "-o", tmp_path / "out", "--calib", calib, "--prune", "0.5", "--round-to", "1", "--max-drop", "0")
-    assert code == 1 and "back off further" in stderr  # every ratio loses something; nothing written
+    # every ratio loses something; nothing written
+    assert code == 1 and re.fullmatch(r"budget failed: accuracy budget not met: fidelity drop 0\.\d{4} > --max-drop 0\.0 after \d+ attempt\(s\), "
+                                      r"and no pass can back off further; nothing was written\.", stderr.splitlines()[-1]), stderr
     assert not (tmp_path / "out").exists()
     assert len(calls) == 1, "the prune pass's input is the same at every attempt: one statistics run"
 
@@ -274,14 +361,14 @@ def test_bits_flags_build_the_recipe(mlp, tmp_path, capsys):
     assert {r["format"] for r in report["passes"][3]["records"]} == {"gptq4-b32-asym"}
 
 
-@pytest.mark.parametrize("args, expect", [
-    (["--bits", "auto"], "needs a budget"),
-    (["--bits", "3"], "--bits takes"),
-    (["--avg-bits", "4.5"], "go with --bits"),
-    (["--gptq"], "go with --bits"),
-    (["--bits", "auto", "--size-budget", "lots"], "not a size"),
-    (["--bits", "auto", "--latency-budget", "fast"], "--latency-budget takes"),
+@pytest.mark.parametrize("args, error", [
+    (["--bits", "auto"], "Error: --bits auto needs a budget: --size-budget, --avg-bits or --latency-budget."),
+    (["--bits", "3"], "Error: --bits takes auto, 8, 4 or 2, got '3'."),
+    (["--avg-bits", "4.5"], "Error: --size-budget, --avg-bits, --latency-budget and --gptq go with --bits."),
+    (["--gptq"], "Error: --size-budget, --avg-bits, --latency-budget and --gptq go with --bits."),
+    (["--bits", "auto", "--size-budget", "lots"], "error: size 'lots' is not a size: write e.g. 137MB, 90MiB or a number of bytes."),
+    (["--bits", "auto", "--latency-budget", "fast"], "Error: --latency-budget takes milliseconds (150) or a ratio (0.8x), got 'fast'."),
 ])
-def test_bits_flag_mistakes(mlp, tmp_path, capsys, args, expect):
+def test_bits_flag_mistakes(mlp, tmp_path, capsys, args, error):
     model, calib = mlp
-    _bad(capsys, tmp_path, model, "--calib", calib, *args, expect=expect.lower())
+    _bad(capsys, tmp_path, model, "--calib", calib, *args, error=error)
