@@ -27,7 +27,6 @@ from edgeprune.analysis.graph import (
     constant,
     consumers,
     is_std,
-    node_index,
     node_name,
     static_ints,
     value_name,
@@ -75,9 +74,8 @@ _NATIVE_ATTENTION = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
 
 def find_attention_blocks(graph: ir.Graph, linears: list[Linear], by_output: dict[str, Linear]) -> list[AttentionBlock]:
     """Softmax-centred attention subgraphs plus contrib attention ops, numbered in graph order."""
-    order = node_index(graph)
-    found: list[tuple[int, AttentionBlock]] = []
-    for node in graph:
+    blocks: list[AttentionBlock] = []
+    for node in graph:  # graph order, so ``layer`` counts blocks from the input
         if is_std(node, "Softmax"):
             block = _attention_at_softmax(node, by_output)
         elif node.domain == MS_DOMAIN and node.op_type in _NATIVE_ATTENTION:
@@ -85,9 +83,7 @@ def find_attention_blocks(graph: ir.Graph, linears: list[Linear], by_output: dic
         else:
             continue
         if block is not None:
-            found.append((order[id(node)], block))
-    found.sort(key=lambda item: item[0])
-    blocks = [b for _, b in found]
+            blocks.append(block)
     for i, block in enumerate(blocks):
         block.layer = i
     return blocks
@@ -104,6 +100,8 @@ def _is_activation_matmul(node: ir.Node | None) -> bool:
     )  # fmt: skip
 
 
+# The walks below are hand-written: mask/scale chains, rotary, GQA repeat and head merge have any
+# length and order, which the rewriter's fixed-shape patterns cannot express.
 def _score_matmul(softmax: ir.Node) -> ir.Node | None:
     """Walk back from Softmax over mask/scale ops to the MatMul(Q, K^T)."""
     frontier, seen = [softmax.inputs[0]], 0

@@ -114,6 +114,7 @@ def _swish_or(act_node: ir.Node, x: ir.Value) -> str:
 
 def find_conv_chains(convs: list[ConvLayer], graph: ir.Graph) -> list[ConvChain]:
     """Group convs reachable from one another through element-wise/BN/activation ops only."""
+    # A hand-written forward walk: chains have any length and branch, so no fixed pattern fits.
     by_input: dict[str, list[str]] = {}
     for c in convs:
         by_input.setdefault(c.input, []).append(c.node)

@@ -80,8 +80,9 @@ def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     return values
 
 
-def node_index(graph: ir.Graph) -> dict[int, int]:
-    return {id(node): i for i, node in enumerate(graph)}
+def node_index(graph: ir.Graph) -> dict[ir.Node, int]:
+    """Each node's position in ``graph`` (keyed by the node itself, so the map cannot go stale)."""
+    return {node: i for i, node in enumerate(graph)}
 
 
 def attr(node: ir.Node, name: str, default=None):
