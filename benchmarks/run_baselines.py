@@ -204,7 +204,8 @@ def machine() -> dict:
 def bench_model(name: str, args, workdir: Path) -> dict:
     import onnxruntime
 
-    from edgeprune.models import build, onnx_file_bytes
+    from edgeprune.model_io import file_size as onnx_file_bytes
+    from edgeprune.models import build
     from edgeprune.runtime.latency import measure_side_by_side
 
     artifact = build(name, measure=False)

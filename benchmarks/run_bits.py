@@ -109,7 +109,8 @@ def run_pass(fp32_path: Path, ctx, options: dict, dst: Path) -> dict:
 def bench(name: str, args, work: Path) -> dict:
     from edgeprune import model_io
     from edgeprune.context import CompileContext
-    from edgeprune.models import build, onnx_file_bytes
+    from edgeprune.model_io import file_size as onnx_file_bytes
+    from edgeprune.models import build
     from edgeprune.runtime.latency import measure_latency, measure_side_by_side
     from edgeprune.runtime.targets import get_target
 

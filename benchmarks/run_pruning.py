@@ -140,7 +140,8 @@ def bench(name: str, ratios: list[float], variants: list[str], args, workdir: Pa
 
     from edgeprune.context import CompileContext
     from edgeprune.model_io import load_model, param_count, save_model, to_proto
-    from edgeprune.models import build, onnx_file_bytes
+    from edgeprune.model_io import file_size as onnx_file_bytes
+    from edgeprune.models import build
     from edgeprune.passes.cleanup import CleanupPass
     from edgeprune.passes.prune.prune_pass import PruneConfig, StructuredPruningPass
     from edgeprune.runtime.targets import get_target

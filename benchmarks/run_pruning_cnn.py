@@ -97,7 +97,8 @@ def run(args) -> dict:
     from edgeprune.calibration import CalibrationSet
     from edgeprune.context import CompileContext
     from edgeprune.model_io import load_model, param_count, save_model, to_proto
-    from edgeprune.models import build, imagenet_pixels, load_imagenet, onnx_file_bytes
+    from edgeprune.model_io import file_size as onnx_file_bytes
+    from edgeprune.models import build, imagenet_pixels, load_imagenet
     from edgeprune.passes.cleanup import CleanupPass
     from edgeprune.passes.prune.prune_pass import PruneConfig, StructuredPruningPass
     from edgeprune.runtime.latency import measure_side_by_side

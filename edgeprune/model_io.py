@@ -184,21 +184,27 @@ def param_count(model: ir.Model) -> int:
 
 
 def file_size(path: str | os.PathLike) -> int:
-    """Bytes on disk of a model file plus the external data files it references."""
+    """Bytes on disk of a model file plus the external data files it references, each counted once.
+
+    The one definition of a model's size (reports, latency results, model cards). A file that
+    does not parse counts as itself: whoever loads it next reports the real problem.
+    """
     path = pathlib.Path(path)
     total = path.stat().st_size
-    proto = onnx.load(str(path), load_external_data=False)
-    seen = set()
-    for tensor in onnx.external_data_helper._get_all_tensors(proto):  # noqa: SLF001
-        if onnx.external_data_helper.uses_external_data(tensor):
-            location = onnx.external_data_helper.ExternalDataInfo(tensor).location
-            if location not in seen and (path.parent / location).exists():
-                seen.add(location)
-                total += (path.parent / location).stat().st_size
-    return total
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - see the docstring
+        return total
+    locations = {
+        onnx.external_data_helper.ExternalDataInfo(tensor).location
+        for tensor in onnx.external_data_helper._get_all_tensors(proto)  # noqa: SLF001
+        if onnx.external_data_helper.uses_external_data(tensor)
+    }
+    return total + sum((path.parent / loc).stat().st_size for loc in sorted(locations) if (path.parent / loc).exists())
 
 
 def sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in blocks."""
     import hashlib
 
     digest = hashlib.sha256()

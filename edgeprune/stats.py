@@ -28,7 +28,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 from edgeprune.calibration import CalibrationSet
 from edgeprune.errors import BadInputError
 from edgeprune.model_io import to_proto
-from edgeprune.runtime.session import make_session
+from edgeprune.runtime.session import make_session, run_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class StatsCollector:
         accumulators = {n: _Accumulator(n, axis, gram) for n, (axis, gram) in self._requests.items()}
         total = sum(1 for _ in calib.batches(batch_size))
         for done, feed in enumerate(calib.batches(batch_size), start=1):
-            outputs = dict(zip(fetch, session.run(fetch, feed))) if fetch else {}
+            outputs = dict(zip(fetch, run_outputs(session, fetch, feed))) if fetch else {}
             mask = feed.get("attention_mask")
             mask = mask if mask is not None and mask.ndim == 2 else None
             for name, acc in accumulators.items():

@@ -1,6 +1,6 @@
 """Recipes that build the benchmark models from packages that ship real weights, and their task metrics."""
 
-from edgeprune.models.recipes import RECIPES, ModelArtifact, Recipe, build, cache_dir, get_recipe, onnx_file_bytes
+from edgeprune.models.recipes import RECIPES, ModelArtifact, Recipe, build, cache_dir, get_recipe
 from edgeprune.models.tasks import (
     data_dir,
     image_logits,
@@ -31,7 +31,6 @@ __all__ = [
     "top1_agreement",
     "load_stsb",
     "load_wikitext",
-    "onnx_file_bytes",
     "sentence_embeddings",
     "stsb_spearman",
     "token_nll",

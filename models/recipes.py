@@ -9,7 +9,6 @@ The card's reference metric is measured on the exported ONNX with onnxruntime.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgeprune.errors import BadInputError
-from edgeprune.model_io import atomic_output_dir
+from edgeprune.model_io import atomic_output_dir, file_size, sha256
 
 logger = logging.getLogger(__name__)
 
@@ -262,14 +261,6 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _architecture(folder: Path) -> dict:
     """Facts from the exported config.json and the ONNX graph (parameter count, I/O, opset)."""
     import numpy as np
@@ -291,24 +282,11 @@ def _architecture(folder: Path) -> dict:
     return facts
 
 
-def onnx_file_bytes(path: str | os.PathLike) -> int:
-    """Bytes of an .onnx file plus the external data files it references (each counted once)."""
-    import onnx
-    from onnx import external_data_helper as ext
-
-    path = Path(path)
-    proto = onnx.load(str(path), load_external_data=False)
-    locations = {
-        ext.ExternalDataInfo(t).location for t in ext._get_all_tensors(proto) if ext.uses_external_data(t)  # noqa: SLF001
-    }
-    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations)
-
-
 def _files(folder: Path) -> dict:
     model = folder / "model.onnx"
-    files = {"model_onnx_bytes": onnx_file_bytes(model), "model_onnx_sha256": _sha256(model)}
+    files = {"model_onnx_bytes": file_size(model), "model_onnx_sha256": sha256(model)}
     if (folder / "tokenizer.json").is_file():
-        files["tokenizer_json_sha256"] = _sha256(folder / "tokenizer.json")
+        files["tokenizer_json_sha256"] = sha256(folder / "tokenizer.json")
     return files
 
 

@@ -27,7 +27,7 @@ from typing import Mapping
 import numpy as np
 
 from edgeprune.errors import BadInputError
-from edgeprune.runtime.session import ModelSource, check_feeds, make_session, prepare_model, run_error
+from edgeprune.runtime.session import ModelSource, check_feeds, make_session, prepare_model, run_outputs
 from edgeprune.runtime.targets import resolve_target
 
 logger = logging.getLogger(__name__)
@@ -117,13 +117,7 @@ def _batch_size(session, feeds: Mapping[str, np.ndarray]) -> int:
 def _timed_run(session, feeds) -> float:
     """One run in milliseconds; ORT errors from bad feeds become CalibrationDataError."""
     start = time.perf_counter()
-    try:
-        session.run(None, feeds)
-    except Exception as exc:  # noqa: BLE001 - re-raised (mapped when the feeds are at fault)
-        mapped = run_error(exc)
-        if mapped is exc:
-            raise
-        raise mapped from exc
+    run_outputs(session, None, feeds)
     return (time.perf_counter() - start) * 1000.0
 
 

@@ -51,28 +51,6 @@ class ModelSource:
     label: str = "model"
 
 
-def _file_size_with_external(path: pathlib.Path) -> int:
-    """Bytes of the .onnx file plus every external data file it references."""
-    total = path.stat().st_size
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - ORT will report the real problem when it loads the file
-        return total
-    seen = set()
-    for tensor in onnx.external_data_helper._get_all_tensors(proto):  # noqa: SLF001
-        if onnx.external_data_helper.uses_external_data(tensor):
-            location = onnx.external_data_helper.ExternalDataInfo(tensor).location
-            data = path.parent / location
-            if location not in seen and data.exists():
-                seen.add(location)
-                total += data.stat().st_size
-    return total
-
-
-def _dir_size(folder: str) -> int:
-    return sum(p.stat().st_size for p in pathlib.Path(folder).iterdir() if p.is_file())
-
-
 def _memory_label(model: "ir.Model | onnx.ModelProto") -> str:
     name = model.graph.name
     return f"the in-memory model {name!r}" if name else "the in-memory model"
@@ -86,13 +64,13 @@ def prepare_model(model: "ir.Model | onnx.ModelProto | str | os.PathLike | Model
         path = pathlib.Path(model)
         if not path.is_file():
             raise BadInputError(f"{path} is not a model file: check the path to the .onnx file.")
-        return ModelSource(str(path), _file_size_with_external(path), label=str(path))
+        return ModelSource(str(path), model_io.file_size(path), label=str(path))
     if isinstance(model, ir.Model):
         if model_io.model_bytes(model) > model_io.EXTERNAL_DATA_THRESHOLD:
             tmpdir = tempfile.mkdtemp(prefix="edgeprune_model_")
             path = pathlib.Path(tmpdir) / "model.onnx"
             model_io.save_model(model, path)
-            return ModelSource(str(path), _dir_size(tmpdir), tmpdir, label=_memory_label(model))
+            return ModelSource(str(path), model_io.file_size(path), tmpdir, label=_memory_label(model))
         data = model_io.to_proto(model).SerializeToString()
         return ModelSource(data, len(data), label=_memory_label(model))
     if isinstance(model, onnx.ModelProto):
@@ -102,7 +80,7 @@ def prepare_model(model: "ir.Model | onnx.ModelProto | str | os.PathLike | Model
             # Through onnx-ir: onnx.save_model(save_as_external_data=True) would rewrite the
             # caller's proto in place to point at our temporary file.
             ir.save(ir.serde.deserialize_model(model), path, external_data=_EXTERNAL_NAME)
-            return ModelSource(str(path), _dir_size(tmpdir), tmpdir, label=_memory_label(model))
+            return ModelSource(str(path), model_io.file_size(path), tmpdir, label=_memory_label(model))
         data = model.SerializeToString()
         return ModelSource(data, len(data), label=_memory_label(model))
     raise BadInputError(
@@ -255,15 +233,19 @@ def run_error(exc: Exception) -> Exception:
     return exc
 
 
-def run(session: onnxruntime.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run once and return every output by name."""
-    check_feeds(session, feeds)
-    names = [o.name for o in session.get_outputs()]
+def run_outputs(session: onnxruntime.InferenceSession, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list:
+    """``session.run(names, feeds)`` with ORT's failures mapped by :func:`run_error`: every run goes through here."""
     try:
-        values = session.run(names, feeds)
+        return session.run(names, feeds)
     except Exception as exc:  # noqa: BLE001 - re-raised, mapped when the user's feeds are at fault
         mapped = run_error(exc)
         if mapped is exc:
             raise
         raise mapped from exc
-    return dict(zip(names, values))
+
+
+def run(session: onnxruntime.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run once and return every output by name."""
+    check_feeds(session, feeds)
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, run_outputs(session, names, feeds)))
