@@ -265,9 +265,9 @@ def profile_cmd(model, target, compare, top, data, tokenizer, seq_len, runs, thr
 @common_json
 def inspect_cmd(model, as_json):
     """Interface, opset, weights by op type and the structures edgeprune finds in MODEL."""
-    from edgeprune.inspection import inspect_model, prune_table
+    from edgeprune.inspection import inspect_with_tables
 
-    info = inspect_model(model)
+    info, tables = inspect_with_tables(model)
     if as_json:
         _emit_json(info)
         return
@@ -279,13 +279,8 @@ def inspect_cmd(model, as_json):
     out_console.print("[bold]structures[/]")
     for line in info["summary"]:
         out_console.print(f"  • {line}")
-    if info.get("channel_groups"):
-        rows = [(g["name"], g["channels"], len(g["producers"]), len(g["depthwise"]), len(g["consumers"]), "yes" if g["prunable"] else g["reason"].split(":")[0])
-                for g in info["channel_groups"]]
-        out_console.print(_table("conv channel groups (--json gives the full reasons)", ["group", "channels", "producers", "depthwise", "consumers", "prunable"], rows))
-    rows = prune_table(info["prune_groups"], info["prune_skipped"])
-    if rows:
-        out_console.print(_table("prunable groups (prune pass defaults; --json lists each group)", ["kind", "groups", "units", "skipped", "skipped because"], rows))
+    for title, columns, rows in tables:  # what each pass would act on (EdgePass.describe)
+        out_console.print(_table(title, columns, rows))
 
 
 def main(argv: list[str] | None = None) -> int:

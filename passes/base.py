@@ -64,6 +64,15 @@ class EdgePass(ir.passes.InPlacePass):
             raise BadInputError(f"bad options for pass {cls.name!r}: {exc}.") from exc
         return cls(config, context)
 
+    @classmethod
+    def describe(cls, model: ir.Model) -> dict[str, Any] | None:
+        """What this pass would act on in ``model`` at its default options, for ``edgeprune inspect``; None when it has nothing to say.
+
+        Read-only.  The answer may hold ``summary`` (lines for inspect's structure list), ``fields``
+        (entries of inspect's JSON) and ``tables`` ((title, columns, rows) for its text view).
+        """
+        return None
+
     def relaxed(self) -> EdgePass | None:
         """A less aggressive copy of this pass for accuracy back-off, or None when there is none."""
         return None

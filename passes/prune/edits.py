@@ -1,7 +1,7 @@
 """Graph edits for structured pruning: slice linears, shrink a consumer (with bias compensation or
 ridge refit), and rewrite the head-split shapes that carry a head count.
 
-Private to the prune pass (``structured_pruning``); ``_prune_groups`` builds on these.
+Private to the prune pass; ``groups`` builds on these.
 """
 
 from __future__ import annotations

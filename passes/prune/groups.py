@@ -1,7 +1,7 @@
 """The prunable groups of the prune pass: FFN neurons, attention heads, conv channel groups.
 
-Each group knows its coupled weights, scores its units (``edgeprune.passes.prune.scoring``) and removes the
-units allocation did not keep (``apply``). Private to ``structured_pruning``.
+Each group knows its coupled weights, hands them to the importance metrics (``scoring``) and
+removes the units allocation did not keep (``apply``).  Private to the prune pass (``prune_pass``).
 """
 
 from __future__ import annotations

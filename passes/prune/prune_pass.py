@@ -1,8 +1,9 @@
 """Structured pruning: score FFN neurons and attention heads, allocate a parameter budget, remove them physically.
 
-Three concerns are kept apart (Torch-Pruning's split): *groups* (what is coupled; ``_prune_groups``, on the edits in ``_prune_edits``),
-*importance* (``edgeprune.passes.prune.scoring``, pure) and *allocation* (``edgeprune.passes.prune.allocation``).  A group
-is one layer's units of one kind whose channels are the input channels of one consuming linear:
+Three concerns are kept apart (Torch-Pruning's split): *groups* (what is coupled; ``groups``, on the
+graph edits in ``edits`` and the conv dependency graph in ``dependency``), *importance* (``scoring``,
+pure, one registry of metrics) and *allocation* (``allocation``).  A group is one layer's units of one
+kind whose channels are the input channels of one consuming linear:
 
 - ``_FFNGroup``: neurons of up (and gate) outputs / down inputs.  The element-wise region
   between them is checked to be closed; per-channel constants in it are sliced too.
@@ -14,7 +15,7 @@ is one layer's units of one kind whose channels are the input channels of one co
   (a KV head and its query heads) instead.  Head-split Reshape shapes (constant or a Concat of
   constants and dynamic pieces) get the new head count; -1 entries need nothing.
 
-- ``_ConvGroup``: a conv channel dependency group (``edgeprune.passes.prune.dependency``): the producers'
+- ``_ConvGroup``: a conv channel dependency group (``dependency``): the producers'
   output filters and biases, BatchNormalization parameters, per-channel constants, depthwise
   convs in lockstep (filters, bias, ``group`` attribute) and the consumers' input slices (Conv
   weight axis 1, Gemm/MatMul rows after global pooling).  Residual-coupled groups are left out
@@ -38,15 +39,17 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from edgeprune.passes.prune import allocation as alloc
-from edgeprune.passes.prune import scoring
 from edgeprune.analysis import analyze
 from edgeprune.context import StatsRequest
 from edgeprune.errors import BadInputError, UnsupportedModelError
 from edgeprune.model_io import param_count
+from edgeprune.passes.base import EdgePass, EdgePassResult
+from edgeprune.passes.prune import allocation as alloc
+from edgeprune.passes.prune import scoring
+from edgeprune.passes.prune.describe import inspect_report
+from edgeprune.passes.prune.dependency import channel_groups
 from edgeprune.passes.prune.edits import _Graph, _Skip
 from edgeprune.passes.prune.groups import _conv_groups, _FFNGroup, _Group, _HeadGroup
-from edgeprune.passes.base import EdgePass, EdgePassResult
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +139,11 @@ def find_groups(model: ir.Model, config: PruneConfig | None = None) -> tuple[lis
     channels), ``unit_size`` (channels per unit), ``unit_params`` (parameters one unit carries) and
     ``consumer``.  Skipped: ``label``, ``kind``, ``layer`` and ``reason``.
     """
-    cfg = config if config is not None else PruneConfig()
-    groups, skipped = _discover(_Graph(model), analyze(model), cfg)
+    return _found(model, analyze(model), config if config is not None else PruneConfig())
+
+
+def _found(model: ir.Model, structures, cfg: PruneConfig) -> tuple[list[dict], list[dict]]:
+    groups, skipped = _discover(_Graph(model), structures, cfg)
     found = [
         {"label": grp.label, "kind": grp.kind, "layer": grp.layer, "units": grp.units, "unit_size": grp.unit_size,
          "unit_params": grp.unit_params, "consumer": grp.consumer_name}
@@ -162,6 +168,13 @@ class StructuredPruningPass(EdgePass):
 
     name = "prune"
     Config = PruneConfig
+
+    @classmethod
+    def describe(cls, model: ir.Model) -> dict:
+        """The groups the pass would score at its default options, those it leaves out and why, and the conv channel groups."""
+        structures = analyze(model)
+        found, left_out = _found(model, structures, PruneConfig())
+        return inspect_report(found, left_out, channel_groups(model) if structures.conv_layers else [])
 
     def relaxed(self) -> StructuredPruningPass | None:
         ratio = round(self.config.ratio * 0.75, 4)
