@@ -26,8 +26,9 @@ The plan maps node names to :class:`edgeprune.passes.bits.sensitivity.Option`.  
 from __future__ import annotations
 
 import collections
-import dataclasses
 import contextlib
+import dataclasses
+import functools
 import logging
 import pathlib
 import tempfile
@@ -36,7 +37,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxscript.rewriter.pattern import MatchResult, RewriteRule, RewriteRuleSet
+
 from edgeprune import model_io
+from edgeprune.analysis.graph import node_name
 from edgeprune.passes.bits.sensitivity import KEEP, Option
 
 logger = logging.getLogger(__name__)
@@ -51,22 +55,19 @@ QUANTIZED_OPS = frozenset(
 )  # fmt: skip
 
 
-def node_name(node: ir.Node) -> str:
-    """The analysis' name for a node (unnamed nodes are ``<op>:<first output>``)."""
-    if node.name:
-        return node.name
-    out = node.outputs[0].name if node.outputs else ""
-    return f"{node.op_type}:{out}"
-
-
 def _name_nodes(model: ir.Model) -> None:
+    """Give unnamed nodes the analysis' name (``<op>:<first output>``), which the plan's keys use."""
     for node in model.graph:
         if not node.name:
             node.name = node_name(node)
 
 
 def _untie(model: ir.Model, names: set[str]) -> int:
-    """Give each quantized MatMul on ``Transpose(constant)`` its own transposed constant; return the count."""
+    """Give each quantized MatMul on ``Transpose(constant)`` its own transposed constant; return the count.
+
+    A hand walk, not a rewrite rule: the Transpose stays while anything else reads it (a rule's
+    match would remove it or not match at all), and each new constant is named by a running count.
+    """
     done = 0
     for node in list(model.graph):
         if node.name not in names or node.op_type != "MatMul":
@@ -88,45 +89,48 @@ def _untie(model: ir.Model, names: set[str]) -> int:
     return done
 
 
+def _gemm_pattern(op, x, w, c):
+    return op.Gemm(x, w, c, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["y"])
+
+
+def _gemm_check(context, x, w, c, y, *, names: frozenset[str], **_):
+    check = MatchResult()
+    gemm = y.producer()
+    if gemm.name not in names:
+        return check.fail(f"{gemm.name} is not quantized")
+    if gemm.attributes.get_int("transA", 0):
+        return check.fail("transA=1: the quantizers take x as it is")
+    if w.const_value is None:
+        return check.fail("the weight is not a constant")
+    return check
+
+
+def _gemm_rewrite(op, x, w, c, y, **_):
+    """MatMul(x, alpha * op(W)) (+ Add(beta * C)), named as the Gemm so the plan still finds it."""
+    gemm = y.producer()
+    alpha = gemm.attributes.get_float("alpha", 1.0)
+    beta = gemm.attributes.get_float("beta", 1.0)
+    wt = w.const_value.numpy().astype(np.float32)
+    if gemm.attributes.get_int("transB", 0):
+        wt = wt.T
+    wv = op.initializer(ir.tensor(np.ascontiguousarray(wt * np.float32(alpha))), name=f"{w.name}_mm")
+    result = mm = op.MatMul(x, wv)
+    mm.producer().name, mm.name = gemm.name, f"{y.name}_mm"
+    if c is not None:
+        if beta != 1.0 and c.const_value is not None:
+            c = op.initializer(ir.tensor(c.const_value.numpy() * np.float32(beta)), name=f"{c.name}_beta")
+        result = op.Add(mm, c)
+        result.producer().name = f"{gemm.name}_bias"
+    return result
+
+
 def _gemm_to_matmul(model: ir.Model, names: set[str]) -> int:
-    """Rewrite quantized Gemm nodes (transA=0) as MatMul(+Add), folding alpha/beta/transB into constants."""
-    done = 0
-    for node in list(model.graph):
-        if node.name not in names or node.op_type != "Gemm":
-            continue
-        attrs = {k: a.value for k, a in node.attributes.items()}
-        if attrs.get("transA", 0) or node.inputs[1].const_value is None:
-            continue
-        w = node.inputs[1].const_value.numpy().astype(np.float32)
-        if attrs.get("transB", 0):
-            w = w.T
-        w = np.ascontiguousarray(w * np.float32(attrs.get("alpha", 1.0)))
-        wv = ir.Value(name=f"{node.inputs[1].name}_mm", const_value=ir.tensor(w))
-        model.graph.register_initializer(wv)
-        out = node.outputs[0]
-        mm_out = ir.Value(name=f"{out.name}_mm")
-        mm = ir.Node("", "MatMul", [node.inputs[0], wv], outputs=[mm_out], name=node.name)
-        new = [mm]
-        c = node.inputs[2] if len(node.inputs) > 2 else None
-        result = mm_out
-        if c is not None:
-            beta = float(attrs.get("beta", 1.0))
-            if beta != 1.0 and c.const_value is not None:
-                cv = ir.Value(name=f"{c.name}_beta", const_value=ir.tensor(c.const_value.numpy() * np.float32(beta)))
-                model.graph.register_initializer(cv)
-                c = cv
-            result = ir.Value(name=f"{out.name}_add")
-            new.append(ir.Node("", "Add", [mm_out, c], outputs=[result], name=f"{node.name}_bias"))
-        model.graph.insert_before(node, new)
-        is_output = out in model.graph.outputs
-        out.replace_all_uses_with(result, replace_graph_outputs=True)
-        if is_output:  # keep the graph output's name
-            name = out.name
-            out.name = f"{name}_gemm"
-            result.name = name
-        model.graph.remove(node, safe=True)
-        done += 1
-    return done
+    """Rewrite the quantized Gemm nodes (transA=0) among ``names`` as MatMul(+Add), folding alpha/beta/transB."""
+    if not any(n.op_type == "Gemm" and n.name in names for n in model.graph):
+        return 0  # the rule set also records inferred value infos: leave a model without quantized Gemm as it is
+    rule = RewriteRule(_gemm_pattern, _gemm_rewrite, functools.partial(_gemm_check, names=frozenset(names)),
+                       remove_nodes=True)
+    return RewriteRuleSet([rule]).apply_to_model(model)
 
 
 def _tied_heads(model: ir.Model, plan: dict[str, Option]) -> dict[str, str]:
@@ -165,7 +169,8 @@ def _tie_lookups(model: ir.Model, pairs: dict[str, str]) -> int:
     done = 0
     for gname, head_out in pairs.items():
         gather, mnb = nodes[gname], produced[head_out]
-        assert mnb.op_type == "MatMulNBits", mnb.op_type
+        if mnb.op_type != "MatMulNBits":
+            raise RuntimeError(f"{gname}: the tied head became {mnb.op_type}, not MatMulNBits; nothing to share")
         attrs = {k: a.value for k, a in mnb.attributes.items()}
         b = mnb.inputs[1]
         packed = b.const_value.numpy()
@@ -269,11 +274,13 @@ def _gptq_codes(model: ir.Model, plan: dict[str, Option], weights: dict, grams: 
     produced = {o.name: n for n in model.graph for o in n.outputs}
     for name, (out, w) in weights.items():
         o, mnb = plan[name], produced[out]
-        assert mnb.op_type == "MatMulNBits", mnb.op_type
+        if mnb.op_type != "MatMulNBits":
+            raise RuntimeError(f"{name}: ORT wrote {mnb.op_type}, not MatMulNBits, under the GPTQ codes")
         b = mnb.inputs[1]
         scales, zeros = sensitivity.nbits_grid(w, o.bits, o.block, o.symmetric)
         stored = mnb.inputs[2].const_value.numpy()
-        assert np.array_equal(stored.reshape(scales.shape), scales), "ORT's grid changed under the GPTQ codes"
+        if not np.array_equal(stored.reshape(scales.shape), scales):
+            raise RuntimeError(f"{name}: ORT's grid changed under the GPTQ codes")
         packed = gptq.pack(gptq.gptq_codes(w, grams[name], scales, zeros, o.bits, o.block), o.bits, o.block)
         b.const_value = ir.tensor(packed.reshape(b.const_value.shape.numpy()), name=b.name)
     return len(weights)

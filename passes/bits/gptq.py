@@ -9,7 +9,7 @@ of the node's input, which the statistics pass already collects).  The output er
 Why it is written here: ORT 1.32 ships GPTQ (``quantization.neural_compressor.weight_only.gptq``)
 but its update reads a column of the upper Cholesky factor where the algorithm needs a row, so
 no error is ever propagated and it returns round-to-nearest (see
-``tests/test_gptq.py::test_orts_gptq_is_round_to_nearest``).  The grid is not ours: the scales
+``tests/bits/test_gptq.py::test_orts_gptq_is_round_to_nearest``).  The grid is not ours: the scales
 and zero points are those ORT's MatMulNBits quantizer computes for the same weight, so the
 emitted node, its scales and its zero points come from ORT's tool and only the packed codes are
 replaced (``edgeprune.passes.bits.emit``).
@@ -18,6 +18,7 @@ replaced (``edgeprune.passes.bits.emit``).
 from __future__ import annotations
 
 import collections
+import hashlib
 
 import numpy as np
 
@@ -26,7 +27,7 @@ DAMP = 0.01
 LAZY_BLOCK = 128
 
 
-_FACTORS: collections.OrderedDict = collections.OrderedDict()  # id(gram) -> (gram, U, dead rows); a few, LRU
+_FACTORS: collections.OrderedDict = collections.OrderedDict()  # hash of the Gram -> (U, dead rows); a few, LRU
 
 
 def hessian_factor(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -35,17 +36,18 @@ def hessian_factor(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     The nodes reading one input (q/k/v, gate/up) and every option of a node share it, so the last
     few are kept: the O(K^3) factorisation is paid once per input, not once per node and option.
     """
-    key = id(gram)
+    g = np.ascontiguousarray(gram)
+    key = hashlib.blake2b(f"{g.dtype}{g.shape}".encode() + g.tobytes(), digest_size=16).hexdigest()
     hit = _FACTORS.get(key)
-    if hit is not None and hit[0] is gram:
+    if hit is not None:
         _FACTORS.move_to_end(key)
-        return hit[1], hit[2]
+        return hit
     h = np.array(gram, dtype=np.float64, copy=True)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     h[np.diag_indices(h.shape[0])] += DAMP * float(np.mean(np.diag(h)))
     u = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)
-    _FACTORS[key] = (gram, u, dead)
+    _FACTORS[key] = (u, dead)
     while len(_FACTORS) > 4:
         _FACTORS.popitem(last=False)
     return u, dead

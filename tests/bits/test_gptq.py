@@ -26,6 +26,10 @@ def test_gptq_beats_round_to_nearest_on_the_same_grid(bits, block, sym):
     q = gptq.dequant(codes, scales, zeros, w.shape[0], block)
     rtn = S.simulate(S.Option("nbits", bits, block, sym), w)
     # same grid: every GPTQ weight is a grid point of ORT's scales/zero points
+    rows = np.arange(w.shape[0]) // block
+    level = q / scales.T[rows] + zeros.T[rows].astype(np.float32)
+    np.testing.assert_allclose(level, np.round(level), atol=1e-3)
+    assert np.round(level).min() >= 0 and np.round(level).max() <= (1 << bits) - 1
     assert S.gram_rel_error(w, q, gram) < 0.75 * S.gram_rel_error(w, rtn, gram)
     # with an identity Hessian there is nothing to compensate: GPTQ is round-to-nearest
     q_id = gptq.dequant(gptq.gptq_codes(w, np.eye(w.shape[0]), scales, zeros, bits, block), scales, zeros, w.shape[0], block)
