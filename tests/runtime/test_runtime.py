@@ -179,10 +179,41 @@ def test_missing_path_and_bad_feeds(tmp_path, feeds):
     with pytest.raises(BadInputError):
         session.make_session(tmp_path / "nope.onnx")
     sess = session.make_session(_mlp())
-    with pytest.raises(CalibrationDataError, match="x"):
+    with pytest.raises(CalibrationDataError) as err:
         session.run(sess, {"z": feeds["x"]})
-    with pytest.raises(CalibrationDataError):
+    assert str(err.value) == "the inputs fed to the model do not match it (missing x): feed exactly x."
+    with pytest.raises(CalibrationDataError) as err:
         session.run(sess, {"x": feeds["x"].astype(np.float64)})
+    assert str(err.value) == ("onnxruntime rejected the inputs (Unexpected input data type. Actual: (tensor(double)) , "
+                              "expected: (tensor(float))): give each input the dtype and shape the model declares.")
+
+
+def test_statistics_runs_map_bad_feeds_like_every_other_run():
+    """StatsCollector runs through session.run_outputs, so a wrong dtype is one sentence, not ORT's exception."""
+    from edgeprune.calibration import CalibrationSet
+    from edgeprune.stats import StatsCollector
+
+    collector = StatsCollector(ir.from_proto(_mlp()))
+    collector.request("x")
+    collector.request("y")
+    rows = CalibrationSet([{"x": np.zeros((1, 4), np.float64)}], "test")
+    with pytest.raises(CalibrationDataError) as err:
+        collector.collect(rows)
+    assert str(err.value) == ("onnxruntime rejected the inputs (Unexpected input data type. Actual: (tensor(double)) , "
+                              "expected: (tensor(float))): give each input the dtype and shape the model declares.")
+
+
+def test_one_file_size_helper_counts_external_data_and_tolerates_unparsable_files(tmp_path):
+    from edgeprune import model_io
+
+    path = tmp_path / "ext.onnx"
+    onnx.save_model(_mlp(), path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="ext.onnx.data", size_threshold=0)
+    expected = path.stat().st_size + (tmp_path / "ext.onnx.data").stat().st_size
+    assert model_io.file_size(path) == session.prepare_model(path).size_bytes == expected
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00\x01garbage" * 10)
+    assert model_io.file_size(garbage) == session.prepare_model(garbage).size_bytes == 90
 
 
 def test_profile_prefix_writes_json(tmp_path, feeds):
