@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
+from onnxscript.rewriter import pattern
 
 from edgeprune.passes.prune import scoring
 from edgeprune.analysis import AttentionBlock, FFNBlock, Linear
@@ -260,10 +261,21 @@ class _Repeat:
     reshape: ir.Node  # its output is [B, heads, S, D]
 
 
+def _repeat_kv(op, source, expand_shape, reshape_shape):
+    """The exporters' repeat_kv: [B, kv, S, D] -> [B, kv, rep, S, D] -> [B, kv * rep, S, D] (axes an input or, before opset 13, an attribute)."""
+    unsqueezed = op.Unsqueeze(source, _allow_other_inputs=True, _outputs=["unsqueezed"])
+    return op.Reshape(op.Expand(unsqueezed, expand_shape), reshape_shape)
+
+
+_REPEAT_KV = pattern.Pattern(_repeat_kv, name="repeat_kv")
+
+
 def _find_repeat(g: _Graph, block: AttentionBlock, which: str, what: str) -> _Repeat:
     """The repeat_kv Unsqueeze -> Expand -> Reshape on the K (or V) path of a GQA block."""
     lin = block.k if which == "k" else block.v
     matmul = g.nodes[block.score_matmul if which == "k" else block.context_matmul]
+    # Hand-walked: the path back from the MatMul (Transpose, rotary, Cast...) has no fixed length,
+    # which a pattern cannot express; the fixed repeat itself is matched by ``_REPEAT_KV``.
     stack, seen, expands = [matmul.inputs[1]], set(), []
     while stack and len(seen) < 80:
         value = stack.pop()
@@ -279,11 +291,11 @@ def _find_repeat(g: _Graph, block: AttentionBlock, which: str, what: str) -> _Re
         stack.extend(v for v in inputs if v is not None and _const(v) is None)
     if len(expands) != 1:
         raise _Skip(f"{what}: GQA repeat of {which} heads is not one Unsqueeze -> Expand -> Reshape ({len(expands)} Expand ops found)")
-    expand = expands[0]
-    unsq = expand.inputs[0].producer()
-    users = consumers(expand.outputs[0])
-    if not _is_std(unsq, "Unsqueeze") or len(users) != 1 or not _is_std(users[0], "Reshape"):
+    users = consumers(expands[0].outputs[0])
+    match = _REPEAT_KV.match(g.model, g.graph, users[0], check_nodes_are_removable=False) if len(users) == 1 else None
+    if not match:
         raise _Skip(f"{what}: GQA repeat of {which} heads is not Unsqueeze -> Expand -> Reshape")
+    unsq = match.bindings["unsqueezed"].producer()
     axes = _const_array(unsq.inputs[1]) if len(unsq.inputs) > 1 else None
     if axes is None and "axes" in unsq.attributes:
         axes = np.asarray(unsq.attributes["axes"].value)

@@ -48,8 +48,9 @@ def test_heads_and_neurons_are_compared_by_the_parameters_they_carry():
     heads = GroupScores("0.heads", "heads", np.array([0.0, 1.0, 2.0, 3.0]), unit_params=100)
     ffn = GroupScores("0.ffn", "ffn", np.linspace(0, 1, 40), unit_params=10)
     keeps = allocate([heads, ffn], 0.25, "global")
-    removed = _removed_params([heads, ffn], keeps)
-    assert 0.25 * 800 <= removed < 0.25 * 800 + 100
+    # one ranking of standardized scores: the weakest head and the 10 weakest neurons go, 100 parameters each
+    assert [k.tolist() for k in keeps] == [[1, 2, 3], list(range(10, 40))]
+    assert _removed_params([heads, ffn], keeps) == 0.25 * 800
 
 
 def test_round_to_keeps_multiples_and_every_group_keeps_a_unit():

@@ -31,7 +31,7 @@ def test_conv_bn_relu_conv_chain_is_one_group_with_its_parameters():
     assert _roles(g) >= {("w1", "producer", 0), ("b1", "producer", 0), ("w2", "consumer", 1)}
     assert {("bn_s", "param", 0), ("bn_v", "param", 0), ("scale", "param", 0)} <= _roles(g)
     last = _by_producer(groups, "w2")
-    assert not last.prunable and "graph output" in last.reason
+    assert not last.prunable and last.reason == "tensor y is a graph output"
 
 
 def test_depthwise_moves_in_lockstep_with_the_expand_conv():
@@ -48,8 +48,9 @@ def test_residual_add_merges_branches_and_is_excluded_by_default():
     groups = _groups(residual_proto())
     res = _by_producer(groups, "ws")
     assert res is _by_producer(groups, "wp")  # stem and project are one group
-    assert res.residual and not res.prunable and res.reason.startswith("residual")
-    assert set(res.consumers) >= {"Conv:h", "Conv:y"}  # expand reads the stem, head reads the sum
+    assert res.residual and not res.prunable
+    assert res.reason == "residual: Add:a couple 2 convs on one residual stream, whose width is kept by default"
+    assert res.consumers == ["Conv:h", "Conv:y"]  # expand reads the stem, head reads the sum
     inner = _by_producer(groups, "we")
     assert inner.prunable and not inner.residual
     allowed = _by_producer(_groups(residual_proto(), allow_residual=True), "ws")
@@ -59,7 +60,7 @@ def test_residual_add_merges_branches_and_is_excluded_by_default():
 def test_unknown_op_stops_the_group_and_names_the_op():
     g = _by_producer(_groups(unknown_op_proto()), "w1")
     assert not g.prunable
-    assert "LRN" in g.reason and "no pruning rule" in g.reason
+    assert g.reason == "LRN node LRN:l reads the channels and has no pruning rule"
 
 
 @pytest.mark.parametrize("reshape", [False, True])
@@ -76,7 +77,8 @@ def test_rule_table_and_summary():
     lines = summary(_groups(separable_proto()))
     assert lines[-1].startswith("1 of 2 channel groups prunable (16 channels)")
     d = _groups(separable_proto())[0].to_dict()
-    assert d["members"] and {"node", "io", "index", "axis", "role", "tensor"} <= set(d["members"][0])
+    assert d["members"][0] == {"node": "Conv:e", "io": "input", "index": 1, "axis": 0, "role": "producer", "tensor": "w1",
+                               "offset": 0, "length": 16, "start": 0, "width": 16}  # fmt: skip
 
 
 def _pieces(group, tensor, role):
@@ -113,9 +115,9 @@ def test_slice_keeps_the_part_of_the_group_inside_its_bounds():
 
 def test_split_with_computed_sizes_and_gather_stop_with_reasons():
     g = _by_producer(_groups(gather_proto()), "w1")
-    assert not g.prunable and "Gather" in g.reason and "not supported" in g.reason
+    assert not g.prunable and g.reason == "Gather node Gather:p selects channels by index (channel permutations are not supported yet)"
     proto = split_proto(c=8)
     proto.graph.input.append(onnx.helper.make_tensor_value_info("sizes_in", onnx.TensorProto.INT64, [2]))
     next(n for n in proto.graph.node if n.op_type == "Split").input[1] = "sizes_in"
     g = _by_producer(_groups(proto), "w1")
-    assert not g.prunable and "Split" in g.reason and "computed sizes" in g.reason
+    assert not g.prunable and g.reason == "Split node Split:s0 has computed sizes or sizes that do not add up to 16 channels"
