@@ -28,7 +28,7 @@ _CONSTS = """
 """
 
 
-def _finish(text: str, weights: dict[str, np.ndarray], graph_inputs: tuple[str, ...] = ()) -> onnx.ModelProto:
+def _finish(text: str, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
     proto = onnx.parser.parse_model(text)
     proto.graph.initializer.extend(onnx.numpy_helper.from_array(a, n) for n, a in weights.items())
     onnx.checker.check_model(proto)
@@ -89,7 +89,8 @@ def bert_proto(seed: int = 0, heads: int = 4, ffn: int = 64, shapes: str = "dyna
     """BERT-like layer: MHA (Reshape via Shape/Gather/Concat, or constant [0,0,H,D] shapes) + erf-GELU FFN."""
     rng = np.random.default_rng(seed)
     hid = heads * HD
-    assert hid == D
+    if hid != D:
+        raise ValueError(f"{heads} heads of {HD} make {hid} channels, not the hidden size {D}")
     if shapes == "dynamic":
         shape_nodes = _CONSTS + _SHAPE_OPS + f"""
         nh = Constant <value = int64[1] {{{heads}}}> ()

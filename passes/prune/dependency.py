@@ -31,15 +31,12 @@ right through broadcasting and through the rank change of Flatten.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
 
 from edgeprune.analysis.graph import attr, constant, is_std, node_name, static_ints
-
-logger = logging.getLogger(__name__)
 
 #: One-input ops that keep the channel axis where it is (data input 0, extra inputs must be scalars).
 _PASS_THROUGH = {
@@ -124,8 +121,7 @@ class Span:
 class _State:
     """Union-find over group ids, with what each id collected on its way."""
 
-    def __init__(self, graph: ir.Graph):
-        self.graph = graph
+    def __init__(self) -> None:
         self.parent: list[int] = []
         self.channels: list[int] = []
         self.members: list[list[Member]] = []
@@ -626,7 +622,7 @@ def channel_groups(model: ir.Model, *, allow_residual: bool = False) -> list[Cha
     ``allow_residual`` makes groups joined by a residual Add/Sub prunable (they are still marked
     ``residual``); otherwise they are listed with the reason they are kept.
     """
-    st = _State(model.graph)
+    st = _State()
     for node in model.graph:
         if is_std(node, "Conv"):
             _start(st, node)

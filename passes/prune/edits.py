@@ -250,7 +250,6 @@ class _ShapeEdit:
 
     node: ir.Node
     position: int
-    old: int
 
 
 def _plan_shape_edit(reshape: ir.Node, from_end: int, expected: int, what: str) -> _ShapeEdit | None:
@@ -272,7 +271,7 @@ def _plan_shape_edit(reshape: ir.Node, from_end: int, expected: int, what: str) 
                 raise _Skip(f"{what}: the head count in {node_name(reshape)} is computed at run time")
             break
         offset += len(ints)
-    return _ShapeEdit(reshape, pos, expected)
+    return _ShapeEdit(reshape, pos)
 
 
 def _apply_shape_edit(g: _Graph, edit: _ShapeEdit, new: int) -> None:

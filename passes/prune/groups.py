@@ -7,7 +7,6 @@ removes the units allocation did not keep (``apply``).  Private to the prune pas
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -40,8 +39,6 @@ from edgeprune.passes.prune.edits import (
 
 if TYPE_CHECKING:
     from edgeprune.passes.prune.prune_pass import PruneConfig
-
-logger = logging.getLogger(__name__)
 
 _HEAD_PATH_OPS = {"Reshape", "Unsqueeze", "Squeeze", "Expand", "Slice", "Transpose", "Mul", "Div", "Add", "Sub",
                   "Neg", "Concat", "Cast", "Identity"}  # fmt: skip
@@ -113,9 +110,6 @@ class _Group:
     def removed_params(self, keep_units: np.ndarray) -> int:
         """Parameters the pruned units carry."""
         return (self.units - len(keep_units)) * self.unit_params
-
-    def channels(self, keep_units: np.ndarray) -> np.ndarray:
-        return (keep_units[:, None] * self.unit_size + np.arange(self.unit_size)).reshape(-1)
 
 
 class _FFNGroup(_Group):

@@ -85,16 +85,17 @@ class PruneConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
             raise BadInputError(f"prune ratio must be in [0, 1), got {self.ratio!r}: e.g. ratio = 0.2 removes 20% of the prunable parameters.")
-        if self.metric not in scoring.METRICS:
+        if not isinstance(self.metric, str) or self.metric not in scoring.METRICS:
             raise BadInputError(f"unknown prune metric {self.metric!r}: choose one of {', '.join(scoring.METRICS)}.")
-        if self.allocation not in alloc.METHODS:
+        if not isinstance(self.allocation, str) or self.allocation not in alloc.METHODS:
             raise BadInputError(f"unknown prune allocation {self.allocation!r}: choose one of {', '.join(alloc.METHODS)}.")
-        if int(self.round_to) < 1:
+        if not isinstance(self.round_to, int) or self.round_to < 1:
             raise BadInputError(f"prune round_to must be >= 1 (1 disables rounding), got {self.round_to}.")
         kinds = [k.strip() for k in str(self.units).split(",") if k.strip()]
         if not kinds or any(k not in UNIT_KINDS for k in kinds):
             raise BadInputError(f"prune units {self.units!r} must be a comma-separated subset of {', '.join(UNIT_KINDS)}.")
-        if not 0 <= self.min_keep_fraction <= 1 or self.ridge < 0:
+        numbers = all(isinstance(x, (int, float)) for x in (self.min_keep_fraction, self.ridge))
+        if not numbers or not 0 <= self.min_keep_fraction <= 1 or self.ridge < 0:
             raise BadInputError("prune min_keep_fraction must be in [0, 1] and ridge >= 0.")
 
     @property
@@ -193,9 +194,8 @@ class StructuredPruningPass(EdgePass):
         if not groups:
             if not records:
                 raise UnsupportedModelError(_nothing_prunable(model, cfg))
-            return EdgePassResult(model, modified=False, records=records, summary=self._summary(model, model, [], records, "none"))
+            return EdgePassResult(model, modified=False, records=records, summary=self._summary(model, [], records, "none"))
         stats, compensation = self._stats(model, groups)
-        decisions = []
         scored = []
         for group in groups:
             scores = group.score(cfg.metric, g, stats)
@@ -204,20 +204,19 @@ class StructuredPruningPass(EdgePass):
             scored.append(alloc.GroupScores(group.label, group.kind, scores, group.unit_params, rounding, channels, group.channel_params))
         keeps = alloc.allocate(scored, cfg.ratio, cfg.allocation, min_keep_fraction=cfg.min_keep_fraction)
         params_before = param_count(model)
-        for group, gs, keep in zip(groups, scored, keeps):
-            decisions.append(_Decision(group, gs.scores, keep))
+        decisions = [_Decision(group, gs.scores, keep) for group, gs, keep in zip(groups, scored, keeps)]
         modified = False
         for d in decisions:
             record = _record(d)
             if len(d.keep) < d.group.units:
                 done = d.group.apply(g, d.keep, d.group.stats_for_apply(stats), cfg)
-                record.update({k: v for k, v in done.items()})
+                record.update(done)
                 modified = True
             records.append(record)
         if modified:
             _clear_intermediate_shapes(model)
         records.sort(key=lambda r: (r.get("index", -1), r["kind"]))
-        summary = self._summary(model, None, decisions, records, compensation, params_before)
+        summary = self._summary(model, decisions, records, compensation, params_before)
         logger.info("prune: %s -> %s params (%.1f%% of prunable removed)", summary["params_before"], summary["params_after"], 100 * summary["removed_share"])
         return EdgePassResult(model, modified=modified, records=records, summary=summary)
 
@@ -245,7 +244,7 @@ class StructuredPruningPass(EdgePass):
         parts = (["bias"] if cfg.compensate else []) + (["refit"] if cfg.refit else [])
         return stats, "+".join(parts) or "none"
 
-    def _summary(self, model, same, decisions, records, compensation, params_before=None) -> dict:
+    def _summary(self, model, decisions, records, compensation, params_before=None) -> dict:
         cfg = self.config
         prunable = int(round(sum(d.group.units * d.group.unit_params for d in decisions)))
         removed = sum(d.group.removed_params(d.keep) for d in decisions)

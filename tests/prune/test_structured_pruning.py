@@ -193,6 +193,9 @@ def test_bad_ratio_and_options_are_refused():
         PruneConfig(metric="random")
     with pytest.raises(BadInputError):
         PruneConfig(units="ffn,experts")
+    for bad in ({"round_to": "8"}, {"round_to": 0}, {"round_to": 2.5}, {"min_keep_fraction": "0.1"}, {"ridge": -1.0}, {"metric": ["flap"]}, {"allocation": None}):
+        with pytest.raises(BadInputError):
+            PruneConfig(**bad)
     with pytest.raises(BadInputError):
         StructuredPruningPass.from_options({"ratios": 0.2})
 
