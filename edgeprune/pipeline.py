@@ -90,8 +90,9 @@ def _model_facts(model: ir.Model, path: pathlib.Path | None = None) -> dict[str,
     return facts
 
 
-def _run_passes(model: ir.Model, passes: list[EdgePass], ctx: CompileContext) -> list[dict[str, Any]]:
-    records = []
+def _run_passes(model: ir.Model, passes: list[EdgePass], ctx: CompileContext) -> tuple[list[dict[str, Any]], list[EdgePassResult]]:
+    """Run the passes in order on ``model``: (a report record per pass, each pass's result for back-off)."""
+    records, results = [], []
     for stage, p in enumerate(passes):
         ctx.stage = stage
         start = time.perf_counter()
@@ -99,6 +100,7 @@ def _run_passes(model: ir.Model, passes: list[EdgePass], ctx: CompileContext) ->
             result = p(model)
         if not isinstance(result, EdgePassResult):
             result = EdgePassResult(result.model, result.modified)
+        results.append(result)
         records.append(
             {
                 "name": p.name,
@@ -109,13 +111,13 @@ def _run_passes(model: ir.Model, passes: list[EdgePass], ctx: CompileContext) ->
                 "records": result.records,
             }
         )
-    return records
+    return records, results
 
 
-def _relax(passes: list[EdgePass]) -> tuple[list[EdgePass], int, str] | None:
-    """Back off the last pass that can be made less aggressive: (passes, its index, what changed)."""
+def _relax(passes: list[EdgePass], results: list[EdgePassResult]) -> tuple[list[EdgePass], int, str] | None:
+    """Back off the last pass that can be made less aggressive, given its last result: (passes, its index, what changed)."""
     for i in reversed(range(len(passes))):
-        relaxed = passes[i].relaxed()
+        relaxed = passes[i].relaxed(results[i])
         if relaxed is not None:
             old, new = passes[i].config_dict(), relaxed.config_dict()
             changes = ", ".join(f"{k} {old[k]} -> {new[k]}" for k in new if old.get(k) != new[k])
@@ -182,13 +184,13 @@ def compile_model(
     while True:
         with progress.stage("copy the model for the passes"):
             candidate = model_io.load_model(model_path)
-        pass_records = _run_passes(candidate, passes, ctx)
+        pass_records, pass_results = _run_passes(candidate, passes, ctx)
         with progress.stage("verify: checker, ORT load, fidelity on held-back rows"):
             verification: Verification = verify(candidate, holdout_batches, reference_outputs, threads=opts.threads)
         if opts.max_drop is None or verification.drop <= opts.max_drop:
             break
         backoff.append({"drop": verification.drop, "passes": [r["config"] for r in pass_records]})
-        relaxed = _relax(passes)
+        relaxed = _relax(passes, pass_results)
         if relaxed is None:
             raise BudgetError(
                 f"accuracy budget not met: fidelity drop {verification.drop:.4f} > --max-drop {opts.max_drop} "

@@ -73,8 +73,12 @@ class EdgePass(ir.passes.InPlacePass):
         """
         return None
 
-    def relaxed(self) -> EdgePass | None:
-        """A less aggressive copy of this pass for accuracy back-off, or None when there is none."""
+    def relaxed(self, last: EdgePassResult | None = None) -> EdgePass | None:
+        """A less aggressive copy of this pass for accuracy back-off, or None when there is none.
+
+        ``last`` is what this pass returned on the run that missed the budget, so a pass can
+        decide from its own result (not from state kept on the object) that it cannot go further.
+        """
         return None
 
     def config_dict(self) -> dict[str, Any]:

@@ -82,7 +82,7 @@ class NoisePass(EdgePass):
         return EdgePassResult(model, modified=True, records=[{"layer": "all", "noise": self.config.noise}],
                               summary={"per_layer_chart": {"y": "noise", "ylabel": "relative noise"}})
 
-    def relaxed(self):
+    def relaxed(self, last=None):
         if not self.config.can_relax or self.config.noise == 0:
             return None
         noise = self.config.noise / 4 if self.config.noise > 0.01 else 0.0

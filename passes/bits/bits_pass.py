@@ -42,13 +42,8 @@ class BitAllocationPass(EdgePass):
     name = "bits"
     Config = BitAllocationConfig
 
-    def __init__(self, config: BitAllocationConfig | None = None, context=None):
-        super().__init__(config, context)
-        # The pipeline asks relaxed() with no arguments after a run; this is that run's one
-        # back-off fact (BitsResult.float_reached), kept so a budget at the float model stops backing off.
-        self.last_float_reached = False
-
-    def relaxed(self) -> BitAllocationPass | None:
+    def relaxed(self, last: EdgePassResult | None = None) -> BitAllocationPass | None:
+        """The next budget up; None once the last run already kept every weight in float."""
         c = self.config
         if c.mode == "uniform":
             nxt = {2: 4, 4: 8}.get(c.bits or 0)
@@ -68,16 +63,11 @@ class BitAllocationPass(EdgePass):
             new = dataclasses.replace(c, latency_budget_ratio=min(1.0, c.latency_budget_ratio * grow))
         else:
             return None
-        if self.last_float_reached:
+        if isinstance(last, BitsResult) and last.float_reached:
             return None
         return BitAllocationPass(new, self.context)
 
     def call(self, model: ir.Model) -> BitsResult:
-        result = self._allocate(model)
-        self.last_float_reached = result.float_reached
-        return result
-
-    def _allocate(self, model: ir.Model) -> BitsResult:
         c, ctx = self.config, self.context
         config_mod.check(c, ctx)
         kinds, notes = units_mod.formats_for(ctx.target if ctx is not None else None, c)

@@ -68,6 +68,7 @@ class BitAllocationConfig:
             raise BadInputError(f"mode must be 'auto' or 'uniform', not {self.mode!r}")
         if self.importance not in ("uniform", "residual", "measured"):
             raise BadInputError(f"importance must be 'uniform', 'residual' or 'measured', not {self.importance!r}")
+        _check_budgets(self)  # here, so a recipe is refused when it is read, before any model is loaded
 
     @property
     def blocks(self) -> tuple[int, ...]:
@@ -84,10 +85,14 @@ class BitAllocationConfig:
 
 
 def check(c: BitAllocationConfig, context) -> None:
-    """Refuse a config the pass cannot run: no calibration context, no budget, two budgets on one resource."""
-    budgets = [b for b in (c.size_budget_bytes, c.avg_bits, c.latency_budget_ms, c.latency_budget_ratio) if b is not None]
+    """Refuse a run without calibration context (the config itself was checked when it was made)."""
     if context is None:
         raise BadInputError("bit allocation measures errors on calibration data: run it inside a compile (with --calib).")
+
+
+def _check_budgets(c: BitAllocationConfig) -> None:
+    """Refuse a config the pass cannot run: no budget, two budgets on one resource, a budget <= 0."""
+    budgets = [b for b in (c.size_budget_bytes, c.avg_bits, c.latency_budget_ms, c.latency_budget_ratio) if b is not None]
     if c.mode == "uniform":
         if c.bits not in (2, 4, 8):
             raise BadInputError(f"uniform bits must be 2, 4 or 8, not {c.bits!r}: pass --bits 8 or --bits 4.")

@@ -177,7 +177,7 @@ class StructuredPruningPass(EdgePass):
         found, left_out = _found(model, structures, PruneConfig())
         return inspect_report(found, left_out, channel_groups(model) if structures.conv_layers else [])
 
-    def relaxed(self) -> StructuredPruningPass | None:
+    def relaxed(self, last: EdgePassResult | None = None) -> StructuredPruningPass | None:
         ratio = round(self.config.ratio * 0.75, 4)
         if ratio < 0.01:
             return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pathlib
 
 import numpy as np
@@ -207,6 +209,12 @@ def test_registry_and_relaxed():
     assert p.relaxed().config.avg_bits == pytest.approx(4.6)
     s = BitAllocationPass(BitAllocationConfig(size_budget_bytes=1000, relax_step=0.5)).relaxed()
     assert s.config.size_budget_bytes == 1500
+    # a run whose budget already kept every weight in float cannot back off further; one that did not can
+    from edgeprune.passes.bits.bits_pass import BitsResult
+
+    floated = BitsResult(ir.Model(ir.Graph([], [], nodes=[]), ir_version=10), modified=False, float_reached=True)
+    assert s.relaxed(floated) is None
+    assert s.relaxed(dataclasses.replace(floated, float_reached=False)).config.size_budget_bytes == 2250
     r = BitAllocationPass(BitAllocationConfig(latency_budget_ratio=0.9, relax_step=0.5)).relaxed()
     assert r.config.latency_budget_ratio == 1.0 and r.relaxed() is None
     u = BitAllocationPass(BitAllocationConfig(mode="uniform", bits=4)).relaxed()

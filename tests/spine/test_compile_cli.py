@@ -241,6 +241,15 @@ def test_recipe_options_are_checked_before_any_heavy_work(mlp, tmp_path, capsys,
          error="error: pass 'cleanup' has no option(s) sweeps: its options are fold_constants, iterations.")
 
 
+def test_bits_recipe_without_a_budget_is_refused_before_any_heavy_work(mlp, tmp_path, capsys, monkeypatch):
+    model, calib = mlp
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[passes]]\nname = "bits"\n[passes.options]\nmode = "auto"\n')
+    _refuse_heavy_work(monkeypatch)
+    _bad(capsys, tmp_path, model, "--calib", calib, "--recipe", recipe,
+         error="error: --bits auto needs a budget: pass --size-budget, --avg-bits or --latency-budget.")
+
+
 def test_recipe_object_options_are_checked_before_any_heavy_work(mlp, tmp_path, monkeypatch):
     """The Python API takes a Recipe as it is, so compile itself must build the passes first."""
     from edgeprune.errors import BadInputError
