@@ -124,7 +124,7 @@ def bench(name: str, args, work: Path) -> dict:
         calib = minilm_calibration(reference, art.tokenizer_path, args.calib_samples)
         feeds = rb.text_feeds(fp32, rb.latency_ids(art.tokenizer_path, 128, special=True))
     stats_rows, holdout = calib.split(0.25)
-    ctx = CompileContext(target=get_target("cpu"), calibration=stats_rows, holdout=holdout, reference=reference,
+    ctx = CompileContext(target=get_target("cpu"), calibration=stats_rows, holdout=holdout,
                          threads=args.threads)
     paths = {"fp32": fp32}
     for v in rb.MODEL_VARIANTS[name][1:]:

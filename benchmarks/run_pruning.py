@@ -155,7 +155,7 @@ def bench(name: str, ratios: list[float], variants: list[str], args, workdir: Pa
     save_model(base, clean_path)
     clean_proto = to_proto(base)
     calib = minilm_calibration(base, artifact.tokenizer_path, workdir) if name == "minilm" else smollm2_calibration(artifact.tokenizer_path)
-    ctx = CompileContext(target=get_target("cpu"), calibration=calib, holdout=calib, reference=base, threads=args.threads)
+    ctx = CompileContext(target=get_target("cpu"), calibration=calib, holdout=calib, threads=args.threads)
     fp32_params, fp32_bytes = param_count(base), onnx_file_bytes(artifact.model_path)
     start = time.perf_counter()
     fp32_metric = metric(name, artifact.model_path, artifact.tokenizer_path, args.threads)

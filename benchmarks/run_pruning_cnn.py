@@ -115,7 +115,7 @@ def run(args) -> dict:
     pixels = imagenet_pixels(files)
     calib_px, eval_px, eval_labels = pixels[:CALIB_IMAGES], pixels[CALIB_IMAGES:], labels[CALIB_IMAGES:]
     calib = CalibrationSet([{"input": calib_px[i : i + 1]} for i in range(CALIB_IMAGES)], f"imagenet-100 images 0..{CALIB_IMAGES - 1}")
-    ctx = CompileContext(target=get_target("cpu"), calibration=calib, holdout=calib, reference=base, threads=THREADS)
+    ctx = CompileContext(target=get_target("cpu"), calibration=calib, holdout=calib, threads=THREADS)
     ref = _logits(base_path, eval_px)
     feeds = {"input": eval_px[:1]}
     result: dict = {

@@ -1,7 +1,7 @@
 """The CompileContext: what every pass may ask of the compile it runs in.
 
-It carries the target, the calibration rows (statistics part and held-back part), the
-untouched reference model, threads and progress. Statistics are filled lazily: a pass asks for
+It carries the target, the calibration rows (statistics part and held-back part),
+threads and progress. Statistics are filled lazily: a pass asks for
 the tensors it needs and one ORT run per batch collects them all. Budgets and seeds live in each
 pass's own config, so a recipe says everything a pass decides by.
 """
@@ -33,7 +33,6 @@ class CompileContext:
     target: Target
     calibration: CalibrationSet
     holdout: CalibrationSet
-    reference: ir.Model
     threads: int | None = None
     progress: Progress = dataclasses.field(default_factory=Progress)
     stage: int = 0

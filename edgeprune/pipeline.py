@@ -173,7 +173,6 @@ def compile_model(
         target=target,
         calibration=stats_rows,
         holdout=holdout,
-        reference=reference,
         threads=opts.threads,
         progress=progress,
     )

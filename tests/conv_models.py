@@ -118,7 +118,6 @@ def gap_head_proto(seed: int = 0, c: int = 32, reshape: bool = False) -> onnx.Mo
 
 def image_context(proto: onnx.ModelProto, samples: int = 16, seed: int = 0, size: int = 8):
     """A CompileContext with random image-like calibration rows for ``proto``'s single input."""
-    import onnx_ir as ir
 
     from edgeprune.calibration import CalibrationSet
     from edgeprune.context import CompileContext
@@ -129,7 +128,7 @@ def image_context(proto: onnx.ModelProto, samples: int = 16, seed: int = 0, size
     channels = inp.type.tensor_type.shape.dim[1].dim_value
     rows = [{inp.name: rng.standard_normal((1, channels, size, size)).astype(np.float32)} for _ in range(samples)]
     calib = CalibrationSet(rows, "random images", synthetic=True)
-    return CompileContext(target=get_target("cpu"), calibration=calib, holdout=calib, reference=ir.from_proto(proto))
+    return CompileContext(target=get_target("cpu"), calibration=calib, holdout=calib)
 
 
 def inception_proto(seed: int = 0, c1: int = 16, c2: int = 8) -> onnx.ModelProto:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 
 from edgeprune.calibration import CalibrationSet
 from edgeprune.context import CompileContext
@@ -246,4 +245,4 @@ def context(proto: onnx.ModelProto, samples: int = 24, seq: int = 6, seed: int =
     """A CompileContext whose calibration rows are random [1, seq, D] inputs."""
     rows = [inputs(1, seq, seed + i, mean) for i in range(samples)]
     calib = CalibrationSet(rows, "random test rows", synthetic=True)
-    return CompileContext(target=get_target("cpu"), calibration=calib, holdout=calib, reference=ir.from_proto(proto))
+    return CompileContext(target=get_target("cpu"), calibration=calib, holdout=calib)

@@ -71,7 +71,7 @@ def _ctx(model: ir.Model, target: str = "cpu") -> CompileContext:
     else:
         rows = [{"ids": rng.integers(0, 96, (1, T))} for _ in range(12)]
     calib = CalibrationSet(rows, "random test rows", synthetic=True)
-    return CompileContext(target=get_target(target), calibration=calib, holdout=calib, reference=model)
+    return CompileContext(target=get_target(target), calibration=calib, holdout=calib)
 
 
 def _run(model: ir.Model, feeds) -> np.ndarray:
@@ -198,7 +198,7 @@ def test_already_quantized_and_activation_matmuls_are_left_alone():
         """
     )
     m = ir.from_proto(proto)
-    ctx = CompileContext(get_target("cpu"), CalibrationSet([], "none"), CalibrationSet([], "none"), m)
+    ctx = CompileContext(get_target("cpu"), CalibrationSet([], "none"), CalibrationSet([], "none"))
     r = BitAllocationPass(BitAllocationConfig(avg_bits=4), ctx)(m)
     assert not r.modified and r.summary["nodes_without_constant_weight"] == 1
 
@@ -239,7 +239,7 @@ def test_conv_int8(target, op):
     model = ir.from_proto(proto)
     rows = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(6)]
     calib = CalibrationSet(rows, "random test rows", synthetic=True)
-    ctx = CompileContext(get_target(target), calib, calib, model)
+    ctx = CompileContext(get_target(target), calib, calib)
     before = _run(model, rows[0])
     result = BitAllocationPass(BitAllocationConfig(mode="uniform", bits=8), ctx)(model)
     assert op in {n.op_type for n in model.graph}
@@ -326,7 +326,7 @@ def test_gemm_is_rewritten_to_matmul_and_quantized():
     calib = CalibrationSet(rows, "random test rows", synthetic=True)
     feeds = {"x": rng.standard_normal((5, D)).astype(np.float32)}
     before = _run(model, feeds)
-    BitAllocationPass(BitAllocationConfig(mode="uniform", bits=8), CompileContext(get_target("cpu"), calib, calib, model))(model)
+    BitAllocationPass(BitAllocationConfig(mode="uniform", bits=8), CompileContext(get_target("cpu"), calib, calib))(model)
     assert sorted(n.op_type for n in model.graph) == ["Add", "MatMulNBits"]
     after = _run(model, feeds)
     assert np.linalg.norm(after - before) / np.linalg.norm(before) < 0.01
