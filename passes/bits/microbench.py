@@ -2,7 +2,7 @@
 
 For latency-budget bit allocation: each distinct (K, N) MatMul shape is built as a one-node
 model with input [1, T, K], emitted in each format through the same ORT tools the pass uses
-(``quant_emit.emit``), and timed in the target's session.  A dynamic-int8 node's time excludes
+(``emit.emit``), and timed in the target's session.  A dynamic-int8 node's time excludes
 its DynamicQuantizeLinear, which is timed on its own and charged once per distinct input (the
 knapsack's shared cost).  A no-op model's time (ORT's per-run overhead) is subtracted, so the
 sum over a model's units is not inflated by one overhead per unit.  Embedding lookups and Conv
