@@ -88,11 +88,13 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--bit-options", default="4,8", show_default=True, help="Bit widths to choose from besides float (2 and 16 also exist).")
 @click.option("--block-size", default="32,64,128", show_default=True, help="Block size(s) of 4/2-bit blocked formats.")
 @click.option("--gptq", is_flag=True, help="Also offer GPTQ rounding for 4/2-bit weights: better when --calib is the deployment data, worse off-domain.")
+@click.option("--package", "package_target", is_flag=False, flag_value="linux-x64", default=None, help="Also package the output into OUT/bundle for a platform (see edgeprune package --target; bare --package: linux-x64).")
+@click.option("--fix-shapes", help="With --package: fix dynamic dimensions, NAME=N,... (see edgeprune package).")
 @common_threads
 @common_json
 def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example, force, max_samples, seed,
                 prune_ratio, prune_metric, allocation, round_to, refit, no_compensate, prune_units,
-                bits_mode, size_budget, avg_bits, latency_budget, bit_options, block_size, gptq, threads, as_json):
+                bits_mode, size_budget, avg_bits, latency_budget, bit_options, block_size, gptq, package_target, fix_shapes, threads, as_json):
     """Compile MODEL into OUT: model.onnx plus report.json, report.md and report.html."""
     from edgeprune.pipeline import CompileOptions, compile_model
     from edgeprune.recipe import recipe_from_flags
@@ -128,9 +130,16 @@ def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example,
         target=target, recipe=recipe, calib=calib, tokenizer=tokenizer, max_drop=max_drop,
         force=force, threads=threads, seed=seed, max_samples=max_samples,
     )
+    if package_target is not None and package_target not in PACKAGE_TARGETS:
+        raise click.UsageError(f"--package takes one of {', '.join(PACKAGE_TARGETS)}, got {package_target!r}.")
+    if fix_shapes is not None and package_target is None:
+        raise click.UsageError("--fix-shapes goes with --package.")
     result = compile_model(model, out, options, progress=_progress(as_json))
+    bundle = None
+    if package_target is not None:  # the compile folder is complete; the bundle goes inside it
+        bundle = _package(result.out_dir, result.out_dir / "bundle", package_target, fix_shapes, False, None, calib, tokenizer, None, False, 20, threads, as_json)
     if as_json:
-        _emit_json(result.report)
+        _emit_json(result.report if bundle is None else {**result.report, "bundle": bundle.manifest})
         return
     from edgeprune.report import summary_rows
 
@@ -138,6 +147,8 @@ def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example,
     for line in result.report["structures_summary"]:
         out_console.print(f"  • {line}")
     out_console.print(f"Report: {result.out_dir / 'report.html'} (also report.md, report.json)")
+    if bundle is not None:
+        _print_bundle(bundle)
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
@@ -281,6 +292,73 @@ def inspect_cmd(model, as_json):
         out_console.print(f"  • {line}")
     for title, columns, rows in tables:  # what each pass would act on (EdgePass.describe)
         out_console.print(_table(title, columns, rows))
+
+
+PACKAGE_TARGETS = ("android-arm64", "android-arm64-cpu", "ios-arm64", "ios-arm64-cpu", "linux-arm64", "linux-arm64-xnnpack", "linux-x64")
+
+
+@cli.command("package")
+@click.argument("model", required=False, type=click.Path(path_type=pathlib.Path))
+@click.option("-o", "--output", "out", type=click.Path(path_type=pathlib.Path), help="Bundle folder (must be empty unless --force).")
+@click.option("--target", "platform", type=click.Choice(PACKAGE_TARGETS), default="linux-x64", show_default=True, help="Platform the app ships to; picks the EP and the ORT-format optimization style.")
+@click.option("--fix-shapes", help="Fix dynamic dimensions: NAME=N,... (dim names) or INPUT=AxBxC (a whole input).")
+@click.option("--with-preprocessing", is_flag=True, help="Also bundle a model with the tokenizer (text) or image decoding (images) in the graph, via onnxruntime-extensions.")
+@click.option("--optimization", type=click.Choice(["fixed", "runtime"]), help="ORT-format optimization style (default: fixed for CPU, runtime for NNAPI/CoreML/XNNPACK).")
+@click.option("--calib", type=click.Path(path_type=pathlib.Path), help="Rows to compare .ort with .onnx on (same formats as compile --calib); synthetic if absent.")
+@click.option("--tokenizer", type=click.Path(path_type=pathlib.Path), help="tokenizer.json or a folder holding one (default: beside the model).")
+@click.option("--custom-op-library", type=click.Path(path_type=pathlib.Path), help="Shared library implementing the model's custom ops.")
+@click.option("--verify", "verify_bundle", type=click.Path(path_type=pathlib.Path), help="Re-check a bundle: file hashes, then each model re-run on its stored rows.")
+@click.option("--force", is_flag=True, help="Replace a non-empty bundle folder.")
+@click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per model for the latency figures.")
+@common_threads
+@common_json
+def package_cmd(model, out, platform, fix_shapes, with_preprocessing, optimization, calib, tokenizer, custom_op_library,
+                verify_bundle, force, runs, threads, as_json):
+    """Package MODEL (an .onnx or a compile folder) into a bundle an app runs as it is, or --verify one."""
+    if verify_bundle is not None:
+        if model is not None or out is not None:
+            raise click.UsageError("--verify takes only the bundle folder: drop MODEL and -o.")
+        from edgeprune.runtime.package import verify_bundle as verify
+
+        result = verify(verify_bundle, threads=threads)
+        if as_json:
+            _emit_json(result)
+            return
+        out_console.print(f"{verify_bundle}: {len(result['files_checked'])} files match the manifest; "
+                          + "; ".join(f"{name} reproduces its outputs (cosine min {min(o['cosine_min'] for o in outs):.6f})" for name, outs in result["models"].items()))
+        return
+    if model is None or out is None:
+        raise click.UsageError("give MODEL and -o BUNDLE, or --verify BUNDLE.")
+    result = _package(model, out, platform, fix_shapes, with_preprocessing, optimization, calib, tokenizer, custom_op_library, force, runs, threads, as_json)
+    if as_json:
+        _emit_json(result.manifest)
+        return
+    _print_bundle(result)
+
+
+def _package(model, out, platform, fix_shapes, with_preprocessing, optimization, calib, tokenizer, custom_op_library, force, runs, threads, quiet):
+    """Build a bundle (shared by package and compile --package)."""
+    from edgeprune.runtime.package import PackageOptions, package_model
+
+    opts = PackageOptions(platform=platform, fix_shapes=fix_shapes, with_preprocessing=with_preprocessing, optimization=optimization,
+                          calib=calib, tokenizer=tokenizer, custom_op_library=custom_op_library, force=force, threads=threads, runs=runs)
+    return package_model(model, out, opts, progress=_progress(quiet))
+
+
+def _print_bundle(result) -> None:
+    m = result.manifest
+    rows = [(f["path"], f"{f['bytes'] / 1e6:.3f} MB") for f in m["files"]]
+    measured = m["measured"]
+    rows.append(("session creation .onnx → .ort", f"{measured['session_create_s']['onnx'] * 1e3:.1f} → {measured['session_create_s']['ort'] * 1e3:.1f} ms"))
+    if isinstance(measured["latency"], dict):
+        rows.append(("latency p50 .onnx → .ort", f"{measured['latency']['onnx']['p50_ms']:.2f} → {measured['latency']['ort']['p50_ms']:.2f} ms"))
+    ops = sum(len(v) for v in m["operators"].values())
+    rows.append(("operators in the reduced config", str(ops)))
+    for ep in ("nnapi", "coreml_mlprogram"):
+        u = m["mobile_usability"][ep]
+        rows.append((f"{ep}: nodes taken / partitions", f"{u['supported_share']:.0%} / {u['partitions']}"))
+    out_console.print(_table(f"edgeprune package → {result.out_dir} ({m['target']['name']}, {m['optimization']} optimization)", ["", "value"], rows))
+    out_console.print(f"Usage: {result.out_dir / 'README.md'}; check it any time with edgeprune package --verify {result.out_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:
