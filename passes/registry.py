@@ -21,6 +21,7 @@ _BUILTIN = {
     "cleanup": "edgeprune.passes.cleanup:CleanupPass",
     "prune": "edgeprune.passes.prune:StructuredPruningPass",
     "bits": "edgeprune.passes.bits:BitAllocationPass",
+    "sparse_attention": "edgeprune.passes.sparse_attention:SparseAttentionPass",
 }
 
 

@@ -9,6 +9,7 @@ inter-op thread and sequential execution, which keeps timings repeatable on edge
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import pathlib
 import re
@@ -24,6 +25,7 @@ import onnxruntime
 
 from edgeprune import model_io
 from edgeprune.errors import BadInputError, CalibrationDataError, UnsupportedModelError
+from edgeprune.runtime import kernels
 from edgeprune.runtime.targets import Target, require_available, resolve_target
 
 logger = logging.getLogger(__name__)
@@ -194,6 +196,8 @@ def make_session(
     require_available(target)
     so, profile_dir = _session_options(threads, profile, profile_prefix, optimization_level)
     source = prepare_model(model)
+    if target.provider == "CPUExecutionProvider" and uses_kernel_ops(source):
+        register_kernels(so)
     providers: list = [(target.provider, dict(target.provider_options))]
     if target.provider != "CPUExecutionProvider":
         providers.append("CPUExecutionProvider")  # nodes the EP cannot take fall back to CPU
@@ -209,6 +213,34 @@ def make_session(
         weakref.finalize(session, shutil.rmtree, folder, ignore_errors=True)
     logger.debug("session for %s on %s (threads=%s, profile=%s)", source.label, target.name, threads, profile)
     return session
+
+
+def uses_kernel_ops(source: ModelSource) -> bool:
+    """Whether the model names an op of edgeprune's kernel library (a byte search: no second parse)."""
+    needles = [op.encode() for op in kernels.KERNEL_OPS]
+    if isinstance(source.ort_input, bytes):
+        return any(n in source.ort_input for n in needles)
+    try:
+        with open(source.ort_input, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return any(mm.find(n) >= 0 for n in needles)
+    except (OSError, ValueError):
+        return False
+
+
+def register_kernels(so: onnxruntime.SessionOptions) -> bool:
+    """Register the custom-op library when built and this ORT can load it; otherwise the op's function body runs."""
+    library = kernels.sparse_attention_library()
+    if library is None:
+        return False
+    version = tuple(int(p) for p in re.findall(r"\d+", onnxruntime.__version__)[:2])
+    if version < kernels.MIN_ORT:
+        logger.warning(
+            "onnxruntime %s is too old for the sparse-attention kernel (needs >= %d.%d): running the portable op",
+            onnxruntime.__version__, *kernels.MIN_ORT,
+        )
+        return False
+    so.register_custom_ops_library(library)
+    return True
 
 
 def check_feeds(session: onnxruntime.InferenceSession, feeds: dict[str, np.ndarray]) -> None:
