@@ -1,0 +1,161 @@
+"""The sparse-attention op (portable function and C++ kernel) and the pass, on tiny models."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from edgeprune.errors import BadInputError
+from edgeprune.passes.sparse_attention import SparseAttentionConfig, SparseAttentionPass
+from edgeprune.runtime import kernels
+from edgeprune.runtime.session import make_session, uses_kernel_ops, prepare_model
+
+from sparse_attention import reference
+from sparse_attention.models import HD, causal_gqa_proto, op_model
+
+LIBRARY = kernels.sparse_attention_library()
+needs_kernel = pytest.mark.skipif(LIBRARY is None, reason="the kernel was not built (no C++ compiler at install)")
+
+# (batch, Hq, Hkv, head dim, seq, block, keep, per_group): seq not a multiple of block, seq 1, batch 2, MHA
+CASES = [
+    (2, 6, 2, 16, 37, 8, 0.3, True),
+    (1, 6, 2, 16, 37, 8, 0.3, False),
+    (1, 9, 3, 64, 130, 64, 0.25, True),
+    (2, 4, 4, 8, 70, 16, 0.5, False),
+    (1, 6, 2, 16, 1, 8, 0.25, True),
+    (1, 4, 2, 8, 64, 8, 0.125, True),
+]
+
+
+def _inputs(b, hq, hkv, d, s, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "q": rng.standard_normal((b, hq, s, d)).astype(np.float32),
+        "k": rng.standard_normal((b, hkv, s, d)).astype(np.float32),
+        "v": rng.standard_normal((b, hkv, s, d)).astype(np.float32),
+    }
+
+
+def _sessions(model: ir.Model):
+    data = ir.serde.serialize_model(model).SerializeToString()
+    portable = ort.InferenceSession(data)
+    if LIBRARY is None:
+        return portable, None
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(LIBRARY)
+    return portable, ort.InferenceSession(data, so)
+
+
+@pytest.mark.parametrize("b,hq,hkv,d,s,block,keep,per_group", CASES)
+def test_both_paths_equal_the_numpy_block_mask(b, hq, hkv, d, s, block, keep, per_group):
+    model = op_model(hq, hkv, d, block=block, keep=keep, per_group=per_group)
+    onnx.checker.check_model(ir.serde.serialize_model(model))
+    feeds = _inputs(b, hq, hkv, d, s)
+    index = reference.select_blocks(feeds["q"], feeds["k"], block, keep, per_group=per_group)
+    expected = reference.block_sparse_attention(feeds["q"], feeds["k"], feeds["v"], index, block, d**-0.5)
+    portable, kernel = _sessions(model)
+    got = portable.run(None, feeds)[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    if kernel is not None:
+        np.testing.assert_allclose(kernel.run(None, feeds)[0], got, atol=1e-4, rtol=0)
+
+
+def test_sparse_differs_from_dense_when_blocks_are_dropped():
+    feeds = _inputs(1, 4, 2, 8, 64)
+    got = _sessions(op_model(4, 2, 8, block=8, keep=0.125))[0].run(None, feeds)[0]
+    dense = reference.dense_causal_attention(feeds["q"], feeds["k"], feeds["v"], 8**-0.5)
+    assert np.abs(got - dense).max() > 1e-2
+
+
+@pytest.mark.parametrize("keep,min_len", [(1.0, 0), (0.25, 1000)])
+def test_dense_settings_are_exact_causal_attention(keep, min_len):
+    feeds = _inputs(2, 6, 2, 16, 45)
+    dense = reference.dense_causal_attention(feeds["q"], feeds["k"], feeds["v"], 16**-0.5)
+    for session in filter(None, _sessions(op_model(6, 2, 16, block=8, keep=keep, min_len=min_len))):
+        np.testing.assert_allclose(session.run(None, feeds)[0], dense, atol=1e-5, rtol=0)
+
+
+def _run(model, x):
+    return make_session(model, threads=1).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("nan_guard", [True, False])
+def test_pass_rewrites_causal_gqa(nan_guard):
+    proto = causal_gqa_proto(nan_guard=nan_guard)
+    model = ir.serde.deserialize_model(proto)
+    result = SparseAttentionPass(SparseAttentionConfig(keep=0.25, block=4, min_len=0))(model)
+    assert result.modified and result.summary["sparse_layers"] == 1
+    assert [r["status"] for r in result.records] == ["sparse"]
+    ops = {(n.domain, n.op_type) for n in model.graph}
+    assert ("edgeprune", "DynamicSparseAttention") in ops and ("", "Softmax") not in ops
+    onnx.checker.check_model(ir.serde.serialize_model(model))
+    x = np.random.default_rng(1).standard_normal((2, 33, 32)).astype(np.float32)
+    sparse, dense = _run(model, x), _run(proto, x)
+    assert sparse.shape == dense.shape and np.abs(sparse - dense).max() > 1e-4
+
+
+def test_pass_dense_path_reproduces_the_input_model():
+    proto = causal_gqa_proto()
+    model = ir.serde.deserialize_model(proto)
+    SparseAttentionPass(SparseAttentionConfig(keep=0.25, block=4, min_len=1024))(model)
+    for s in (1, 5, 33):
+        x = np.random.default_rng(s).standard_normal((2, s, 32)).astype(np.float32)
+        np.testing.assert_allclose(_run(model, x), _run(proto, x), atol=1e-5, rtol=0)
+
+
+def test_keep_one_returns_the_model_untouched():
+    model = ir.serde.deserialize_model(causal_gqa_proto())
+    before = [n.op_type for n in model.graph]
+    result = SparseAttentionPass(SparseAttentionConfig(keep=1.0))(model)
+    assert not result.modified and [n.op_type for n in model.graph] == before
+
+
+def test_non_causal_attention_stays_dense_with_its_reason():
+    model = ir.serde.deserialize_model(causal_gqa_proto(causal=False))
+    result = SparseAttentionPass(SparseAttentionConfig(keep=0.25, block=4, min_len=0))(model)
+    assert not result.modified
+    assert result.records == [{"layer": 0, "softmax": "", "status": "dense", "keep": 1.0,
+                               "reason": "the attention mask is not causal (encoder or cross-attention): left dense"}]  # fmt: skip
+
+
+def test_a_model_that_already_has_the_op_is_left_alone():
+    model = ir.serde.deserialize_model(causal_gqa_proto())
+    SparseAttentionPass(SparseAttentionConfig(keep=0.25, block=4, min_len=0))(model)
+    again = SparseAttentionPass(SparseAttentionConfig(keep=0.25, block=4, min_len=0))(model)
+    assert not again.modified and again.summary["already_sparse"] == 1
+    assert SparseAttentionPass.describe(model)["fields"] == {"sparse_attention_ops": 1}
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"keep": 0.0}, "sparse attention keep must be a number in (0, 1], got 0.0: pass e.g. 0.25."),
+    ({"keep": "x"}, "sparse attention keep must be a number in (0, 1], got 'x': pass e.g. 0.25."),
+    ({"block": 0}, "sparse attention block must be an integer >= 1, got 0."),
+    ({"select": "layer"}, "sparse attention select must be one of group, head, got 'layer'."),
+])  # fmt: skip
+def test_bad_options_are_refused(options, message):
+    with pytest.raises(BadInputError) as err:
+        SparseAttentionConfig(**options)
+    assert str(err.value) == message
+
+
+def test_make_session_registers_the_kernel_only_for_models_with_the_op():
+    sparse = op_model(4, 2, 8, block=8, keep=0.25)
+    assert uses_kernel_ops(prepare_model(sparse))
+    assert not uses_kernel_ops(prepare_model(causal_gqa_proto()))
+    feeds = _inputs(1, 4, 2, 8, 40)
+    got = make_session(sparse, threads=1).run(None, feeds)[0]
+    portable = _sessions(sparse)[0].run(None, feeds)[0]
+    np.testing.assert_allclose(got, portable, atol=1e-4, rtol=0)
+
+
+@needs_kernel
+def test_kernel_replaces_the_function_body():
+    # The kernel's exp is a polynomial: its outputs differ from the function body's in the last bits,
+    # which shows ORT ran the kernel rather than inlining the same-named function.
+    feeds = _inputs(1, 4, 2, 8, 64)
+    portable, kernel = _sessions(op_model(4, 2, 8, block=8, keep=0.5))
+    a, b = portable.run(None, feeds)[0], kernel.run(None, feeds)[0]
+    assert 0 < np.abs(a - b).max() < 1e-4
