@@ -88,13 +88,18 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--bit-options", default="4,8", show_default=True, help="Bit widths to choose from besides float (2 and 16 also exist).")
 @click.option("--block-size", default="32,64,128", show_default=True, help="Block size(s) of 4/2-bit blocked formats.")
 @click.option("--gptq", is_flag=True, help="Also offer GPTQ rounding for 4/2-bit weights: better when --calib is the deployment data, worse off-domain.")
+@click.option("--sparse-attention", "sparse_keep", type=float, help="Dynamic block-sparse attention for causal self-attention: share of key blocks each query block keeps, in (0, 1].")
+@click.option("--sparse-block", type=int, default=64, show_default=True, help="With --sparse-attention: block size in tokens.")
+@click.option("--sparse-select", type=click.Choice(["group", "head"]), default="group", show_default=True, help="With --sparse-attention: choose blocks per KV group or per query head.")
+@click.option("--sparse-min-len", type=int, default=1024, show_default=True, help="With --sparse-attention: shorter sequences take the dense path inside the op.")
 @click.option("--package", "package_target", is_flag=False, flag_value="linux-x64", default=None, help="Also package the output into OUT/bundle for a platform (see edgeprune package --target; bare --package: linux-x64).")
 @click.option("--fix-shapes", help="With --package: fix dynamic dimensions, NAME=N,... (see edgeprune package).")
 @common_threads
 @common_json
 def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example, force, max_samples, seed,
                 prune_ratio, prune_metric, allocation, round_to, refit, no_compensate, prune_units,
-                bits_mode, size_budget, avg_bits, latency_budget, bit_options, block_size, gptq, package_target, fix_shapes, threads, as_json):
+                bits_mode, size_budget, avg_bits, latency_budget, bit_options, block_size, gptq,
+                sparse_keep, sparse_block, sparse_select, sparse_min_len, package_target, fix_shapes, threads, as_json):
     """Compile MODEL into OUT: model.onnx plus report.json, report.md and report.html."""
     from edgeprune.pipeline import CompileOptions, compile_model
     from edgeprune.recipe import recipe_from_flags
@@ -109,10 +114,13 @@ def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example,
             bits["gptq"] = True
     elif any(v is not None for v in (size_budget, avg_bits, latency_budget)) or gptq:
         raise click.UsageError("--size-budget, --avg-bits, --latency-budget and --gptq go with --bits.")
-    if prune is not None or bits is not None:
+    sparse = None
+    if sparse_keep is not None:
+        sparse = {"keep": sparse_keep, "block": sparse_block, "select": sparse_select, "min_len": sparse_min_len}
+    if prune is not None or bits is not None or sparse is not None:
         if recipe is not None:
-            raise click.UsageError("give either --recipe or --prune/--bits, not both: put the passes in the recipe.")
-        recipe = recipe_from_flags(prune=prune, bits=bits)
+            raise click.UsageError("give either --recipe or --prune/--bits/--sparse-attention, not both: put the passes in the recipe.")
+        recipe = recipe_from_flags(prune=prune, bits=bits, sparse_attention=sparse)
 
     if example:
         if model is not None:

@@ -50,19 +50,23 @@ def default_recipe() -> Recipe:
     return Recipe([PassSpec("cleanup")], source="default")
 
 
-def recipe_from_flags(*, prune: dict[str, Any] | None = None, bits: dict[str, Any] | None = None) -> Recipe:
+def recipe_from_flags(*, prune: dict[str, Any] | None = None, bits: dict[str, Any] | None = None,
+                      sparse_attention: dict[str, Any] | None = None) -> Recipe:
     """The recipe the CLI's pass flags describe: cleanup, then each requested pass.
 
     Pruning is followed by another cleanup, which re-infers the shapes the pruned widths changed
-    and folds what pruning left constant; bit allocation comes last, on the final widths.
+    and folds what pruning left constant; bit allocation follows, on the final widths.  Sparse
+    attention comes last: cleanup inlines model-local functions, which would dissolve its op.
     """
-    if prune is None and bits is None:
+    if prune is None and bits is None and sparse_attention is None:
         return default_recipe()
     passes = [PassSpec("cleanup")]
     if prune is not None:
         passes += [PassSpec("prune", dict(prune)), PassSpec("cleanup")]
     if bits is not None:
         passes.append(PassSpec("bits", dict(bits)))
+    if sparse_attention is not None:
+        passes.append(PassSpec("sparse_attention", dict(sparse_attention)))
     recipe = Recipe(passes, source="command line")
     build_passes(recipe)  # bad options fail before any work
     return recipe
