@@ -187,3 +187,66 @@ def test_compile_package_writes_the_bundle_beside_the_report(mlp, tmp_path, caps
     assert manifest["target"]["name"] == "linux-arm64" and manifest["compile"]["passes"][0]["name"] == "cleanup"
     assert manifest["source"]["sha256"] == model_io.sha256(tmp_path / "c" / "model.onnx")
     assert _run(capsys, "package", "--verify", bundle)[0] == 0
+
+
+def _tiny_text_encoder(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, np.ndarray]:
+    """A WordPiece tokenizer folder (saved by transformers) and an encoder whose token output is an embedding lookup."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "cat", "sat", "on", "the", "mat", "dog", "ran", "##s", ".", "[MASK]"]
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    folder = tmp_path / "tok"
+    BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+                      mask_token="[MASK]", do_lower_case=True).save_pretrained(folder)
+    emb = np.random.default_rng(3).standard_normal((len(words), 8)).astype(np.float32)
+    proto = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]> enc (int64[B, T] input_ids, int64[B, T] attention_mask) => (float[B, T, 8] token_embeddings) '
+        "{ token_embeddings = Gather(emb, input_ids) }"
+    )
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(emb, "emb"))
+    model = tmp_path / "enc" / "model.onnx"
+    model.parent.mkdir()
+    onnx.save(proto, model)
+    return model, folder, emb
+
+
+def test_with_preprocessing_takes_a_string_and_returns_the_pooled_embedding(tmp_path, capsys):
+    pytest.importorskip("onnxruntime_extensions")
+    import onnxruntime_extensions
+
+    model, tokenizer, emb = _tiny_text_encoder(tmp_path)
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("the cat sat on the mat.\na dog ran\ncats sat\nthe dog sat on a cat\n")
+    code, out, err = _run(capsys, "package", model, "-o", tmp_path / "b", "--with-preprocessing", "--tokenizer", tokenizer / "tokenizer.json",
+                          "--calib", sentences, "--runs", "2", "--json")
+    assert code == 0, err
+    manifest = json.loads(out)
+    pre = manifest["models"][1]
+    assert pre["file"] == "model_with_preprocessing.ort" and pre["custom_op_libraries"] == ["onnxruntime-extensions"]
+    assert pre["inputs"] == [{"name": "text", "dtype": "tensor(string)", "shape": [1]}]
+    assert pre["outputs"] == [{"name": "embedding", "dtype": "tensor(float)", "shape": [1, 8]}]
+    assert manifest["verification"]["preprocessing"]["cosine_min"] >= 0.999
+    assert manifest["custom_op_libraries"] == [{"name": "onnxruntime-extensions", "version": onnxruntime_extensions.__version__, "domains": ["ai.onnx.contrib"]}]
+    # one config for both models: the tokenizer op is in it
+    assert manifest["operators"]["ai.onnx.contrib"] == ["BertTokenizer"]
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(onnxruntime_extensions.get_library_path())
+    session = ort.InferenceSession(str(tmp_path / "b" / "model_with_preprocessing.ort"), so, providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"text": np.array(["The cats sat."])})
+    ids = [2, 8, 5, 12, 6, 13, 3]  # [CLS] the cat ##s sat . [SEP]
+    np.testing.assert_allclose(got[0], emb[ids].mean(axis=0), rtol=1e-6, atol=1e-6)
+    assert _run(capsys, "package", "--verify", tmp_path / "b")[0] == 0
+
+
+def test_with_preprocessing_refuses_a_non_text_model(mlp, tmp_path, capsys):
+    model, _ = mlp
+    code, _, err = _run(capsys, "package", model, "-o", tmp_path / "b", "--with-preprocessing")
+    assert code == 2
+    assert err.strip() == ("error: --with-preprocessing handles text encoders (inputs input_ids, attention_mask, token_type_ids) for now; "
+                           "this model takes x: package it without --with-preprocessing.")
+    assert not (tmp_path / "b").exists()
