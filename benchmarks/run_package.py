@@ -1,0 +1,114 @@
+"""Measure edgeprune package on compiled models: .onnx vs .ort size, session creation, peak memory at load,
+latency p50/p90, reduced-config operators vs the full CPU build, mobile-usability partitions, and the
+with-preprocessing model's end-to-end latency (string in, embedding out).
+
+    python benchmarks/run_package.py --minilm OUT_MINILM [--minilm-tokenizer DIR] [--effnet OUT_EFFNET] [--runs 30]
+
+OUT_* are edgeprune compile output folders (e.g. ``edgeprune compile --example minilm -o OUT --bits 8``).
+Writes benchmarks/results/package.json and the "package" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import sys
+import tempfile
+
+from bench_md import BENCHMARKS_MD, REPO, update_section
+
+
+def _full_build_ops() -> int:
+    """Distinct (domain, op) pairs with a CPU kernel in this onnxruntime build (a full build's operator count)."""
+    from onnxruntime.capi import _pybind_state as C
+
+    return len({(k.domain or "ai.onnx", k.op_name) for k in C.get_all_opkernel_def() if k.provider == "CPUExecutionProvider"})
+
+
+def _one(name: str, folder: pathlib.Path, runs: int, calib, tokenizer, with_pre: bool) -> dict:
+    from edgeprune.runtime.package import PackageOptions, package_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = PackageOptions(platform="linux-x64", calib=calib, tokenizer=tokenizer, with_preprocessing=with_pre, runs=runs)
+        manifest = package_model(folder, pathlib.Path(tmp) / "bundle", opts).manifest
+    m = manifest["measured"]
+    return {
+        "model": name, "source": str(folder), "compile_passes": [p["name"] for p in (manifest["compile"] or {}).get("passes", [])],
+        "bytes": m["bytes"], "session_create_s": m["session_create_s"], "latency": m["latency"],
+        "operators": sum(len(v) for v in manifest["operators"].values()),
+        "operators_by_domain": {d: len(v) for d, v in manifest["operators"].items()},
+        "ort_vs_onnx_cosine_min": min(f["cosine_min"] for f in manifest["verification"]["ort_vs_onnx"]),
+        "usability": {ep: {k: manifest["mobile_usability"][ep][k] for k in ("supported_share", "partitions", "unsupported_ops", "suitability")}
+                      | ({"if_shapes_fixed": {k: manifest["mobile_usability"][ep]["if_shapes_fixed"][k] for k in ("supported_share", "partitions", "suitability")}}
+                         if "if_shapes_fixed" in manifest["mobile_usability"][ep] else {})
+                      for ep in ("nnapi", "coreml_mlprogram")},
+        "preprocessing": manifest["verification"]["preprocessing"],
+        "preprocessing_end_to_end": m.get("preprocessing_end_to_end"),
+    }
+
+
+def render(results: dict) -> str:
+    lines = ["## Packaging (edgeprune package, linux-x64 bundle measured on this CPU)", "",
+             f"`python benchmarks/run_package.py {results['command']}` on {results['machine']}, onnxruntime {results['onnxruntime']}. "
+             f"Full CPU build: {results['full_build_ops']} operators (distinct domain/op pairs with a CPU kernel).", "",
+             "| model | .onnx MB | .ort MB | session create .onnx → .ort ms | peak MB at load .onnx → .ort | p50 .onnx → .ort ms | p90 .onnx → .ort ms | ops in reduced config | .ort vs .onnx cosine min |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["models"]:
+        lat = r["latency"]
+        lines.append(
+            f"| {r['model']} | {r['bytes']['onnx'] / 1e6:.2f} | {r['bytes']['ort'] / 1e6:.2f} | "
+            f"{r['session_create_s']['onnx'] * 1e3:.1f} → {r['session_create_s']['ort'] * 1e3:.1f} | "
+            f"{lat['onnx']['peak_memory_mb']:.1f} → {lat['ort']['peak_memory_mb']:.1f} | "
+            f"{lat['onnx']['p50_ms']:.2f} → {lat['ort']['p50_ms']:.2f} | {lat['onnx']['p90_ms']:.2f} → {lat['ort']['p90_ms']:.2f} | "
+            f"{r['operators']} of {results['full_build_ops']} | {r['ort_vs_onnx_cosine_min']:.6f} |")
+    lines += ["", "Mobile usability (ORT's op-type check; share of nodes the EP would take / partitions; with the model's dynamic shapes, then if they were fixed):", "",
+              "| model | NNAPI | NNAPI, shapes fixed | CoreML MLProgram | CoreML, shapes fixed | ops forcing CPU fallback (NNAPI) |", "|---|---|---|---|---|---|"]
+    for r in results["models"]:
+        u = r["usability"]
+
+        def cell(d):
+            return f"{d['supported_share']:.0%} / {d['partitions']} ({d['suitability']})" if d else "n/a"
+
+        lines.append(f"| {r['model']} | {cell(u['nnapi'])} | {cell(u['nnapi'].get('if_shapes_fixed'))} | {cell(u['coreml_mlprogram'])} | "
+                     f"{cell(u['coreml_mlprogram'].get('if_shapes_fixed'))} | {', '.join(o.split(':')[-1] for o in u['nnapi']['unsupported_ops'])} |")
+    for r in results["models"]:
+        if r["preprocessing_end_to_end"]:
+            e, p = r["preprocessing_end_to_end"], r["preprocessing"]
+            lines += ["", f"{r['model']} with preprocessing (string in, embedding out, tokenizer as onnxruntime-extensions ops): "
+                      f"p50 {e['p50_ms']:.2f} ms, p90 {e['p90_ms']:.2f} ms on one STS-B sentence; embedding cosine vs the Python "
+                      f"pipeline min {p['cosine_min']:.6f} over {p['sentences']} sentences."]
+    lines += ["", "Peak memory is the growth of the process's peak RSS while each session is created and warmed up, "
+              "one after the other in one process (runtime/latency.py)."]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--minilm", type=pathlib.Path, required=True)
+    ap.add_argument("--minilm-tokenizer", type=pathlib.Path, help="default: the cached example's folder")
+    ap.add_argument("--effnet", type=pathlib.Path)
+    ap.add_argument("--runs", type=int, default=30)
+    args = ap.parse_args()
+    import onnxruntime
+
+    from edgeprune.models.recipes import cache_dir
+
+    tokenizer = args.minilm_tokenizer or cache_dir() / "minilm"
+    sentences = REPO / "edgeprune" / "data" / "calibration_sentences.txt"
+    results = {"command": " ".join(sys.argv[1:]), "machine": f"{platform.machine()} CPU", "onnxruntime": onnxruntime.__version__,
+               "full_build_ops": _full_build_ops(), "models": []}
+    results["models"].append(_one("all-MiniLM-L6-v2 (compiled)", args.minilm, args.runs, sentences, tokenizer, True))
+    if args.effnet:
+        images = REPO.parent / "shared" / "data" / "imagenet-100"
+        results["models"].append(_one("EfficientNet-Lite0 (compiled)", args.effnet, args.runs, images if images.is_dir() else None, None, False))
+    out = REPO / "benchmarks" / "results" / "package.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    update_section(BENCHMARKS_MD, "package", render(results))
+    print(render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
