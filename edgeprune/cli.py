@@ -119,7 +119,7 @@ def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example,
         sparse = {"keep": sparse_keep, "block": sparse_block, "select": sparse_select, "min_len": sparse_min_len}
     if prune is not None or bits is not None or sparse is not None:
         if recipe is not None:
-            raise click.UsageError("give either --recipe or --prune/--bits/--sparse-attention, not both: put the passes in the recipe.")
+            raise click.UsageError("give either --recipe or --prune/--bits, not both: put the passes in the recipe.")
         recipe = recipe_from_flags(prune=prune, bits=bits, sparse_attention=sparse)
 
     if example:
