@@ -32,7 +32,7 @@ _TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids"
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One graph input the model needs: name, numpy dtype and shape (str/None for dynamic dims)."""
+    """One graph input the model needs: name, numpy dtype and shape (a positive int, or str/None when dynamic)."""
 
     name: str
     dtype: np.dtype
@@ -51,9 +51,18 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         dtype = np.dtype(value.dtype.numpy()) if value.dtype is not None else np.dtype(np.float32)
         shape = None
         if value.shape is not None:
-            shape = tuple(d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape)
+            shape = tuple(static_dim(d) if isinstance(d, int) else (d.value if d.value else None) for d in value.shape)
         specs.append(InputSpec(value.name, dtype, shape))
     return specs
+
+
+def static_dim(dim: object) -> int | None:
+    """A dimension's fixed size, or None when it is dynamic.
+
+    Exporters write an unknown size as -1 (Paddle), as 0, or with no value at all; taking those
+    literally makes negative synthetic shapes and refuses correctly shaped data.
+    """
+    return dim if isinstance(dim, int) and dim > 0 else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,7 +79,7 @@ class CalibrationSet:
 
     samples: list[dict[str, np.ndarray]]
     source: str
-    synthetic: bool = False
+    synthetic: bool = False  # not the user's data: random inputs, or the bundled sentences
     max_batch: int | None = None
 
     def __len__(self) -> int:
@@ -306,7 +315,9 @@ def load_calibration(
     """Load calibration samples for ``model`` from a .npz file/folder, text, images, or synthesize them."""
     specs = input_specs(model)
     if source is None:
-        return _synthetic(specs, max_samples, seq_len, image_size, seed)
+        if tokenizer is not None and _is_text_model(specs):
+            return _bundled_sentences(specs, tokenizer, max_samples, seq_len, seed)
+        return _synthetic(model, specs, max_samples, seq_len, image_size, seed)
     path = pathlib.Path(source)
     if not path.exists():
         raise CalibrationDataError(f"calibration data {path} does not exist: check the --calib path.")
@@ -587,25 +598,66 @@ def _to_input(pixels: np.ndarray, dtype: np.dtype, layout: str, mean: Sequence[f
 
 # ---- synthetic
 
+#: Sentences calibrated on when a text model comes without --calib but with a tokenizer.
+BUNDLED_SENTENCES = pathlib.Path(__file__).parent / "data" / "calibration_sentences.txt"
+#: Sizes tried for a dynamic dimension after the model's own constants.
+_COMMON_IMAGE_SIZES = (224, 32, 48, 64, 96, 112, 128, 160, 192, 256, 320, 384, 416, 512, 640)
+_COMMON_SEQ_LENS = (128, 64, 32, 16, 8, 256, 512)
+_MAX_DIM = 4096
+_MAX_PROBE_ELEMENTS = 1 << 24  # per input: a candidate shape bigger than this is not tried
+_MAX_PROBES = 64
+#: Ops that pass token ids through unchanged on their way to an embedding Gather.
+_ID_PASSTHROUGH = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand")
+
+
+def _is_text_model(specs: Sequence[InputSpec]) -> bool:
+    names = {s.name for s in specs}
+    return "input_ids" in names and names <= set(_TOKEN_INPUTS)
+
+
+def _bundled_sentences(
+    specs: Sequence[InputSpec], tokenizer: str | pathlib.Path, max_samples: int, seq_len: int, seed: int
+) -> CalibrationSet:
+    """Real sentences through the model's own tokenizer: random ids hit padding and unused tokens.
+
+    MiniLM on ids 0-999 (BERT's padding and unused tokens) gave cosine 0.998 where real sentences
+    gave 0.921, so random ids overstate fidelity for a text model.
+    """
+    calib = _load_text(BUNDLED_SENTENCES, specs, tokenizer, max_samples, seq_len, seed)
+    total = len(_read_texts(BUNDLED_SENTENCES))
+    logger.warning(
+        "NO CALIBRATION DATA: calibrating on %d of the %d bundled English sentences through %s; fidelity on them "
+        "says little about your inputs. Pass --calib with real data.",
+        len(calib), total, tokenizer,
+    )  # fmt: skip
+    return CalibrationSet(calib.samples, f"bundled sentences {calib.source}", True, calib.max_batch)
+
 
 def _synthetic(
-    specs: Sequence[InputSpec], max_samples: int, seq_len: int, image_size: int, seed: int
+    model: ir.Model, specs: Sequence[InputSpec], max_samples: int, seq_len: int, image_size: int, seed: int
 ) -> CalibrationSet:
     count = max(1, max_samples)
+    highs = _id_ranges(model, specs)
+    shapes = _fitting_shapes(model, specs, highs, seq_len, image_size, seed)
     logger.warning(
         "NO CALIBRATION DATA: using %d synthetic random samples; statistics and accuracy checks on random "
         "inputs say little about real use. Pass --calib with real data.",
         count,
     )
     rng = np.random.default_rng(seed)
-    samples = [{s.name: _synthetic_array(s, seq_len, image_size, rng) for s in specs} for _ in range(count)]
+    samples = [{s.name: _synthetic_array(s, shapes[s.name], highs.get(s.name), rng) for s in specs} for _ in range(count)]
     return _finish(samples, specs, f"{count} synthetic random samples", synthetic=True)
 
 
+def _is_image(spec: InputSpec) -> bool:
+    return spec.shape is not None and len(spec.shape) == 4 and spec.dtype.kind == "f"
+
+
 def _synthetic_shape(spec: InputSpec, seq_len: int, image_size: int) -> tuple[int, ...]:
+    """The first guess: batch 1, 3 channels, ``image_size`` for image axes, ``seq_len`` for the rest."""
     if spec.shape is None:
         return (1, seq_len)
-    image = len(spec.shape) == 4 and spec.dtype.kind == "f"
+    image = _is_image(spec)
     channel_axis = 3 if image and spec.shape[3] == 3 else 1
     dims = []
     for axis, dim in enumerate(spec.shape):
@@ -620,8 +672,154 @@ def _synthetic_shape(spec: InputSpec, seq_len: int, image_size: int) -> tuple[in
     return tuple(dims)
 
 
-def _synthetic_array(spec: InputSpec, seq_len: int, image_size: int, rng: np.random.Generator) -> np.ndarray:
-    shape = _synthetic_shape(spec, seq_len, image_size)
+def _slots(specs: Sequence[InputSpec]) -> dict[object, list[tuple[str, int]]]:
+    """The dynamic non-batch dims to choose, as (input, axis) lists; inputs sharing a dim name share a slot."""
+    batch_names = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], str)}
+    slots: dict[object, list[tuple[str, int]]] = {}
+    for spec in specs:
+        for axis, dim in enumerate(spec.shape or ()):
+            if axis == 0 or isinstance(dim, int) or dim in batch_names:
+                continue
+            slots.setdefault(dim if isinstance(dim, str) else (spec.name, axis), []).append((spec.name, axis))
+    return slots
+
+
+def _graph_sizes(model: ir.Model) -> list[int]:
+    """Sizes the graph's constants fix: Reshape targets and MatMul/Gemm weight dims, in graph order."""
+    sizes: list[int] = []
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Reshape", "MatMul", "Gemm"):
+            continue
+        operands = node.inputs[1:2] if node.op_type == "Reshape" else node.inputs[:2]
+        for value in operands:
+            tensor = None if value is None else value.const_value
+            if tensor is None and value is not None and value.name in model.graph.initializers:
+                tensor = model.graph.initializers[value.name].const_value
+            if tensor is None:
+                continue
+            dims = tensor.numpy().reshape(-1).tolist() if node.op_type == "Reshape" else list(tensor.shape)
+            sizes.extend(int(d) for d in dims if isinstance(d, (int, np.integer)) and 1 < int(d) <= _MAX_DIM)
+    return sizes
+
+
+def _candidates(slot_axes: list[tuple[str, int]], by_name: dict[str, InputSpec], default: int, graph_sizes: list[int],
+                image_size: int) -> list[int]:
+    """Values to try for one dynamic dim: the first guess, the input's static dims, the graph's constants, common sizes."""
+    spec = by_name[slot_axes[0][0]]
+    static = [d for d in spec.shape if isinstance(d, int) and 1 < d <= _MAX_DIM]
+    common = (image_size, *_COMMON_IMAGE_SIZES) if _is_image(spec) else _COMMON_SEQ_LENS
+    return list(dict.fromkeys([default, *static, *graph_sizes, *common]))
+
+
+def _fitting_shapes(
+    model: ir.Model, specs: Sequence[InputSpec], highs: dict[str, int], seq_len: int, image_size: int, seed: int
+) -> dict[str, tuple[int, ...]]:
+    """Synthetic shapes the model runs on: the first guess, else the first candidate that runs.
+
+    A dynamic input can still be fixed inside the graph (PaddleOCR rec: any width, height 48, set by
+    the weights after its conv stack), so a guess is only kept once ORT has run the model on it.
+    """
+    first = {s.name: _synthetic_shape(s, seq_len, image_size) for s in specs}
+    slots = _slots(specs)
+    if not slots:
+        return first  # every dim is fixed: nothing to choose
+    by_name = {s.name: s for s in specs}
+    defaults = {key: first[axes[0][0]][axes[0][1]] for key, axes in slots.items()}
+    graph_sizes = _graph_sizes(model)
+    options = {key: _candidates(axes, by_name, defaults[key], graph_sizes, image_size) for key, axes in slots.items()}
+
+    def shapes_for(choice: dict) -> dict[str, tuple[int, ...]]:
+        shapes = {name: list(shape) for name, shape in first.items()}
+        for key, value in choice.items():
+            for name, axis in slots[key]:
+                shapes[name][axis] = value
+        return {name: tuple(shape) for name, shape in shapes.items()}
+
+    tries = [dict(defaults)]
+    for key in slots:
+        tries += [{**defaults, key: value} for value in options[key][1:]]
+    for value in dict.fromkeys(v for values in options.values() for v in values):
+        tries.append({key: value for key in slots})
+    from edgeprune.runtime.session import make_session
+
+    session = make_session(model, "cpu", threads=1)
+    seen: set[tuple] = set()
+    for choice in tries:
+        shapes = shapes_for(choice)
+        signature = tuple(sorted(shapes.items()))
+        if signature in seen or any(np.prod(shape) > _MAX_PROBE_ELEMENTS for shape in shapes.values()):
+            continue
+        seen.add(signature)
+        if len(seen) > _MAX_PROBES:
+            break
+        if _runs(session, specs, shapes, highs, seed):
+            if len(seen) > 1:
+                logger.info("synthetic inputs: the first guess does not run; using %s", _shapes_text(shapes))
+            return shapes
+    known = ", ".join(f"{s.name} {_shape_text(s.shape)}" for s in specs)
+    raise CalibrationDataError(
+        f"the model rejects synthetic inputs of every shape tried from its own constants and common sizes "
+        f"(first {_shapes_text(shapes_for(defaults))}): pass --calib with inputs of shape {known} that the model accepts."
+    )
+
+
+def _shapes_text(shapes: dict[str, tuple[int, ...]]) -> str:
+    return ", ".join(f"{name} {list(shape)}" for name, shape in shapes.items())
+
+
+def _runs(session, specs: Sequence[InputSpec], shapes: dict[str, tuple[int, ...]], highs: dict[str, int], seed: int) -> bool:
+    import onnxruntime
+
+    rng = np.random.default_rng(seed)
+    feed = {s.name: _synthetic_array(s, shapes[s.name], highs.get(s.name), rng) for s in specs}
+    quiet = onnxruntime.RunOptions()
+    quiet.log_severity_level = 4  # a refused guess is expected here, not an error to show
+    try:
+        session.run(None, feed, quiet)
+    except Exception as exc:  # noqa: BLE001 - ORT raises Fail, InvalidArgument, RuntimeException...; any means "does not run"
+        logger.debug("synthetic shape %s does not run: %s", _shapes_text(shapes), str(exc).splitlines()[0] if str(exc) else exc)
+        return False
+    return True
+
+
+def _id_ranges(model: ir.Model, specs: Sequence[InputSpec]) -> dict[str, int]:
+    """Per token-id input, the vocabulary size of the embedding tables it indexes (the smallest when several).
+
+    Ids are drawn across the whole table: the first ids of a vocabulary are padding and unused
+    tokens in BERT, and a table smaller than the old fixed range 0-999 made synthetic ids invalid.
+    """
+    from edgeprune.analysis.embeddings import find_embeddings
+
+    tables: dict[str, list[int]] = {}
+    for emb in find_embeddings(model.graph, []):
+        tables.setdefault(emb.input, []).append(emb.vocab)
+    if not tables:
+        return {}
+    consumers: dict[str, list[ir.Node]] = {}
+    for node in model.graph:
+        for value in node.inputs:
+            if value is not None and value.name:
+                consumers.setdefault(value.name, []).append(node)
+    highs = {}
+    for spec in specs:
+        if spec.dtype.kind not in "iu" or "mask" in spec.name.lower() or spec.name in ("token_type_ids", "position_ids"):
+            continue
+        reached, frontier, vocabs = {spec.name}, [spec.name], []
+        while frontier:
+            name = frontier.pop()
+            vocabs += tables.get(name, [])
+            for node in consumers.get(name, []):
+                if node.op_type in _ID_PASSTHROUGH and node.inputs[0] is not None and node.inputs[0].name == name:
+                    for out in node.outputs:
+                        if out.name and out.name not in reached:
+                            reached.add(out.name)
+                            frontier.append(out.name)
+        if vocabs:
+            highs[spec.name] = min(vocabs)
+    return highs
+
+
+def _synthetic_array(spec: InputSpec, shape: tuple[int, ...], high: int | None, rng: np.random.Generator) -> np.ndarray:
     name = spec.name.lower()
     if spec.dtype.kind == "b":
         return np.ones(shape, dtype=spec.dtype)
@@ -632,5 +830,5 @@ def _synthetic_array(spec: InputSpec, seq_len: int, image_size: int, rng: np.ran
             return np.zeros(shape, dtype=spec.dtype)
         if name == "position_ids" and len(shape) >= 1:
             return np.broadcast_to(np.arange(shape[-1]), shape).astype(spec.dtype)
-        return rng.integers(0, 1000, size=shape).astype(spec.dtype)
+        return rng.integers(0, high or 1000, size=shape).astype(spec.dtype)
     return rng.standard_normal(shape).astype(spec.dtype)

@@ -25,7 +25,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from onnx_ir.passes.common import ShapeInferencePass
 
-from edgeprune.calibration import CalibrationSet
+from edgeprune.calibration import CalibrationSet, static_dim
 from edgeprune.errors import BadInputError
 from edgeprune.model_io import to_proto
 from edgeprune.runtime.session import make_session, run_outputs
@@ -232,7 +232,7 @@ def _fixed_dim1(model: ir.Model, names: tuple[str, ...]) -> set[str]:
     fixed = set()
     for name in names:
         shape = values[name].shape
-        if shape is not None and len(shape) >= 2 and isinstance(shape[1], int):
+        if shape is not None and len(shape) >= 2 and static_dim(shape[1]) is not None:
             fixed.add(name)
     return fixed
 

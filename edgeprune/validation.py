@@ -39,7 +39,7 @@ def latency_feed(sample: dict[str, np.ndarray], model: ir.Model, seq_len: int = 
     feed = {name: np.asarray(value)[:1] for name, value in sample.items()}
     for name, value in feed.items():
         spec = specs.get(name)
-        dynamic_seq = spec is not None and len(spec.shape) == 2 and not isinstance(spec.shape[1], int)
+        dynamic_seq = spec is not None and spec.shape is not None and len(spec.shape) == 2 and not isinstance(spec.shape[1], int)
         if not dynamic_seq or value.ndim != 2 or not np.issubdtype(value.dtype, np.integer):
             continue
         if name == "position_ids":
