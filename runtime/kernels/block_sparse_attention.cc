@@ -1,19 +1,23 @@
 // edgeprune.BlockSparseAttention on CPU: exact attention of each query block over its selected key
-// blocks, with an online (chunked) softmax so only one 64-key block is live at a time.
+// blocks, with an online (chunked) softmax so only one key block is live at a time.
 //
 // Inputs  q [B, Hq, S, D], k/v [B, Hkv, S, D] float32, block_index int64 [B, Hsel, nB, K]
 // Output  y [B, Hq, S, D].  Attributes: block (int), scale (float).
 // Semantics match the ONNX function body in passes/sparse_attention/functions.py: causal at the
 // token level (key_pos <= query_pos), keys past S ignored; Hsel is Hq (per-head selection) or a
-// divisor of it (the Hq/Hsel query heads of a row share its blocks).  The hot loop is compiled for
-// AVX-512, AVX2+FMA and baseline x86-64 and picked at load time (GCC target_clones), so one
-// shipped build runs everywhere.  Threads: std::thread workers over (batch, row, query block)
-// units; EDGEPRUNE_KERNEL_THREADS overrides the count (default: hardware threads).
+// divisor of it (the Hq/Hsel query heads of a row share its blocks).
+//
+// The tile kernel (bsa_tile.inc) is compiled three times below, for AVX-512, AVX2+FMA and
+// baseline x86-64, and the widest the CPU supports is picked per call (EDGEPRUNE_KERNEL_ISA=
+// avx512|avx2|base forces one, for tests).  Work is split over (batch, selection row, query block)
+// units on ORT's intra-op thread pool (KernelContext_ParallelFor, C API 17, ORT >= 1.17); on an
+// older ORT the kernel falls back to its own std::thread workers.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -24,116 +28,103 @@ using edgeprune_ort::Api;
 namespace {
 
 Api g_api;
-
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define EP_MULTIVERSION __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
-#else
-#define EP_MULTIVERSION
-#endif
-
-// exp(x) for x <= 0 by 2^n * p(f); vectorizes (no libm call), relative error ~2e-7.
-static inline float fast_exp(float x) {
-  x = std::max(x, -87.0f);
-  float t = x * 1.44269504088896341f;
-  float n = std::floor(t);
-  float f = t - n;
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
-  int32_t bits;
-  std::memcpy(&bits, &p, 4);
-  bits += static_cast<int32_t>(n) << 23;
-  float out;
-  std::memcpy(&out, &bits, 4);
-  return out;
-}
+Api g_api17;  // the same table requested at version 17 (ParallelFor), or empty on an older ORT
 
 struct Shape {
   int64_t b, hq, hkv, s, d, hsel, nb, kk, block;
 };
 
-// One query row against one key block (kn valid keys, the first `limit` of them causal-visible).
-EP_MULTIVERSION
-static void row_block(const float* __restrict q, const float* __restrict kt, const float* __restrict vb,
-                      int64_t d, int64_t block, int64_t limit, float scale, float* __restrict s,
-                      float* __restrict acc, float* m, float* l) {
-  for (int64_t c = 0; c < block; ++c) s[c] = 0.0f;
-  for (int64_t e = 0; e < d; ++e) {
-    const float qe = q[e] * scale;
-    const float* row = kt + e * block;
-    for (int64_t c = 0; c < block; ++c) s[c] += qe * row[c];
-  }
-  float mx = *m;
-  for (int64_t c = 0; c < limit; ++c) mx = std::max(mx, s[c]);
-  const float alpha = fast_exp(*m - mx);
-  float sum = 0.0f;
-  for (int64_t c = 0; c < limit; ++c) {
-    s[c] = fast_exp(s[c] - mx);
-    sum += s[c];
-  }
-  for (int64_t e = 0; e < d; ++e) acc[e] *= alpha;
-  for (int64_t c = 0; c < limit; ++c) {
-    const float p = s[c];
-    const float* vr = vb + c * d;
-    for (int64_t e = 0; e < d; ++e) acc[e] += p * vr[e];
-  }
-  *l = *l * alpha + sum;
-  *m = mx;
+}  // namespace
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define EP_X86 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx2,fma")
+namespace isa_avx512 {
+#define EP_W 16
+#define EP_RT 6
+#define EP_CV 4
+#include "bsa_tile.inc"
+#undef EP_W
+#undef EP_RT
+#undef EP_CV
+}  // namespace isa_avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace isa_avx2 {
+#define EP_W 8
+#define EP_RT 6
+#define EP_CV 2
+#include "bsa_tile.inc"
+#undef EP_W
+#undef EP_RT
+#undef EP_CV
+}  // namespace isa_avx2
+#pragma GCC pop_options
+#endif
+
+namespace isa_base {
+#define EP_W 4
+#define EP_RT 4
+#define EP_CV 2
+#include "bsa_tile.inc"
+#undef EP_W
+#undef EP_RT
+#undef EP_CV
+}  // namespace isa_base
+
+namespace {
+
+using UnitFn = void (*)(void* job, int64_t unit);
+
+struct Job {
+  Shape sh;
+  float scale;
+  const float *q, *k, *v;
+  const int64_t* idx;
+  float* y;
+};
+
+template <typename Scratch, void (*Run)(int64_t, const Shape&, float, const float*, const float*, const float*,
+                                        const int64_t*, float*, Scratch&)>
+void unit_of(void* data, int64_t unit) {
+  thread_local Scratch ws;  // per worker thread, reused across calls
+  const Job& job = *static_cast<const Job*>(data);
+  Run(unit, job.sh, job.scale, job.q, job.k, job.v, job.idx, job.y, ws);
 }
 
-static void run_unit(int64_t unit, const Shape& sh, float scale, const float* q, const float* k, const float* v,
-                     const int64_t* idx, float* y, std::vector<float>& kt, std::vector<float>& sbuf,
-                     std::vector<float>& acc) {
-  const int64_t i = unit % sh.nb;
-  const int64_t hs = (unit / sh.nb) % sh.hsel;
-  const int64_t b = unit / (sh.nb * sh.hsel);
-  const int64_t r = sh.hq / sh.hsel;
-  const int64_t hk = hs * sh.hkv / sh.hsel;
-  const int64_t q0 = i * sh.block, q1 = std::min(q0 + sh.block, sh.s);
-  const int64_t rows = q1 - q0;
-  if (rows <= 0) return;
-  const float* kbase = k + (b * sh.hkv + hk) * sh.s * sh.d;
-  const float* vbase = v + (b * sh.hkv + hk) * sh.s * sh.d;
-  const int64_t* sel = idx + ((b * sh.hsel + hs) * sh.nb + i) * sh.kk;
-  const int64_t nrows = r * rows;
-  acc.assign(nrows * sh.d, 0.0f);
-  std::vector<float> m(nrows, -3.0e38f), l(nrows, 0.0f);
-  for (int64_t t = 0; t < sh.kk; ++t) {
-    const int64_t j = sel[t];
-    if (j < 0 || j > i || j >= sh.nb) continue;  // future blocks are fully masked
-    const int64_t k0 = j * sh.block;
-    const int64_t kn = std::min(sh.block, sh.s - k0);
-    if (kn <= 0) continue;
-    std::fill(kt.begin(), kt.end(), 0.0f);
-    for (int64_t c = 0; c < kn; ++c)
-      for (int64_t e = 0; e < sh.d; ++e) kt[e * sh.block + c] = kbase[(k0 + c) * sh.d + e];
-    const float* vb = vbase + k0 * sh.d;
-    for (int64_t hr = 0; hr < r; ++hr) {
-      const int64_t h = hs * r + hr;
-      const float* qh = q + ((b * sh.hq + h) * sh.s) * sh.d;
-      for (int64_t row = 0; row < rows; ++row) {
-        const int64_t qpos = q0 + row;
-        const int64_t limit = std::min(kn, qpos - k0 + 1);
-        if (limit <= 0) continue;
-        const int64_t slot = hr * rows + row;
-        row_block(qh + qpos * sh.d, kt.data(), vb, sh.d, sh.block, limit, scale, sbuf.data(),
-                  acc.data() + slot * sh.d, &m[slot], &l[slot]);
-      }
-    }
-  }
-  for (int64_t hr = 0; hr < r; ++hr) {
-    const int64_t h = hs * r + hr;
-    float* yh = y + ((b * sh.hq + h) * sh.s) * sh.d;
-    for (int64_t row = 0; row < rows; ++row) {
-      const int64_t slot = hr * rows + row;
-      const float inv = l[slot] > 0.0f ? 1.0f / l[slot] : 0.0f;
-      for (int64_t e = 0; e < sh.d; ++e) yh[(q0 + row) * sh.d + e] = acc[slot * sh.d + e] * inv;
-    }
-  }
+UnitFn pick_isa() {
+  const char* forced = std::getenv("EDGEPRUNE_KERNEL_ISA");
+  const std::string want = forced ? forced : "";
+#ifdef EP_X86
+  __builtin_cpu_init();
+  if ((want.empty() || want == "avx512") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq"))
+    return unit_of<isa_avx512::Scratch, isa_avx512::run_unit>;
+  if ((want.empty() || want == "avx512" || want == "avx2") && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma"))
+    return unit_of<isa_avx2::Scratch, isa_avx2::run_unit>;
+#endif
+  return unit_of<isa_base::Scratch, isa_base::run_unit>;
+}
+
+struct Dispatch {
+  UnitFn fn;
+  void* job;
+  int64_t units, nb;
+};
+
+// Units in decreasing cost: later query blocks see more causal key blocks, so they go first and
+// the dynamic schedule ends on cheap units.
+inline int64_t unit_at(const Dispatch& d, size_t n) {
+  const int64_t row = static_cast<int64_t>(n) / d.nb, i = d.nb - 1 - static_cast<int64_t>(n) % d.nb;
+  return row * d.nb + i;
+}
+
+void parallel_body(void* data, size_t n) {
+  const Dispatch& d = *static_cast<const Dispatch*>(data);
+  d.fn(d.job, unit_at(d, n));
 }
 
 static int thread_count(int64_t units) {
@@ -194,21 +185,30 @@ void compute(void* op_kernel, OrtKernelContext* context) {
   float* y = static_cast<float*>(data_of(out));
   if (qd.size() != 4 || kd.size() != 4 || id.size() != 4 || y == nullptr) return;
   Shape sh{qd[0], qd[1], kd[1], qd[2], qd[3], id[1], id[2], id[3], kernel.block};
-  const size_t total = static_cast<size_t>(sh.b * sh.hq * sh.s * sh.d);
-  std::fill(y, y + total, 0.0f);
   const bool ok = sh.hkv > 0 && sh.hsel > 0 && sh.hq % sh.hsel == 0 && sh.hsel % sh.hkv == 0 &&
                   sh.nb == (sh.s + sh.block - 1) / sh.block && kd[2] == sh.s && kd[3] == sh.d && id[0] == sh.b;
-  if (!ok) return;  // shapes the function body would also reject; the pass never emits them
+  if (!ok) {  // shapes the function body would also reject; the pass never emits them
+    if (qd.size() == 4) std::fill(y, y + qd[0] * qd[1] * qd[2] * qd[3], 0.0f);
+    return;
+  }
   const float* q = static_cast<const float*>(data_of(in[0]));
   const float* k = static_cast<const float*>(data_of(in[1]));
   const float* v = static_cast<const float*>(data_of(in[2]));
   const int64_t* idx = static_cast<const int64_t*>(data_of(in[3]));
   const int64_t units = sh.b * sh.hsel * sh.nb;
+  Job job{sh, kernel.scale, q, k, v, idx, y};
+  Dispatch dispatch{pick_isa(), &job, units, sh.nb};
+  if (g_api17.table != nullptr) {
+    // num_batch 0: one task per unit, taken dynamically by ORT's intra-op pool (its thread count).
+    if (OrtStatus* st = g_api17.KernelContext_ParallelFor(context, parallel_body, static_cast<size_t>(units), 0, &dispatch)) {
+      g_api.ReleaseStatus(st);
+      for (int64_t u = 0; u < units; ++u) parallel_body(&dispatch, static_cast<size_t>(u));
+    }
+    return;
+  }
   std::atomic<int64_t> next{0};
   auto worker = [&]() {
-    std::vector<float> kt(sh.d * sh.block), sbuf(sh.block), acc;
-    for (int64_t u = next.fetch_add(1); u < units; u = next.fetch_add(1))
-      run_unit(u, sh, kernel.scale, q, k, v, idx, y, kt, sbuf, acc);
+    for (int64_t u = next.fetch_add(1); u < units; u = next.fetch_add(1)) parallel_body(&dispatch, static_cast<size_t>(u));
   };
   const int threads = thread_count(units);
   std::vector<std::thread> pool;
@@ -241,6 +241,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
     if (old.table == nullptr) return nullptr;
     return old.CreateStatus(ORT_FAIL, "the edgeprune sparse-attention kernel needs onnxruntime >= 1.13 (C API 13)");
   }
+  g_api17.table = base->GetApi(edgeprune_ort::kParallelForVersion);  // nullptr before ORT 1.17
   OrtCustomOpDomain* domain = nullptr;
   if (OrtStatus* st = g_api.CreateCustomOpDomain("edgeprune", &domain)) return st;
   if (OrtStatus* st = g_api.CustomOpDomain_Add(domain, &g_op)) return st;

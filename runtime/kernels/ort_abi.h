@@ -3,7 +3,9 @@
 // the OrtApi function table as an array of pointers and name only the slots we use.  The table
 // only ever appends entries, so a slot's position is a stable fact; the positions below were
 // counted in the public C API header (API version 13) and every one of them exists since
-// version 1.  The OrtCustomOp struct is laid out as at version 13 (its fields too only grow).
+// version 1, except KernelContext_ParallelFor (slot 274, "\since Version 1.17"), which the kernel
+// asks for with GetApi(17) and uses only when that returns a table.  The OrtCustomOp struct is
+// laid out as at version 13 (its fields too only grow).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -48,6 +50,7 @@ struct OrtCustomOp {  // version 13 layout
 namespace edgeprune_ort {
 
 constexpr uint32_t kApiVersion = 13;  // the OrtCustomOp layout above; ORT >= 1.13
+constexpr uint32_t kParallelForVersion = 17;  // KernelContext_ParallelFor; ORT >= 1.17
 
 // Slot numbers in the OrtApi table (0-based, counted from CreateStatus).
 enum Slot : int {
@@ -65,6 +68,7 @@ enum Slot : int {
   kKernelContext_GetOutput = 91,
   kReleaseStatus = 93,
   kReleaseTensorTypeAndShapeInfo = 99,
+  kKernelContext_ParallelFor = 274,  // API 17
 };
 
 struct Api {
@@ -109,6 +113,11 @@ struct Api {
                                      OrtValue** out) const {
     return at<OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**)>(
         kKernelContext_GetOutput)(c, index, dims, n, out);
+  }
+  OrtStatus* KernelContext_ParallelFor(const OrtKernelContext* c, void (*fn)(void*, size_t), size_t total,
+                                       size_t num_batch, void* data) const {
+    return at<OrtStatus* (*)(const OrtKernelContext*, void (*)(void*, size_t), size_t, size_t, void*)>(
+        kKernelContext_ParallelFor)(c, fn, total, num_batch, data);
   }
   void ReleaseStatus(OrtStatus* s) const { at<void (*)(OrtStatus*)>(kReleaseStatus)(s); }
   void ReleaseTensorTypeAndShapeInfo(OrtTensorTypeAndShapeInfo* i) const {

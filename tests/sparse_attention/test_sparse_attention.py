@@ -159,3 +159,30 @@ def test_kernel_replaces_the_function_body():
     portable, kernel = _sessions(op_model(4, 2, 8, block=8, keep=0.5))
     a, b = portable.run(None, feeds)[0], kernel.run(None, feeds)[0]
     assert 0 < np.abs(a - b).max() < 1e-4
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "base"])
+@pytest.mark.parametrize("b,hq,hkv,d,s,block,keep,per_group", [CASES[0], CASES[1], CASES[2], (1, 9, 3, 64, 300, 64, 0.5, True)])
+def test_every_instruction_set_equals_the_portable_op(monkeypatch, isa, b, hq, hkv, d, s, block, keep, per_group):
+    # The kernel picks its ISA per call (EDGEPRUNE_KERNEL_ISA forces one, or the widest below it
+    # the CPU has), so each compiled tile variant is checked on this machine.
+    monkeypatch.setenv("EDGEPRUNE_KERNEL_ISA", isa)
+    feeds = _inputs(b, hq, hkv, d, s, seed=3)
+    portable, kernel = _sessions(op_model(hq, hkv, d, block=block, keep=keep, per_group=per_group))
+    np.testing.assert_allclose(kernel.run(None, feeds)[0], portable.run(None, feeds)[0], atol=1e-4, rtol=0)
+
+
+@needs_kernel
+def test_kernel_on_ort_threads_equals_one_thread():
+    # Work is split over (batch, row, query block) units on ORT's intra-op pool: same result.
+    data = ir.serde.serialize_model(op_model(9, 3, 64, block=64, keep=0.25)).SerializeToString()
+    feeds = _inputs(2, 9, 3, 64, 520, seed=4)
+    outs = []
+    for threads in (1, 2, 4):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.register_custom_ops_library(LIBRARY)
+        outs.append(ort.InferenceSession(data, so).run(None, feeds)[0])
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
