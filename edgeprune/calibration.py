@@ -601,7 +601,7 @@ def _to_input(pixels: np.ndarray, dtype: np.dtype, layout: str, mean: Sequence[f
 #: Sentences calibrated on when a text model comes without --calib but with a tokenizer.
 BUNDLED_SENTENCES = pathlib.Path(__file__).parent / "data" / "calibration_sentences.txt"
 #: Sizes tried for a dynamic dimension after the model's own constants.
-_COMMON_IMAGE_SIZES = (224, 32, 48, 64, 96, 112, 128, 160, 192, 256, 320, 384, 416, 512, 640)
+_COMMON_IMAGE_SIZES = (224, 48, 32, 64, 96, 112, 128, 160, 192, 256, 320, 384, 416, 512, 640)  # 48, 32: OCR line heights
 _COMMON_SEQ_LENS = (128, 64, 32, 16, 8, 256, 512)
 _MAX_DIM = 4096
 _MAX_PROBE_ELEMENTS = 1 << 24  # per input: a candidate shape bigger than this is not tried
@@ -640,10 +640,10 @@ def _synthetic(
     highs = _id_ranges(model, specs)
     shapes = _fitting_shapes(model, specs, highs, seq_len, image_size, seed)
     logger.warning(
-        "NO CALIBRATION DATA: using %d synthetic random samples; statistics and accuracy checks on random "
+        "NO CALIBRATION DATA: using %d synthetic random samples (%s); statistics and accuracy checks on random "
         "inputs say little about real use. Pass --calib with real data.",
-        count,
-    )
+        count, _shapes_text(shapes),
+    )  # fmt: skip
     rng = np.random.default_rng(seed)
     samples = [{s.name: _synthetic_array(s, shapes[s.name], highs.get(s.name), rng) for s in specs} for _ in range(count)]
     return _finish(samples, specs, f"{count} synthetic random samples", synthetic=True)
@@ -685,29 +685,39 @@ def _slots(specs: Sequence[InputSpec]) -> dict[object, list[tuple[str, int]]]:
 
 
 def _graph_sizes(model: ir.Model) -> list[int]:
-    """Sizes the graph's constants fix: Reshape targets and MatMul/Gemm weight dims, in graph order."""
+    """Sizes the graph's constants fix, in graph order: Reshape targets (or their Concat's constant parts), MatMul/Gemm weight dims.
+
+    Weights may be initializers or Constant nodes (Paddle exports write them as Constant nodes).
+    """
+    from edgeprune.analysis.graph import constant
+
     sizes: list[int] = []
     for node in model.graph:
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("Reshape", "MatMul", "Gemm"):
             continue
-        operands = node.inputs[1:2] if node.op_type == "Reshape" else node.inputs[:2]
-        for value in operands:
-            tensor = None if value is None else value.const_value
-            if tensor is None and value is not None and value.name in model.graph.initializers:
-                tensor = model.graph.initializers[value.name].const_value
-            if tensor is None:
-                continue
-            dims = tensor.numpy().reshape(-1).tolist() if node.op_type == "Reshape" else list(tensor.shape)
-            sizes.extend(int(d) for d in dims if isinstance(d, (int, np.integer)) and 1 < int(d) <= _MAX_DIM)
+        if node.op_type == "Reshape":
+            target = node.inputs[1] if len(node.inputs) > 1 else None
+            producer = None if target is None else target.producer()
+            parts = list(producer.inputs) if producer is not None and producer.op_type == "Concat" else [target]
+            tensors = [constant(v) for v in parts]
+            dims = [int(d) for t in tensors if t is not None for d in t.numpy().reshape(-1).tolist()]
+        else:
+            dims = [int(d) for v in node.inputs[:2] if (t := constant(v)) is not None for d in t.shape]
+        sizes.extend(d for d in dims if 1 < d <= _MAX_DIM)
     return sizes
 
 
 def _candidates(slot_axes: list[tuple[str, int]], by_name: dict[str, InputSpec], default: int, graph_sizes: list[int],
                 image_size: int) -> list[int]:
-    """Values to try for one dynamic dim: the first guess, the input's static dims, the graph's constants, common sizes."""
+    """Values to try for one dynamic dim: the first guess, the input's static dims, the graph's constants, common sizes.
+
+    An image's channel count is not offered for its height or width.
+    """
     spec = by_name[slot_axes[0][0]]
-    static = [d for d in spec.shape if isinstance(d, int) and 1 < d <= _MAX_DIM]
-    common = (image_size, *_COMMON_IMAGE_SIZES) if _is_image(spec) else _COMMON_SEQ_LENS
+    image = _is_image(spec)
+    channel_axis = (3 if spec.shape[3] == 3 else 1) if image else None
+    static = [d for axis, d in enumerate(spec.shape) if isinstance(d, int) and 1 < d <= _MAX_DIM and axis not in (0, channel_axis)]
+    common = (image_size, *_COMMON_IMAGE_SIZES) if image else _COMMON_SEQ_LENS
     return list(dict.fromkeys([default, *static, *graph_sizes, *common]))
 
 

@@ -136,24 +136,31 @@ def test_compile_a_minus_one_batch_model(tmp_path, capsys, with_npz):
 # ---- defect 3: synthetic shapes the graph's own constants suggest
 
 
-def _fixed_height(tmp_path, height: int = 40) -> pathlib.Path:
-    """x[-1, 1, ?, ?] -> Transpose(H<->W) -> MatMul W[height, 5]: any width, height fixed by the weight (PaddleOCR rec)."""
-    w = np.random.default_rng(0).standard_normal((height, 5)).astype(np.float32)
+def _fixed_height(tmp_path, height: int = 40, constant_node: bool = False) -> pathlib.Path:
+    """x[-1, 1, ?, ?] -> Transpose(H<->W) -> MatMul W[height, 5]: any width, height fixed by the weight (PaddleOCR rec).
+
+    With ``constant_node`` the weight is a Constant node, as Paddle exports write it.
+    """
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((height, 5)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["t", "w"], ["y"]),
+    ]
+    if constant_node:
+        nodes.insert(0, helper.make_node("Constant", [], ["w"], value=w))
     graph = helper.make_graph(
-        [
-            helper.make_node("Transpose", ["x"], ["t"], perm=[0, 1, 3, 2]),
-            helper.make_node("MatMul", ["t", "w"], ["y"]),
-        ],
+        nodes,
         "fixed_height",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 1, None, None])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 1, None, 5])],
-        [numpy_helper.from_array(w, "w")],
+        [] if constant_node else [w],
     )
     return _save(tmp_path, graph)
 
 
-def test_synthetic_shape_follows_the_graphs_constants(tmp_path):
-    model = ir.load(_fixed_height(tmp_path))
+@pytest.mark.parametrize("constant_node", [False, True], ids=["initializer", "constant-node"])
+def test_synthetic_shape_follows_the_graphs_constants(tmp_path, constant_node):
+    model = ir.load(_fixed_height(tmp_path, constant_node=constant_node))
     calib = load_calibration(None, model, max_samples=2, image_size=32)
     assert [s["x"].shape for s in calib.samples] == [(1, 1, 40, 32), (1, 1, 40, 32)]
 
