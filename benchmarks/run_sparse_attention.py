@@ -6,7 +6,11 @@ selection) at 1k and 4k tokens, side by side in one process: ORT's fused dense
 optimum exports, and edgeprune's op at 12.5 % and 25 % kept, through the portable ONNX function
 and through the C++ kernel.  Ratios are latency / fused dense latency (lower is faster).
 
-    python benchmarks/run_sparse_attention.py [--lengths 1024,4096] [--runs 5]
+    python benchmarks/run_sparse_attention.py [--lengths 1024,4096] [--runs 5] [--before-library PATH]
+
+``--before-library`` adds a kernel before/after table: the same op through an older build of the
+kernel library and through this one, interleaved with fused dense GQA in one loop (each its own
+session), so the ratios share the machine's noise.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import logging
 import os
 import platform
 import sys
+import time
 
 import numpy as np
 import onnx
@@ -99,11 +104,54 @@ def portable_only(model: ir.Model) -> ir.Model:
     return model
 
 
+def _session(model: onnx.ModelProto, threads: int, library: str | None) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    if library:
+        so.register_custom_ops_library(library)
+    return ort.InferenceSession(model.SerializeToString(), so)
+
+
+def compare_libraries(before: str, lengths: list[int], runs: int, threads: int) -> dict:
+    """Median ms and ratio to fused dense GQA of the op through ``before`` and through this build."""
+    after = kernels.sparse_attention_library()
+    out = {}
+    for s in lengths:
+        rng = np.random.default_rng(0)
+        q = rng.standard_normal((1, HQ, s, D)).astype(np.float32)
+        k = rng.standard_normal((1, HKV, s, D)).astype(np.float32)
+        v = rng.standard_normal((1, HKV, s, D)).astype(np.float32)
+        flat = {"q": q.transpose(0, 2, 1, 3).reshape(1, s, -1), "k": k.transpose(0, 2, 1, 3).reshape(1, s, -1),
+                "v": v.transpose(0, 2, 1, 3).reshape(1, s, -1), "seqlens_k": np.array([s - 1], np.int32),
+                "total": np.array(s, np.int32)}  # fmt: skip
+        cands = {"fused dense GQA": (_session(fused_gqa(), threads, None), flat)}
+        for keep in (0.125, 0.25):
+            proto = ir.serde.serialize_model(op_model(HQ, HKV, D, block=BLOCK, keep=keep, min_len=0))
+            for label, lib in (("before", before), ("after", after)):
+                cands[f"kernel {label} {keep:.1%}"] = (_session(proto, threads, lib), {"q": q, "k": k, "v": v})
+        times = {name: [] for name in cands}
+        for name, (sess, feed) in cands.items():
+            sess.run(None, feed)  # warm-up
+        names = list(cands)
+        for r in range(runs):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                sess, feed = cands[name]
+                t0 = time.perf_counter()
+                sess.run(None, feed)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        base = float(np.median(times["fused dense GQA"]))
+        out[s] = {name: {"p50_ms": float(np.median(t)), "ratio_to_fused": float(np.median(t)) / base} for name, t in times.items()}
+        for name, r in out[s].items():
+            logger.info("  [before/after] %5d %-22s %9.2f ms  x%.3f", s, name, r["p50_ms"], r["ratio_to_fused"])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="1024,4096")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--before-library", default=None, help="an older build of the kernel library to compare with")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if kernels.sparse_attention_library() is None:
@@ -131,17 +179,22 @@ def main() -> None:
                       for name, r in timed.items()}  # fmt: skip
         for name, r in results[s].items():
             logger.info("  %-28s %9.2f ms  x%.3f", name, r["p50_ms"], r["ratio_to_fused"])
+    before_after = None
+    if args.before_library:
+        before_after = compare_libraries(args.before_library, [int(x) for x in args.lengths.split(",")], args.runs, args.threads)
     meta = {"command": "python benchmarks/run_sparse_attention.py " + " ".join(sys.argv[1:]),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} ORT threads",
-            "onnxruntime": ort.__version__, "date": dt.date.today().isoformat(), "runs": args.runs}  # fmt: skip
+            "onnxruntime": ort.__version__, "date": dt.date.today().isoformat(), "runs": args.runs,
+            "load_average_1m": round(os.getloadavg()[0], 2)}  # fmt: skip
     out = REPO / "benchmarks" / "results" / "sparse_attention.json"
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    out.write_text(json.dumps({"meta": meta, "results": results, "before_after": before_after}, indent=2))
     names = list(next(iter(results.values())))
     lines = [
         "## Sparse attention: one attention layer at SmolLM2-135M's shapes",
         "",
         f"`{meta['command']}` — {meta['machine']}, onnxruntime {meta['onnxruntime']}, {meta['date']}, "
-        f"p50 of {args.runs} interleaved runs.  9 query / 3 KV heads, head dim 64, causal, 64-token blocks, "
+        f"p50 of {args.runs} interleaved runs, 1-minute load average {meta['load_average_1m']} at the end "
+        "(above the core count means other jobs shared the cores).  9 query / 3 KV heads, head dim 64, causal, 64-token blocks, "
         "selection per KV group (sink block and diagonal always kept).  Ratio = latency / fused dense "
         "`com.microsoft.GroupQueryAttention` (lower is faster); selection cost included in the sparse rows.",
         "",
@@ -151,6 +204,14 @@ def main() -> None:
     for name in names:
         cells = [f"{results[s][name]['p50_ms']:.1f} ({results[s][name]['ratio_to_fused']:.2f})" for s in results]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if before_after:
+        lines += ["", f"Kernel before/after (`--before-library {os.path.basename(args.before_library)}`, its own interleaved loop, "
+                  "p50; ratio to fused dense GQA from the same loop):", "",
+                  "| form | " + " | ".join(f"{s} tokens: p50 ms (ratio)" for s in before_after) + " |",
+                  "|---|" + "---|" * len(before_after)]
+        for name in next(iter(before_after.values())):
+            cells = [f"{before_after[s][name]['p50_ms']:.1f} ({before_after[s][name]['ratio_to_fused']:.2f})" for s in before_after]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     update_section(BENCHMARKS_MD, "sparse_attention", "\n".join(lines))
 
 
