@@ -45,9 +45,19 @@ def build_passes(recipe: Recipe, context: CompileContext | None = None) -> list[
     return [get_pass(spec.name).from_options(spec.options, context) for spec in recipe.passes]
 
 
-def default_recipe() -> Recipe:
-    """What ``compile`` runs without ``--recipe`` or pass flags: graph cleanup only."""
-    return Recipe([PassSpec("cleanup")], source="default")
+#: Targets whose fast formats the default recipe's bit allocation (mode ``fast``) has been measured on.
+FAST_BITS_TARGETS = ("cpu",)
+
+
+def default_recipe(target: str = "cpu") -> Recipe:
+    """What ``compile`` runs without ``--recipe`` or pass flags: cleanup, then (on a target where it has
+    been measured) bit allocation in its ``fast`` mode: each weight in the target's fastest format that
+    keeps it smaller (on cpu: dynamic int8 MatMul/Gemm where timed faster, static QDQ Conv, 4-bit
+    embedding tables); the accuracy back-off keeps the worst nodes float when fidelity falls short."""
+    passes = [PassSpec("cleanup")]
+    if str(target).strip().lower() in FAST_BITS_TARGETS:
+        passes.append(PassSpec("bits", {"mode": "fast"}))
+    return Recipe(passes, source="default")
 
 
 def recipe_from_flags(*, prune: dict[str, Any] | None = None, bits: dict[str, Any] | None = None,

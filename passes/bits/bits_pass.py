@@ -45,6 +45,11 @@ class BitAllocationPass(EdgePass):
     def relaxed(self, last: EdgePassResult | None = None) -> BitAllocationPass | None:
         """The next budget up; None once the last run already kept every weight in float."""
         c = self.config
+        if c.mode == "fast":  # keep float the nodes above half the worst error the last run chose
+            errors = [r["rel_error"] for r in (last.records if last is not None else []) if r["format"] != "float"]
+            if not errors:
+                return None
+            return BitAllocationPass(dataclasses.replace(c, max_rel_error=max(errors) / 2), self.context)
         if c.mode == "uniform":
             nxt = {2: 4, 4: 8}.get(c.bits or 0)
             return None if nxt is None else BitAllocationPass(dataclasses.replace(c, bits=nxt), self.context)
@@ -73,25 +78,37 @@ class BitAllocationPass(EdgePass):
         kinds, notes = units_mod.formats_for(ctx.target if ctx is not None else None, c)
         structures = analyze(model)
         units, skipped = units_mod.build(model, structures, c, kinds, notes)
-        if not units:
-            notes.append("no weight-bearing node with a constant float weight was found: nothing to quantize")
-            return BitsResult(model, modified=False, summary={"notes": notes, **skipped})
+        done = skipped["already_quantized"]
+        headline = None
+        if done["weights"]:
+            headline = "bits: " + next(n for n in notes if n.startswith("already quantized")) if c.mode != "fast" else (
+                f"bits: the model is already quantized ({done['weights']} of {done['of']} weights), so the default "
+                f"leaves it as it is; pass --bits 8 or --bits auto --size-budget SIZE to quantize the other {len(units)}")
+        if not units or (c.mode == "fast" and done["weights"]):
+            if not units:
+                notes.append("no weight-bearing node with a constant float weight was found: nothing to quantize")
+            return BitsResult(model, modified=False, summary={"notes": notes, "headline": headline, **skipped})
+        float_unit_bytes = sum(u.float_size for u in units)
+        other_bytes = model_bytes(model) - float_unit_bytes
+        measure.sizes(units)
+        solve.check_floor(c, units, other_bytes)  # shapes alone: before any measuring
+        summary: dict[str, Any] = {
+            "mode": c.mode, "units": len(units), **skipped, "float_unit_bytes": float_unit_bytes,
+            "other_bytes": other_bytes, "formats_offered": sorted({o.key for u in units for p in u.parts for o in p.options}),
+            "per_layer_chart": {"y": "bits", "ylabel": "bits per weight"}, "headline": headline,
+        }  # fmt: skip
+        if c.mode == "fast":
+            return self._fast(model, structures, units, summary, notes)
         stats = measure.measure(model, units, ctx)
         if c.importance == "residual":
             measure.residual_importance(model, structures, units, ctx, stats)
         elif c.importance == "measured":
             measure.measured_importance(model, units, ctx, stats)
-        float_unit_bytes = sum(u.float_size for u in units)
-        other_bytes = model_bytes(model) - float_unit_bytes
         rows, shared, latency_info = solve.items(units), [], {}
         if c.latency_bounded and c.mode == "auto":
             rows, shared, latency_info = latency.with_latency(model, units, rows, c, ctx)
         bud = solve.budget(c, units, other_bytes, rows, latency_info)
-        summary: dict[str, Any] = {
-            "mode": c.mode, "units": len(units), **skipped, "float_unit_bytes": float_unit_bytes,
-            "other_bytes": other_bytes, "formats_offered": sorted({o.key for u in units for p in u.parts for o in p.options}),
-            "per_layer_chart": {"y": "bits", "ylabel": "bits per weight"}, "latency": latency_info or None,
-        }  # fmt: skip
+        summary["latency"] = latency_info or None
         if bud.get("noop"):
             notes.append(bud["noop"])
             summary["notes"] = notes
@@ -118,16 +135,45 @@ class BitAllocationPass(EdgePass):
                        budget=bud.get("text"), floor=bud.get("floor_text"))
         if sol.latency:
             summary["predicted_latency_ms"] = sol.latency + latency_info.get("rest_ms", 0.0)
-        records = units_mod.records(units, sol.choice)
-        measure.output_checks(model, units, sol.choice, records, ctx, c.output_checks, stats)
+        return self._finish(model, structures, units, sol.choice, new, log, stats, summary, notes)
+
+    def _finish(self, model, structures, units, choice, new, log, stats, summary, notes) -> BitsResult:
+        """Cross-checks into the records, the emitted graph into ``model``, the summary's totals."""
+        ctx = self.context
+        records = units_mod.records(units, choice)
+        measure.output_checks(model, units, choice, records, ctx, self.config.output_checks, stats)
         measure.block_cosines(model, structures, records, ctx)
         model.graph = new.graph
         model.ir_version = new.ir_version
-        summary.update(emit=log, weight_bytes_after=model_bytes(model),
-                       avg_bits=8.0 * sol.size / sum(u.params for u in units))
+        size = sum(u.size(u.combos()[i]) for u, i in zip(units, choice))
+        summary.update(emit=log, weight_bytes_after=model_bytes(model), avg_bits=8.0 * size / sum(u.params for u in units))
         summary["notes"] = notes
         logger.info("bits: %d units, %.2f avg bits, %.1f MB of weights", len(units), summary["avg_bits"], summary["weight_bytes_after"] / 1e6)
         return BitsResult(model, modified=True, records=records, summary=summary)
+
+    def _fast(self, model, structures, units, summary, notes) -> BitsResult:
+        """Fast mode: the target's fast format per weight, dynamic int8 only where it times faster, float
+        where the measured error exceeds ``max_rel_error``; the latency decision comes first, so a model
+        where float is fastest everywhere is neither measured nor emitted."""
+        c, ctx = self.config, self.context
+        table = None
+        if any(o.kind == "int8-dynamic" and p.op in ("MatMul", "Gemm") for u in units for p in u.parts for o in p.options):
+            from edgeprune.passes.bits import microbench
+
+            with measure.stage(ctx, "latency microbenchmarks per shape (float vs dynamic int8)"):
+                table = microbench.unit_latencies(units, ctx.target, tokens=c.latency_tokens, threads=ctx.threads)
+        slow = solve.fast_wanted(units, table)
+        measured = len(slow) < sum(len(u.parts) for u in units)
+        stats = measure.measure(model, units, ctx) if measured else {}
+        choice, kept = solve.fast_choice(c, units, slow)
+        summary["headline"] = _fast_headline(units, choice, kept, c)
+        summary["kept_float"] = dict(sorted(kept.items()))
+        if not measured or all(o.kind == KEEP for o in units_mod.plan(units, choice).values()):
+            summary["notes"] = notes
+            return BitsResult(model, modified=False, records=units_mod.records(units, choice) if measured else [],
+                              summary=summary, float_reached=True)
+        new, log = self._emit(model, units, units_mod.plan(units, choice), stats)
+        return self._finish(model, structures, units, choice, new, log, stats, summary, notes)
 
     def _emit(self, model: ir.Model, units, plan, stats):
         from edgeprune.passes.bits.emit import emit
@@ -136,3 +182,33 @@ class BitAllocationPass(EdgePass):
             grams = {p.node: stats[p.input].gram for u in units for p in u.parts if plan[p.node].kind == "gptq"}
             rows = self.context.calibration.samples if any(o.kind == "qdq" for o in plan.values()) else None
             return emit(model, plan, accuracy_level=self.config.accuracy_level, grams=grams, calibration=rows)
+
+
+_FAST_NAMES = {"int8-dynamic": "dynamic int8", "qdq": "static QDQ int8", "gather-nbits": "4-bit GatherBlockQuantized"}
+
+
+def _fast_headline(units, choice, kept: dict[str, str], c: BitAllocationConfig) -> str:
+    """One sentence for the summary: what the default did, what it kept float and why, how to ask for more."""
+    counts: dict[str, int] = {}
+    for u, i in zip(units, choice):
+        for p, o in zip(u.parts, u.combos()[i]):
+            if o.kind != KEEP:
+                what = {"Conv": "Conv", "Gather": "embedding"}.get(p.op, "MatMul/Gemm")
+                key = f"{_FAST_NAMES.get(o.kind, o.key)} on {{n}} {what}"
+                counts[key] = counts.get(key, 0) + 1
+    total = sum(len(u.parts) for u in units)
+    slow = sum(1 for why in kept.values() if why == "slower")
+    lossy = sum(1 for why in kept.values() if why == "lossy")
+    other = len(kept) - slow - lossy
+    reasons = [f"{slow} faster in float"] if slow else []
+    if lossy:
+        reasons.append(f"{lossy} above the {c.max_rel_error:.3g} error bound")
+    if other:
+        reasons.append(f"{other} without a fast format")
+    if not counts:
+        why = f"float is the fastest format for all {total} weights here" if slow == total else f"{', '.join(reasons)}"
+        return f"bits: nothing quantized: {why}; for a smaller model, pass --bits auto --size-budget SIZE or --prune 0.2"
+    done = "; ".join(k.format(n=n) for k, n in counts.items())
+    if kept:
+        done += f"; float kept for {len(kept)} ({', '.join(reasons)})"
+    return f"bits: {done}; for more, add --prune 0.2 or --bits auto --size-budget SIZE"

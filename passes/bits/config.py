@@ -11,7 +11,9 @@ from edgeprune.errors import BadInputError
 @dataclasses.dataclass
 class BitAllocationConfig:
     mode: str = "auto"
-    """``auto``: solve for a budget; ``uniform``: every unit at ``bits``."""
+    """``auto``: solve for a budget; ``uniform``: every unit at ``bits``; ``fast`` (the default recipe, no
+    budget): each weight in the target's fastest format that is smaller than float (cpu: dynamic int8
+    MatMul/Gemm where the microbenchmarks time it faster, static QDQ Conv, 4-bit embedding tables)."""
     bits: int | None = None
     """Uniform mode: 8 (8-bit weight-only MatMulNBits, uint8 embeddings) or 4 / 2 (block-quantized)."""
     size_budget_bytes: int | None = None
@@ -55,6 +57,9 @@ class BitAllocationConfig:
     """Weight of each node's squared relative error: ``measured`` (model-output error when only that node
     is quantized, over its local error, measured for every node in one session), ``uniform`` (1 each) or
     ``residual`` (its block's ||output||^2 / ||residual stream||^2)."""
+    max_rel_error: float | None = None
+    """Fast mode: keep float any weight whose measured relative output error would exceed this (None: no
+    bound); the accuracy back-off halves it from the worst error chosen."""
     relax_step: float = 0.15
     """Accuracy back-off: each step grows the budget by this fraction (uniform: 2 -> 4 -> 8 bits)."""
 
@@ -64,8 +69,8 @@ class BitAllocationConfig:
         if not blocks or any(b < 16 or b & (b - 1) for b in blocks):
             raise BadInputError(f"block sizes must be powers of two >= 16, not {self.block_size!r}")
         self.block_size = blocks[0] if len(blocks) == 1 else blocks
-        if self.mode not in ("auto", "uniform"):
-            raise BadInputError(f"mode must be 'auto' or 'uniform', not {self.mode!r}")
+        if self.mode not in ("auto", "uniform", "fast"):
+            raise BadInputError(f"mode must be 'auto', 'uniform' or 'fast', not {self.mode!r}")
         if self.importance not in ("uniform", "residual", "measured"):
             raise BadInputError(f"importance must be 'uniform', 'residual' or 'measured', not {self.importance!r}")
         _check_budgets(self)  # here, so a recipe is refused when it is read, before any model is loaded
@@ -93,6 +98,10 @@ def check(c: BitAllocationConfig, context) -> None:
 def _check_budgets(c: BitAllocationConfig) -> None:
     """Refuse a config the pass cannot run: no budget, two budgets on one resource, a budget <= 0."""
     budgets = [b for b in (c.size_budget_bytes, c.avg_bits, c.latency_budget_ms, c.latency_budget_ratio) if b is not None]
+    if c.mode == "fast":
+        if budgets:
+            raise BadInputError("mode 'fast' takes no budget: use mode 'auto' with --size-budget, --avg-bits or --latency-budget.")
+        return
     if c.mode == "uniform":
         if c.bits not in (2, 4, 8):
             raise BadInputError(f"uniform bits must be 2, 4 or 8, not {c.bits!r}: pass --bits 8 or --bits 4.")

@@ -8,7 +8,7 @@ The plan maps node names to :class:`edgeprune.passes.bits.sensitivity.Option`.  
    tool looks through the Transpose); a quantized ``Gemm`` becomes ``MatMul`` (+ ``Add``) since
    neither tool quantizes Gemm; the IR version is raised to 10 when a GatherBlockQuantized will
    hold int4 tensors (the opset is left alone: the ops it contains are unchanged);
-2. ``quantize_static(QuantFormat.QDQ, nodes_to_quantize=...)`` for the QDQ nodes (NPU-style
+2. ``quantize_static(QuantFormat.QDQ, nodes_to_quantize=...)`` for the QDQ nodes (Conv on CPU, NPU-style
    targets), one run per activation width, ranges calibrated on ``calibration`` rows of the float
    model; then ``quantize_dynamic(nodes_to_quantize=...)`` for the dynamic-int8 MatMul/Conv/Gather nodes;
 3. one ``MatMulNBitsQuantizer`` run per distinct (bits, block, symmetric) setting, restricted

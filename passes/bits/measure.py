@@ -80,6 +80,15 @@ def _conv_bytes(w: np.ndarray, o: Option, float_bytes: int) -> int:
     return w.size + float_bytes + 1
 
 
+def sizes(units: list[Unit]) -> None:
+    """Fill each part's bytes per option: shapes alone decide them, so budgets are checked before measuring."""
+    for u in units:
+        for p in u.parts:
+            fb = _float_bytes(p.weight)
+            for o in p.options:
+                p.sizes[o.key] = _conv_bytes(p.weight, o, fb) if p.op == "Conv" else sensitivity.option_bytes(o, p.weight.shape, fb)
+
+
 def measure(model: ir.Model, units: list[Unit], context) -> dict:
     """Fill each part's error (relative output error on calibration rows) and size per option.
 
@@ -95,14 +104,9 @@ def measure(model: ir.Model, units: list[Unit], context) -> dict:
     stats = context.stats(model, requests) if requests else {}
     counts = _token_counts(units, context.calibration.samples)
     with stage(context, f"quantization error of {sum(len(p.options) for u in units for p in u.parts)} unit options"):
+        sizes(units)
         for u in units:
             for p in u.parts:
-                fb = _float_bytes(p.weight)
-                for o in p.options:
-                    if p.op == "Conv":
-                        p.sizes[o.key] = _conv_bytes(p.weight, o, fb)
-                    else:
-                        p.sizes[o.key] = sensitivity.option_bytes(o, p.weight.shape, fb)
                 p.errors.update(_cached_errors(context, p, stats, counts))
     return stats
 
@@ -158,13 +162,13 @@ def _errors(p: Part, stats, counts) -> dict[str, float]:
     if p.op == "Conv":
         # Diagonal Gram (per-input-channel energy): exact cross terms would need im2col statistics.
         # quantize_dynamic writes ConvInteger with one weight scale (per tensor), whatever per_channel says.
-        w2 = p.weight.reshape(p.weight.shape[0], -1).T
-        per = np.repeat(st.sq_norm, int(np.prod(p.weight.shape[2:])))
-        den = float(per @ np.square(w2).sum(axis=1))
+        energy = _conv_energy(p.weight, st.sq_norm)
+        w2 = p.weight.reshape(p.weight.shape[0], -1)
+        den = float((energy * np.square(w2)).sum())
         for o in lossy:
             deq = sensitivity.int8_channel_dequant(p.weight, axis=0) if o.kind == "qdq" else sensitivity.int8_tensor_dequant(p.weight)
-            q = deq.reshape(p.weight.shape[0], -1).T
-            num = (float(per @ np.square(q - w2).sum(axis=1)) + _activation_noise(p, o, q, st, stats))
+            q = deq.reshape(p.weight.shape[0], -1)
+            num = (float((energy * np.square(q - w2)).sum()) + _activation_noise(p, o, q, st, stats))
             errs[o.key] = math.sqrt(num / den) if den > 0 else 0.0
         return errs
     qs = [sensitivity.simulate(o, p.weight, gram=st.gram) for o in lossy]
@@ -172,6 +176,22 @@ def _errors(p: Part, stats, counts) -> dict[str, float]:
     for o, e in zip(lossy, sensitivity.gram_rel_errors(p.weight, qs, st.gram, extra_sq=extra)):
         errs[o.key] = e
     return errs
+
+
+def _conv_energy(weight: np.ndarray, sq_norm: np.ndarray) -> np.ndarray:
+    """Input energy each weight of a Conv multiplies, laid out as ``weight.reshape(C_out, -1)``.
+
+    A Conv with ``group`` g splits its C_in input channels into g groups: filter o reads only the
+    C_in/g channels of group o // (C_out/g) (depthwise: one each), so each filter takes its own
+    group's slice of the per-channel energy; g = 1 is the dense case.
+    """
+    cout, per_group = weight.shape[:2]
+    groups = sq_norm.size // per_group
+    if groups * per_group != sq_norm.size or cout % groups:
+        raise ValueError(f"a Conv weight {list(weight.shape)} cannot read {sq_norm.size} input channels")
+    taps = int(np.prod(weight.shape[2:]))
+    by_filter = np.repeat(np.asarray(sq_norm, np.float64).reshape(groups, per_group), cout // groups, axis=0)
+    return np.repeat(by_filter, taps, axis=1)
 
 
 def _activation_noise(p: Part, o: Option, q: np.ndarray, st, stats) -> float:

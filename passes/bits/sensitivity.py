@@ -39,7 +39,7 @@ class Option:
     ``gather-nbits`` (GatherBlockQuantized, block-wise along the embedding dim), ``int8-dynamic``
     (quantize_dynamic: int8 weight per output channel + uint8 dynamic activation), ``int8-gather``
     (quantize_dynamic on a Gather: uint8 table per tensor + DequantizeLinear after the lookup),
-    ``qdq`` (static QDQ for NPU-style targets: int8 weights per output channel, activations of
+    ``qdq`` (static QDQ, for Conv on CPU and NPU-style targets: int8 weights per output channel, activations of
     ``bits`` 8 or 16 quantized per tensor with a range calibrated once), ``gptq`` (MatMulNBits on the same grid, its codes rounded by GPTQ against the Gram of the node's
     input: ``edgeprune.passes.bits.gptq``), ``gather-tied`` (GatherBlockQuantized reading the packed table of the tied LM head's MatMulNBits with
     the same bits/block/symmetry: the table is stored once, so the lookup itself costs no bytes).

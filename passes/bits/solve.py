@@ -5,6 +5,7 @@ Separate from measuring so the same items can be re-solved (a latency miss) with
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,81 @@ CURVE_POINTS = 12
 # A latency budget this far below the microbenchmarks' floor is refused; closer ones get the fastest
 # choice, measured (the microbenchmarks' floor has been 5-10 % pessimistic on MiniLM).
 LATENCY_FLOOR_SLACK = 0.15
+
+
+# Fast mode takes dynamic int8 for a MatMul only where the microbenchmarks time it this much faster
+# than float (its DynamicQuantizeLinear included): a tie is noise, and float is exact.
+FAST_MARGIN = 0.1
+
+
+def _size(n: float, up: bool = False) -> str:
+    """Bytes as kB (1 decimal) or MB (2 decimals); ``up`` rounds up, for "at least" figures."""
+    unit, digits = (1e6, 2) if n >= 1e6 else (1e3, 1)
+    v = n / unit
+    if up:
+        v = math.ceil(v * 10**digits - 1e-9) / 10**digits
+    return f"{v:.{digits}f} {'MB' if unit == 1e6 else 'kB'}"
+
+
+def check_floor(c: BitAllocationConfig, units: list[Unit], other_bytes: int) -> None:
+    """Refuse a size budget below the smallest model the offered formats allow.
+
+    Option sizes follow from shapes alone (``measure.sizes``), so this runs before any statistics
+    are collected; the sentence names the budget, the floor and the flag that fixes it.
+    """
+    if c.mode != "auto" or not c.size_bounded:
+        return
+    min_unit = sum(min(u.size(cb) for cb in u.combos()) for u in units)
+    params = sum(u.params for u in units)
+    floor_bits = math.ceil(800.0 * min_unit / params - 1e-9) / 100.0
+    floor = _size(min_unit + other_bytes, up=True)
+    where = (f"is below the smallest model the offered formats allow, {floor} of weights "
+             f"({floor_bits:.2f} bits per weight over the quantizable nodes)")
+    if c.size_budget_bytes is not None and c.size_budget_bytes < min_unit + other_bytes:
+        raise BadInputError(f"the size budget {_size(c.size_budget_bytes)} {where}: raise --size-budget to at least {floor}.")
+    if c.avg_bits is not None and c.avg_bits * params / 8.0 < min_unit:
+        raise BadInputError(f"the average of {c.avg_bits:g} bits per weight {where}: raise --avg-bits to at least {floor_bits:.2f}.")
+
+
+def fast_wanted(units: list[Unit], table: dict | None) -> dict[str, str]:
+    """Fast mode, before measuring: part -> why it stays float (``slower``), for the MatMul/Gemm parts
+    whose dynamic int8 the microbenchmarks do not time faster than float.
+
+    Parts reading one input share its DynamicQuantizeLinear, so they are decided together.
+    """
+    groups: dict[str, list[Part]] = {}
+    for u in units:
+        for p in u.parts:
+            if any(o.kind == "int8-dynamic" for o in p.options) and p.op in ("MatMul", "Gemm"):
+                groups.setdefault(p.input, []).append(p)
+    slow = {}
+    for inp, parts in groups.items():
+        if table is None:
+            continue
+        float_ms = sum(table[(p.node, "float")] for p in parts)
+        int8_ms = sum(table[(p.node, "int8-dyn")] for p in parts) + table[("dql", inp)]
+        if not int8_ms < (1.0 - FAST_MARGIN) * float_ms:
+            slow.update({p.node: "slower" for p in parts})
+    return slow
+
+
+def fast_choice(c: BitAllocationConfig, units: list[Unit], kept: dict[str, str]) -> tuple[list[int], dict[str, str]]:
+    """Each part's lossy option (fast mode offers one), float where ``kept`` says or where its measured
+    error exceeds ``max_rel_error``; returns the choice and part -> why it stayed float."""
+    kept = dict(kept)
+    choice = []
+    for u in units:
+        combo = []
+        for p in u.parts:
+            lossy = [o for o in p.options if o.kind != KEEP]
+            o = lossy[0] if lossy and p.node not in kept else Option(KEEP)
+            if o.kind != KEEP and c.max_rel_error is not None and p.errors.get(o.key, 0.0) > c.max_rel_error:
+                kept[p.node], o = "lossy", Option(KEEP)
+            if not lossy:
+                kept.setdefault(p.node, "no format")
+            combo.append(o)
+        choice.append(u.combos().index(tuple(combo)))
+    return choice, kept
 
 
 def items(units: list[Unit]) -> list[list[knapsack.Item]]:
@@ -40,8 +116,8 @@ def budget(c: BitAllocationConfig, units: list[Unit], other_bytes: int, rows, la
     texts, noop = [], []
     if c.size_bounded:
         if c.size_budget_bytes is not None:
-            unit_budget = c.size_budget_bytes - other_bytes
-            texts.append(f"{c.size_budget_bytes / 1e6:.2f} MB of weights ({unit_budget / 1e6:.2f} MB for the quantizable nodes)")
+            unit_budget = c.size_budget_bytes - other_bytes  # >= the floor: check_floor ran first
+            texts.append(f"{_size(c.size_budget_bytes)} of weights ({_size(max(unit_budget, 0))} for the quantizable nodes)")
         else:
             unit_budget = c.avg_bits * params / 8.0
             texts.append(f"{c.avg_bits:g} bits per weight over the quantizable nodes ({unit_budget / 1e6:.2f} MB)")

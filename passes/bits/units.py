@@ -14,7 +14,6 @@ from edgeprune.analysis.graph import node_name
 from edgeprune.errors import BadInputError
 from edgeprune.passes.bits import sensitivity
 from edgeprune.passes.bits.config import BitAllocationConfig
-from edgeprune.passes.bits.emit import QUANTIZED_OPS
 from edgeprune.passes.bits.sensitivity import KEEP, Option
 
 NBITS_TOOL_BITS = (2, 4, 8)  # what ORT 1.32's MatMulNBitsQuantizer writes (it asserts bits in [2, 4, 8])
@@ -75,26 +74,33 @@ def tied_ok(combo: tuple[Option, ...]) -> bool:
     return all(o.kind != "gather-tied" or dataclasses.replace(o, kind="nbits") in combo for o in combo)
 
 
-def formats_for(target, c: BitAllocationConfig) -> tuple[set[str], list[str]]:
-    """Option kinds the target has kernels for, and notes on the requested ones it lacks."""
-    fast = set(target.fast_formats) if target is not None else {"fp32", "int8-dynamic", "int4-matmulnbits"}
+def formats_for(target, c: BitAllocationConfig) -> tuple[dict[str, set[str]], list[str]]:
+    """Option kinds the target has kernels for, per op family (``MatMul``: MatMul, Gemm and embeddings;
+    ``Conv``), and notes on the requested ones it lacks."""
     name = target.name if target is not None else "cpu"
-    kinds, notes = set(), []
-    if "int4-matmulnbits" in fast:
-        kinds.add("nbits")
-    elif any(b in (2, 4) for b in c.bit_options):
+    default = ("fp32", "int8-dynamic", "int4-matmulnbits")
+    notes: list[str] = []
+    kinds = {}
+    for op in ("MatMul", "Conv"):
+        fast = set(target.formats_for(op) if target is not None else default)
+        k: set[str] = set()
+        if "int4-matmulnbits" in fast and op == "MatMul":
+            k.add("nbits")
+        if "int8-dynamic" in fast and c.dynamic_int8:
+            k.add("int8-dynamic")
+        if "int8-dynamic" not in fast:  # static QDQ where dynamic int8 is not the fast int8 (NPU targets; Conv on CPU)
+            k |= {f"qdq{b}" for b in QDQ_BITS if f"qdq-int{b}" in fast and 8 in c.bit_options}
+        kinds[op] = k
+    if "nbits" not in kinds["MatMul"] and any(b in (2, 4) for b in c.bit_options):
         notes.append(f"target {name} has no MatMulNBits kernel: 2/4-bit formats not offered")
-    if "int8-dynamic" in fast and c.dynamic_int8:
-        kinds.add("int8-dynamic")
     for b in c.bit_options:
         if b == 3 or b in (5, 6, 7):
             notes.append(f"{b}-bit: ORT 1.32's MatMulNBitsQuantizer writes only 2, 4 or 8 bits, so {b}-bit is not offered")
         if b == 16:
+            fast = set(target.fast_formats) if target is not None else set(default)
             notes.append("fp16 is not emitted by this pass (no ORT tool converts single nodes); float stays fp32"
                          + ("" if "fp16" in fast else f", and target {name} does not run fp16 fast anyway"))
-    if "int8-dynamic" not in fast:  # NPU-style targets: static QDQ (on CPU, dynamic int8 is the faster int8)
-        kinds |= {f"qdq{b}" for b in QDQ_BITS if f"qdq-int{b}" in fast and 8 in c.bit_options}
-    if not kinds:
+    if not kinds["MatMul"] and not kinds["Conv"]:
         raise BadInputError(
             f"target {name} runs none of the formats this pass emits (MatMulNBits, dynamic int8, static QDQ): "
             "choose --target cpu or cuda, or leave bit allocation out of the recipe."
@@ -104,6 +110,9 @@ def formats_for(target, c: BitAllocationConfig) -> tuple[set[str], list[str]]:
 
 def _mm_options(c: BitAllocationConfig, kinds: set[str]) -> list[Option]:
     opts = [Option(KEEP)]
+    if c.mode == "fast":  # the target's fast int8 only: dynamic int8 on CPU, static QDQ on NPU-style targets
+        fast = [Option("int8-dynamic", 8)] if "int8-dynamic" in kinds else [Option("qdq", 8)] if "qdq8" in kinds else []
+        return opts + fast
     if "int8-dynamic" in kinds and 8 in c.bit_options:
         opts.append(Option("int8-dynamic", 8))
     opts += [Option("qdq", b) for b in QDQ_BITS if f"qdq{b}" in kinds]
@@ -116,6 +125,9 @@ def _mm_options(c: BitAllocationConfig, kinds: set[str]) -> list[Option]:
 
 def _gather_options(c: BitAllocationConfig, kinds: set[str], dim: int) -> list[Option]:
     opts = [Option(KEEP)]
+    if c.mode == "fast":  # 4-bit tables: a lookup is no slower, and the table 6-7x smaller
+        blk = c.blocks[0]
+        return opts + ([Option("gather-nbits", 4, blk, c.symmetric)] if "nbits" in kinds and dim % blk == 0 else [])
     if "int8-dynamic" in kinds and 8 in c.bit_options:
         opts.append(Option("int8-gather", 8))
     if "nbits" in kinds and 4 in c.bit_options:
@@ -124,8 +136,10 @@ def _gather_options(c: BitAllocationConfig, kinds: set[str], dim: int) -> list[O
 
 
 def _conv_options(c: BitAllocationConfig, kinds: set[str]) -> list[Option]:
-    opts = [Option(KEEP)] + ([Option("int8-dynamic", 8)] if "int8-dynamic" in kinds and 8 in c.bit_options else [])
-    return opts + [Option("qdq", b) for b in QDQ_BITS if f"qdq{b}" in kinds]
+    opts = [Option(KEEP)] + [Option("qdq", b) for b in QDQ_BITS if f"qdq{b}" in kinds]
+    if "int8-dynamic" in kinds and 8 in c.bit_options:
+        opts.insert(1, Option("int8-dynamic", 8))
+    return opts[:2] if c.mode == "fast" else opts
 
 
 def _weight_array(init, lin) -> np.ndarray | None:
@@ -138,11 +152,13 @@ def _weight_array(init, lin) -> np.ndarray | None:
     return np.ascontiguousarray(w.T) if lin.transposed else w
 
 
-def build(model: ir.Model, structures, c: BitAllocationConfig, kinds: set[str], notes: list[str]) -> tuple[list[Unit], dict]:
+def build(model: ir.Model, structures, c: BitAllocationConfig, kinds: dict[str, set[str]],
+          notes: list[str]) -> tuple[list[Unit], dict]:
     """The units of ``model`` with their options, and counts of the nodes left alone (noted in ``notes``)."""
     if c.mode == "uniform":  # offer exactly the uniform width (plus float for nodes it cannot take)
         c = dataclasses.replace(c, bit_options=(c.bits,))
     units: list[Unit] = []
+    conv_kinds, kinds = kinds["Conv"], kinds["MatMul"]
     head_of = {e.tied_with: e for e in structures.embeddings if e.tied}
     init = model.graph.initializers
     lin_by_node = {lin.node: lin for lin in structures.linears}
@@ -172,18 +188,57 @@ def build(model: ir.Model, structures, c: BitAllocationConfig, kinds: set[str], 
         w = init[conv.weight].const_value.numpy() if conv.weight in init else None
         if w is None or w.dtype != np.float32:
             continue
-        units.append(Unit([Part(conv.node, "Conv", w, conv.input, _conv_options(c, kinds), output=conv.output)]))
+        units.append(Unit([Part(conv.node, "Conv", w, conv.input, _conv_options(c, conv_kinds), output=conv.output)]))
     # What is left alone, and why.
     found = {p.node for u in units for p in u.parts}
-    quantized = sum(1 for n in model.graph if n.op_type in QUANTIZED_OPS)
-    no_const = sum(1 for n in model.graph if n.op_type in ("MatMul", "Gemm", "Conv") and node_name(n) not in found)
+    quantized = quantized_weights(model)
+    no_const = sum(1 for n in model.graph if n.op_type in ("MatMul", "Gemm", "Conv")
+                   and node_name(n) not in found and node_name(n) not in quantized)
+    total = len(quantized) + sum(len(u.parts) for u in units)
     if quantized:
-        ops = ", ".join(sorted({n.op_type for n in model.graph if n.op_type in QUANTIZED_OPS}))
-        notes.append(f"{quantized} nodes are already quantized ({ops}): left as they are")
+        ops = ", ".join(sorted(set(quantized.values())))
+        notes.append(f"already quantized: {len(quantized)} of {total} weights ({ops}): left as they are")
     if no_const:
         notes.append(f"{no_const} MatMul/Gemm/Conv nodes have no constant float weight (activation x activation, "
                      "or a weight computed at run time): left as they are")
-    return units, {"already_quantized_nodes": quantized, "nodes_without_constant_weight": no_const}
+    return units, {"already_quantized": {"weights": len(quantized), "of": total}, "nodes_without_constant_weight": no_const}
+
+
+#: Quantized ops that hold a weight, and the input it sits at.
+_WEIGHT_INPUT = {
+    "MatMulNBits": 1, "GatherBlockQuantized": 0, "MatMulInteger": 1, "ConvInteger": 1, "DynamicQuantizeMatMul": 1,
+    "MatMulIntegerToFloat": 1, "QLinearMatMul": 3, "QLinearConv": 3, "QGemm": 3,
+}  # fmt: skip
+
+
+def _constant(v: ir.Value | None) -> bool:
+    return v is not None and (v.const_value is not None or (v.producer() is not None and v.producer().op_type == "Constant"))
+
+
+def quantized_weights(model: ir.Model) -> dict[str, str]:
+    """Node -> how its weight is quantized, one entry per weight (Q/DQ nodes on activations are not weights).
+
+    A quantized op with a constant weight input (MatMulNBits, MatMulInteger, QLinearConv, ...), a
+    MatMul/Gemm/Conv/Gather reading ``DequantizeLinear(constant)`` (static QDQ), or a Gather over an
+    integer table whose rows go through DequantizeLinear (quantize_dynamic's embeddings).
+    """
+    out = {}
+    for n in model.graph:
+        idx = _WEIGHT_INPUT.get(n.op_type) if n.domain in ("", "com.microsoft", "ai.onnx") else None
+        if idx is not None and len(n.inputs) > idx and _constant(n.inputs[idx]):
+            out[node_name(n)] = n.op_type
+            continue
+        w_idx = {"MatMul": 1, "Gemm": 1, "Conv": 1, "Gather": 0}.get(n.op_type) if n.domain in ("", "ai.onnx") else None
+        if w_idx is None or len(n.inputs) <= w_idx or n.inputs[w_idx] is None:
+            continue
+        w = n.inputs[w_idx]
+        producer = w.producer()
+        if producer is not None and producer.op_type == "DequantizeLinear" and _constant(producer.inputs[0]):
+            out[node_name(n)] = f"DequantizeLinear-fed {n.op_type}"
+        elif (n.op_type == "Gather" and w.const_value is not None and w.const_value.dtype.is_integer()
+              and any(u.node.op_type == "DequantizeLinear" for u in n.outputs[0].uses())):
+            out[node_name(n)] = "Gather of an int8 table + DequantizeLinear"
+    return out
 
 
 def records(units: list[Unit], choice: list[int]) -> list[dict]:

@@ -115,7 +115,7 @@ def test_budget_at_float_size_is_a_no_op_with_equal_outputs():
 
 def test_budget_below_floor_names_the_floor():
     model = _two_layer()
-    with pytest.raises(BadInputError, match="smallest model .* MB"):
+    with pytest.raises(BadInputError, match="smallest model .* 4.8 kB of weights"):
         BitAllocationPass(BitAllocationConfig(avg_bits=1.0), _ctx(model))(model)
 
 
@@ -188,7 +188,7 @@ def test_already_quantized_and_activation_matmuls_are_left_alone():
     BitAllocationPass(BitAllocationConfig(mode="uniform", bits=4), _ctx(model))(model)
     again = BitAllocationPass(BitAllocationConfig(mode="uniform", bits=4), _ctx(model))(model)
     assert not again.modified
-    assert again.summary["already_quantized_nodes"] == 2
+    assert again.summary["already_quantized"] == {"weights": 2, "of": 2}
     assert any("already quantized" in n for n in again.summary["notes"])
 
     proto = onnx.parser.parse_model(
@@ -225,9 +225,9 @@ def test_registry_and_relaxed():
         BitAllocationPass.from_options({"block_size": 24})
 
 
-@pytest.mark.parametrize("target, op", [("cpu", "ConvInteger"), ("qnn", "QuantizeLinear")])
+@pytest.mark.parametrize("target, op", [("cpu", "QuantizeLinear"), ("qnn", "QuantizeLinear")])
 def test_conv_int8(target, op):
-    """Conv at 8 bits: dynamic int8 (ConvInteger) on CPU, static QDQ on an NPU-style target."""
+    """Conv at 8 bits: static QDQ on CPU (ConvInteger is slow there) and on an NPU-style target."""
     rng = np.random.default_rng(0)
     proto = onnx.parser.parse_model(
         """
