@@ -766,6 +766,12 @@ def _fitting_shapes(
             if len(seen) > 1:
                 logger.info("synthetic inputs: the first guess does not run; using %s", _shapes_text(shapes))
             return shapes
+    zero = [(v.name, axis) for v in model.graph.inputs if v.shape is not None for axis, d in enumerate(v.shape) if d == 0]
+    if zero:  # read as dynamic here, but onnxruntime holds the model to a literal 0
+        raise CalibrationDataError(
+            f"input {zero[0][0]!r} declares size 0 on axis {zero[0][1]}, which onnxruntime enforces literally, so no "
+            "non-empty input runs: re-export the model with that axis dynamic (a name or -1)."
+        )
     known = ", ".join(f"{s.name} {_shape_text(s.shape)}" for s in specs)
     raise CalibrationDataError(
         f"the model rejects synthetic inputs of every shape tried from its own constants and common sizes "

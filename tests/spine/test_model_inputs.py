@@ -133,6 +133,22 @@ def test_compile_a_minus_one_batch_model(tmp_path, capsys, with_npz):
     assert path.read_bytes() == before
 
 
+def test_a_literal_zero_dim_that_onnxruntime_enforces_is_refused_in_one_sentence(tmp_path):
+    """0 reads as dynamic in the specs, but ORT 1.32 holds a declared 0 literally: no synthetic shape can run."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, 8, 0])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3, 8, 0])],
+    )
+    with pytest.raises(CalibrationDataError) as info:
+        load_calibration(None, ir.load(_save(tmp_path, graph)), max_samples=2)
+    assert str(info.value) == (
+        "input 'x' declares size 0 on axis 3, which onnxruntime enforces literally, so no non-empty input runs: "
+        "re-export the model with that axis dynamic (a name or -1)."
+    )
+
+
 # ---- defect 3: synthetic shapes the graph's own constants suggest
 
 
