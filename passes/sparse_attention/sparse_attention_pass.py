@@ -3,6 +3,10 @@
 Each matched block becomes ``edgeprune.DynamicSparseAttention`` (functions.py) with its keep ratio;
 blocks the rules do not match, or that are not causal, stay dense with the reason in the record.
 Keep ratio 1.0 is the no-op setting and returns the model untouched.
+
+``allocation = "uniform"`` gives every layer ``keep``; ``"calibrated"`` treats ``keep`` as the mean
+budget and gives each layer one of ``candidates`` from calibration measurements (allocation.py):
+layers whose attention output suffers most stay denser, up to 1.0 (every block: exact dense).
 """
 
 from __future__ import annotations
@@ -11,15 +15,17 @@ import dataclasses
 import logging
 from typing import Any, ClassVar
 
+import onnx
 import onnx_ir as ir
 
 from edgeprune.errors import BadInputError
 from edgeprune.passes.base import EdgePass, EdgePassResult
-from edgeprune.passes.sparse_attention import functions, rules
+from edgeprune.passes.sparse_attention import allocation, functions, rules
 
 logger = logging.getLogger(__name__)
 
 SELECT = ("group", "head")
+ALLOCATION = ("uniform", "calibrated")
 
 
 @dataclasses.dataclass
@@ -31,6 +37,8 @@ class SparseAttentionConfig:
     select: str = "group"
     min_len: int = 1024
     sink: int = 1
+    allocation: str = "uniform"
+    candidates: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
 
     def __post_init__(self):
         if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0.0 < self.keep <= 1.0:
@@ -42,6 +50,17 @@ class SparseAttentionConfig:
                 raise BadInputError(f"sparse attention {name} must be an integer >= {low}, got {value!r}.")
         if self.select not in SELECT:
             raise BadInputError(f"sparse attention select must be one of {', '.join(SELECT)}, got {self.select!r}.")
+        if self.allocation not in ALLOCATION:
+            raise BadInputError(f"sparse attention allocation must be one of {', '.join(ALLOCATION)}, got {self.allocation!r}.")
+        cands = self.candidates if isinstance(self.candidates, (list, tuple)) else [self.candidates]
+        if not cands or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 < c <= 1.0 for c in cands):
+            raise BadInputError(f"sparse attention candidates must be keep ratios in (0, 1], got {self.candidates!r}: e.g. [0.125, 0.25, 0.5, 1.0].")
+        self.candidates = tuple(sorted({float(c) for c in cands}))
+        if self.allocation == "calibrated" and self.candidates[0] > self.keep:
+            raise BadInputError(
+                f"sparse attention keep budget {self.keep} is below the smallest candidate {self.candidates[0]}: "
+                "raise keep or add a smaller candidate."
+            )
 
 
 def _softmaxes(model: ir.Model) -> list[ir.Node]:
@@ -77,19 +96,67 @@ class SparseAttentionPass(EdgePass):
                    "per_group": int(cfg.select == "group")}  # fmt: skip
         plan = {n.name: options for n in softmaxes}
         reasons = {n.name: rules.reason_not_matched(n) for n in softmaxes}
+        calibrated = cfg.allocation == "calibrated"
+        if calibrated and (self.context is None or not len(self.context.calibration)):
+            raise BadInputError(
+                "sparse attention allocation 'calibrated' needs calibration data: pass calibration samples (--calib) "
+                "or use allocation = 'uniform'."
+            )
+        dense_input = ir.serde.serialize_model(model) if calibrated else None  # measured before the rewrite
+        before = {id(n) for n in model.graph if n.domain == functions.DOMAIN and n.op_type == functions.DYNAMIC}
         count = rules.apply(model, plan) if plan else 0
         left = {n.name for n in _softmaxes(model)}
+        new = [n for n in model.graph if n.domain == functions.DOMAIN and n.op_type == functions.DYNAMIC and id(n) not in before]
+        measured: list[allocation.LayerMeasure] = []
+        keeps = [cfg.keep] * len(new)
+        if calibrated and new:
+            measured = self._measure(dense_input, new)
+            keeps = allocation.allocate([m.error() for m in measured], cfg.candidates, cfg.keep)
+            for node, keep in zip(new, keeps):
+                node.attributes["keep"] = ir.AttrFloat32("keep", keep)
+        sparse_rank = iter(range(len(new)))
         records = []
         for i, node in enumerate(softmaxes):
             if node.name in left:
                 records.append({"layer": i, "softmax": node.name, "status": "dense", "keep": 1.0, "reason": reasons[node.name]})
-            else:
-                records.append({"layer": i, "softmax": node.name, "status": "sparse", "keep": cfg.keep})
+                continue
+            r = next(sparse_rank)
+            record = {"layer": i, "softmax": node.name, "status": "sparse", "keep": keeps[r]}
+            if measured:
+                record["measured"] = [{"keep": c, "recall": round(rc, 6), "error": round(er, 6)}
+                                      for c, rc, er in zip(cfg.candidates, measured[r].recall(), measured[r].error())]  # fmt: skip
+                if keeps[r] >= 1.0:
+                    record.update(status="dense", reason="allocated keep 1.0 (its output error needs every block): exact dense attention in the op")
+            records.append(record)
         if count:
             functions.add_functions(model)
-        summary.update(sparse_layers=count, dense_layers=len(softmaxes) - count)
-        logger.info("sparse attention: %d of %d attention blocks rewritten (keep %.3f)", count, len(softmaxes), cfg.keep)
+        summary.update(sparse_layers=count, dense_layers=len(softmaxes) - count, allocation=cfg.allocation)
+        if new:
+            summary["mean_keep"] = round(sum(keeps) / len(keeps), 6)
+        logger.info("sparse attention: %d of %d attention blocks rewritten (keep %.3f, %s)", count, len(softmaxes), cfg.keep, cfg.allocation)
         return EdgePassResult(model, modified=bool(count), records=records, summary=summary)
+
+    def _measure(self, dense_input: onnx.ModelProto, nodes: list[ir.Node]) -> list[allocation.LayerMeasure]:
+        """Each rewritten layer's recall and output error per candidate, on the input model's q/k/v."""
+        from edgeprune.runtime.session import make_session  # lazily, as the other passes do
+
+        cfg = self.config
+        names = [[v.name for v in n.inputs[:3]] for n in nodes]
+        have = {o.name for o in dense_input.graph.output}
+        for name in dict.fromkeys(x for triple in names for x in triple):
+            if name not in have:
+                dense_input.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        session = make_session(dense_input, threads=self.context.threads)
+        wanted = list(dict.fromkeys(x for triple in names for x in triple))
+        measures = [allocation.LayerMeasure(cfg.candidates) for _ in nodes]
+        with self.context.progress.stage(f"sparse attention: measuring {len(nodes)} layers at {len(cfg.candidates)} keep ratios"):
+            for feeds in self.context.calibration.batches(batch_size=1):
+                values = dict(zip(wanted, session.run(wanted, feeds)))
+                for node, triple, measure in zip(nodes, names, measures):
+                    q, k, v = (values[x] for x in triple)
+                    measure.add(q, k, v, scale=node.attributes.get_float("scale", q.shape[-1] ** -0.5), block=cfg.block,
+                                sink=cfg.sink, per_group=cfg.select == "group")  # fmt: skip
+        return measures
 
     @classmethod
     def describe(cls, model: ir.Model) -> dict[str, Any] | None:

@@ -110,3 +110,31 @@ def op_model(hq: int, hkv: int, d: int, *, block: int, keep: float, sink: int = 
     model = ir.Model(ir.Graph([q, k, v], [out], nodes=[node], opset_imports={"": 17}, name="op"), ir_version=10)
     functions.add_functions(model)
     return model
+
+
+def two_layer_proto(seed: int = 0, mute_first: bool = False) -> onnx.ModelProto:
+    """Two causal GQA layers in sequence (``y0 = layer0(x)``, ``y = layer1(y0)``).
+
+    ``mute_first`` zeroes layer 0's value projection: its attention output is then 0 whatever
+    blocks are kept, so its output error is exactly 0 at every keep ratio.
+    """
+    first, second = causal_gqa_proto(seed=seed), causal_gqa_proto(seed=seed + 1)
+    if mute_first:
+        for init in first.graph.initializer:
+            if init.name == "wv":
+                init.CopyFrom(onnx.numpy_helper.from_array(np.zeros((D, 2 * HD), np.float32), "wv"))
+    for proto in (first, second):
+        for i, node in enumerate(proto.graph.node):
+            node.name = node.name or f"{node.op_type.lower()}_{i}"
+    first = onnx.compose.add_prefix(first, "l0_")
+    second = onnx.compose.add_prefix(second, "l1_")
+    merged = onnx.compose.merge_models(first, second, io_map=[("l0_y", "l1_x")])
+    for value in merged.graph.input:
+        value.name = "x" if value.name == "l0_x" else value.name
+    for node in merged.graph.node:
+        node.input[:] = ["x" if i == "l0_x" else i for i in node.input]
+    merged.graph.output[0].name = "y"
+    for node in merged.graph.node:
+        node.output[:] = ["y" if o == "l1_y" else o for o in node.output]
+    onnx.checker.check_model(merged)
+    return merged

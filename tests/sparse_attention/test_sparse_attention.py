@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -9,12 +11,12 @@ import onnxruntime as ort
 import pytest
 
 from edgeprune.errors import BadInputError
-from edgeprune.passes.sparse_attention import SparseAttentionConfig, SparseAttentionPass
+from edgeprune.passes.sparse_attention import SparseAttentionConfig, SparseAttentionPass, allocation
 from edgeprune.runtime import kernels
 from edgeprune.runtime.session import make_session, uses_kernel_ops, prepare_model
 
 from sparse_attention import reference
-from sparse_attention.models import HD, causal_gqa_proto, op_model
+from sparse_attention.models import HD, causal_gqa_proto, op_model, two_layer_proto
 
 LIBRARY = kernels.sparse_attention_library()
 needs_kernel = pytest.mark.skipif(LIBRARY is None, reason="the kernel was not built (no C++ compiler at install)")
@@ -186,3 +188,75 @@ def test_kernel_on_ort_threads_equals_one_thread():
         outs.append(ort.InferenceSession(data, so).run(None, feeds)[0])
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0], outs[2])
+
+
+def test_allocation_is_the_exact_optimum_of_a_constructed_table():
+    # Three layers and a mean budget of 0.375: the exact optimum (brute force over all 64 choices) is unique.
+    candidates = (0.125, 0.25, 0.5, 1.0)
+    errors = [[0.9, 0.2, 0.1, 0.0], [0.5, 0.45, 0.05, 0.0], [0.3, 0.29, 0.28, 0.0]]
+    got = allocation.allocate(errors, candidates, budget=0.375)
+    brute = min(itertools.product(range(4), repeat=3),
+                key=lambda p: (sum(errors[l][c] for l, c in enumerate(p)) if sum(candidates[c] for c in p) <= 1.125 else 9, p))  # fmt: skip
+    assert got == [candidates[c] for c in brute] == [0.5, 0.5, 0.125]
+    assert allocation.allocate(errors, candidates, budget=1.0) == [1.0, 1.0, 1.0]
+    with pytest.raises(BadInputError):
+        allocation.allocate(errors, candidates, budget=0.1)
+
+
+def _calibrated_context(samples):
+    from edgeprune.calibration import CalibrationSet
+    from edgeprune.context import CompileContext
+    from edgeprune.runtime.targets import get_target
+
+    calib = CalibrationSet([{"x": x} for x in samples], "test")
+    return CompileContext(target=get_target("cpu"), calibration=calib, holdout=calib)
+
+
+def test_calibrated_allocation_gives_the_budget_to_the_layer_that_needs_it():
+    # Layer 0's values are zero, so its output error is exactly 0 at every keep ratio: the exact
+    # allocation gives it the smallest candidate and layer 1 the rest of the budget (mean 0.5).
+    proto = two_layer_proto(mute_first=True)
+    rng = np.random.default_rng(5)
+    ctx = _calibrated_context([rng.standard_normal((1, 40, 32)).astype(np.float32) for _ in range(2)])
+    model = ir.serde.deserialize_model(proto)
+    cfg = SparseAttentionConfig(keep=0.5, block=4, min_len=0, allocation="calibrated", candidates=[0.25, 0.5, 0.75, 1.0])
+    result = SparseAttentionPass(cfg, ctx)(model)
+    assert [r["keep"] for r in result.records] == [0.25, 0.75]
+    assert result.summary["mean_keep"] == 0.5 and result.summary["allocation"] == "calibrated"
+    first, second = (r["measured"] for r in result.records)
+    assert [m["error"] for m in first] == [0.0, 0.0, 0.0, 0.0]
+    assert second[-1]["error"] < 1e-6 and second[-1]["recall"] > 1 - 1e-6  # keep 1.0 is dense
+    assert second[0]["error"] > second[1]["error"] > second[2]["error"] > 0  # more blocks, less error
+    assert [n.attributes["keep"].value for n in model.graph if n.op_type == "DynamicSparseAttention"] == [0.25, 0.75]
+
+
+def test_calibrated_measurement_matches_running_the_op():
+    # The measured error at a keep ratio equals the error of the rewritten layer's attention output.
+    proto = causal_gqa_proto(seed=2)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((1, 48, 32)).astype(np.float32)
+    q, k, v = _qkv(proto, x)
+    measure = allocation.LayerMeasure((0.25,))
+    measure.add(q, k, v, scale=HD**-0.5, block=4, sink=1, per_group=True)
+    index = reference.select_blocks(q, k, 4, 0.25, per_group=True)
+    sparse = reference.block_sparse_attention(q, k, v, index, 4, HD**-0.5)
+    dense = reference.dense_causal_attention(q, k, v, HD**-0.5)
+    expected = np.linalg.norm(sparse - dense) / np.linalg.norm(dense)
+    np.testing.assert_allclose(measure.error()[0], expected, rtol=1e-4)
+    np.testing.assert_array_equal(allocation.select_blocks(q, k, 4, 0.25, 1, True), index)
+
+
+def _qkv(proto, x):
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    for name in ("qt", "kt", "vt"):
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return ort.InferenceSession(model.SerializeToString()).run(["qt", "kt", "vt"], {"x": x})
+
+
+def test_calibrated_allocation_needs_calibration_data():
+    model = ir.serde.deserialize_model(causal_gqa_proto())
+    with pytest.raises(BadInputError) as err:
+        SparseAttentionPass(SparseAttentionConfig(keep=0.25, block=4, min_len=0, allocation="calibrated"))(model)
+    assert str(err.value) == ("sparse attention allocation 'calibrated' needs calibration data: pass calibration samples "
+                              "(--calib) or use allocation = 'uniform'.")  # fmt: skip
