@@ -22,6 +22,7 @@ _BUILTIN = {
     "prune": "edgeprune.passes.prune:StructuredPruningPass",
     "bits": "edgeprune.passes.bits:BitAllocationPass",
     "sparse_attention": "edgeprune.passes.sparse_attention:SparseAttentionPass",
+    "moe": "edgeprune.passes.moe:MoEExpertPruningPass",
 }
 
 

@@ -1,0 +1,37 @@
+"""Session fixtures: the tiny Mixtral and its exports, built once (a few seconds, no downloads)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def mixtral():
+    pytest.importorskip("transformers")
+    from moe_models import tiny_mixtral
+
+    return tiny_mixtral()
+
+
+@pytest.fixture(scope="session")
+def mixtral_loop_onnx(mixtral, tmp_path_factory):
+    """optimum's export with the all-experts loop (edgeprune.models.moe_export)."""
+    pytest.importorskip("optimum.exporters.onnx")
+    from edgeprune.models.moe_export import export_mixtral
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return export_mixtral(mixtral, tmp_path_factory.mktemp("mixtral_loop"))
+
+
+@pytest.fixture(scope="session")
+def mixtral_traced_onnx(mixtral, tmp_path_factory):
+    """The same model exported without the patch: transformers' loop over the experts the tracing input hit."""
+    pytest.importorskip("optimum.exporters.onnx")
+    from edgeprune.models.moe_export import export_mixtral
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return export_mixtral(mixtral, tmp_path_factory.mktemp("mixtral_traced"), patched=False)

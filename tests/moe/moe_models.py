@@ -1,0 +1,97 @@
+"""Tiny seeded random-init MoE models for the moe tests: a Mixtral (torch) and its ONNX forms.
+
+``tiny_mixtral`` is a 2-layer, 8-expert, top-2 MixtralForCausalLM (a few hundred kB); the loop
+form is exported by optimum with the all-experts patch (``edgeprune.models.moe_export``), the
+traced hit-only form without it.  ``fused_moe_model`` writes one Mixtral block as
+``com.microsoft.MoE`` (SwiGLU with gate/up rows interleaved, ``swiglu_fusion=1``, as ORT's CPU
+kernel needs).  ``prune_torch_experts`` is the reference: the torch module with experts removed.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+VOCAB, HIDDEN, INTER, EXPERTS, TOP_K, LAYERS = 64, 16, 32, 8, 2, 2
+
+
+def tiny_mixtral(seed: int = 0):
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K, max_position_embeddings=64,
+        use_cache=False, initializer_range=0.5,
+    )  # fmt: skip
+    return MixtralForCausalLM(config).eval()
+
+
+def prune_torch_block(block, keep):
+    """A copy of a MixtralSparseMoeBlock with only the experts ``keep`` (router rows too; k clamped)."""
+    import torch
+
+    pruned = copy.deepcopy(block)
+    keep = [int(i) for i in keep]
+    pruned.experts = torch.nn.ModuleList([pruned.experts[i] for i in keep])
+    gate = torch.nn.Linear(block.hidden_dim, len(keep), bias=False)
+    gate.weight.data = block.gate.weight.data[keep].clone()
+    pruned.gate = gate
+    pruned.num_experts = len(keep)
+    pruned.top_k = min(block.top_k, len(keep))
+    return pruned
+
+
+def prune_torch_experts(model, keeps):
+    """A copy of a MixtralForCausalLM with layer i keeping only the experts ``keeps[i]``."""
+    pruned = copy.deepcopy(model)
+    for layer, keep in zip(pruned.model.layers, keeps):
+        layer.block_sparse_moe = prune_torch_block(layer.block_sparse_moe, keep)
+    return pruned
+
+
+def torch_logits(model, feed) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(feed["input_ids"]), attention_mask=torch.from_numpy(feed["attention_mask"]))
+    return out.logits.numpy()
+
+
+def token_feed(rng: np.random.Generator, batch: int, length: int) -> dict[str, np.ndarray]:
+    ids = rng.integers(0, VOCAB, (batch, length)).astype(np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(length, dtype=np.int64), (batch, 1))}
+
+
+def fused_moe_model(block) -> onnx.ModelProto:
+    """One Mixtral block as router MatMul -> com.microsoft.MoE, weights taken from ``block``."""
+    router = block.gate.weight.detach().numpy().T.astype(np.float32)  # [H, E]
+    fc1, fc2 = [], []
+    for expert in block.experts:
+        w1, w3 = expert.w1.weight.detach().numpy(), expert.w3.weight.detach().numpy()  # [I, H]
+        fused = np.empty((2 * w1.shape[0], w1.shape[1]), dtype=np.float32)
+        fused[0::2], fused[1::2] = w1, w3  # gate and up interleaved row by row
+        fc1.append(fused)
+        fc2.append(expert.w2.weight.detach().numpy())  # [H, I]
+    inits = [
+        helper.make_tensor("router.weight", TensorProto.FLOAT, router.shape, router.ravel()),
+        helper.make_tensor("fc1", TensorProto.FLOAT, (len(fc1), *fc1[0].shape), np.stack(fc1).ravel()),
+        helper.make_tensor("fc2", TensorProto.FLOAT, (len(fc2), *fc2[0].shape), np.stack(fc2).ravel()),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "router.weight"], ["logits"], name="router"),
+        helper.make_node(
+            "MoE", ["x", "logits", "fc1", "", "fc2"], ["y"], name="moe", domain="com.microsoft", k=block.top_k,
+            activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=1,
+        ),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "fused_moe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["tokens", router.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["tokens", router.shape[0]])], inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
