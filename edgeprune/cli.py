@@ -19,6 +19,7 @@ from rich.table import Table
 
 from edgeprune.errors import BudgetError, EdgepruneError
 from edgeprune.passes.prune.scoring import METRICS as PRUNE_METRICS  # names only: the pass loads on first use
+from edgeprune.passes.moe.scores import METRICS as MOE_METRICS  # names only
 
 out_console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
@@ -92,6 +93,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--sparse-block", type=int, default=64, show_default=True, help="With --sparse-attention: block size in tokens.")
 @click.option("--sparse-select", type=click.Choice(["group", "head"]), default="group", show_default=True, help="With --sparse-attention: choose blocks per KV group or per query head.")
 @click.option("--sparse-min-len", type=int, default=1024, show_default=True, help="With --sparse-attention: shorter sequences take the dense path inside the op.")
+@click.option("--moe-keep", help="MoE expert pruning: share of all experts to keep, in (0, 1] (e.g. 0.5), or a whole number of experts per layer (e.g. 4); scored on --calib routing.")
+@click.option("--moe-metric", type=click.Choice(list(MOE_METRICS)), default="tcess", show_default=True, help="With --moe-keep: expert score (tcess: PreMoe expected selection score; easy: gate weight x expert-output norm; frequency).")
 @click.option("--package", "package_target", is_flag=False, flag_value="linux-x64", default=None, help="Also package the output into OUT/bundle for a platform (see edgeprune package --target; bare --package: linux-x64).")
 @click.option("--fix-shapes", help="With --package: fix dynamic dimensions, NAME=N,... (see edgeprune package).")
 @common_threads
@@ -99,7 +102,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example, force, max_samples, seed,
                 prune_ratio, prune_metric, allocation, round_to, refit, no_compensate, prune_units,
                 bits_mode, size_budget, avg_bits, latency_budget, bit_options, block_size, gptq,
-                sparse_keep, sparse_block, sparse_select, sparse_min_len, package_target, fix_shapes, threads, as_json):
+                sparse_keep, sparse_block, sparse_select, sparse_min_len, moe_keep, moe_metric, package_target, fix_shapes, threads, as_json):
     """Compile MODEL into OUT: model.onnx plus report.json, report.md and report.html."""
     from edgeprune.pipeline import CompileOptions, compile_model
     from edgeprune.recipe import recipe_from_flags
@@ -117,10 +120,13 @@ def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example,
     sparse = None
     if sparse_keep is not None:
         sparse = {"keep": sparse_keep, "block": sparse_block, "select": sparse_select, "min_len": sparse_min_len}
-    if prune is not None or bits is not None or sparse is not None:
+    moe = None
+    if moe_keep is not None:
+        moe = {"keep": _moe_keep(moe_keep), "metric": moe_metric}
+    if prune is not None or bits is not None or sparse is not None or moe is not None:
         if recipe is not None:
             raise click.UsageError("give either --recipe or --prune/--bits, not both: put the passes in the recipe.")
-        recipe = recipe_from_flags(prune=prune, bits=bits, sparse_attention=sparse)
+        recipe = recipe_from_flags(prune=prune, bits=bits, sparse_attention=sparse, moe=moe)
 
     if example:
         if model is not None:
@@ -164,6 +170,14 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise click.UsageError(f"{flag} takes comma-separated integers, got {text!r}.") from None
+
+
+def _moe_keep(text: str) -> float | int:
+    """--moe-keep: '0.5' is a fraction of all experts, '4' a count per layer."""
+    try:
+        return int(text) if text.strip().isdigit() else float(text)
+    except ValueError:
+        raise click.UsageError(f"--moe-keep {text!r} is not a number: give a fraction such as 0.5 or a count per layer such as 4.") from None
 
 
 def _bits_options(mode, size_budget, avg_bits, latency_budget, bit_options, block_size) -> dict:

@@ -61,16 +61,20 @@ def default_recipe(target: str = "cpu") -> Recipe:
 
 
 def recipe_from_flags(*, prune: dict[str, Any] | None = None, bits: dict[str, Any] | None = None,
-                      sparse_attention: dict[str, Any] | None = None) -> Recipe:
+                      sparse_attention: dict[str, Any] | None = None, moe: dict[str, Any] | None = None) -> Recipe:
     """The recipe the CLI's pass flags describe: cleanup, then each requested pass.
 
     Pruning is followed by another cleanup, which re-infers the shapes the pruned widths changed
     and folds what pruning left constant; bit allocation follows, on the final widths.  Sparse
     attention comes last: cleanup inlines model-local functions, which would dissolve its op.
+    MoE expert removal comes first (with its own cleanup): it leaves whole experts dead, and the
+    passes after it should see only the experts that remain.
     """
-    if prune is None and bits is None and sparse_attention is None:
+    if prune is None and bits is None and sparse_attention is None and moe is None:
         return default_recipe()
     passes = [PassSpec("cleanup")]
+    if moe is not None:
+        passes += [PassSpec("moe", dict(moe)), PassSpec("cleanup")]
     if prune is not None:
         passes += [PassSpec("prune", dict(prune)), PassSpec("cleanup")]
     if bits is not None:
