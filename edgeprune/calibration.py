@@ -8,6 +8,10 @@ equal shape and right-pads token inputs to the longest in a batch when the model
 
 When there are more samples than ``max_samples``, a seeded random subset is taken (kept in source
 order), so the first lines of a file (often headers) do not dominate.
+
+Without data, a text model with a tokenizer gets the bundled sentences; anything else gets random
+inputs (token ids across its embedding table) in shapes ORT has run the model on. Either way the
+set is marked synthetic. Dims written -1, 0 or without a value are dynamic.
 """
 
 from __future__ import annotations
