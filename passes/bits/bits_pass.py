@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any
 
 import onnx_ir as ir
@@ -45,11 +46,12 @@ class BitAllocationPass(EdgePass):
     def relaxed(self, last: EdgePassResult | None = None) -> BitAllocationPass | None:
         """The next budget up; None once the last run already kept every weight in float."""
         c = self.config
-        if c.mode == "fast":  # keep float the nodes above half the worst error the last run chose
-            errors = [r["rel_error"] for r in (last.records if last is not None else []) if r["format"] != "float"]
+        if c.mode == "fast":  # keep float the nodes above half the worst output error the last run chose
+            errors = [math.sqrt(r["importance"]) * r["rel_error"] for r in (last.records if last is not None else [])
+                      if r["format"] != "float"]
             if not errors:
                 return None
-            return BitAllocationPass(dataclasses.replace(c, max_rel_error=max(errors) / 2), self.context)
+            return BitAllocationPass(dataclasses.replace(c, max_output_error=max(errors) / 2), self.context)
         if c.mode == "uniform":
             nxt = {2: 4, 4: 8}.get(c.bits or 0)
             return None if nxt is None else BitAllocationPass(dataclasses.replace(c, bits=nxt), self.context)
@@ -153,8 +155,8 @@ class BitAllocationPass(EdgePass):
 
     def _fast(self, model, structures, units, summary, notes) -> BitsResult:
         """Fast mode: the target's fast format per weight, dynamic int8 only where it times faster, float
-        where the measured error exceeds ``max_rel_error``; the latency decision comes first, so a model
-        where float is fastest everywhere is neither measured nor emitted."""
+        where the estimated output error exceeds ``max_output_error``; the latency decision comes first,
+        so a model where float is fastest everywhere is neither measured nor emitted."""
         c, ctx = self.config, self.context
         table = None
         if any(o.kind == "int8-dynamic" and p.op in ("MatMul", "Gemm") for u in units for p in u.parts for o in p.options):
@@ -165,6 +167,8 @@ class BitAllocationPass(EdgePass):
         slow = solve.fast_wanted(units, table)
         measured = len(slow) < sum(len(u.parts) for u in units)
         stats = measure.measure(model, units, ctx) if measured else {}
+        if measured and c.importance == "measured":  # ranks the nodes by what they do to the model's output
+            measure.measured_importance(model, units, ctx, stats)
         choice, kept = solve.fast_choice(c, units, slow)
         summary["headline"] = _fast_headline(units, choice, kept, c)
         summary["kept_float"] = dict(sorted(kept.items()))
@@ -202,7 +206,7 @@ def _fast_headline(units, choice, kept: dict[str, str], c: BitAllocationConfig) 
     other = len(kept) - slow - lossy
     reasons = [f"{slow} faster in float"] if slow else []
     if lossy:
-        reasons.append(f"{lossy} above the {c.max_rel_error:.3g} error bound")
+        reasons.append(f"{lossy} above the output error bound {c.max_output_error:.3g}")
     if other:
         reasons.append(f"{other} without a fast format")
     if not counts:

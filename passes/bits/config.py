@@ -57,9 +57,11 @@ class BitAllocationConfig:
     """Weight of each node's squared relative error: ``measured`` (model-output error when only that node
     is quantized, over its local error, measured for every node in one session), ``uniform`` (1 each) or
     ``residual`` (its block's ||output||^2 / ||residual stream||^2)."""
-    max_rel_error: float | None = None
-    """Fast mode: keep float any weight whose measured relative output error would exceed this (None: no
-    bound); the accuracy back-off halves it from the worst error chosen."""
+    max_output_error: float | None = None
+    """Fast mode: keep float any weight whose estimated model-output error exceeds this (its relative
+    output error times sqrt(importance): with ``importance="measured"``, what quantizing it alone does
+    to the model's output on a held-back row); None: no bound.  The accuracy back-off halves it from
+    the worst one chosen."""
     relax_step: float = 0.15
     """Accuracy back-off: each step grows the budget by this fraction (uniform: 2 -> 4 -> 8 bits)."""
 

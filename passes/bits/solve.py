@@ -79,8 +79,8 @@ def fast_wanted(units: list[Unit], table: dict | None) -> dict[str, str]:
 
 
 def fast_choice(c: BitAllocationConfig, units: list[Unit], kept: dict[str, str]) -> tuple[list[int], dict[str, str]]:
-    """Each part's lossy option (fast mode offers one), float where ``kept`` says or where its measured
-    error exceeds ``max_rel_error``; returns the choice and part -> why it stayed float."""
+    """Each part's lossy option (fast mode offers one), float where ``kept`` says or where its estimated
+    output error exceeds ``max_output_error``; returns the choice and part -> why it stayed float."""
     kept = dict(kept)
     choice = []
     for u in units:
@@ -88,7 +88,8 @@ def fast_choice(c: BitAllocationConfig, units: list[Unit], kept: dict[str, str])
         for p in u.parts:
             lossy = [o for o in p.options if o.kind != KEEP]
             o = lossy[0] if lossy and p.node not in kept else Option(KEEP)
-            if o.kind != KEEP and c.max_rel_error is not None and p.errors.get(o.key, 0.0) > c.max_rel_error:
+            bound = c.max_output_error
+            if o.kind != KEEP and bound is not None and math.sqrt(p.importance) * p.errors.get(o.key, 0.0) > bound:
                 kept[p.node], o = "lossy", Option(KEEP)
             if not lossy:
                 kept.setdefault(p.node, "no format")

@@ -18,6 +18,9 @@ from edgeprune.passes.bits.sensitivity import KEEP, Option
 
 NBITS_TOOL_BITS = (2, 4, 8)  # what ORT 1.32's MatMulNBitsQuantizer writes (it asserts bits in [2, 4, 8])
 QDQ_BITS = (8, 16)  # activation widths of static QDQ (int8 weights either way)
+# Fast mode quantizes an embedding table from this size up (vocabularies): position and token-type
+# tables are small, and 4-bit costs MiniLM's output cosine more there than the bytes are worth.
+FAST_MIN_TABLE_BYTES = 1 << 20
 
 
 @dataclasses.dataclass
@@ -123,11 +126,12 @@ def _mm_options(c: BitAllocationConfig, kinds: set[str]) -> list[Option]:
     return opts
 
 
-def _gather_options(c: BitAllocationConfig, kinds: set[str], dim: int) -> list[Option]:
-    opts = [Option(KEEP)]
-    if c.mode == "fast":  # 4-bit tables: a lookup is no slower, and the table 6-7x smaller
+def _gather_options(c: BitAllocationConfig, kinds: set[str], table: np.ndarray) -> list[Option]:
+    opts, dim = [Option(KEEP)], table.shape[1]
+    if c.mode == "fast":  # 4-bit vocabularies: a lookup is no slower, and the table 6-7x smaller
         blk = c.blocks[0]
-        return opts + ([Option("gather-nbits", 4, blk, c.symmetric)] if "nbits" in kinds and dim % blk == 0 else [])
+        ok = "nbits" in kinds and dim % blk == 0 and table.nbytes >= FAST_MIN_TABLE_BYTES
+        return opts + ([Option("gather-nbits", 4, blk, c.symmetric)] if ok else [])
     if "int8-dynamic" in kinds and 8 in c.bit_options:
         opts.append(Option("int8-gather", 8))
     if "nbits" in kinds and 4 in c.bit_options:
@@ -173,7 +177,7 @@ def build(model: ir.Model, structures, c: BitAllocationConfig, kinds: dict[str, 
         table = init[emb.table].const_value.numpy()
         if table.dtype != np.float32:
             continue
-        part = Part(emb.node, "Gather", table, emb.input, _gather_options(c, kinds, emb.dim))
+        part = Part(emb.node, "Gather", table, emb.input, _gather_options(c, kinds, table))
         if emb.tied and emb.tied_with in lin_by_node:
             lin = lin_by_node[emb.tied_with]
             head = Part(lin.node, "MatMul", np.ascontiguousarray(table.T) if lin.transposed else table,
