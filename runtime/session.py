@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 import weakref
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,8 +110,9 @@ def _ort_reason(exc: Exception) -> tuple[str, str]:
     return code, first.rstrip(".")
 
 
-def _load_error(exc: Exception, label: str, target: Target) -> BadInputError:
-    """Map an ORT load failure to one sentence with ORT's reason and a fix."""
+def load_error(exc: Exception, label: str, target: Target | str = "cpu") -> BadInputError:
+    """Map an ORT load failure to one sentence with ORT's reason and a fix (also for ORT's tools that load models)."""
+    target = resolve_target(target)
     code, reason = _ort_reason(exc)
     lowered = reason.lower()
     if code == "NO_SUCHFILE":
@@ -183,10 +185,15 @@ def make_session(
     profile: bool = False,
     profile_prefix: str | None = None,
     optimization_level: str = "all",
+    custom_op_libraries: Sequence[str | os.PathLike] = (),
+    config: Mapping[str, str] | None = None,
 ) -> onnxruntime.InferenceSession:
     """Create an ORT session for ``model`` on ``target``.
 
     ``threads=None`` keeps ORT's default intra-op pool (one thread per physical core).
+    ``custom_op_libraries`` are registered before loading (edgeprune's own kernel library is
+    registered by itself when the model uses its ops); ``config`` adds session config entries
+    (e.g. ``session.enable_saved_runtime_optimizations``) after edgeprune's own.
     With ``profile=True`` and no ``profile_prefix`` the profile JSON goes to a temporary folder
     that is removed with the session; read it via ``session.end_profiling()`` first.
     Raises TargetUnavailableError when the target's EP is missing and BadInputError (or
@@ -195,6 +202,18 @@ def make_session(
     target = resolve_target(target)
     require_available(target)
     so, profile_dir = _session_options(threads, profile, profile_prefix, optimization_level)
+    for library in custom_op_libraries:
+        try:
+            so.register_custom_ops_library(str(library))
+        except Exception as exc:  # pybind raises a bare Fail for a missing or foreign library
+            if profile_dir:
+                shutil.rmtree(profile_dir, ignore_errors=True)
+            raise BadInputError(
+                f"onnxruntime could not load the custom-op library {library} ({_ort_reason(exc)[1]}): "
+                "check the path and that the library was built for this platform and onnxruntime."
+            ) from exc
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(str(key), str(value))
     source = prepare_model(model)
     if target.provider == "CPUExecutionProvider" and uses_kernel_ops(source):
         register_kernels(so)
@@ -208,7 +227,7 @@ def make_session(
     except Exception as exc:  # pybind raises Fail, InvalidGraph, NotImplemented, InvalidArgument...
         for folder in owned:
             shutil.rmtree(folder, ignore_errors=True)
-        raise _load_error(exc, source.label, target) from exc
+        raise load_error(exc, source.label, target) from exc
     for folder in owned:
         weakref.finalize(session, shutil.rmtree, folder, ignore_errors=True)
     logger.debug("session for %s on %s (threads=%s, profile=%s)", source.label, target.name, threads, profile)

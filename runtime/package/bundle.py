@@ -25,6 +25,7 @@ from importlib import metadata
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from edgeprune import model_io
 from edgeprune.errors import BadInputError, UnsupportedModelError, VerificationError
@@ -51,6 +52,7 @@ class PackageOptions:
     optimization: str | None = None  # None: the platform's style
     calib: pathlib.Path | None = None
     tokenizer: pathlib.Path | None = None
+    labels: pathlib.Path | None = None  # image classifiers: one class name per line (default: labels.txt beside the model)
     custom_op_library: pathlib.Path | None = None
     force: bool = False
     threads: int | None = None
@@ -129,8 +131,32 @@ def _verification_rows(model_path: pathlib.Path, opts: PackageOptions) -> tuple[
     calib = load_calibration(opts.calib, ir_model, tokenizer=find_tokenizer(model_path, opts.tokenizer),
                              max_samples=4 * VERIFY_ROWS, seq_len=seq_len, seed=opts.seed)
     _, holdout = calib.split(0.25, seed=opts.seed)
-    rows = (holdout.samples or calib.samples)[:VERIFY_ROWS]
+    rows = _fit_rows(holdout.samples or calib.samples, ir_model)[:VERIFY_ROWS]
     return rows, calib.source + (" (synthetic)" if calib.synthetic else "")
+
+
+def _fit_rows(rows: list[dict[str, np.ndarray]], model) -> list[dict[str, np.ndarray]]:
+    """Rows shaped for fixed [batch, sequence] token inputs: batches split to the fixed batch, sequences padded (0) or cut.
+
+    The calibration loader batches sentences to their longest; a model whose shapes were fixed
+    for an EP takes exactly its sizes.  Other inputs pass as they are.
+    """
+    fixed = {v.name: list(v.shape) for v in model.graph.inputs if v.shape is not None and len(v.shape) == 2
+             and v.dtype in (ir.DataType.INT64, ir.DataType.INT32) and all(isinstance(d, int) for d in v.shape)}
+    if not fixed:
+        return rows
+    batch = next(iter(fixed.values()))[0]
+    out = []
+    for row in rows:
+        size = len(next(row[n] for n in fixed if n in row))
+        for start in range(0, size - batch + 1, batch):  # whole batches only
+            piece = dict(row)
+            for name, (_, length) in fixed.items():
+                if name in row:
+                    part = row[name][start:start + batch, :length]
+                    piece[name] = np.pad(part, ((0, 0), (0, length - part.shape[1])))
+            out.append(piece)
+    return out
 
 
 def _static_len(model) -> int | None:
@@ -148,7 +174,19 @@ def _run(session, rows: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarra
 
 
 def _compare(expected, got, rows, label: str) -> list[dict]:
-    fidelity = compare_outputs(expected, got, rows)
+    """Fidelity of the float outputs (cosine >= MIN_COSINE); integer and string outputs (class indices, labels) must be equal."""
+    exact = [name for name, value in expected[0].items() if not np.issubdtype(np.asarray(value).dtype, np.floating)]
+    for name in exact:
+        for want, have in zip(expected, got):
+            if np.asarray(want[name]).astype(str).tolist() != np.asarray(have[name]).astype(str).tolist():
+                raise VerificationError(
+                    f"{label} does not reproduce the .onnx (output {name}: {np.asarray(have[name]).tolist()} instead of "
+                    f"{np.asarray(want[name]).tolist()}): the bundle was refused; try --optimization runtime, and report this with --debug output."
+                )
+    floats = [{k: v for k, v in row.items() if k not in exact} for row in expected]
+    if not floats[0]:
+        return []
+    fidelity = compare_outputs(floats, [{k: v for k, v in row.items() if k not in exact} for row in got], rows)
     worst = min(fidelity, key=lambda f: f.cosine_min)
     if worst.cosine_min < MIN_COSINE:
         raise VerificationError(
@@ -210,7 +248,8 @@ def package_model(source: str | pathlib.Path, out: str | pathlib.Path, opts: Pac
             from edgeprune.runtime.package import preprocessing
 
             with progress.stage("build the pre/post-processing model (onnxruntime-extensions)"):
-                pre = preprocessing.build(onnx_path, work, tokenizer=opts.tokenizer or _beside_tokenizer(model_path))
+                pre = preprocessing.build(onnx_path, work, tokenizer=opts.tokenizer or _beside(model_path, "tokenizer.json"),
+                                          calib=opts.calib, labels=opts.labels or _beside(model_path, "labels.txt"), reference=model_path)
             to_convert.append(pre.path)
         library_paths = tuple(pathlib.Path(lib["path"]) for lib in libraries)
         ext_lib = None
@@ -235,7 +274,7 @@ def package_model(source: str | pathlib.Path, out: str | pathlib.Path, opts: Pac
             with progress.stage("check the pre/post-processing model against the Python pipeline"):
                 pre_check = pre.check(stage / pre.path.with_suffix(".ort").name, replay)
             verify_arrays.update(pre.verify_arrays(prefix="pre"))
-            pre_libs = [{"name": "onnxruntime-extensions", "version": pre.library_version, "path": str(pre.library), "domains": ["ai.onnx.contrib"]}]
+            pre_libs = [{"name": "onnxruntime-extensions", "version": pre.library_version, "path": str(pre.library), "domains": list(pre.domains)}]
             models.append(_model_entry(stage / pre.path.with_suffix(".ort").name, (pre.library,), replay, pre_libs, rows_count=pre.rows))
         np.savez(stage / VERIFY_FILE, **verify_arrays)
         with progress.stage("mobile-usability check (NNAPI / CoreML partitions)"):
@@ -251,8 +290,8 @@ def package_model(source: str | pathlib.Path, out: str | pathlib.Path, opts: Pac
     return PackageResult(pathlib.Path(out), manifest)
 
 
-def _beside_tokenizer(model_path: pathlib.Path) -> pathlib.Path | None:
-    path = model_path.parent / "tokenizer.json"
+def _beside(model_path: pathlib.Path, name: str) -> pathlib.Path | None:
+    path = model_path.parent / name
     return path if path.is_file() else None
 
 
@@ -278,9 +317,9 @@ def _measure(onnx_path: pathlib.Path, ort_path: pathlib.Path, feed: dict, librar
 
 
 def _time_pre(ort_path: pathlib.Path, pre, replay: bool, opts: PackageOptions) -> dict:
-    """String in, embedding out: the with-preprocessing .ort timed on one sentence (tokenizer included)."""
+    """String (or image bytes) in, embedding (or top-k) out: the with-preprocessing .ort timed on one input, preprocessing included."""
     session = ort_format.open_session(ort_path, libraries=(pre.library,), threads=opts.threads, replay_runtime_optimizations=replay)
-    feed = {"text": np.array([pre.sentences[0]])}
+    feed, what = pre.sample()
     for _ in range(3):
         session.run(None, feed)
     times = []
@@ -289,7 +328,7 @@ def _time_pre(ort_path: pathlib.Path, pre, replay: bool, opts: PackageOptions) -
         session.run(None, feed)
         times.append((time.perf_counter() - start) * 1e3)
     p50, p90 = np.percentile(times, [50, 90])
-    return {"p50_ms": float(p50), "p90_ms": float(p90), "runs": opts.runs, "sentence": pre.sentences[0]}
+    return {"p50_ms": float(p50), "p90_ms": float(p90), "runs": opts.runs, "input": what}
 
 
 def _manifest(platform: Platform, style, source, model_path, report, stage, ort_files, config, libraries, pre_libs, models,

@@ -75,7 +75,7 @@ def convert(onnx_paths: list[pathlib.Path], out_dir: pathlib.Path, *, style: str
 
 
 def _conversion_error(exc: Exception, path: pathlib.Path) -> BadInputError:
-    mapped = session_mod._load_error(exc, str(path), session_mod.resolve_target("cpu"))  # noqa: SLF001 - one ORT error vocabulary
+    mapped = session_mod.load_error(exc, str(path))  # the converter loads the model in an InferenceSession: one ORT error vocabulary
     return type(mapped)(f"ORT format conversion refused the model: {mapped}")
 
 
@@ -83,7 +83,7 @@ def _external_files(path: pathlib.Path) -> list[str]:
     proto = onnx.load(str(path), load_external_data=False)
     return sorted({
         onnx.external_data_helper.ExternalDataInfo(t).location
-        for t in onnx.external_data_helper._get_all_tensors(proto)  # noqa: SLF001
+        for t in onnx.external_data_helper._get_all_tensors(proto)
         if onnx.external_data_helper.uses_external_data(t)
     })
 
@@ -125,20 +125,13 @@ def ort_ops(ort_path: pathlib.Path) -> dict[str, list[str]]:
 
 def open_session(path: pathlib.Path, *, libraries: tuple[pathlib.Path, ...] = (), threads: int | None = None,
                  replay_runtime_optimizations: bool = False) -> onnxruntime.InferenceSession:
-    """An ORT CPU session on a bundle file, with its custom-op libraries registered.
+    """A CPU session on a bundle file through ``make_session``, its custom-op libraries registered.
 
-    Uses the session factory's options and error mapping; it exists only because
-    ``make_session`` cannot yet register custom-op libraries or set the replay option.
+    ``replay_runtime_optimizations`` sets ``session.enable_saved_runtime_optimizations`` so a
+    runtime-style .ort applies the optimizations it saved, as the app's session will.
     """
-    so, _ = session_mod._session_options(threads, False, None, "all")  # noqa: SLF001
-    for lib in libraries:
-        so.register_custom_ops_library(str(lib))
-    if replay_runtime_optimizations:
-        so.add_session_config_entry("session.enable_saved_runtime_optimizations", "1")
-    try:
-        return onnxruntime.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - mapped to one sentence
-        raise session_mod._load_error(exc, str(path), session_mod.resolve_target("cpu")) from exc  # noqa: SLF001
+    config = {"session.enable_saved_runtime_optimizations": "1"} if replay_runtime_optimizations else None
+    return session_mod.make_session(path, "cpu", threads=threads, custom_op_libraries=libraries, config=config)
 
 
 def custom_domains(proto: onnx.ModelProto) -> dict[str, list[str]]:

@@ -16,6 +16,11 @@ _EP_SWIFT = {"CoreMLExecutionProvider": "try options.appendCoreMLExecutionProvid
 _EP_CPP = {"XnnpackExecutionProvider": 'options.AppendExecutionProvider("XNNPACK", {{"intra_op_num_threads", "2"}});', "NnapiExecutionProvider": None}
 
 
+def _encoded(v) -> bool:
+    """An encoded-image input (``--with-preprocessing`` on an image classifier): the file's bytes, 1-D uint8."""
+    return v["dtype"] == "tensor(uint8)" and len(v["shape"]) == 1 and not isinstance(v["shape"][0], int)
+
+
 def _shape(v) -> list:
     return [d if isinstance(d, int) else 1 for d in v["shape"]]  # a dynamic dim: the app picks the size; 1 shown
 
@@ -35,6 +40,9 @@ def _kotlin(model: dict, ep: str, runtime_opt: bool, extensions: bool) -> str:
         var = _var(v["name"])
         if v["dtype"] == "tensor(string)":
             lines.append(f'val {var} = OnnxTensor.createTensor(env, arrayOf("a sentence to embed"), longArrayOf({", ".join(map(str, _shape(v)))}))')
+        elif _encoded(v):
+            lines.append(f'val {var}Bytes = context.assets.open("photo.jpg").readBytes()  // JPEG or PNG file bytes')
+            lines.append(f"val {var} = OnnxTensor.createTensor(env, ByteBuffer.wrap({var}Bytes), longArrayOf({var}Bytes.size.toLong()), OnnxJavaType.UINT8)")
         else:
             buf, _ = _KOTLIN_TYPES.get(v["dtype"], ("FloatBuffer", "Float"))
             shape = _shape(v)
@@ -64,6 +72,9 @@ def _swift(model: dict, ep: str, runtime_opt: bool, extensions: bool) -> str:
         shape = _shape(v)
         if v["dtype"] == "tensor(string)":
             lines.append(f'let {var} = try ORTValue(tensorStringData: ["a sentence to embed"], shape: {shape})')
+        elif _encoded(v):
+            lines.append(f'let {var}Data = try NSMutableData(contentsOf: Bundle.main.url(forResource: "photo", withExtension: "jpg")!)  // JPEG or PNG file bytes')
+            lines.append(f"let {var} = try ORTValue(tensorData: {var}Data, elementType: .uInt8, shape: [NSNumber(value: {var}Data.length)])")
         else:
             lines.append(f"let {var} = try ORTValue(tensorData: NSMutableData(length: {_prod(shape)} * 4), elementType: {_SWIFT_TYPES.get(v['dtype'], '.float')}, shape: {shape})  // fill with {v['dtype']}")
         feeds.append(f'"{v["name"]}": {var}')
@@ -73,7 +84,10 @@ def _swift(model: dict, ep: str, runtime_opt: bool, extensions: bool) -> str:
 
 
 def _cpp(model: dict, ep: str, runtime_opt: bool, extensions: bool) -> str:
-    lines = ["#include <onnxruntime_cxx_api.h>", "", 'Ort::Env env(ORT_LOGGING_LEVEL_WARNING, "app");', "Ort::SessionOptions options;"]
+    lines = ["#include <onnxruntime_cxx_api.h>"]
+    if any(_encoded(v) for v in model["inputs"]):
+        lines += ["#include <fstream>", "#include <iterator>", "#include <vector>"]
+    lines += ["", 'Ort::Env env(ORT_LOGGING_LEVEL_WARNING, "app");', "Ort::SessionOptions options;"]
     if _EP_CPP.get(ep):
         lines.append(_EP_CPP[ep])
     if extensions:
@@ -93,6 +107,11 @@ def _cpp(model: dict, ep: str, runtime_opt: bool, extensions: bool) -> str:
             lines.append(f"Ort::Value {var} = Ort::Value::CreateTensor(allocator, {var}_shape.data(), {var}_shape.size(), ONNX_TENSOR_ELEMENT_DATA_TYPE_STRING);")
             lines.append(f'const char* {var}_text[] = {{"a sentence to embed"}};')
             lines.append(f"{var}.FillStringTensor({var}_text, 1);")
+        elif _encoded(v):
+            lines.append(f'std::ifstream {var}_file("photo.jpg", std::ios::binary);  // JPEG or PNG file bytes')
+            lines.append(f"std::vector<uint8_t> {var}_data((std::istreambuf_iterator<char>({var}_file)), std::istreambuf_iterator<char>());")
+            lines.append(f"std::vector<int64_t> {var}_shape{{static_cast<int64_t>({var}_data.size())}};")
+            lines.append(f"Ort::Value {var} = Ort::Value::CreateTensor<uint8_t>(memory, {var}_data.data(), {var}_data.size(), {var}_shape.data(), {var}_shape.size());")
         else:
             ctype = _CPP_TYPES.get(v["dtype"], "float")
             lines.append(f"std::vector<int64_t> {var}_shape{{{dims}}};")

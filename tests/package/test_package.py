@@ -12,9 +12,11 @@ import pytest
 
 from edgeprune import model_io
 from edgeprune.cli import main
+from edgeprune.errors import BadInputError
 from edgeprune.runtime.package import ort_format
+from edgeprune.runtime.session import make_session
 
-from tiny_models import mlp_proto, write_mlp, write_mlp_calib
+from tiny_models import write_mlp, write_mlp_calib
 
 
 def _run(capsys, *args):
@@ -243,10 +245,290 @@ def test_with_preprocessing_takes_a_string_and_returns_the_pooled_embedding(tmp_
     assert _run(capsys, "package", "--verify", tmp_path / "b")[0] == 0
 
 
-def test_with_preprocessing_refuses_a_non_text_model(mlp, tmp_path, capsys):
+def test_with_preprocessing_refuses_a_model_neither_text_nor_image(mlp, tmp_path, capsys):
     model, _ = mlp
     code, _, err = _run(capsys, "package", model, "-o", tmp_path / "b", "--with-preprocessing")
     assert code == 2
-    assert err.strip() == ("error: --with-preprocessing handles text encoders (inputs input_ids, attention_mask, token_type_ids) for now; "
-                           "this model takes x: package it without --with-preprocessing.")
+    assert err.strip() == ("error: --with-preprocessing handles text encoders (inputs input_ids, attention_mask, token_type_ids) and image "
+                           "classifiers (one float [N, 3, H, W] input); this model takes x: package it without --with-preprocessing.")
     assert not (tmp_path / "b").exists()
+
+
+def _long_sentence(words: int) -> str:
+    return " ".join(["the cat sat on the mat ."] * (words // 7 + 1))
+
+
+def _expected_embedding(tokenizer: pathlib.Path, emb: np.ndarray, sentence: str, max_tokens: int) -> np.ndarray:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(max_tokens)
+    ids = tok.encode(sentence).ids
+    assert len(ids) == min(max_tokens, len(ids)) and ids[-1] == 3  # [SEP] kept by truncation
+    return emb[ids].mean(axis=0)
+
+
+def _extensions_session(path: pathlib.Path):
+    import onnxruntime_extensions
+
+    return make_session(path, "cpu", custom_op_libraries=(onnxruntime_extensions.get_library_path(),))
+
+
+def test_with_preprocessing_truncates_text_to_the_pipelines_128_tokens(tmp_path, capsys):
+    pytest.importorskip("onnxruntime_extensions")
+    model, tokenizer, emb = _tiny_text_encoder(tmp_path)
+    code, out, err = _run(capsys, "package", model, "-o", tmp_path / "b", "--with-preprocessing", "--tokenizer", tokenizer, "--runs", "2", "--json")
+    assert code == 0, err
+    manifest = json.loads(out)
+    assert manifest["verification"]["preprocessing"]["max_tokens"] == 128
+    assert manifest["verification"]["preprocessing"]["padded_to"] is None
+    session = _extensions_session(tmp_path / "b" / "model_with_preprocessing.ort")
+    long = _long_sentence(300)
+    (got,) = session.run(None, {"text": np.array([long])})
+    np.testing.assert_allclose(got[0], _expected_embedding(tokenizer, emb, long, 128), rtol=1e-6, atol=1e-6)
+    # the untruncated mean differs: the check above can fail
+    assert not np.allclose(got[0], _expected_embedding(tokenizer, emb, long, 10_000), rtol=1e-6, atol=1e-6)
+
+
+def test_with_preprocessing_pads_to_a_fixed_sequence_length(tmp_path, capsys):
+    pytest.importorskip("onnxruntime_extensions")
+    model, tokenizer, emb = _tiny_text_encoder(tmp_path)
+    code, out, err = _run(capsys, "package", model, "-o", tmp_path / "b", "--target", "android-arm64", "--fix-shapes", "B=1,T=16",
+                          "--with-preprocessing", "--tokenizer", tokenizer, "--runs", "2", "--json")
+    assert code == 0, err
+    manifest = json.loads(out)
+    assert manifest["models"][0]["inputs"] == [{"name": "input_ids", "dtype": "tensor(int64)", "shape": [1, 16]},
+                                               {"name": "attention_mask", "dtype": "tensor(int64)", "shape": [1, 16]}]
+    pre = manifest["verification"]["preprocessing"]
+    assert (pre["max_tokens"], pre["padded_to"]) == (16, 16)
+    session = make_session(tmp_path / "b" / "model_with_preprocessing.ort", "cpu", config={"session.enable_saved_runtime_optimizations": "1"},
+                           custom_op_libraries=(__import__("onnxruntime_extensions").get_library_path(),))
+    for sentence in ("the cat sat.", _long_sentence(40)):
+        (got,) = session.run(None, {"text": np.array([sentence])})
+        np.testing.assert_allclose(got[0], _expected_embedding(tokenizer, emb, sentence, 16), rtol=1e-6, atol=1e-6)
+    assert _run(capsys, "package", "--verify", tmp_path / "b")[0] == 0
+
+
+def test_with_preprocessing_refuses_a_fixed_batch_above_one(tmp_path, capsys):
+    pytest.importorskip("onnxruntime_extensions")
+    model, tokenizer, _ = _tiny_text_encoder(tmp_path)
+    code, _, err = _run(capsys, "package", model, "-o", tmp_path / "b", "--fix-shapes", "B=2,T=16", "--with-preprocessing", "--tokenizer", tokenizer)
+    assert code == 2
+    assert err.strip() == ("error: --with-preprocessing feeds one sentence at a time, but the model's batch is fixed at 2: "
+                           "fix the batch to 1 (--fix-shapes <batch dim>=1) or package without --with-preprocessing.")
+    assert not (tmp_path / "b").exists()
+
+
+# ---- image classifiers
+
+
+def _shared_images(count: int) -> list[pathlib.Path]:
+    from edgeprune.models.tasks import load_imagenet
+
+    try:
+        files, _ = load_imagenet()
+    except Exception as exc:  # noqa: BLE001 - the shared data is optional on a fresh checkout
+        pytest.skip(f"shared ImageNet sample not available ({exc})")
+    return files[:count]
+
+
+def _tiny_classifier(tmp_path: pathlib.Path, labels: bool = True) -> tuple[pathlib.Path, np.ndarray, np.ndarray]:
+    """A [N, 3, 224, 224] -> [N, 10] classifier: 56x56 average pools (48 features), then Gemm."""
+    proto = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]> cls (float[N, 3, 224, 224] pixel_values) => (float[N, 10] logits) {'
+        " pooled = AveragePool <kernel_shape = [56, 56], strides = [56, 56]> (pixel_values)"
+        " flat = Flatten <axis = 1> (pooled)"
+        " logits = Gemm (flat, w, b) }"
+    )
+    rng = np.random.default_rng(7)
+    w, b = rng.standard_normal((48, 10)).astype(np.float32), rng.standard_normal(10).astype(np.float32)
+    proto.graph.initializer.extend([onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(b, "b")])
+    folder = tmp_path / "cls"
+    folder.mkdir()
+    onnx.save(proto, folder / "model.onnx")
+    if labels:
+        (folder / "labels.txt").write_text("".join(f"kind {c}\n" for c in "abcdefghij"), encoding="utf-8")
+    return folder / "model.onnx", w, b
+
+
+def _numpy_classifier(pixels: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    pooled = pixels.reshape(len(pixels), 3, 4, 56, 4, 56).mean(axis=(3, 5)).reshape(len(pixels), 48)
+    return pooled @ w + b
+
+
+def test_image_front_equals_the_pillow_pipeline_bit_for_bit(tmp_path):
+    """After decoding, resize + crop + normalize equal models.tasks.imagenet_pixels exactly (shared images and odd sizes)."""
+    from edgeprune.models.tasks import imagenet_pixels
+    from edgeprune.runtime.package import image_preprocessing
+    from PIL import Image
+
+    front = image_preprocessing.preprocess_model(224)
+    onnx.checker.check_model(front, full_check=True)
+    session = make_session(front, "cpu")
+    rng = np.random.default_rng(0)
+    cases = []
+    for path in _shared_images(6):
+        with Image.open(path) as img:
+            cases.append((np.asarray(img.convert("RGB")), path))
+    for i, (h, w) in enumerate([(100, 150), (224, 224), (256, 301), (37, 500), (900, 1300)]):  # up, equal, one side equal, thin, down
+        path = tmp_path / f"r{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        cases.append((np.asarray(Image.open(path).convert("RGB")), path))
+    for rgb, path in cases:
+        (got,) = session.run(None, {"rgb": rgb})
+        np.testing.assert_array_equal(got, imagenet_pixels([path]), err_msg=str(path))
+    # ORT's own antialiased Resize is not Pillow's: the explicit filter is needed (this is why the check above can fail)
+    resize = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 18]> r (uint8[H, W, 3] x, int64[2] s) => (uint8[A, B, 3] y) '
+        '{ y = Resize <mode = "linear", antialias = 1, axes = [0, 1]> (x, , , s) }'
+    )
+    rgb = cases[5][0] if len(cases) > 5 else cases[0][0]
+    (ort_resized,) = make_session(resize, "cpu").run(None, {"x": rgb, "s": np.array([600, 866], np.int64)})
+    pil = np.asarray(Image.fromarray(rgb).resize((866, 600), Image.BILINEAR))
+    assert not np.array_equal(ort_resized, pil)
+
+
+def test_with_preprocessing_image_classifier_bytes_in_top_k_out(tmp_path, capsys):
+    pytest.importorskip("onnxruntime_extensions")
+    import onnxruntime_extensions
+    from edgeprune.models.tasks import imagenet_pixels
+
+    model, w, b = _tiny_classifier(tmp_path)
+    images = tmp_path / "images"
+    images.mkdir()
+    files = _shared_images(4)
+    for f in files:
+        (images / f.name).write_bytes(f.read_bytes())
+    code, out, err = _run(capsys, "package", model, "-o", tmp_path / "b", "--with-preprocessing", "--calib", images, "--runs", "2", "--json")
+    assert code == 0, err
+    manifest = json.loads(out)
+    pre = manifest["models"][1]
+    assert pre["file"] == "model_with_preprocessing.ort" and pre["custom_op_libraries"] == ["onnxruntime-extensions"]
+    assert pre["inputs"] == [{"name": "image", "dtype": "tensor(uint8)", "shape": ["num_bytes"]}]
+    assert pre["outputs"] == [{"name": "class_index", "dtype": "tensor(int64)", "shape": [1, 5]},
+                              {"name": "probability", "dtype": "tensor(float)", "shape": [1, 5]},
+                              {"name": "label", "dtype": "tensor(string)", "shape": [1, 5]}]
+    assert manifest["custom_op_libraries"] == [{"name": "onnxruntime-extensions", "version": onnxruntime_extensions.__version__,
+                                                "domains": ["com.microsoft.extensions"]}]
+    assert manifest["operators"]["com.microsoft.extensions"] == ["DecodeImage"]
+    check = manifest["verification"]["preprocessing"]
+    assert (check["kind"], check["images"], check["top1_agreement"]) == ("image", [f.name for f in files], 1.0)
+    # the bundle, fed the file bytes, gives the numpy pipeline's top-1 (and top-k order) on every image
+    session = _extensions_session(tmp_path / "b" / "model_with_preprocessing.ort")
+    logits = _numpy_classifier(imagenet_pixels(files), w, b)
+    for f, row in zip(files, logits):
+        index, prob, label = session.run(None, {"image": np.fromfile(f, dtype=np.uint8)})
+        assert index[0, 0] == row.argmax()
+        assert label[0].tolist() == [f"kind {'abcdefghij'[i]}" for i in index[0]]
+        assert np.all(np.diff(prob[0]) <= 0)
+    assert _run(capsys, "package", "--verify", tmp_path / "b")[0] == 0
+    readme = (tmp_path / "b" / "README.md").read_text()
+    assert "Register before creating the session: onnxruntime-extensions " in readme and " for com.microsoft.extensions." in readme
+    assert ("Ort::Value image = Ort::Value::CreateTensor<uint8_t>(memory, image_data.data(), image_data.size(), "
+            "image_shape.data(), image_shape.size());") in readme
+
+
+def test_image_preprocessing_refusals(tmp_path, capsys):
+    pytest.importorskip("onnxruntime_extensions")
+    model, _, _ = _tiny_classifier(tmp_path)
+    (model.parent / "labels.txt").write_text("just one\n", encoding="utf-8")
+    code, _, err = _run(capsys, "package", model, "-o", tmp_path / "b", "--with-preprocessing")
+    assert code == 2
+    assert err.strip() == (f"error: the labels file {model.parent / 'labels.txt'} has 1 lines but the model has 10 classes: "
+                           "give one class name per line, in class-index order.")
+    assert not (tmp_path / "b").exists()
+    wide = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]> cls (float[1, 3, 224, 320] x) => (float[1, 3] y) '
+        "{ p = GlobalAveragePool (x)  y = Flatten <axis = 1> (p) }"
+    )
+    path = tmp_path / "wide.onnx"
+    onnx.save(wide, path)
+    code, _, err = _run(capsys, "package", path, "-o", tmp_path / "b", "--with-preprocessing")
+    assert code == 2
+    assert err.strip() == ("error: --with-preprocessing feeds square centre crops (ImageNet evaluation), but input x is 224x320: "
+                           "package it without --with-preprocessing.")
+    assert not (tmp_path / "b").exists()
+
+
+# ---- the session factory's parameters the bundle uses
+
+
+def test_make_session_registers_libraries_and_config_entries(tmp_path):
+    model = write_mlp(tmp_path, "m.onnx")
+    session = make_session(model, "cpu", config={"session.enable_saved_runtime_optimizations": "1"})
+    assert session.get_session_options().get_session_config_entry("session.enable_saved_runtime_optimizations") == "1"
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    missing = tmp_path / "libnothere.so"
+    with pytest.raises(BadInputError) as info:
+        make_session(model, "cpu", custom_op_libraries=(missing,))
+    assert str(info.value).startswith(f"onnxruntime could not load the custom-op library {missing} (")
+    assert str(info.value).endswith("): check the path and that the library was built for this platform and onnxruntime.")
+
+
+# ---- real models (minutes; the shared data and the weights packages)
+
+
+@pytest.fixture(scope="module")
+def minilm_compiled(minilm_artifact, tmp_path_factory):
+    """The MiniLM export compiled with uniform 8-bit weights (edgeprune compile --bits 8), its folder."""
+    folder = tmp_path_factory.mktemp("minilm") / "c"
+    assert main(["compile", str(minilm_artifact.model_path), "-o", str(folder), "--bits", "8", "--max-samples", "16", "--json"]) == 0
+    return folder
+
+
+@pytest.mark.realmodel
+def test_compiled_minilm_bundle_matches_lists_its_ops_and_verifies(minilm_compiled, tmp_path, capsys):
+    bundle = tmp_path / "b"
+    code, out, err = _run(capsys, "package", minilm_compiled, "-o", bundle, "--runs", "3", "--json")
+    assert code == 0, err
+    manifest = json.loads(out)
+    assert manifest["compile"]["passes"][-1]["name"] == "bits"
+    # the .ort gives the .onnx's outputs on the stored rows, computed here
+    data = np.load(bundle / "verify.npz")
+    rows = [{k.split("/")[1]: data[k] for k in data.files if k.startswith(f"in{i}/")} for i in range(manifest["models"][0]["verify_rows"])]
+    onnx_session = make_session(minilm_compiled / "model.onnx", "cpu")
+    ort_session = make_session(bundle / "model.ort", "cpu")
+    for row in rows:
+        want = onnx_session.run(None, row)
+        got = ort_session.run(None, row)
+        for w, g in zip(want, got):
+            np.testing.assert_array_equal(g, w)
+    # the reduced config lists exactly the operators of the graph ORT runs (fixed style: fully optimized)
+    expected = _optimized_ops(minilm_compiled / "model.onnx", ort.GraphOptimizationLevel.ORT_ENABLE_ALL, tmp_path)
+    assert ort_format.read_config(bundle / "required_operators_and_types.config") == expected
+    assert ort_format.ort_ops(bundle / "model.ort") == expected
+    assert manifest["operators"] == expected
+    assert _run(capsys, "package", "--verify", bundle)[0] == 0
+    path = bundle / "model.ort"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    path.write_bytes(bytes(data))
+    code, _, err = _run(capsys, "package", "--verify", bundle)
+    assert code == 2
+    assert err.strip() == (f"error: model.ort in {bundle} was changed after packaging (its sha256 differs from the "
+                           "manifest): restore the original file or re-run edgeprune package.")
+
+
+@pytest.mark.realmodel
+def test_efficientnet_lite0_with_preprocessing_gives_the_pipelines_top1(efficientnet_lite0_artifact, tmp_path, capsys):
+    pytest.importorskip("onnxruntime_extensions")
+    from edgeprune.models.tasks import image_logits, imagenet_pixels
+
+    files = _shared_images(100)[::10]  # 10 images, 10 classes apart
+    images = tmp_path / "images"
+    images.mkdir()
+    for f in files:
+        (images / f.name).write_bytes(f.read_bytes())
+    bundle = tmp_path / "b"
+    code, out, err = _run(capsys, "package", efficientnet_lite0_artifact.model_path, "-o", bundle, "--with-preprocessing",
+                          "--calib", images, "--runs", "3", "--json")
+    assert code == 0, err
+    manifest = json.loads(out)
+    check = manifest["verification"]["preprocessing"]
+    assert (check["images"], check["top1_agreement"]) == ([f.name for f in files], 1.0)
+    reference = image_logits(str(efficientnet_lite0_artifact.model_path), imagenet_pixels(files), batch_size=1).argmax(axis=1)
+    session = _extensions_session(bundle / "model_with_preprocessing.ort")
+    got = [session.run(None, {"image": np.fromfile(f, dtype=np.uint8)})[0][0, 0] for f in files]
+    assert got == reference.tolist()
+    assert _run(capsys, "package", "--verify", bundle)[0] == 0
