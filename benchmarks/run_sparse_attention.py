@@ -8,6 +8,12 @@ and through the C++ kernel.  Ratios are latency / fused dense latency (lower is 
 
     python benchmarks/run_sparse_attention.py [--lengths 1024,4096] [--runs 5] [--before-library PATH]
 
+``--whole-model`` adds SmolLM2-135M whole-model prefill at ``--model-length`` tokens (input model
+with optimum's plain attention vs the sparse op at 12.5 %, 25 % and calibrated per-layer keep, kernel
+and portable) and WikiText-2 perplexity on ``--model-length``-token windows over the first
+``--ppl-tokens`` tokens of valid.txt; the calibrated allocation is measured on the window right
+after the scored tokens, so it never sees the text it is scored on.
+
 ``--before-library`` adds a kernel before/after table: the same op through an older build of the
 kernel library and through this one, interleaved with fused dense GQA in one loop (each its own
 session), so the ratios share the machine's noise.
@@ -146,12 +152,68 @@ def compare_libraries(before: str, lengths: list[int], runs: int, threads: int) 
     return out
 
 
+def whole_model(length: int, ppl_tokens: int, runs: int, threads: int, budget: float) -> dict:
+    """SmolLM2 prefill latency / peak memory and perplexity per attention form (see the module doc)."""
+    from edgeprune.calibration import CalibrationSet
+    from edgeprune.context import CompileContext
+    from edgeprune.models import build
+    from edgeprune.models.tasks import wikitext_perplexity, wikitext_tokens
+    from edgeprune.passes.sparse_attention import SparseAttentionConfig, SparseAttentionPass
+    from edgeprune.runtime.targets import get_target
+
+    artifact = build("smollm2", measure=False)
+    ids = np.asarray(wikitext_tokens(artifact.tokenizer_path), np.int64)
+    if len(ids) < ppl_tokens + length:
+        sys.exit(f"WikiText-2 valid has {len(ids)} tokens: need {ppl_tokens + length} (scored + calibration window)")
+    window = ids[ppl_tokens : ppl_tokens + length][None, :]
+    calib_feed = {"input_ids": window, "attention_mask": np.ones_like(window), "position_ids": np.arange(length, dtype=np.int64)[None, :]}
+    calib = CalibrationSet([calib_feed], "wikitext-2 valid window after the scored tokens")
+    context = CompileContext(target=get_target("cpu"), calibration=calib, holdout=calib, threads=threads)
+    models, records = {"input model (plain dense attention)": ir.load(str(artifact.model_path))}, {}
+    forms = {"12.5%": SparseAttentionConfig(keep=0.125, min_len=0), "25%": SparseAttentionConfig(keep=0.25, min_len=0),
+             f"calibrated (mean {budget:.1%})": SparseAttentionConfig(keep=budget, min_len=0, allocation="calibrated")}  # fmt: skip
+    for label, cfg in forms.items():
+        model = ir.load(str(artifact.model_path))
+        result = SparseAttentionPass(cfg, context)(model)
+        records[label] = [{"layer": r["layer"], "keep": r["keep"], **({"measured": r["measured"]} if "measured" in r else {})} for r in result.records]
+        models[f"kernel {label}"] = model
+        models[f"portable {label}"] = portable_only(_copy(model))
+    feed = {"input_ids": ids[None, :length], "attention_mask": np.ones((1, length), np.int64),
+            "position_ids": np.arange(length, dtype=np.int64)[None, :]}  # fmt: skip
+    logger.info("whole model: timing %d forms x %d runs at %d tokens", len(models), runs, length)
+    timed = measure_side_by_side(models, feed, warmup=1, runs=runs, threads=threads)
+    base = timed["input model (plain dense attention)"].p50_ms
+    out = {"length": length, "ppl_tokens": ppl_tokens, "forms": {}, "allocations": records}
+    ppls = {}
+    for name, model in models.items():
+        # The portable body equals the kernel to 1e-4 (tests), so its perplexity is the kernel's: not re-run.
+        twin = name.replace("portable", "kernel", 1)
+        if name.startswith("portable") and twin in ppls:
+            ppl = ppls[twin]
+        else:
+            ppl = wikitext_perplexity(model, artifact.tokenizer_path, context=length, max_tokens=ppl_tokens, threads=threads)
+        ppls[name] = ppl
+        r = timed[name]
+        out["forms"][name] = {"p50_ms": r.p50_ms, "speedup_vs_input": base / r.p50_ms, "peak_mb": r.peak_memory_mb, "perplexity": ppl}
+        logger.info("  %-40s %9.1f ms  x%.2f  peak %.0f MB  ppl %.3f", name, r.p50_ms, base / r.p50_ms, r.peak_memory_mb, ppl)
+    return out
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="1024,4096")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--before-library", default=None, help="an older build of the kernel library to compare with")
+    parser.add_argument("--whole-model", action="store_true", help="also SmolLM2 prefill and perplexity (slow)")
+    parser.add_argument("--model-length", type=int, default=4096)
+    parser.add_argument("--ppl-tokens", type=int, default=8192)
+    parser.add_argument("--model-runs", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=0.25, help="mean keep of the calibrated allocation")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if kernels.sparse_attention_library() is None:
@@ -182,12 +244,13 @@ def main() -> None:
     before_after = None
     if args.before_library:
         before_after = compare_libraries(args.before_library, [int(x) for x in args.lengths.split(",")], args.runs, args.threads)
+    whole = whole_model(args.model_length, args.ppl_tokens, args.model_runs, args.threads, args.budget) if args.whole_model else None
     meta = {"command": "python benchmarks/run_sparse_attention.py " + " ".join(sys.argv[1:]),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} ORT threads",
             "onnxruntime": ort.__version__, "date": dt.date.today().isoformat(), "runs": args.runs,
             "load_average_1m": round(os.getloadavg()[0], 2)}  # fmt: skip
     out = REPO / "benchmarks" / "results" / "sparse_attention.json"
-    out.write_text(json.dumps({"meta": meta, "results": results, "before_after": before_after}, indent=2))
+    out.write_text(json.dumps({"meta": meta, "results": results, "before_after": before_after, "whole_model": whole}, indent=2))
     names = list(next(iter(results.values())))
     lines = [
         "## Sparse attention: one attention layer at SmolLM2-135M's shapes",
@@ -212,6 +275,18 @@ def main() -> None:
         for name in next(iter(before_after.values())):
             cells = [f"{before_after[s][name]['p50_ms']:.1f} ({before_after[s][name]['ratio_to_fused']:.2f})" for s in before_after]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if whole:
+        lines += ["", f"SmolLM2-135M whole-model prefill at {whole['length']} tokens (p50 of {args.model_runs} interleaved runs) and "
+                  f"WikiText-2 valid perplexity on {whole['length']}-token windows over its first {whole['ppl_tokens']} tokens. "
+                  "The fair fused-dense whole-model baseline (the export with ORT's GroupQueryAttention) is not built here: "
+                  "speed-ups are against the input model's plain attention.  Portable rows reuse the kernel row's perplexity "
+                  "(the two paths agree to 1e-4).", "",
+                  "| form | prefill p50 ms | speed-up vs input | peak MB | perplexity |", "|---|---|---|---|---|"]
+        for name, r in whole["forms"].items():
+            lines.append(f"| {name} | {r['p50_ms']:.0f} | {r['speedup_vs_input']:.2f} | {r['peak_mb']:.0f} | {r['perplexity']:.3f} |")
+        for label, recs in whole["allocations"].items():
+            if any("measured" in r for r in recs):
+                lines += ["", f"Calibrated keep per layer ({label}): " + ", ".join(f"{r['keep']:g}" for r in recs)]
     update_section(BENCHMARKS_MD, "sparse_attention", "\n".join(lines))
 
 
