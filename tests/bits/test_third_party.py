@@ -115,6 +115,24 @@ def test_cpu_conv_int8_is_static_qdq_never_conv_integer(tmp_path):
     assert auto.summary["formats_offered"] == ["float", "qdq-a8w8"]
 
 
+def test_qdq_conv_folds_its_activation(tmp_path):
+    """A ReLU6 (Clip) after a QDQ Conv goes to the quantizer too, which folds it into the Conv's output
+    range: left float, each one costs ORT a DequantizeLinear -> Clip -> QuantizeLinear round trip."""
+    proto = separable_proto()
+    model, ctx = ir.from_proto(proto), image_context(proto)
+    feed = ctx.holdout.samples[0]
+    before = _run(model, feed)
+    result = BitAllocationPass(BitAllocationConfig(mode="uniform", bits=8), ctx)(model)
+    assert result.summary["emit"]["steps"][0] == {"tool": "quantize_static", "activation_bits": 8, "nodes": 3, "activations": 2}
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(to_proto(model).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
+    assert ops.count("QLinearConv") == 3 and "Clip" not in ops
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1  # the model's input and output
+    assert _rel(_run(model, feed), before) < 0.05
+
+
 def test_cpu_matmul_formats_are_unchanged():
     """Transformer MatMuls keep their cpu formats: dynamic int8 and MatMulNBits, no static QDQ."""
     model, ctx = _mixed_float()
