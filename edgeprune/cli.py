@@ -47,6 +47,24 @@ def _table(title: str, columns: list[str], rows: list[tuple]) -> Table:
     return table
 
 
+def _own_records(record: logging.LogRecord) -> bool:
+    """Keep edgeprune's own log records, and anyone's errors."""
+    return record.name == "edgeprune" or record.name.startswith("edgeprune.") or record.levelno >= logging.ERROR
+
+
+def _summary_table(title: str, rows: list) -> Table:
+    """The compile summary: figures under the default fidelity floor in red, with the reason beside them."""
+    from rich.text import Text
+
+    table = Table(title=title, title_justify="left")
+    for i, col in enumerate(["", "input", "output", "ratio"]):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        alert, at = getattr(row, "alert", ""), getattr(row, "alert_cell", 2)
+        table.add_row(*[Text(f"{c} ({alert})", style="bold red") if alert and i == at else Text(str(c)) for i, c in enumerate(row)])
+    return table
+
+
 common_target = click.option("--target", default="cpu", show_default=True, help="Target profile: cpu, cuda, openvino, qnn, coreml, nnapi, xnnpack.")
 common_threads = click.option("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's choice).")
 common_json = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
@@ -59,7 +77,15 @@ common_json = click.option("--json", "as_json", is_flag=True, help="Print machin
 def cli(ctx: click.Context, debug: bool) -> None:
     """Make exported ONNX models smaller and faster for edge targets, and check the result."""
     ctx.obj = {"debug": debug}
+    root = logging.getLogger()
+    ours = not root.handlers  # an embedding application (or pytest) keeps its own logging set-up
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if ours and not debug:
+        # Libraries we call log advice meant for their own users (ORT's quantizer: "consider pre-processing",
+        # on the root logger; onnxscript and onnx-ir through logging and warnings): --debug shows it.
+        for handler in root.handlers:
+            handler.addFilter(_own_records)
+        logging.captureWarnings(True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -70,7 +96,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--recipe", type=click.Path(path_type=pathlib.Path), help="Recipe file (TOML or YAML) naming the passes.")
 @click.option("--calib", type=click.Path(path_type=pathlib.Path), help=".npz, folder of .npz, .txt/.jsonl text, or an image folder.")
 @click.option("--tokenizer", type=click.Path(path_type=pathlib.Path), help="tokenizer.json or a folder holding one (default: beside the model).")
-@click.option("--max-drop", type=float, help="Largest fidelity drop allowed: the worst of 1 - cosine, 1 - top-1 agreement and perplexity ratio - 1.")
+@click.option("--max-drop", type=float, help="Largest fidelity drop allowed: the worst of 1 - cosine, 1 - top-1 agreement and perplexity ratio - 1; replaces the default floor (cosine 0.99, top-1 agreement 0.95, perplexity ratio 1.05 by output kind).")
 @click.option("--example", type=click.Choice(EXAMPLES), help="Compile a bundled example model built from an installed weights package.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--max-samples", type=int, default=64, show_default=True, help="Calibration rows to use.")
@@ -155,9 +181,11 @@ def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example,
     if as_json:
         _emit_json(result.report if bundle is None else {**result.report, "bundle": bundle.manifest})
         return
-    from edgeprune.report import summary_rows
+    from edgeprune.report import summary_rows, verdicts
 
-    out_console.print(_table(f"edgeprune compile → {result.out_dir}", ["", "input", "output", "ratio"], summary_rows(result.report)))
+    out_console.print(_summary_table(f"edgeprune compile → {result.out_dir}", summary_rows(result.report)))
+    for line in verdicts(result.report):  # a slower output, fidelity under the default floor: one line each, right under the table
+        out_console.print(line, style="bold red", markup=False, highlight=False, soft_wrap=True)
     for line in result.report["structures_summary"]:
         out_console.print(f"  • {line}")
     out_console.print(f"Report: {result.out_dir / 'report.html'} (also report.md, report.json)")

@@ -12,6 +12,9 @@ share one definition of "how close":
 
 ``drop`` (what ``--max-drop`` bounds) is the worst fidelity loss over outputs and measures:
 1 - mean cosine, 1 - top-1 agreement where that applies, perplexity ratio - 1 for LM logits.
+Without ``--max-drop`` a compile keeps the *default floor* of each output's kind instead
+(``default_floor``): perplexity ratio <= 1.05 for LM logits, top-1 agreement >= 0.95 for class
+scores, cosine mean >= 0.99 for everything else; the reports flag any figure under it.
 """
 
 from __future__ import annotations
@@ -177,3 +180,62 @@ def compare_outputs(
 def worst_drop(fidelity: list[OutputFidelity]) -> float:
     """The number ``--max-drop`` bounds: the largest fidelity loss over the model's outputs."""
     return max((f.drop for f in fidelity), default=0.0)
+
+
+# --------------------------------------------------------------------------- the floor a compile keeps
+
+#: The default fidelity floor, per output kind: what compile keeps when no --max-drop is given.
+#: From BENCHMARKS.md: MiniLM's per-channel dynamic int8 keeps cosine 0.993 (STS-B -0.001) where
+#: per-tensor int8 falls to 0.964; EfficientNet-Lite0's static int8 keeps top-1 agreement 0.952;
+#: perplexity within 5% of the float model's is the usual bar for a "same quality" 4-bit LLM.
+FLOOR_COSINE = 0.99
+FLOOR_TOP1 = 0.95
+FLOOR_PERPLEXITY_RATIO = 1.05
+
+
+@dataclasses.dataclass(frozen=True)
+class Floor:
+    """The least fidelity one output may keep: ``measure`` against ``limit`` (an upper bound for losses, a lower one otherwise)."""
+
+    output: str
+    measure: str  # "cosine mean", "top-1 agreement", "perplexity ratio" or "drop" (--max-drop's worst loss)
+    limit: float
+
+    @property
+    def upper(self) -> bool:
+        return self.measure in ("perplexity ratio", "drop")
+
+    def value(self, f: OutputFidelity) -> float:
+        return {"cosine mean": f.cosine_mean, "top-1 agreement": f.top1_agreement,
+                "perplexity ratio": f.perplexity_ratio, "drop": f.drop}[self.measure]  # fmt: skip
+
+    def holds(self, f: OutputFidelity) -> bool:
+        v = self.value(f)
+        return v <= self.limit if self.upper else v >= self.limit
+
+    def describe(self, f: OutputFidelity) -> str:
+        """E.g. ``y cosine mean 0.9581 < 0.99``."""
+        return f"{f.name} {self.measure} {self.value(f):.4f} {'>' if self.upper else '<'} {self.limit:g}"
+
+    def to_dict(self, f: OutputFidelity) -> dict[str, Any]:
+        return {"output": f.name, "measure": self.measure, "limit": self.limit, "value": self.value(f), "ok": self.holds(f)}
+
+
+def default_floor(f: OutputFidelity) -> Floor:
+    """The default floor of one output, by its kind: perplexity ratio for LM logits (when measured), top-1
+    agreement for class scores, cosine mean for everything else (embeddings, features, detection maps)."""
+    if f.perplexity_ratio is not None:
+        return Floor(f.name, "perplexity ratio", FLOOR_PERPLEXITY_RATIO)
+    if f.top1_agreement is not None:
+        return Floor(f.name, "top-1 agreement", FLOOR_TOP1)
+    return Floor(f.name, "cosine mean", FLOOR_COSINE)
+
+
+def floors(fidelity: list[OutputFidelity], max_drop: float | None = None) -> list[Floor]:
+    """The floor each output must keep: its default floor, or ``drop <= max_drop`` when --max-drop replaces it."""
+    return [default_floor(f) if max_drop is None else Floor(f.name, "drop", max_drop) for f in fidelity]
+
+
+def below_default_floor(fidelity: list[OutputFidelity]) -> list[tuple[Floor, OutputFidelity]]:
+    """The outputs whose fidelity is under their default floor (what the reports flag, whatever floor was in force)."""
+    return [(fl, f) for f in fidelity if not (fl := default_floor(f)).holds(f)]

@@ -4,6 +4,11 @@ The data flow is DESIGN.md's. Everything that can refuse the input (model, targe
 calibration data, output folder) is checked before any heavy work, and the output folder is
 written atomically at the very end, so a failure never leaves a partial result and never
 touches the input model.
+
+Verification always holds a floor: ``--max-drop`` when given, else the default floor of each
+output's kind (``fidelity.default_floor``), so no budget still means no silent wreck. Under it,
+the last pass that can relax backs off (``EdgePass.relaxed``) until the floor holds; if none can,
+the compile exits 1 with one sentence and writes nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from edgeprune.analysis import analyze
 from edgeprune.calibration import load_calibration
 from edgeprune.context import CompileContext
 from edgeprune.errors import BadInputError, BudgetError, CalibrationDataError
+from edgeprune.fidelity import below_default_floor, floors
 from edgeprune.passes.base import EdgePass, EdgePassResult
 from edgeprune.progress import Progress
 from edgeprune.recipe import Recipe, build_passes, default_recipe, load_recipe
@@ -125,6 +131,29 @@ def _relax(passes: list[EdgePass], results: list[EdgePassResult]) -> tuple[list[
     return None
 
 
+#: What to ask for less of when a pass's result misses the floor, by pass name.
+_ASK_LESS = {"prune": "prune less", "bits": "allow more bits", "sparse_attention": "keep more attention blocks"}
+
+
+def _floor_failure(verification: Verification, missed: list, attempts: int, max_drop: float | None, passes: list[EdgePass]) -> BudgetError:
+    """The one sentence for a compile whose fidelity stays under the floor after every back-off."""
+    report = {"verification": verification.to_dict()}
+    if max_drop is not None:
+        return BudgetError(
+            f"accuracy budget not met: fidelity drop {verification.drop:.4f} > --max-drop {max_drop} "
+            f"after {attempts} attempt(s), and no pass can back off further; nothing was written.",
+            report=report,
+        )
+    floor, fid = missed[0]
+    more = f" (and {len(missed) - 1} more output(s))" if len(missed) > 1 else ""
+    asks = list(dict.fromkeys(_ASK_LESS.get(p.name, "ask the passes for less") for p in passes if p.name != "cleanup")) or ["ask the passes for less"]
+    return BudgetError(
+        f"fidelity below the default floor: output {fid.name!r} {floor.describe(fid).split(' ', 1)[1]}{more} after {attempts} attempt(s), "
+        f"and no pass can back off further; nothing was written ({' or '.join(asks)}, or pass --max-drop to accept a larger drop).",
+        report=report,
+    )
+
+
 def compile_model(
     model_path: str | pathlib.Path,
     out_dir: str | pathlib.Path,
@@ -186,20 +215,22 @@ def compile_model(
         pass_records, pass_results = _run_passes(candidate, passes, ctx)
         with progress.stage("verify: checker, ORT load, fidelity on held-back rows"):
             verification: Verification = verify(candidate, holdout_batches, reference_outputs, threads=opts.threads)
-        if opts.max_drop is None or verification.drop <= opts.max_drop:
+        # Without --max-drop the default floor of each output's kind holds instead (fidelity.default_floor).
+        floor = floors(verification.fidelity, opts.max_drop)
+        missed = [(fl, f) for fl, f in zip(floor, verification.fidelity) if not fl.holds(f)]
+        if not missed:
             break
         backoff.append({"drop": verification.drop, "passes": [r["config"] for r in pass_records]})
         relaxed = _relax(passes, pass_results)
         if relaxed is None:
-            raise BudgetError(
-                f"accuracy budget not met: fidelity drop {verification.drop:.4f} > --max-drop {opts.max_drop} "
-                f"after {len(backoff)} attempt(s), and no pass can back off further; nothing was written.",
-                report={"backoff": backoff, "verification": verification.to_dict()},
-            )
+            error = _floor_failure(verification, missed, len(backoff), opts.max_drop, passes)
+            error.report["backoff"] = backoff
+            raise error
         passes, relaxed_stage, what = relaxed
         ctx.invalidate_stats(after_stage=relaxed_stage)  # passes before it see the same model again
         backoff[-1]["relaxed"] = what
-        logger.warning("drop %.4f over budget; backing off %s", verification.drop, what)
+        logger.warning("fidelity under the %s (%s); backing off %s", "--max-drop budget" if opts.max_drop is not None else "default floor",
+                       "; ".join(fl.describe(f) for fl, f in missed), what)
 
     feed = latency_feed(holdout.samples[0], reference, opts.seq_len)
     with progress.stage(f"latency on {target.name}, side by side with the input"):
@@ -230,7 +261,14 @@ def compile_model(
         "structures": structures.to_dict(),
         "structures_summary": structures.summary(),
         "passes": pass_records,
-        "verification": {**verification.to_dict(), "max_drop": opts.max_drop, "budget_ok": True},
+        "verification": {
+            **verification.to_dict(),
+            "max_drop": opts.max_drop,
+            "budget_ok": True,
+            "floor": {"source": "default" if opts.max_drop is None else "--max-drop", "max_drop": opts.max_drop,
+                      "outputs": [fl.to_dict(f) for fl, f in zip(floor, verification.fidelity)]},
+            "below_default_floor": [{k: v for k, v in fl.to_dict(f).items() if k != "ok"} for fl, f in below_default_floor(verification.fidelity)],
+        },
         "backoff": backoff,
         "latency": latency,
         "profile": profiles,

@@ -25,9 +25,41 @@ def _f(x: float | None, fmt: str = ".4f") -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
-def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """(what, input, output, ratio) rows shared by the CLI table and report.md."""
-    rows = []
+class SummaryRow(tuple):
+    """(what, input, output, ratio); ``alert`` says why cell ``alert_cell`` is flagged (red in the terminal and HTML, bold in markdown), or is ''."""
+
+    alert: str
+    alert_cell: int
+
+    def __new__(cls, what: str, inp: str, out: str, ratio: str, alert: str = "", alert_cell: int = 2):
+        row = super().__new__(cls, (what, inp, out, ratio))
+        row.alert, row.alert_cell = alert, alert_cell
+        return row
+
+
+def _below_floor(report: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(output, measure) -> its entry in the report's ``below_default_floor``."""
+    return {(b["output"], b["measure"]): b for b in report.get("verification", {}).get("below_default_floor", [])}
+
+
+def verdicts(report: dict[str, Any]) -> list[str]:
+    """The lines a user must not miss, shown above everything else: a slower output, fidelity under the default floor."""
+    lines = []
+    lat = report.get("latency", {})
+    if lat.get("measured") and lat.get("p50_ratio", 0) > 1:
+        lines.append(f"slower than the input: latency p50 {lat['candidate']['p50_ms']:.2f} ms vs {lat['reference']['p50_ms']:.2f} ms "
+                     f"({lat['p50_ratio']:.2f}x) on {report['target']['name']}.")  # fmt: skip
+    below = report.get("verification", {}).get("below_default_floor", [])
+    if below:
+        why = f", accepted by --max-drop {report['verification']['max_drop']}" if report["verification"].get("max_drop") is not None else ""
+        figures = "; ".join(f"{b['output']} {b['measure']} {b['value']:.4f} {'>' if b['measure'] == 'perplexity ratio' else '<'} {b['limit']:g}" for b in below)
+        lines.append(f"fidelity below the default floor{why}: {figures}.")
+    return lines
+
+
+def summary_rows(report: dict[str, Any]) -> list[SummaryRow]:
+    """(what, input, output, ratio) rows shared by the CLI table, report.md and report.html; figures under the default floor carry an alert."""
+    rows: list[Any] = []
     size = report.get("size", {})
     rows.append(("file size", _mb(size.get("reference_bytes")), _mb(size.get("candidate_bytes")), _f(size.get("ratio"), ".3f")))
     inp, out = report.get("input", {}), report.get("output", {})
@@ -49,13 +81,28 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             rows.append(("peak memory", f"{ref_mem:.1f} MB", f"{cand_mem:.1f} MB", _f(cand_mem / ref_mem if ref_mem else None, ".3f")))
     else:
         rows.append(("latency", lat.get("reason", "not measured"), "", ""))
+    below = _below_floor(report)
+
+    def alert(name: str, measure: str) -> str:
+        b = below.get((name, measure))
+        return "" if b is None else f"below the default floor {b['limit']:g}"
+
     for o in report.get("verification", {}).get("outputs", []):
-        rows.append((f"{o['name']}: cosine mean/min", "1", f"{o['cosine_mean']:.6f} / {o['cosine_min']:.6f}", ""))
+        name = o["name"]
+        rows.append(SummaryRow(f"{name}: cosine mean/min", "1", f"{o['cosine_mean']:.6f} / {o['cosine_min']:.6f}", "", alert(name, "cosine mean")))
         if o.get("top1_agreement") is not None:
-            rows.append((f"{o['name']}: top-1 agreement", "1", f"{o['top1_agreement']:.4f}", ""))
+            rows.append(SummaryRow(f"{name}: top-1 agreement", "1", f"{o['top1_agreement']:.4f}", "", alert(name, "top-1 agreement")))
         if o.get("perplexity_ratio") is not None:
-            rows.append((f"{o['name']}: perplexity", _f(o["perplexity_reference"], ".3f"), _f(o["perplexity_candidate"], ".3f"), _f(o["perplexity_ratio"], ".4f")))
-    return rows
+            rows.append(SummaryRow(f"{name}: perplexity", _f(o["perplexity_reference"], ".3f"), _f(o["perplexity_candidate"], ".3f"),
+                                   _f(o["perplexity_ratio"], ".4f"), alert(name, "perplexity ratio"), alert_cell=3))
+    return [r if isinstance(r, SummaryRow) else SummaryRow(*r) for r in rows]
+
+
+def _markdown_row(row: SummaryRow) -> str:
+    cells = [str(c) for c in row]
+    if row.alert:
+        cells[row.alert_cell] = f"**{cells[row.alert_cell]}** ({row.alert})"
+    return "| " + " | ".join(cells) + " |"
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -63,6 +110,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# edgeprune compile report",
         "",
+        *[f"> **{line}**" for line in verdicts(report)],
+        *([""] if verdicts(report) else []),
         f"- input: `{inp['path']}` (sha256 `{inp['sha256'][:16]}…`, opset {inp['opset']})",
         f"- output: `{out.get('path', 'n/a')}`",
         f"- target: {report['target']['name']} ({report['target']['provider']})",
@@ -78,7 +127,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         "| | input | output | ratio |",
         "|---|---|---|---|",
     ]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(report)]
+    lines += [_markdown_row(row) for row in summary_rows(report)]
     lat = report.get("latency", {})
     if lat.get("measured"):
         shapes = ", ".join(f"{k} {v}" for k, v in lat["input_shapes"].items())
@@ -152,8 +201,14 @@ def _charts(report: dict[str, Any]) -> list[tuple[str, str]]:
 
 def to_html(report: dict[str, Any]) -> str:
     rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in summary_rows(report)
+        "<tr>" + "".join(
+            f"<td class='below-floor'>{html.escape(str(c))} <small>({html.escape(row.alert)})</small></td>"
+            if row.alert and i == row.alert_cell else f"<td>{html.escape(str(c))}</td>"
+            for i, c in enumerate(row)
+        ) + "</tr>"
+        for row in summary_rows(report)
     )
+    verdict_html = "".join(f"<p class='verdict'>{html.escape(line)}</p>" for line in verdicts(report))
     charts = "".join(f"<h2>{html.escape(t)}</h2><img alt='{html.escape(t)}' src='{src}'>" for t, src in _charts(report))
     if not any(p.get("summary", {}).get("per_layer_chart") for p in report.get("passes", [])):
         charts += "<h2>Per-layer decisions</h2><p>No pass in this recipe makes per-layer decisions.</p>"
@@ -162,10 +217,12 @@ def to_html(report: dict[str, Any]) -> str:
 <html><head><meta charset="utf-8"><title>edgeprune report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.25em .6em}}img{{max-width:100%}}
-pre{{background:#f6f6f6;padding:1em;overflow:auto;max-height:30em}}</style></head><body>
+pre{{background:#f6f6f6;padding:1em;overflow:auto;max-height:30em}}
+.below-floor{{color:#c00;font-weight:bold}}.verdict{{color:#c00;font-weight:bold}}</style></head><body>
 <h1>edgeprune compile report</h1>
 <p>{html.escape(report['input']['path'])} &rarr; {html.escape(report.get('output', {}).get('path', ''))},
 target {html.escape(report['target']['name'])}, {html.escape(report['created'])}</p>
+{verdict_html}
 <table><tr><th></th><th>input</th><th>output</th><th>ratio</th></tr>{rows}</table>
 <h2>Structures found</h2><ul>{structures}</ul>
 {charts}

@@ -7,6 +7,7 @@ conv channel groups from ``dependency``, so inspect and the pass cannot disagree
 from __future__ import annotations
 
 import collections
+import re
 from typing import Any
 
 from edgeprune.passes.prune.dependency import ChannelGroup
@@ -70,6 +71,24 @@ def _short_reason(reason: str) -> str:
     head, sep, tail = reason.partition(": ")
     text = tail if sep and len(head.split()) <= 3 else reason
     return text if len(text) <= 90 else text[:87] + "..."
+
+
+_NAMED = re.compile(r"\b(node|tensor|constant|weight|intermediate) \S+")
+_DETAILS = re.compile(r" \([^)]*\)")
+
+
+def reason_kind(reason: str) -> str:
+    """A skip reason without the names and figures in it, so groups left out for the same cause count together."""
+    if reason.startswith("residual:"):
+        return "residual stream kept (conv_residual = true prunes it)"
+    head, sep, tail = reason.partition(": ")
+    text = tail if sep and len(head.split()) <= 3 else reason
+    return _DETAILS.sub("", _NAMED.sub(r"\1", text))
+
+
+def left_out_summary(reasons: list[str]) -> str:
+    """Groups left out, counted by cause: ``3 x LRN node reads the channels and has no pruning rule; 1 x ...``."""
+    return "; ".join(f"{n} x {kind}" for kind, n in collections.Counter(reason_kind(r) for r in reasons).most_common())
 
 
 def _group_entry(group: ChannelGroup) -> dict:

@@ -21,6 +21,7 @@ from edgeprune.context import StatsRequest
 from edgeprune.passes.prune.dependency import ChannelGroup, channel_groups, split_sizes
 from edgeprune.passes.prune.edits import (
     _apply_shape_edit,
+    _bias_slot,
     _check_linears,
     _const,
     _const_array,
@@ -35,6 +36,7 @@ from edgeprune.passes.prune.edits import (
     _slice_outputs,
     _split_reshape,
     _weight,
+    _weight_slot,
 )
 
 if TYPE_CHECKING:
@@ -46,6 +48,33 @@ _DATA_ONLY = {"Reshape", "Unsqueeze", "Squeeze", "Expand", "Slice"}
 
 
 # --------------------------------------------------------------------------- groups
+
+
+@dataclasses.dataclass
+class Footprint:
+    """Where a group's channels sit in one parameter tensor: ``positions[c]`` on ``axis`` (-1: not in it)."""
+
+    value: ir.Value
+    axis: int
+    positions: np.ndarray
+
+
+def distinct_params(parts: list[Footprint]) -> int:
+    """Parameters the footprints cover, each counted once: a tensor shared by groups (or by nodes), or cut on two
+    axes by two groups (a conv weight is one group's consumer and the next group's producer), counts each element once."""
+    covered: dict[int, tuple[tuple[int, ...], dict[int, set[int]]]] = {}
+    for part in parts:
+        arr = _const(part.value)
+        if arr is None:
+            continue
+        shape = tuple(int(d) for d in arr.shape)
+        entry = covered.setdefault(id(part.value), (shape, {}))
+        entry[1].setdefault(part.axis % len(shape), set()).update(int(x) for x in part.positions if x >= 0)
+    total = 0
+    for shape, axes in covered.values():
+        kept = np.prod([n - len(axes[a]) if a in axes else n for a, n in enumerate(shape)], dtype=np.int64)
+        total += int(np.prod(shape, dtype=np.int64) - kept)
+    return total
 
 
 class _Group:
@@ -108,8 +137,27 @@ class _Group:
         raise NotImplementedError
 
     def removed_params(self, keep_units: np.ndarray) -> int:
-        """Parameters the pruned units carry."""
+        """Parameters the pruned units carry (allocation's estimate; the summary counts exactly with ``footprint``)."""
         return (self.units - len(keep_units)) * self.unit_params
+
+    def channels_of(self, units: np.ndarray) -> np.ndarray:
+        """The channels that ``units`` span."""
+        units = np.asarray(units, dtype=np.int64)
+        return (units[:, None] * self.unit_size + np.arange(self.unit_size)).reshape(-1)
+
+    def footprint(self, g: _Graph) -> list[Footprint]:
+        """Every parameter tensor the units own, and where each group channel sits in it (read before any edit)."""
+        channels = np.arange(self.units * self.unit_size)
+        out = []
+        for lin in self.producer_linears():
+            node, i = _weight_slot(g, lin)
+            out.append(Footprint(node.inputs[i], 0 if lin.transposed else 1, channels))
+            slot = _bias_slot(g, lin)
+            if slot is not None:
+                out.append(Footprint(slot[0].inputs[slot[1]], 0, channels))
+        node, i = _weight_slot(g, self.consumer)
+        out.append(Footprint(node.inputs[i], 1 if self.consumer.transposed else 0, channels))
+        return out
 
 
 class _FFNGroup(_Group):
@@ -128,6 +176,10 @@ class _FFNGroup(_Group):
 
     def producer_linears(self):
         return list(self.producers)
+
+    def footprint(self, g):
+        channels = np.arange(self.units)
+        return super().footprint(g) + [Footprint(node.inputs[idx], -1, channels) for node, idx in self.region_consts]
 
     def apply(self, g, keep_units, stats, cfg):
         for p in self.producers:
@@ -209,6 +261,19 @@ class _HeadGroup(_Group):
 
     def producer_linears(self):
         return [self.q] + ([self.k, self.v] if self.mha else [])
+
+    def footprint(self, g):
+        out = super().footprint(g)
+        if self.kv_groups:  # k/v lose whole KV heads: a k/v channel serves the ``rep`` query heads of its group
+            channels = np.arange(self.units * self.unit_size)
+            positions = channels // (self.rep * self.head_dim) * self.head_dim + channels % self.head_dim
+            for lin in (self.k, self.v):
+                node, i = _weight_slot(g, lin)
+                out.append(Footprint(node.inputs[i], 0 if lin.transposed else 1, positions))
+                slot = _bias_slot(g, lin)
+                if slot is not None:
+                    out.append(Footprint(slot[0].inputs[slot[1]], 0, positions))
+        return out
 
     def score(self, metric, g, stats, unit_size=None):
         if not self.kv_groups or unit_size == 1:
@@ -368,6 +433,14 @@ class _ConvGroup(_Group):
 
     def removed_params(self, keep_units: np.ndarray) -> int:
         return int(self.channel_params.sum() - self.channel_params[np.asarray(keep_units, dtype=np.int64)].sum())
+
+    def footprint(self, g):
+        out = []
+        for m in self.sliced:
+            positions = np.full(self.cg.channels, -1, dtype=np.int64)
+            positions[m.start : m.start + m.length] = m.offset + np.arange(m.length)
+            out.append(Footprint(g.nodes[m.node].inputs[m.index], m.axis, positions))
+        return out
 
     @property
     def consumer_name(self) -> str:

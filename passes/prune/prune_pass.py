@@ -46,10 +46,10 @@ from edgeprune.model_io import param_count
 from edgeprune.passes.base import EdgePass, EdgePassResult
 from edgeprune.passes.prune import allocation as alloc
 from edgeprune.passes.prune import scoring
-from edgeprune.passes.prune.describe import inspect_report
+from edgeprune.passes.prune.describe import inspect_report, left_out_summary
 from edgeprune.passes.prune.dependency import channel_groups
 from edgeprune.passes.prune.edits import _Graph, _Skip
-from edgeprune.passes.prune.groups import _conv_groups, _FFNGroup, _Group, _HeadGroup
+from edgeprune.passes.prune.groups import Footprint, _conv_groups, _FFNGroup, _Group, _HeadGroup, distinct_params
 
 logger = logging.getLogger(__name__)
 
@@ -189,12 +189,13 @@ class StructuredPruningPass(EdgePass):
             return EdgePassResult(model, modified=False, summary={"ratio": 0.0, "note": "ratio 0: nothing pruned"})
         g = _Graph(model)
         groups, records = _discover(g, analyze(model), cfg)
-        for r in records:
-            (logger.info if r["skipped"].startswith("residual") else logger.warning)("prune: keeping %s: %s", r["layer"], r["skipped"])
-        if not groups:
-            if not records:
-                raise UnsupportedModelError(_nothing_prunable(model, cfg))
-            return EdgePassResult(model, modified=False, records=records, summary=self._summary(model, [], records, "none"))
+        if not groups:  # one behaviour whatever the reason: the user asked to prune, and nothing can be
+            raise UnsupportedModelError(_nothing_prunable(model, cfg, records))
+        if records:  # one line for all the groups left out; each reason stays in the report's records
+            warn = any(not r["skipped"].startswith("residual") for r in records)
+            (logger.warning if warn else logger.info)(
+                "prune: left out %d of %d groups (%s)", len(records), len(records) + len(groups), left_out_summary([r["skipped"] for r in records])
+            )
         stats, compensation = self._stats(model, groups)
         scored = []
         for group in groups:
@@ -205,6 +206,7 @@ class StructuredPruningPass(EdgePass):
         keeps = alloc.allocate(scored, cfg.ratio, cfg.allocation, min_keep_fraction=cfg.min_keep_fraction)
         params_before = param_count(model)
         decisions = [_Decision(group, gs.scores, keep) for group, gs, keep in zip(groups, scored, keeps)]
+        counts = _exact_counts(g, decisions)  # before any edit: the footprints read the original tensors
         modified = False
         for d in decisions:
             record = _record(d)
@@ -216,7 +218,7 @@ class StructuredPruningPass(EdgePass):
         if modified:
             _clear_intermediate_shapes(model)
         records.sort(key=lambda r: (r.get("index", -1), r["kind"]))
-        summary = self._summary(model, decisions, records, compensation, params_before)
+        summary = self._summary(model, decisions, records, compensation, params_before, *counts)
         logger.info("prune: %s -> %s params (%.1f%% of prunable removed)", summary["params_before"], summary["params_after"], 100 * summary["removed_share"])
         return EdgePassResult(model, modified=modified, records=records, summary=summary)
 
@@ -244,12 +246,9 @@ class StructuredPruningPass(EdgePass):
         parts = (["bias"] if cfg.compensate else []) + (["refit"] if cfg.refit else [])
         return stats, "+".join(parts) or "none"
 
-    def _summary(self, model, decisions, records, compensation, params_before=None) -> dict:
+    def _summary(self, model, decisions, records, compensation, before: int, prunable: int, removed: int) -> dict:
         cfg = self.config
-        prunable = int(round(sum(d.group.units * d.group.unit_params for d in decisions)))
-        removed = sum(d.group.removed_params(d.keep) for d in decisions)
         after = param_count(model)
-        before = params_before if params_before is not None else after
         return {
             "ratio": cfg.ratio,
             "metric": cfg.metric,
@@ -288,12 +287,31 @@ def _record(d: _Decision) -> dict:
     }
 
 
-def _nothing_prunable(model: ir.Model, cfg: PruneConfig) -> str:
+def _exact_counts(g: _Graph, decisions: list[_Decision]) -> tuple[int, int]:
+    """(prunable, removed) parameters, each weight element counted once however many groups or nodes touch it."""
+    prunable, removed = [], []
+    for d in decisions:
+        pruned = d.group.channels_of(np.setdiff1d(np.arange(d.group.units), d.keep))
+        for part in d.group.footprint(g):
+            prunable.append(part)
+            removed.append(Footprint(part.value, part.axis, part.positions[pruned]))
+    return distinct_params(prunable), distinct_params(removed)
+
+
+_DROP_PRUNE = "drop --prune (or the prune pass from the recipe) for this model."
+
+
+def _nothing_prunable(model: ir.Model, cfg: PruneConfig, left_out: list[dict]) -> str:
+    """The one sentence for a model with no group the pass can prune, whether groups were found and left out or none were found."""
+    if left_out:
+        n = len(left_out)
+        return (f"prune found nothing it can prune in this model: {n} group{'' if n == 1 else 's'} left out "
+                f"({left_out_summary([r['skipped'] for r in left_out])}): {_DROP_PRUNE}")
     ops = sorted({n.op_type for n in model.graph})
     return (
-        f"prune found no {' or '.join(cfg.unit_kinds)} to prune (no FFN block of constant-weight MatMul/Gemm "
+        "prune found nothing it can prune in this model (no FFN block of constant-weight MatMul/Gemm "
         f"around an activation, no Softmax attention with q/k/v/o projections, no Conv with a constant weight; the model's ops are "
-        f"{', '.join(ops[:20])}{'...' if len(ops) > 20 else ''}): remove the prune pass from the recipe for this model."
+        f"{', '.join(ops[:20])}{'...' if len(ops) > 20 else ''}): {_DROP_PRUNE}"
     )
 
 
