@@ -35,3 +35,24 @@ def mixtral_traced_onnx(mixtral, tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return export_mixtral(mixtral, tmp_path_factory.mktemp("mixtral_traced"), patched=False)
+
+
+@pytest.fixture(scope="session")
+def moe_export(mixtral, mixtral_loop_onnx, tmp_path_factory):
+    """``moe_export(arch)`` -> (torch model, loop-form ONNX path) for mixtral, olmoe or qwen2_moe; each built once."""
+    pytest.importorskip("optimum.exporters.onnx")
+    from moe_models import BUILDERS
+
+    from edgeprune.models.moe_export import export_moe
+
+    built = {"mixtral": (mixtral, mixtral_loop_onnx)}
+
+    def get(arch: str):
+        if arch not in built:
+            model = BUILDERS[arch]()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                built[arch] = (model, export_moe(model, tmp_path_factory.mktemp(arch)))
+        return built[arch]
+
+    return get

@@ -31,14 +31,50 @@ def tiny_mixtral(seed: int = 0):
     return MixtralForCausalLM(config).eval()
 
 
+def tiny_olmoe(seed: int = 0):
+    """OLMoE: Mixtral's routing without renormalising the top-k weights."""
+    import torch
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = OlmoeConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=EXPERTS, num_experts_per_tok=TOP_K, max_position_embeddings=64,
+        use_cache=False, initializer_range=0.5,
+    )  # fmt: skip
+    return OlmoeForCausalLM(config).eval()
+
+
+def tiny_qwen2_moe(seed: int = 0):
+    """Qwen2-MoE: unnormalised top-k plus a sigmoid-gated shared expert beside the routed ones."""
+    import torch
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2MoeConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, moe_intermediate_size=INTER,
+        shared_expert_intermediate_size=24, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=EXPERTS, num_experts_per_tok=TOP_K, max_position_embeddings=64, use_cache=False,
+        initializer_range=0.5, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
+    )  # fmt: skip
+    return Qwen2MoeForCausalLM(config).eval()
+
+
+BUILDERS = {"mixtral": tiny_mixtral, "olmoe": tiny_olmoe, "qwen2_moe": tiny_qwen2_moe}
+
+
+def _block_attr(model) -> str:
+    return "block_sparse_moe" if model.config.model_type == "mixtral" else "mlp"
+
+
 def prune_torch_block(block, keep):
-    """A copy of a MixtralSparseMoeBlock with only the experts ``keep`` (router rows too; k clamped)."""
+    """A copy of an MoE block (Mixtral, OLMoE, Qwen2-MoE) with only the experts ``keep`` (router rows too; k clamped)."""
     import torch
 
     pruned = copy.deepcopy(block)
     keep = [int(i) for i in keep]
     pruned.experts = torch.nn.ModuleList([pruned.experts[i] for i in keep])
-    gate = torch.nn.Linear(block.hidden_dim, len(keep), bias=False)
+    gate = torch.nn.Linear(block.gate.in_features, len(keep), bias=False)
     gate.weight.data = block.gate.weight.data[keep].clone()
     pruned.gate = gate
     pruned.num_experts = len(keep)
@@ -47,10 +83,11 @@ def prune_torch_block(block, keep):
 
 
 def prune_torch_experts(model, keeps):
-    """A copy of a MixtralForCausalLM with layer i keeping only the experts ``keeps[i]``."""
+    """A copy of an MoE causal LM with layer i keeping only the experts ``keeps[i]``."""
     pruned = copy.deepcopy(model)
+    attr = _block_attr(model)
     for layer, keep in zip(pruned.model.layers, keeps):
-        layer.block_sparse_moe = prune_torch_block(layer.block_sparse_moe, keep)
+        setattr(layer, attr, prune_torch_block(getattr(layer, attr), keep))
     return pruned
 
 

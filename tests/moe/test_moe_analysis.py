@@ -30,6 +30,18 @@ def test_loop_form_layers_routers_and_experts(mixtral_loop_onnx):
     assert json.loads(json.dumps([m.to_dict() for m in layers])) == [m.to_dict() for m in layers]
 
 
+@pytest.mark.parametrize(("arch", "normalize", "shared"), [("olmoe", False, []), ("qwen2_moe", False, ["shared_expert"])])
+def test_olmoe_and_qwen2_moe_loop_forms(moe_export, arch, normalize, shared):
+    _, path = moe_export(arch)
+    layers = analyze(load_model(path)).moe_layers
+    assert [(m.form, m.num_experts, m.top_k, m.normalize, m.problem, len(m.experts)) for m in layers] == [
+        ("loop", EXPERTS, TOP_K, normalize, None, EXPERTS)] * LAYERS  # fmt: skip
+    for m in layers:
+        scope = f"/model/layers.{m.layer}/mlp"
+        assert [e.linears[0] for e in m.experts] == [f"{scope}/experts.{i}/gate_proj/MatMul" for i in range(EXPERTS)]
+        assert [(f.gate or f.up).node for f in m.shared_experts] == [f"{scope}/{s}/gate_proj/MatMul" for s in shared]
+
+
 def test_traced_hit_only_export_is_refused_with_the_reason(mixtral_traced_onnx):
     layers = analyze(load_model(mixtral_traced_onnx)).moe_layers
     assert len(layers) == LAYERS

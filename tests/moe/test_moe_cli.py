@@ -27,7 +27,8 @@ def test_compile_moe_keep_half(mixtral_loop_onnx, tmp_path, capsys):
     feed = token_feed(rng, 4, 8)
     np.savez(tmp_path / "calib.npz", **feed)
     out = tmp_path / "out"
-    code, _, err = _run(capsys, "compile", str(mixtral_loop_onnx), "-o", str(out), "--moe-keep", "0.5", "--calib", str(tmp_path / "calib.npz"), "--json")
+    code, _, err = _run(capsys, "compile", str(mixtral_loop_onnx), "-o", str(out), "--moe-keep", "0.5", "--calib", str(tmp_path / "calib.npz"),
+                        "--max-drop", "5", "--json")  # a random-init model: half its experts move the logits a lot
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     (moe,) = [p for p in report["passes"] if p["name"] == "moe"]

@@ -70,11 +70,12 @@ def test_pruning_never_selected_experts_reproduces_outputs_on_the_calibration_da
     np.testing.assert_allclose(_run(result.model, other), torch_logits(torch_pruned, other), rtol=0, atol=1e-4)
 
 
-def test_keep_half_matches_torch_with_the_same_experts_removed(mixtral, mixtral_loop_onnx, metric="easy"):
-    """(tcess and frequency choose through the same removal; their statistics are checked against torch below.)"""
+@pytest.mark.parametrize(("arch", "metric"), [("mixtral", "easy"), ("olmoe", "tcess"), ("qwen2_moe", "frequency")])
+def test_keep_half_matches_torch_with_the_same_experts_removed(moe_export, arch, metric):
+    mixtral, path = moe_export(arch)  # OLMoE: no renormalisation; Qwen2-MoE: a shared expert that stays
     rng = np.random.default_rng(2)
     calib = [token_feed(rng, 2, 8) for _ in range(2)]
-    result = MoEExpertPruningPass(MoEConfig(keep=0.5, metric=metric), _context(calib))(load_model(mixtral_loop_onnx))
+    result = MoEExpertPruningPass(MoEConfig(keep=0.5, metric=metric), _context(calib))(load_model(path))
     keeps = [r["kept"] for r in result.records]
     assert sum(map(len, keeps)) == EXPERTS * LAYERS // 2
     other = token_feed(rng, 2, 11)
