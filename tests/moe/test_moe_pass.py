@@ -9,7 +9,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from moe_models import EXPERTS, LAYERS, fused_moe_model, prune_torch_block, prune_torch_experts, token_feed, torch_logits
+from moe_models import EXPERTS, LAYERS, fused_moe_model, qmoe_model, prune_torch_block, prune_torch_experts, token_feed, torch_logits
 
 from edgeprune.analysis import analyze
 from edgeprune.calibration import CalibrationSet
@@ -133,6 +133,24 @@ def test_fused_moe_pruned_matches_torch_block(mixtral):
         expected = prune_torch_block(block, record["kept"])(torch.from_numpy(x)[None])[0][0].numpy()
     assert np.abs(expected - full).max() > 1e-3
     np.testing.assert_allclose(_run(result.model, {"x": x}), expected, rtol=0, atol=1e-5)
+
+
+def test_qmoe_int8_pruned_equals_qmoe_built_from_the_kept_experts(mixtral):
+    block = mixtral.model.layers[1].block_sparse_moe
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((12, 16)).astype(np.float32)
+    with torch.no_grad():
+        full = block(torch.from_numpy(x)[None])[0][0].numpy()
+    quantized = _run(qmoe_model(block).SerializeToString(), {"x": x})
+    assert np.linalg.norm(quantized - full) / np.linalg.norm(full) < 0.02  # int8 weights: the QMoE graph is the block
+    calib = [{"x": rng.standard_normal((6, 16)).astype(np.float32)}]
+    result = MoEExpertPruningPass(MoEConfig(keep=0.25, metric="tcess", allocation="uniform"), _context(calib))(ir.from_proto(qmoe_model(block)))
+    (record,) = result.records
+    assert (record["form"], record["units_after"], record["top_k_after"]) == ("fused", 2, 2)
+    assert {n: tuple(v.shape) for n, v in result.model.graph.initializers.items()} == {
+        "router.weight": (16, 2), "fc1": (2, 64, 16), "fc1_scales": (2, 64), "fc2": (2, 16, 32), "fc2_scales": (2, 16)}  # fmt: skip
+    expected = _run(qmoe_model(block, record["kept"]).SerializeToString(), {"x": x})
+    np.testing.assert_array_equal(_run(result.model, {"x": x}), expected)
 
 
 def test_fused_easy_score_matches_torch_experts(mixtral):
