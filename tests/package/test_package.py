@@ -413,7 +413,8 @@ def test_with_preprocessing_image_classifier_bytes_in_top_k_out(tmp_path, capsys
                                                 "domains": ["com.microsoft.extensions"]}]
     assert manifest["operators"]["com.microsoft.extensions"] == ["DecodeImage"]
     check = manifest["verification"]["preprocessing"]
-    assert (check["kind"], check["images"], check["top1_agreement"]) == ("image", [f.name for f in files], 1.0)
+    assert (check["kind"], check["images"], check["top1_agreement_same_pixels"]) == ("image", [f.name for f in files], 1.0)
+    assert (check["top1_agreement_pillow_decode"], check["decoder_changes_top1"]) == (1.0, [])
     # the bundle, fed the file bytes, gives the numpy pipeline's top-1 (and top-k order) on every image
     session = _extensions_session(tmp_path / "b" / "model_with_preprocessing.ort")
     logits = _numpy_classifier(imagenet_pixels(files), w, b)
@@ -427,6 +428,88 @@ def test_with_preprocessing_image_classifier_bytes_in_top_k_out(tmp_path, capsys
     assert "Register before creating the session: onnxruntime-extensions " in readme and " for com.microsoft.extensions." in readme
     assert ("Ort::Value image = Ort::Value::CreateTensor<uint8_t>(memory, image_data.data(), image_data.size(), "
             "image_shape.data(), image_shape.size());") in readme
+
+
+def _one_pixel_classifier(path: pathlib.Path, c: int, i: int, j: int, threshold: float) -> pathlib.Path:
+    """Two classes: 0 when pixel_values[:, c, i, j] > threshold, else 1."""
+    proto = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]> one (float[N, 3, 224, 224] x) => (float[N, 2] logits) {'
+        " p = Slice (x, starts, ends, axes)  v = Reshape (p, shape)  d = Sub (v, t)  n = Neg (d)  logits = Concat <axis = 1> (d, n) }"
+    )
+    proto.graph.initializer.extend([
+        onnx.numpy_helper.from_array(np.array([c, i, j], np.int64), "starts"),
+        onnx.numpy_helper.from_array(np.array([c + 1, i + 1, j + 1], np.int64), "ends"),
+        onnx.numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes"),
+        onnx.numpy_helper.from_array(np.array([-1, 1], np.int64), "shape"),
+        onnx.numpy_helper.from_array(np.array(threshold, np.float32), "t"),
+    ])
+    onnx.save(proto, path)
+    return path
+
+
+def _swab(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, np.ndarray, np.ndarray]:
+    """The shared JPEG the two decoders disagree most on, alone in a --calib folder, with both decodes (RGB)."""
+    from PIL import Image
+
+    from edgeprune.runtime.package import image_preprocessing
+
+    (path,) = [f for f in _shared_images(100) if f.name == "n04367480_swab.JPEG"]  # decoders differ by up to 62 levels on it
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / path.name).write_bytes(path.read_bytes())
+    (rgb_ext,) = _extensions_session_from(image_preprocessing.decode_model()).run(None, {"image": np.fromfile(path, dtype=np.uint8)})
+    with Image.open(path) as img:
+        rgb_pil = np.asarray(img.convert("RGB"))
+    return path, images, rgb_pil, rgb_ext
+
+
+def _split_pixel(a: np.ndarray, b: np.ndarray) -> tuple[tuple[int, int, int], float]:
+    """The [1, 3, S, S] position where a and b differ most, and the threshold half-way between them."""
+    c, i, j = np.unravel_index(np.abs(a - b)[0].argmax(), a.shape[1:])
+    assert a[0, c, i, j] != b[0, c, i, j]
+    return (int(c), int(i), int(j)), (float(a[0, c, i, j]) + float(b[0, c, i, j])) / 2
+
+
+def test_image_check_reports_a_top1_only_the_decoder_changes(tmp_path, capsys):
+    """A model deciding on one pixel where Pillow's and the extensions' JPEG decoders differ: packaged, the flip reported."""
+    pytest.importorskip("onnxruntime_extensions")
+    from edgeprune.runtime.package import image_preprocessing
+
+    path, images, rgb_pil, rgb_ext = _swab(tmp_path)
+    front = make_session(image_preprocessing.preprocess_model(224), "cpu")
+    pil, ext = (front.run(None, {"rgb": np.ascontiguousarray(x)})[0] for x in (rgb_pil, rgb_ext))
+    (c, i, j), threshold = _split_pixel(pil, ext)
+    model = _one_pixel_classifier(tmp_path / "one.onnx", c, i, j, threshold)
+    code, out, err = _run(capsys, "package", model, "-o", tmp_path / "b", "--with-preprocessing", "--calib", images, "--runs", "2", "--json")
+    assert code == 0, err
+    check = json.loads(out)["verification"]["preprocessing"]
+    assert (check["top1_agreement_same_pixels"], check["top1_agreement_pillow_decode"], check["decoder_changes_top1"]) == (1.0, 0.0, [path.name])
+
+
+def test_image_check_refuses_preprocessing_that_is_not_the_pipelines(tmp_path, capsys, monkeypatch):
+    """The gate: with coarser resize coefficients (12 bits, not Pillow's 22) in the graph, the same decoded pixels give another top-1."""
+    pytest.importorskip("onnxruntime_extensions")
+    from edgeprune.runtime.package import image_preprocessing
+
+    path, images, _, rgb_ext = _swab(tmp_path)
+    right = make_session(image_preprocessing.preprocess_model(224), "cpu").run(None, {"rgb": rgb_ext})[0]
+    monkeypatch.setattr(image_preprocessing, "_PRECISION_BITS", 12)
+    wrong = make_session(image_preprocessing.preprocess_model(224), "cpu").run(None, {"rgb": rgb_ext})[0]
+    (c, i, j), threshold = _split_pixel(right, wrong)
+    model = _one_pixel_classifier(tmp_path / "one.onnx", c, i, j, threshold)
+    want, have = (0, 1) if right[0, c, i, j] > threshold else (1, 0)
+    code, _, err = _run(capsys, "package", model, "-o", tmp_path / "b", "--with-preprocessing", "--calib", images, "--runs", "2", "--json")
+    assert code == 3
+    assert err.strip() == (f"error: the preprocessing model's top-1 class on {path.name} is {have}, and the Python pipeline's "
+                           f"(models.tasks.imagenet_pixels) on the same decoded pixels is {want}: the bundle was refused; the in-graph "
+                           "resize/crop/normalize does not reproduce the pipeline: report this with --debug output.")
+    assert not (tmp_path / "b").exists()
+
+
+def _extensions_session_from(proto: onnx.ModelProto):
+    import onnxruntime_extensions
+
+    return make_session(proto, "cpu", custom_op_libraries=(onnxruntime_extensions.get_library_path(),))
 
 
 def test_image_preprocessing_refusals(tmp_path, capsys):
@@ -526,9 +609,24 @@ def test_efficientnet_lite0_with_preprocessing_gives_the_pipelines_top1(efficien
     assert code == 0, err
     manifest = json.loads(out)
     check = manifest["verification"]["preprocessing"]
-    assert (check["images"], check["top1_agreement"]) == ([f.name for f in files], 1.0)
-    reference = image_logits(str(efficientnet_lite0_artifact.model_path), imagenet_pixels(files), batch_size=1).argmax(axis=1)
+    assert (check["images"], check["top1_agreement_same_pixels"]) == ([f.name for f in files], 1.0)
+    # computed here: the bundle on the file bytes vs the Python pipeline on the extensions' decoded pixels (equal on
+    # every image) and on Pillow's (what the manifest reports)
+    from PIL import Image
+
+    from edgeprune.runtime.package import image_preprocessing
+
     session = _extensions_session(bundle / "model_with_preprocessing.ort")
-    got = [session.run(None, {"image": np.fromfile(f, dtype=np.uint8)})[0][0, 0] for f in files]
-    assert got == reference.tolist()
+    decoder = _extensions_session_from(image_preprocessing.decode_model())
+    decoded = []
+    for f in files:
+        decoded.append(tmp_path / f"{f.stem}.png")
+        Image.fromarray(decoder.run(None, {"image": np.fromfile(f, dtype=np.uint8)})[0]).save(decoded[-1])
+    model = str(efficientnet_lite0_artifact.model_path)
+    same_pixels = image_logits(model, imagenet_pixels(decoded), batch_size=1).argmax(axis=1)
+    pillow = image_logits(model, imagenet_pixels(files), batch_size=1).argmax(axis=1)
+    got = np.array([session.run(None, {"image": np.fromfile(f, dtype=np.uint8)})[0][0, 0] for f in files])
+    assert got.tolist() == same_pixels.tolist()
+    assert check["top1_agreement_pillow_decode"] == float(np.mean(got == pillow))
+    assert check["decoder_changes_top1"] == [f.name for f, a, b in zip(files, pillow, got) if a != b]
     assert _run(capsys, "package", "--verify", bundle)[0] == 0
