@@ -195,7 +195,7 @@ def test_a_slower_output_says_so_in_the_terminal_markdown_and_html(tmp_path, cap
     assert f"<p class='verdict'>{html_mod.escape(line)}</p>" in (out / "report.html").read_text()
 
 
-def test_a_faster_output_says_nothing_about_being_slower(tmp_path, capsys, monkeypatch):
+def test_only_a_faster_output_says_nothing_about_its_speed():
     from edgeprune import report as report_mod
 
     base = {"latency": {"measured": True, "p50_ratio": 0.8, "reference": {"p50_ms": 1.0}, "candidate": {"p50_ms": 0.8}},
@@ -203,6 +203,8 @@ def test_a_faster_output_says_nothing_about_being_slower(tmp_path, capsys, monke
     assert report_mod.verdicts(base) == []
     slower = {**base, "latency": {**base["latency"], "p50_ratio": 1.25, "candidate": {"p50_ms": 1.25}}}
     assert report_mod.verdicts(slower) == ["slower than the input: latency p50 1.25 ms vs 1.00 ms (1.25x) on cpu."]
+    level = {**base, "latency": {**base["latency"], "p50_ratio": 1.03, "candidate": {"p50_ms": 1.03}}}
+    assert report_mod.verdicts(level) == ["no faster than the input: latency p50 1.03 ms vs 1.00 ms (1.03x, within timing noise) on cpu."]
 
 
 # --------------------------------------------------------------------------- defect 7: third-party log lines
