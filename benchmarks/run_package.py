@@ -1,6 +1,6 @@
 """Measure edgeprune package on compiled models: .onnx vs .ort size, session creation, peak memory at load,
 latency p50/p90, reduced-config operators vs the full CPU build, mobile-usability partitions, and the
-with-preprocessing model's end-to-end latency (string in, embedding out).
+with-preprocessing models' end-to-end latency (string in, embedding out; image bytes in, top-5 out).
 
     python benchmarks/run_package.py --minilm OUT_MINILM [--minilm-tokenizer DIR] [--effnet OUT_EFFNET] [--runs 30]
 
@@ -77,9 +77,15 @@ def render(results: dict) -> str:
     for r in results["models"]:
         if r["preprocessing_end_to_end"]:
             e, p = r["preprocessing_end_to_end"], r["preprocessing"]
-            lines += ["", f"{r['model']} with preprocessing (string in, embedding out, tokenizer as onnxruntime-extensions ops): "
-                      f"p50 {e['p50_ms']:.2f} ms, p90 {e['p90_ms']:.2f} ms on one STS-B sentence; embedding cosine vs the Python "
-                      f"pipeline min {p['cosine_min']:.6f} over {p['sentences']} sentences."]
+            if p["kind"] == "text":
+                lines += ["", f"{r['model']} with preprocessing (string in, embedding out, tokenizer as onnxruntime-extensions ops): "
+                          f"p50 {e['p50_ms']:.2f} ms, p90 {e['p90_ms']:.2f} ms on one STS-B sentence; embedding cosine vs the Python "
+                          f"pipeline min {p['cosine_min']:.6f} over {p['sentences']} sentences."]
+            else:
+                lines += ["", f"{r['model']} with preprocessing (JPEG bytes in, top-5 out: DecodeImage from onnxruntime-extensions, "
+                          f"Pillow-exact resize/crop/normalize in ONNX ops): p50 {e['p50_ms']:.2f} ms, p90 {e['p90_ms']:.2f} ms on {e['input']}; "
+                          f"top-1 equal to the Python pipeline's (Pillow + imagenet_pixels) on {len(p['images'])} of {len(p['images'])} images, "
+                          f"top-1 probability max abs difference {p['top1_probability_max_abs_diff']:.2e} (the JPEG decoders differ)."]
     lines += ["", "Peak memory is the growth of the process's peak RSS while each session is created and warmed up, "
               "one after the other in one process (runtime/latency.py)."]
     return "\n".join(lines)
@@ -103,7 +109,7 @@ def main() -> int:
     results["models"].append(_one("all-MiniLM-L6-v2", args.minilm, args.runs, sentences, tokenizer, True))
     if args.effnet:
         images = REPO.parent / "shared" / "data" / "imagenet-100"
-        results["models"].append(_one("EfficientNet-Lite0", args.effnet, args.runs, images if images.is_dir() else None, None, False))
+        results["models"].append(_one("EfficientNet-Lite0", args.effnet, args.runs, images if images.is_dir() else None, None, images.is_dir()))
     out = REPO / "benchmarks" / "results" / "package.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     update_section(BENCHMARKS_MD, "package", render(results))

@@ -209,11 +209,22 @@ def classes_of(proto: onnx.ModelProto) -> int:
     return dims[1].dim_value
 
 
+def _decode(g: _Graph, data: str, out_name: str | None = None) -> str:
+    """``DecodeImage`` (JPEG/PNG bytes -> BGR [H, W, 3], BGRA [H, W, 4] or gray [H, W, 1] uint8), then RGB.
+
+    As Pillow's ``convert("RGB")``: channels reversed, alpha dropped, one gray channel repeated three times.
+    """
+    decoded = g.op("DecodeImage", [data], domain=_EXT_DOMAIN)
+    channels = g.op("Gather", [g.op("Shape", [decoded]), g.const(2, np.int64)])
+    gray = g.op("Less", [channels, g.const(3, np.int64)])
+    order = g.op("Where", [gray, g.const([0, 0, 0], np.int64), g.const([2, 1, 0], np.int64)])
+    return g.op("Gather", [decoded, order], [out_name] if out_name else 1, axis=2)
+
+
 def decode_model(opset: int = 17) -> onnx.ModelProto:
     """The decoding step alone, as the bundle runs it: encoded bytes in, RGB uint8 [H, W, 3] out."""
     g = _Graph("pre/")
-    bgr = g.op("DecodeImage", ["image"], domain=_EXT_DOMAIN)
-    g.op("Gather", [bgr, g.const([2, 1, 0], np.int64)], ["rgb"], axis=2)
+    _decode(g, "image", "rgb")
     graph = helper.make_graph(g.nodes, "decode", [helper.make_tensor_value_info("image", TensorProto.UINT8, ["num_bytes"])],
                               [helper.make_tensor_value_info("rgb", TensorProto.UINT8, ["height", "width", 3])], initializer=g.initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(_EXT_DOMAIN, 1)])
@@ -243,8 +254,7 @@ def merge(model: onnx.ModelProto, input_name: str, size: int, labels: list[str] 
     classes = classes_of(model)
     k = min(TOP_K, classes)
     pre, post = _Graph("pre/"), _Graph("post/")
-    bgr = pre.op("DecodeImage", ["image"], domain=_EXT_DOMAIN)  # JPEG/PNG bytes -> BGR uint8 [H, W, 3], grayscale expanded
-    rgb = pre.op("Gather", [bgr, pre.const([2, 1, 0], np.int64)], axis=2)
+    rgb = _decode(pre, "image")
     graph_input = helper.make_tensor_value_info("image", TensorProto.UINT8, ["num_bytes"])
     front(pre, rgb, size, input_name, IMAGENET_MEAN, IMAGENET_STD)
     outputs = back(post, model.graph.output[0].name, classes, k, labels)

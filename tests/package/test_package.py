@@ -397,9 +397,14 @@ def test_with_preprocessing_image_classifier_bytes_in_top_k_out(tmp_path, capsys
     model, w, b = _tiny_classifier(tmp_path)
     images = tmp_path / "images"
     images.mkdir()
-    files = _shared_images(4)
-    for f in files:
+    from PIL import Image
+
+    for f in _shared_images(4):
         (images / f.name).write_bytes(f.read_bytes())
+    with Image.open(f) as img:  # gray and RGBA PNGs: DecodeImage gives 1 and 4 channels, the graph makes RGB as Pillow does
+        img.convert("L").save(images / "zz_gray.png")
+        img.convert("RGBA").resize((300, 200)).save(images / "zz_rgba.png")
+    files = sorted(images.iterdir())
     code, out, err = _run(capsys, "package", model, "-o", tmp_path / "b", "--with-preprocessing", "--calib", images, "--runs", "2", "--json")
     assert code == 0, err
     manifest = json.loads(out)
