@@ -188,6 +188,9 @@ def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example,
         out_console.print(line, style="bold red", markup=False, highlight=False, soft_wrap=True)
     for line in result.report["structures_summary"]:
         out_console.print(f"  • {line}")
+    for p in result.report["passes"]:  # what each pass did, in one sentence where it has one (bits: the default's formats)
+        if (p.get("summary") or {}).get("headline"):
+            out_console.print(f"  • {p['summary']['headline']}", markup=False, highlight=False, soft_wrap=True)
     out_console.print(f"Report: {result.out_dir / 'report.html'} (also report.md, report.json)")
     if bundle is not None:
         _print_bundle(bundle)

@@ -65,9 +65,9 @@ class CompileResult:
     report: dict[str, Any]
 
 
-def _resolve_recipe(recipe: Recipe | str | pathlib.Path | None) -> Recipe:
+def _resolve_recipe(recipe: Recipe | str | pathlib.Path | None, target: str = "cpu") -> Recipe:
     if recipe is None:
-        return default_recipe()
+        return default_recipe(target)
     if isinstance(recipe, Recipe):
         return recipe
     return load_recipe(recipe)
@@ -171,7 +171,7 @@ def compile_model(
 
     # Everything that can refuse the input, cheapest first.
     target = get_target(opts.target)
-    recipe = _resolve_recipe(opts.recipe)
+    recipe = _resolve_recipe(opts.recipe, target.name)
     passes = build_passes(recipe)  # every option checked; the context is attached once it exists
     if opts.max_drop is not None and not 0 <= opts.max_drop:
         raise BadInputError(f"--max-drop must be >= 0, got {opts.max_drop}.")
