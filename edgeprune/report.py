@@ -62,6 +62,12 @@ def verdicts(report: dict[str, Any]) -> list[str]:
         why = f", accepted by --max-drop {report['verification']['max_drop']}" if report["verification"].get("max_drop") is not None else ""
         figures = "; ".join(f"{b['output']} {b['measure']} {b['value']:.4f} {'>' if b['measure'] == 'perplexity ratio' else '<'} {b['limit']:g}" for b in below)
         lines.append(f"fidelity below the default floor{why}: {figures}.")
+    backoff = report.get("backoff") or []
+    if backoff:  # what the user asked for and did not get
+        first, final = backoff[0]["passes"], [p["config"] for p in report.get("passes", [])]
+        changes = [f"{p['name']} {k} {a[k]} -> {b[k]}" for p, a, b in zip(report.get("passes", []), first, final) for k in b if a.get(k) != b[k]]
+        kept = "the --max-drop budget" if report.get("verification", {}).get("max_drop") is not None else "the default fidelity floor"
+        lines.append(f"backed off {len(backoff)} time(s) to keep {kept}: {', '.join(changes)}.")
     return lines
 
 

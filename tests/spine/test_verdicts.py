@@ -93,6 +93,8 @@ def test_a_wrecking_prune_without_max_drop_backs_off_above_the_floor(tmp_path, c
     assert ver["budget_ok"] is True
     prune = report["passes"][1]
     assert prune["config"]["ratio"] < 0.75 and prune["summary"]["removed_params"] > 0
+    line = f"backed off {len(report['backoff'])} time(s) to keep the default fidelity floor: prune ratio 0.75 -> {prune['config']['ratio']}."
+    assert f"> **{line}**" in (tmp_path / "out" / "report.md").read_text().splitlines()
 
 
 def test_a_wreck_that_cannot_back_off_exits_1_with_one_sentence_and_no_output(tmp_path, capsys):
