@@ -1,0 +1,86 @@
+"""Task patterns over one expert store, and run-time retrieval, on the tiny Mixtral's loop-form export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from moe_models import EXPERTS, LAYERS
+
+from edgeprune.calibration import CalibrationSet
+from edgeprune.errors import BadInputError
+from edgeprune.model_io import load_model, to_proto
+from edgeprune.passes.moe.patterns import build_bundle
+from edgeprune.runtime.moe import RetrievalSession
+
+
+def _prompts(rng, low, high, n, length=10):
+    out = []
+    for _ in range(n):
+        ids = rng.integers(low, high, (1, length)).astype(np.int64)
+        out.append({"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(length, dtype=np.int64)[None]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle(mixtral_loop_onnx, tmp_path_factory):
+    rng = np.random.default_rng(0)
+    # two "tasks" with disjoint vocabularies (ids 0-7 and 56-63): a random-init model routes them apart
+    tasks = {"low": CalibrationSet(_prompts(rng, 0, 8, 4), "low"), "high": CalibrationSet(_prompts(rng, 56, 64, 4), "high")}
+    out = tmp_path_factory.mktemp("bundle")
+    return out, build_bundle(mixtral_loop_onnx, tasks, out, keep=0.5, probe_layers=2)
+
+
+def _external(path) -> dict[str, tuple[int, int]]:
+    model = onnx.load(str(path), load_external_data=False)
+    refs = {}
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            refs[t.name] = (int(info["offset"]), int(info["length"]))
+    return refs
+
+
+def test_task_graphs_reference_only_their_experts_in_one_store(bundle, mixtral_loop_onnx):
+    out, manifest = bundle
+    assert sorted(p.name for p in out.iterdir()) == ["full.onnx", "manifest.json", "probe.onnx", "store.bin", "task_high.onnx", "task_low.onnx"]
+    full_refs = _external(out / "full.onnx")
+    assert len(full_refs) == len(load_model(mixtral_loop_onnx).graph.initializers)  # every weight lives in the store, once
+    for name in ("low", "high"):
+        task = manifest["tasks"][name]
+        assert [len(k) for k in task["kept"]] != [] and sum(map(len, task["kept"])) == EXPERTS * LAYERS // 2
+        refs = _external(out / task["graph"])
+        assert set(refs) < set(full_refs) and all(full_refs[n] == r for n, r in refs.items())
+        kept_bytes = manifest["graphs"][task["graph"]]["store_bytes_referenced"]
+        assert kept_bytes == sum(length for _, length in refs.values()) < manifest["graphs"]["full.onnx"]["store_bytes_referenced"]
+    assert manifest["tasks"]["low"]["kept"] != manifest["tasks"]["high"]["kept"]
+
+
+def test_bundle_graphs_reproduce_the_models_they_stand_for(bundle, mixtral_loop_onnx):
+    out, manifest = bundle
+    feed = _prompts(np.random.default_rng(9), 0, 64, 1, 7)[0]
+    reference = ort.InferenceSession(str(mixtral_loop_onnx)).run(None, feed)[0]
+    np.testing.assert_array_equal(ort.InferenceSession(str(out / "full.onnx")).run(None, feed)[0], reference)
+    session = RetrievalSession(out)
+    task, (logits,) = session.run(feed, task="low")
+    assert task == "low" and logits.shape == reference.shape
+
+
+def test_retrieval_picks_the_task_a_prompt_comes_from(bundle):
+    out, _ = bundle
+    session = RetrievalSession(out)
+    rng = np.random.default_rng(1)  # held-out prompts, not the calibration ones
+    low = [session.choose(p) for p in _prompts(rng, 0, 8, 10)]
+    high = [session.choose(p) for p in _prompts(rng, 56, 64, 10)]
+    accuracy = (low.count("low") + high.count("high")) / 20
+    assert accuracy >= 0.9, (low, high)
+    assert session.last_choice_seconds is not None and session.last_choice_seconds < 1.0
+
+
+def test_not_a_bundle_is_one_sentence(tmp_path):
+    with pytest.raises(BadInputError) as err:
+        RetrievalSession(tmp_path)
+    assert str(err.value) == f"{tmp_path} is not an MoE retrieval bundle (no manifest.json): build one with compile --moe-tasks."
