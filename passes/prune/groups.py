@@ -409,9 +409,12 @@ class _ConvGroup(_Group):
         self.inputs = list(dict.fromkeys((m.node, m.tensor, m.offset, m.length, m.start) for m in cg.members if m.role == "consumer_input"))
         self.channel_params = np.zeros(cg.channels, dtype=np.int64)  # differs per channel when Split branches differ
         for m in self.sliced:
-            arr = _const_array(g.nodes[m.node].inputs[m.index])
+            value = g.nodes[m.node].inputs[m.index]
+            arr = _const_array(value)
             if arr is None:
                 raise _Skip(f"conv group {cg.name}: {m.tensor} is not a constant")
+            if len({id(use.node) for use in value.uses()}) > 1:  # slicing it for one reader would copy it for the others
+                raise _Skip(f"conv group {cg.name}: weight {m.tensor} is shared by several nodes, so it is not pruned")
             if arr.shape[m.axis] != m.width:
                 raise _Skip(f"conv group {cg.name}: {m.tensor} has {arr.shape[m.axis]} channels on axis {m.axis}, not {m.width}")
             self.channel_params[m.start : m.start + m.length] += arr.size // m.width
