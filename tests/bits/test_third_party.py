@@ -390,3 +390,46 @@ def test_default_compile_says_what_it_did_in_the_terminal(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "  • bits: static QDQ int8 on 3 Conv; for more, add --prune 0.2 or --bits auto --size-budget SIZE" in out.splitlines()
+
+
+# --------------------------------------------------------------------------- real models
+
+
+@pytest.mark.realmodel
+def test_default_compile_of_minilm_is_smaller_faster_and_keeps_stsb(minilm_artifact, tmp_path):
+    """The default recipe on the bundled example: smaller, faster, above the fidelity floor, STS-B kept."""
+    import pathlib
+
+    import edgeprune
+    from edgeprune.models.tasks import stsb_spearman
+    from edgeprune.pipeline import CompileOptions, compile_model
+
+    calib = pathlib.Path(edgeprune.__file__).parent / "data" / "calibration_sentences.txt"
+    opts = CompileOptions(calib=calib, tokenizer=minilm_artifact.tokenizer_path, profile=False)
+    report = compile_model(minilm_artifact.model_path, tmp_path / "out", opts).report
+    assert [p["name"] for p in report["passes"]] == ["cleanup", "bits"]
+    bits = report["passes"][1]
+    assert bits["modified"] and bits["summary"]["headline"].startswith("bits: dynamic int8 on ")
+    assert report["size"]["ratio"] < 0.8 and report["latency"]["p50_ratio"] < 1.0
+    assert report["verification"]["below_default_floor"] == []
+    tok = minilm_artifact.tokenizer_path
+    ref, out = stsb_spearman(minilm_artifact.model_path, tok, limit=500), stsb_spearman(tmp_path / "out" / "model.onnx", tok, limit=500)
+    assert out > ref - 0.005, (ref, out)
+
+
+@pytest.mark.realmodel
+def test_efficientnet_lite0_depthwise_convs_take_bits(efficientnet_lite0_artifact, tmp_path):
+    """EfficientNet-Lite0 (16 depthwise convs): --bits 8 compiles, all-QLinear, and the default is smaller and faster."""
+    from edgeprune.cli import main
+    from edgeprune.models.tasks import data_dir
+
+    images = data_dir() / "imagenet-100"
+    model = efficientnet_lite0_artifact.model_path
+    for name, extra in (("bits8", ["--bits", "8"]), ("default", [])):
+        out = tmp_path / name
+        assert main(["compile", str(model), "-o", str(out), "--calib", str(images), "--max-samples", "32", "--json", *extra]) == 0
+        report = json.loads((out / "report.json").read_text())
+        assert report["verification"]["below_default_floor"] == []
+        assert "ConvInteger" not in {n.op_type for n in onnx.load(out / "model.onnx").graph.node}
+        assert report["size"]["ratio"] < 0.3
+    assert report["latency"]["p50_ratio"] < 1.0  # the default
