@@ -5,7 +5,10 @@ is one joint unit) and their option grid per target, ``measure`` gives each opti
 output error and each node's importance, ``solve`` turns the budget (``size_budget_bytes``,
 ``avg_bits``, ``latency_budget_ms`` / ``latency_budget_ratio``) into a multiple-choice knapsack,
 ``latency`` adds microbenchmarked latencies and checks the emitted model by measurement, and
-``emit`` writes the choice through ONNX Runtime's own quantizers.
+``emit`` writes the choice through ONNX Runtime's own quantizers.  Mode ``fast`` (the default
+recipe's, no budget) skips the knapsack: each node takes the target's fast format where the
+microbenchmarks time it faster than float, and the accuracy back-off returns the nodes of largest
+measured output error to float.  Weights someone already quantized are counted and left alone.
 """
 
 from __future__ import annotations
