@@ -49,6 +49,8 @@ CONFIG = dict(
     router_aux_loss_coef=0.01, output_router_logits=True, use_cache=False, tie_word_embeddings=False,
 )  # fmt: skip
 SEQ_LEN = 64
+#: A layer whose mean total-variation distance between domain and mean routing reaches this counts as specialised.
+SPECIALISED_TV = 0.2
 
 
 def _site(module: str) -> Path:
@@ -249,8 +251,15 @@ def card_markdown(card: dict) -> str:
     for d, mix in card["data_mix"].items():
         lines.append(f"| {d} | {mix['train_bytes']:,} | {mix['held_out_bytes']:,} | {card['held_out_perplexity'][d]} |")
     lines += ["", "Loss curve (step: loss): " + ", ".join(f"{p['step']}: {p['loss']}" for p in card["loss_curve"][:: max(1, len(card["loss_curve"]) // 12)]), ""]
+    tv = card["specialisation"]["mean_tv_distance_per_layer"]
     lines += ["Routing specialisation (mean total-variation distance of a domain's expert shares from the mean, per layer): "
-              + ", ".join(map(str, card["specialisation"]["mean_tv_distance_per_layer"])), ""]  # fmt: skip
+              + ", ".join(map(str, tv)), ""]  # fmt: skip
+    if max(tv) < SPECIALISED_TV:
+        lines += [f"**Check failed:** no layer reaches a distance of {SPECIALISED_TV}: the experts barely specialise by domain, so "
+                  "task-specific expert pruning measured on this model says little about the method.", ""]  # fmt: skip
+    used = [sum(1 for x in hist[-1] if x > 0.01) for hist in card["routing_histogram"].values()]
+    if min(used) < card["config"]["num_local_experts"] // 2:
+        lines += [f"The last layer's routing has collapsed: a domain uses as few as {min(used)} of {card['config']['num_local_experts']} experts.", ""]
     lines += ["Routing histogram, last layer (share of tokens per expert, top-2 so rows sum to 2):", "",
               "| domain | " + " | ".join(f"e{i}" for i in range(card["config"]["num_local_experts"])) + " |",
               "|---|" + "---|" * card["config"]["num_local_experts"]]  # fmt: skip
