@@ -156,6 +156,11 @@ def _fit_rows(rows: list[dict[str, np.ndarray]], model) -> list[dict[str, np.nda
                     part = row[name][start:start + batch, :length]
                     piece[name] = np.pad(part, ((0, 0), (0, length - part.shape[1])))
             out.append(piece)
+    if not out:
+        raise BadInputError(
+            f"the model's token inputs are fixed at batch {batch}, and no calibration batch has that many rows: "
+            "pass --calib with more sentences, or fix the batch to 1."
+        )
     return out
 
 
