@@ -73,7 +73,7 @@ def _swift(model: dict, ep: str, runtime_opt: bool, extensions: bool) -> str:
         if v["dtype"] == "tensor(string)":
             lines.append(f'let {var} = try ORTValue(tensorStringData: ["a sentence to embed"], shape: {shape})')
         elif _encoded(v):
-            lines.append(f'let {var}Data = try NSMutableData(contentsOf: Bundle.main.url(forResource: "photo", withExtension: "jpg")!)  // JPEG or PNG file bytes')
+            lines.append(f'let {var}Data = NSMutableData(contentsOf: Bundle.main.url(forResource: "photo", withExtension: "jpg")!)!  // JPEG or PNG file bytes')
             lines.append(f"let {var} = try ORTValue(tensorData: {var}Data, elementType: .uInt8, shape: [NSNumber(value: {var}Data.length)])")
         else:
             lines.append(f"let {var} = try ORTValue(tensorData: NSMutableData(length: {_prod(shape)} * 4), elementType: {_SWIFT_TYPES.get(v['dtype'], '.float')}, shape: {shape})  // fill with {v['dtype']}")

@@ -635,3 +635,26 @@ def test_efficientnet_lite0_with_preprocessing_gives_the_pipelines_top1(efficien
     assert check["top1_agreement_pillow_decode"] == float(np.mean(got == pillow))
     assert check["decoder_changes_top1"] == [f.name for f, a, b in zip(files, pillow, got) if a != b]
     assert _run(capsys, "package", "--verify", bundle)[0] == 0
+
+
+def test_snippets_feed_an_image_bundle_the_file_bytes():
+    from edgeprune.runtime.package import snippets
+
+    model = {"file": "model_with_preprocessing.ort", "custom_op_libraries": ["onnxruntime-extensions"],
+             "inputs": [{"name": "image", "dtype": "tensor(uint8)", "shape": ["num_bytes"]}],
+             "outputs": [{"name": "class_index", "dtype": "tensor(int64)", "shape": [1, 5]}]}
+    manifest = {"name": "cls", "edgeprune_version": "0", "onnxruntime": {"built_with": "1.32.0"}, "optimization": "runtime",
+                "files": [], "required_operators": "required_operators_and_types.config", "models": [model],
+                "custom_op_libraries": [{"name": "onnxruntime-extensions", "version": "0.15.2", "domains": ["com.microsoft.extensions"]}]}
+    lines = {}
+    for language, ep in (("kotlin", "NnapiExecutionProvider"), ("swift", "CoreMLExecutionProvider"), ("cpp", "CPUExecutionProvider")):
+        text = snippets.readme({**manifest, "target": {"name": "t", "ep": ep, "language": language}})
+        lines[language] = text.splitlines()
+    assert 'val imageBytes = context.assets.open("photo.jpg").readBytes()  // JPEG or PNG file bytes' in lines["kotlin"]
+    assert "val image = OnnxTensor.createTensor(env, ByteBuffer.wrap(imageBytes), longArrayOf(imageBytes.size.toLong()), OnnxJavaType.UINT8)" in lines["kotlin"]
+    assert 'session.run(mapOf("image" to image)).use { result ->' in lines["kotlin"]
+    assert ('let imageData = NSMutableData(contentsOf: Bundle.main.url(forResource: "photo", withExtension: "jpg")!)!  '
+            "// JPEG or PNG file bytes") in lines["swift"]
+    assert "let image = try ORTValue(tensorData: imageData, elementType: .uInt8, shape: [NSNumber(value: imageData.length)])" in lines["swift"]
+    assert "std::vector<int64_t> image_shape{static_cast<int64_t>(image_data.size())};" in lines["cpp"]
+    assert lines["cpp"][lines["cpp"].index("```cpp") + 1:][:4] == ["#include <onnxruntime_cxx_api.h>", "#include <fstream>", "#include <iterator>", "#include <vector>"]
