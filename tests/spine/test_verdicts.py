@@ -31,7 +31,7 @@ from tiny_models import write_mlp, write_mlp_calib
 
 
 def _channels_model(folder, scales) -> tuple:
-    """x[N,C,4,4] -> Conv1x1 diag(scales) -> Relu -> Conv1x1 identity -> y: channel c carries scales[c] of the output."""
+    """x[N,C,4,4] -> Conv1x1 diag(scales) -> Relu -> Conv1x1 2 x identity -> y: channel c carries scales[c] of the output."""
     c = len(scales)
     proto = onnx.parser.parse_model(f"""<ir_version: 8, opset_import: ["" : 17]>
     g (float[N, {c}, 4, 4] x) => (float[N, {c}, 4, 4] y) {{
@@ -40,7 +40,8 @@ def _channels_model(folder, scales) -> tuple:
         y = Conv (r, w2, b2)
     }}""")
     weights = {"w1": np.diag(np.asarray(scales, np.float32)).reshape(c, c, 1, 1), "b1": np.zeros(c, np.float32),
-               "w2": np.eye(c, dtype=np.float32).reshape(c, c, 1, 1), "b2": np.zeros(c, np.float32)}  # fmt: skip
+               "w2": 2 * np.eye(c, dtype=np.float32).reshape(c, c, 1, 1), "b2": np.zeros(c, np.float32)}  # fmt: skip
+    # (w2 != w1 even when every scale is 1: cleanup merges equal initializers, which would make one shared weight)
     proto.graph.initializer.extend(onnx.numpy_helper.from_array(a, n) for n, a in weights.items())
     onnx.checker.check_model(proto)
     folder.mkdir(parents=True, exist_ok=True)
