@@ -223,11 +223,11 @@ def test_fast_mode_leaves_a_partly_quantized_model_alone(monkeypatch):
 
 @pytest.mark.parametrize("config, sentence", [
     ({"size_budget_bytes": 1000},
-     "the size budget 1.0 kB is below the smallest model the offered formats allow, 4.8 kB of weights "
-     "(4.63 bits per weight over the quantizable nodes): raise --size-budget to at least 4.8 kB."),
+     ("the size budget 1.0 kB is below the smallest model the offered formats allow, 4.8 kB of weights "
+      "(4.63 bits per weight over the quantizable nodes): raise --size-budget to at least 4.8 kB.")),
     ({"avg_bits": 1.0},
-     "the average of 1 bits per weight is below the smallest model the offered formats allow, 4.8 kB of weights "
-     "(4.63 bits per weight over the quantizable nodes): raise --avg-bits to at least 4.63."),
+     ("the average of 1 bits per weight is below the smallest model the offered formats allow, 4.8 kB of weights "
+      "(4.63 bits per weight over the quantizable nodes): raise --avg-bits to at least 4.63.")),
 ])
 def test_budget_below_the_floor_is_refused_before_measuring(config, sentence, monkeypatch):
     """The floor comes from shapes alone: no statistics, no errors, and no negative size in the sentence."""
@@ -255,7 +255,7 @@ def _two_weights() -> tuple[ir.Model, CompileContext]:
 def test_size_budget_below_the_floor_through_the_cli(tmp_path, capsys):
     from edgeprune.cli import main
 
-    model, ctx = _two_weights()
+    model, _ = _two_weights()
     path = tmp_path / "m.onnx"
     onnx.save(to_proto(model), path)
     code = main(["compile", str(path), "-o", str(tmp_path / "out"), "--bits", "auto", "--size-budget", "1KB"])
