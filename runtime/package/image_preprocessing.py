@@ -136,11 +136,15 @@ def _taps(g: _Graph, in_size: str, out_size: str, first: str, count: int) -> tup
     return safe_idx, g.op("Cast", [fixed], to=TensorProto.INT32)
 
 
-def _resample(g: _Graph, pixels: str, idx: str, coeff: str, axis: int) -> str:
-    """One Pillow pass along ``axis`` of an [H, W, 3] uint8 image: gather taps, integer dot, round, clip to uint8."""
-    taps = g.op("Cast", [g.op("Gather", [pixels, idx], axis=axis)], to=TensorProto.INT32)  # axis 1: [H, n, T, 3]; axis 0: [n, T, W, 3]
-    weights = g.op("Unsqueeze", [coeff, g.const([-1] if axis == 1 else [-1, -2], np.int64)])
-    summed = g.op("ReduceSum", [g.op("Mul", [taps, weights]), g.const([axis + 1], np.int64)], keepdims=0)
+def _resample(g: _Graph, pixels: str, idx: str, coeff: str) -> str:
+    """One Pillow pass along the first axis of [A, B, 3] uint8 pixels: gather taps, integer dot, round, clip to uint8.
+
+    Gathering along the first axis copies whole [B, 3] rows and the coefficients broadcast over
+    them: ORT runs that layout several times faster than gathering single bytes off the last axis.
+    """
+    taps = g.op("Cast", [g.op("Gather", [pixels, idx], axis=0)], to=TensorProto.INT32)  # [n, T, B, 3]
+    weights = g.op("Unsqueeze", [coeff, g.const([-1, -2], np.int64)])  # [n, T, 1, 1]
+    summed = g.op("ReduceSum", [g.op("Mul", [taps, weights]), g.const([1], np.int64)], keepdims=0)
     rounded = g.op("Div", [g.op("Add", [summed, g.const(1 << (_PRECISION_BITS - 1), np.int32)]), g.const(1 << _PRECISION_BITS, np.int32)])
     return g.op("Cast", [g.op("Min", [rounded, g.const(255, np.int32)])], to=TensorProto.UINT8)
 
@@ -162,12 +166,14 @@ def front(g: _Graph, rgb: str, size: int, out_name: str, mean, std) -> None:
     top = g.op("Div", [g.op("Sub", [new_h, crop]), two])
     idx_w, coeff_w = _taps(g, w, new_w, left, size)
     idx_h, coeff_h = _taps(g, h, new_h, top, size)
-    horizontal = _resample(g, rgb, idx_w, coeff_w, axis=1)  # [H, size, 3]
-    cropped = _resample(g, horizontal, idx_h, coeff_h, axis=0)  # [size, size, 3]
-    scaled = g.op("Div", [g.op("Cast", [cropped], to=TensorProto.FLOAT), g.const(255.0, np.float32)])
-    normed = g.op("Div", [g.op("Sub", [scaled, g.const(mean, np.float32)]), g.const(std, np.float32)])
-    chw = g.op("Transpose", [normed], perm=[2, 0, 1])
-    g.op("Unsqueeze", [chw, g.const([0], np.int64)], [out_name])
+    columns = g.op("Transpose", [rgb], perm=[1, 0, 2])  # [W, H, 3]
+    horizontal = _resample(g, columns, idx_w, coeff_w)  # [size (w), H, 3]: Pillow's first pass
+    vertical = _resample(g, g.op("Transpose", [horizontal], perm=[1, 0, 2]), idx_h, coeff_h)  # [size (h), size (w), 3]
+    chw = g.op("Cast", [g.op("Transpose", [vertical], perm=[2, 0, 1])], to=TensorProto.FLOAT)  # channels first, then per-plane constants
+    scaled = g.op("Div", [chw, g.const(255.0, np.float32)])
+    column = (3, 1, 1)
+    normed = g.op("Div", [g.op("Sub", [scaled, g.const(np.reshape(mean, column), np.float32)]), g.const(np.reshape(std, column), np.float32)])
+    g.op("Unsqueeze", [normed, g.const([0], np.int64)], [out_name])
 
 
 def back(g: _Graph, logits: str, classes: int, k: int, labels: list[str] | None) -> list[onnx.ValueInfoProto]:
