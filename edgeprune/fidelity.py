@@ -3,7 +3,8 @@
 Pure numpy on already-computed outputs, so compile's verify step and ``edgeprune validate``
 share one definition of "how close":
 
-- cosine similarity per sample (flattened over all but the batch axis): mean and min;
+- cosine similarity per sample (flattened over all but the batch axis; a per-token output of a
+  padded text batch counts only the real tokens of ``attention_mask``): mean and min;
 - max absolute error, and relative error = max |cand - ref| / max |ref|;
 - top-1 agreement for outputs that are class scores or token logits (by name: logit, score,
   prob, class, label; or any rank-2 output that is not an embedding/hidden/pooled feature);
@@ -39,6 +40,21 @@ def is_class_scores(name: str, rank: int) -> bool:
 
 def is_lm_logits(name: str, rank: int) -> bool:
     return rank == 3 and "logit" in name.lower()
+
+
+def _token_mask(feed: dict[str, np.ndarray], out: np.ndarray) -> np.ndarray | None:
+    """[batch, seq, 1...] mask of the real tokens when ``out`` is per token of a padded batch, else None.
+
+    A text model's padded positions carry values nothing downstream reads (pooling and heads
+    mask them): comparing them would charge a format for noise no user sees.
+    """
+    mask = feed.get("attention_mask")
+    if mask is None or out.ndim < 2:
+        return None
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or out.shape[:2] != mask.shape or mask.all():
+        return None
+    return (mask > 0).reshape(mask.shape + (1,) * (out.ndim - 2))
 
 
 def _cosine_per_sample(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
@@ -147,13 +163,18 @@ def compare_outputs(
                 raise ValueError(f"output {name!r} has shape {c.shape} in the candidate but {r.shape} in the reference")
             if not np.issubdtype(r.dtype, np.floating):
                 r, c = r.astype(np.float64), c.astype(np.float64)
+            keep = _token_mask(feed, r)
+            if keep is not None:  # padded positions compared as equal zeros
+                r, c = np.where(keep, r, 0), np.where(keep, c, 0)
             cos.append(_cosine_per_sample(r, c) if r.ndim else np.array([1.0 if r == c else 0.0]))
             diff = np.abs(r.astype(np.float64) - c.astype(np.float64))
             max_abs = max(max_abs, float(diff.max(initial=0.0)))
             ref_absmax = max(ref_absmax, float(np.abs(r).max(initial=0.0)))
             if is_class_scores(name, rank) and r.shape[-1] > 1:
-                agree += int((r.argmax(-1) == c.argmax(-1)).sum())
-                n_top1 += int(np.prod(r.shape[:-1]))
+                same = r.argmax(-1) == c.argmax(-1)
+                counted = np.ones(same.shape, dtype=bool) if keep is None else np.broadcast_to(keep[..., 0], same.shape)
+                agree += int((same & counted).sum())
+                n_top1 += int(counted.sum())
             if is_lm_logits(name, rank) and "input_ids" in feed:
                 mask = feed.get("attention_mask")
                 for key, out in (("ref", r), ("cand", c)):

@@ -90,3 +90,33 @@ def test_which_outputs_are_class_scores(name, rank, expected):
 
 def test_lm_logits_need_rank_3():
     assert is_lm_logits("logits", 3) and not is_lm_logits("logits", 2)
+
+
+def test_padded_token_positions_are_not_compared():
+    """Per-token outputs of a padded batch: only the real tokens count (nothing downstream reads the rest)."""
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(2, 4, 3)).astype(np.float32)
+    cand = ref.copy()
+    cand[0, 3] = -ref[0, 3]  # a padded position, flipped
+    cand[1, 2:] = 100.0  # two padded positions, far off
+    feed = {"input_ids": np.ones((2, 4), np.int64), "attention_mask": np.array([[1, 1, 1, 0], [1, 1, 0, 0]])}
+    (f,) = compare_outputs([{"token_embeddings": ref}], [{"token_embeddings": cand}], [feed])
+    assert (f.cosine_mean, f.cosine_min, f.max_abs_error) == (1.0, 1.0, 0.0)
+    # the same difference on a real token is seen
+    cand[0, 0] = -ref[0, 0]
+    (g,) = compare_outputs([{"token_embeddings": ref}], [{"token_embeddings": cand}], [feed])
+    real = ref[0, :3].reshape(-1).astype(np.float64)
+    flipped = np.concatenate([-ref[0, 0], ref[0, 1:3].reshape(-1)]).astype(np.float64)
+    assert g.cosine_min == pytest.approx(real @ flipped / (real @ real), abs=1e-12)
+
+
+def test_top1_agreement_counts_only_real_tokens():
+    ref = np.zeros((1, 3, 5), np.float32)
+    ref[0, :, 1] = 1.0
+    cand = ref.copy()
+    cand[0, 2, 4] = 9.0  # the padded token's argmax moves
+    feed = {"attention_mask": np.array([[1, 1, 0]])}
+    (f,) = compare_outputs([{"scores": ref}], [{"scores": cand}], [feed])
+    assert f.top1_agreement == 1.0
+    (g,) = compare_outputs([{"scores": ref}], [{"scores": cand}], [{}])
+    assert g.top1_agreement == pytest.approx(2 / 3)
