@@ -36,7 +36,7 @@ struct Shape {
 
 }  // namespace
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)  // clang lacks #pragma GCC target: baseline only
 #define EP_X86 1
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx2,fma")
