@@ -119,6 +119,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--sparse-block", type=int, default=64, show_default=True, help="With --sparse-attention: block size in tokens.")
 @click.option("--sparse-select", type=click.Choice(["group", "head"]), default="group", show_default=True, help="With --sparse-attention: choose blocks per KV group or per query head.")
 @click.option("--sparse-min-len", type=int, default=1024, show_default=True, help="With --sparse-attention: shorter sequences take the dense path inside the op.")
+@click.option("--sparse-allocation", type=click.Choice(["uniform", "calibrated"]), default="uniform", show_default=True, help="With --sparse-attention: every layer keeps KEEP, or KEEP is the mean and each layer's share comes from calibration measurements (weak layers stay denser).")
 @click.option("--moe-keep", help="MoE expert pruning: share of all experts to keep, in (0, 1] (e.g. 0.5), or a whole number of experts per layer (e.g. 4); scored on --calib routing.")
 @click.option("--moe-metric", type=click.Choice(list(MOE_METRICS)), default="tcess", show_default=True, help="With --moe-keep: expert score (tcess: PreMoe expected selection score; easy: gate weight x expert-output norm; frequency).")
 @click.option("--package", "package_target", is_flag=False, flag_value="linux-x64", default=None, help="Also package the output into OUT/bundle for a platform (see edgeprune package --target; bare --package: linux-x64).")
@@ -128,7 +129,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example, force, max_samples, seed,
                 prune_ratio, prune_metric, allocation, round_to, refit, no_compensate, prune_units,
                 bits_mode, size_budget, avg_bits, latency_budget, bit_options, block_size, gptq,
-                sparse_keep, sparse_block, sparse_select, sparse_min_len, moe_keep, moe_metric, package_target, fix_shapes, threads, as_json):
+                sparse_keep, sparse_block, sparse_select, sparse_min_len, sparse_allocation, moe_keep, moe_metric, package_target, fix_shapes, threads, as_json):
     """Compile MODEL into OUT: model.onnx plus report.json, report.md and report.html."""
     from edgeprune.pipeline import CompileOptions, compile_model
     from edgeprune.recipe import recipe_from_flags
@@ -145,7 +146,8 @@ def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example,
         raise click.UsageError("--size-budget, --avg-bits, --latency-budget and --gptq go with --bits.")
     sparse = None
     if sparse_keep is not None:
-        sparse = {"keep": sparse_keep, "block": sparse_block, "select": sparse_select, "min_len": sparse_min_len}
+        sparse = {"keep": sparse_keep, "block": sparse_block, "select": sparse_select, "min_len": sparse_min_len,
+                  "allocation": sparse_allocation}
     moe = None
     if moe_keep is not None:
         moe = {"keep": _moe_keep(moe_keep), "metric": moe_metric}

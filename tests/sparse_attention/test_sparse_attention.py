@@ -260,3 +260,26 @@ def test_calibrated_allocation_needs_calibration_data():
         SparseAttentionPass(SparseAttentionConfig(keep=0.25, block=4, min_len=0, allocation="calibrated"))(model)
     assert str(err.value) == ("sparse attention allocation 'calibrated' needs calibration data: pass calibration samples "
                               "(--calib) or use allocation = 'uniform'.")  # fmt: skip
+
+
+def test_compile_cli_calibrated_allocation(tmp_path, capsys):
+    """--sparse-attention KEEP --sparse-allocation calibrated: KEEP is the mean keep over layers, recorded per layer."""
+    import json
+
+    from edgeprune.cli import main
+
+    from models import two_layer_proto
+
+    src = tmp_path / "m.onnx"
+    onnx.save(two_layer_proto(mute_first=True), src)
+    out = tmp_path / "out"
+    code = main(["compile", str(src), "-o", str(out), "--sparse-attention", "0.5", "--sparse-block", "4",
+                 "--sparse-min-len", "0", "--sparse-allocation", "calibrated", "--max-drop", "1", "--json"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    (sparse,) = [p for p in report["passes"] if p["name"] == "sparse_attention"]
+    assert sparse["config"]["allocation"] == "calibrated"
+    # default candidates 0.125, 0.25, 0.375, 0.5, 0.75, 1.0: the muted layer gets the least, the other
+    # the most the mean budget of 0.5 allows (0.875 is not a candidate)
+    assert [r["keep"] for r in sparse["records"]] == [0.125, 0.75]
+    assert sparse["summary"]["mean_keep"] == 0.4375
