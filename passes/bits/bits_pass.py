@@ -16,15 +16,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import pathlib
 from typing import Any
 
 import onnx_ir as ir
 
 from edgeprune.analysis import analyze
-from edgeprune.model_io import model_bytes
+from edgeprune.errors import BadInputError
+from edgeprune.model_io import file_size, model_bytes, save_model
 from edgeprune.passes.base import EdgePass, EdgePassResult
 from edgeprune.passes.bits import config as config_mod
-from edgeprune.passes.bits import latency, measure, solve, units as units_mod
+from edgeprune.passes.bits import knapsack, latency, measure, solve, units as units_mod
 from edgeprune.passes.bits.config import BitAllocationConfig
 from edgeprune.passes.bits.sensitivity import KEEP
 
@@ -94,7 +96,10 @@ class BitAllocationPass(EdgePass):
                 notes.append("no weight-bearing node with a constant float weight was found: nothing to quantize")
             return BitsResult(model, modified=False, summary={"notes": notes, "headline": headline, **skipped})
         float_unit_bytes = sum(u.float_size for u in units)
-        other_bytes = model_bytes(model) - float_unit_bytes
+        # A size budget bounds the written files: everything but the units' weights (graph, other
+        # initializers, serialization) is measured by writing the model once.
+        other_bytes = (written_bytes(model) if c.size_budget_bytes is not None and c.mode == "auto"
+                       else model_bytes(model)) - float_unit_bytes
         measure.sizes(units)
         solve.check_floor(c, units, other_bytes)  # shapes alone: before any measuring
         summary: dict[str, Any] = {
@@ -110,7 +115,7 @@ class BitAllocationPass(EdgePass):
         elif c.importance == "measured":
             measure.measured_importance(model, units, ctx, stats)
         rows, shared, latency_info = solve.items(units), [], {}
-        if c.latency_bounded and c.mode == "auto":
+        if (c.latency_bounded or c.speed_ties) and c.mode == "auto":
             rows, shared, latency_info = latency.with_latency(model, units, rows, c, ctx)
         bud = solve.budget(c, units, other_bytes, rows, latency_info)
         summary["latency"] = latency_info or None
@@ -120,6 +125,8 @@ class BitAllocationPass(EdgePass):
             return BitsResult(model, modified=False, records=units_mod.records(units, solve.float_choice(units)),
                               summary=summary, float_reached=True)
         sol = solve.choose(c, units, rows, shared, bud, notes)
+        if c.speed_ties:
+            sol = solve.speed_ties(rows, shared, bud, sol, _slack(c, units), c.solver)
         if c.mode != "uniform":
             summary["tradeoff"] = solve.curve(rows, shared, bud, other_bytes, c.solver)
         plan = units_mod.plan(units, sol.choice)
@@ -136,11 +143,49 @@ class BitAllocationPass(EdgePass):
         if bud.get("latency") is not None:
             sol, new, log, summary["latency_check"] = latency.meet(model, units, rows, shared, bud, latency_info, sol,
                                                                     new, log, notes, c, ctx, emit)
+        if c.size_budget_bytes is not None and c.mode == "auto":
+            sol, new, log, summary["size_check"] = self._fit_file(units, rows, shared, bud, other_bytes, sol, new, log,
+                                                                  notes, emit)
         summary.update(solver=sol.method, objective=sol.error, unit_bytes=int(sol.size), solver_note=sol.note,
                        budget=bud.get("text"), floor=bud.get("floor_text"))
         if sol.latency:
             summary["predicted_latency_ms"] = sol.latency + latency_info.get("rest_ms", 0.0)
         return self._finish(model, structures, units, sol.choice, new, log, stats, summary, notes)
+
+    def _fit_file(self, units, rows, shared, bud, other_bytes, sol, new, log, notes, emit):
+        """Write the emitted model and re-solve with the unit budget cut by the overshoot while its files
+        exceed ``size_budget_bytes`` (emitting adds nodes, scales' names, Reshape shapes: bytes no
+        option size counts).  Returns (solution, model, log, the check's record: predicted vs written)."""
+        c = self.config
+        budget = c.size_budget_bytes
+        unit_budget = bud["size"]
+        attempts = []
+        for _ in range(4):
+            written = written_bytes(new)
+            attempts.append({"unit_budget": int(unit_budget), "predicted_bytes": int(sol.size + other_bytes),
+                             "written_bytes": written})
+            if written <= budget:
+                break
+            unit_budget = min(unit_budget, sol.size) - (written - budget)
+            tighter = dict(bud, size=unit_budget)
+            nxt = knapsack.solve(rows, size_budget=unit_budget, latency_budget=bud.get("latency"), shared=shared,
+                                 method=c.solver) if unit_budget >= knapsack.floor(rows) else None
+            if nxt is None or not nxt.feasible:
+                break
+            if c.speed_ties:
+                nxt = solve.speed_ties(rows, shared, tighter, nxt, _slack(c, units), c.solver)
+            sol = nxt
+            new, log = emit(units_mod.plan(units, sol.choice))
+        met = attempts[-1]["written_bytes"] <= budget
+        last = attempts[-1]
+        if not met:
+            raise BadInputError(
+                f"the size budget {budget / 1e3:.1f} kB cannot be met once written: the smallest choice writes "
+                f"{last['written_bytes'] / 1e3:.1f} kB (graph and quantizer initializers included); raise --size-budget "
+                f"to at least {last['written_bytes'] / 1e3 + 0.05:.1f} kB.")
+        notes.append(f"size: predicted {last['predicted_bytes'] / 1e6:.3f} MB, written {last['written_bytes'] / 1e6:.3f} MB "
+                     f"against the budget {budget / 1e6:.3f} MB" + (f" ({len(attempts)} emits)" if len(attempts) > 1 else ""))
+        return sol, new, log, {"budget_bytes": budget, "met": met, "attempts": attempts}
 
     def _finish(self, model, structures, units, choice, new, log, stats, summary, notes) -> BitsResult:
         """Cross-checks into the records, the emitted graph into ``model``, the summary's totals."""
@@ -151,6 +196,9 @@ class BitAllocationPass(EdgePass):
         model.graph = new.graph
         model.ir_version = new.ir_version
         size = sum(u.size(u.combos()[i]) for u, i in zip(units, choice))
+        if "size_check" in summary:
+            summary["written_bytes"] = summary["size_check"]["attempts"][-1]["written_bytes"]
+            summary["predicted_bytes"] = summary["size_check"]["attempts"][-1]["predicted_bytes"]
         summary.update(emit=log, weight_bytes_after=model_bytes(model), avg_bits=8.0 * size / sum(u.params for u in units))
         summary["notes"] = notes
         logger.info("bits: %d units, %.2f avg bits, %.1f MB of weights", len(units), summary["avg_bits"], summary["weight_bytes_after"] / 1e6)
@@ -189,6 +237,21 @@ class BitAllocationPass(EdgePass):
             grams = {p.node: stats[p.input].gram for u in units for p in u.parts if plan[p.node].kind == "gptq"}
             rows = self.context.calibration.samples if any(o.kind == "qdq" for o in plan.values()) else None
             return emit(model, plan, accuracy_level=self.config.accuracy_level, grams=grams, calibration=rows)
+
+
+def _slack(c: BitAllocationConfig, units) -> float:
+    """The objective allowance ``speed_ties`` may spend on speed: ``speed_slack^2`` per unit of importance."""
+    return c.speed_slack ** 2 * sum(p.importance for u in units for p in u.parts)
+
+
+def written_bytes(model: ir.Model) -> int:
+    """Bytes of the files ``model_io.save_model`` writes for ``model`` (external data included)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="edgeprune_bits_size_") as tmp:
+        path = pathlib.Path(tmp) / "model.onnx"
+        save_model(model, path)
+        return file_size(path)
 
 
 _FAST_NAMES = {"int8-dynamic": "dynamic int8", "qdq": "static QDQ int8", "gather-nbits": "4-bit GatherBlockQuantized"}

@@ -34,6 +34,18 @@ class BitAllocationConfig:
     """Symmetric blocks (no zero points) for MatMulNBits/GatherBlockQuantized."""
     accuracy_level: int | None = None
     """MatMulNBits accuracy_level (None: ORT's default; 4 = int8 compute on CPU, faster, less exact)."""
+    accuracy_levels: tuple[int, ...] = (0,)
+    """MatMulNBits accuracy levels to offer per node, each 4/8-bit option once per level with its own
+    error and microbenchmarked latency: 0 (``accuracy_level``'s setting) and/or 4 (activations
+    quantized to int8 per weight block at run time: on ORT 1.32's CPU kernel 8-bit runs faster than
+    an fp32 MatMul, level 0 slower).  Levels 1-3 are refused: that kernel computes them exactly as
+    level 0 (fp32) on x86.  Offering more than one level also makes a size budget break near-ties
+    for speed (``speed_slack``), so it times the formats."""
+    speed_slack: float = 0.02
+    """With several ``accuracy_levels``: after the least-error choice within the budgets, take the
+    fastest choice (by the microbenchmarks) whose objective exceeds it by at most
+    ``speed_slack^2 * sum(importance)``: as if each node's relative output error grew by up to
+    ``speed_slack`` in quadrature (level 4's int8 activations model at 0.5-2 % per node).  0: only exact ties."""
     gptq: bool = False
     """Offer GPTQ rounding (``edgeprune.passes.bits.gptq``: same grid and bytes, less output error on data like the
     calibration rows) for 2/4-bit MatMul weights.  Opt-in: it fits the calibration domain; SmolLM2
@@ -71,6 +83,15 @@ class BitAllocationConfig:
         if not blocks or any(b < 16 or b & (b - 1) for b in blocks):
             raise BadInputError(f"block sizes must be powers of two >= 16, not {self.block_size!r}")
         self.block_size = blocks[0] if len(blocks) == 1 else blocks
+        self.accuracy_levels = tuple(sorted({int(a) for a in self.accuracy_levels}))
+        if not self.accuracy_levels or any(a not in (0, 4) for a in self.accuracy_levels):
+            raise BadInputError(f"accuracy_levels must be 0 and/or 4, not {self.accuracy_levels!r}: ORT's CPU "
+                                "MatMulNBits computes levels 1-3 as level 0")
+        if self.accuracy_levels != (0,) and self.accuracy_level not in (None, 0):
+            raise BadInputError("pass either accuracy_level (one level for every MatMulNBits) or accuracy_levels "
+                                "(levels offered per node), not both")
+        if self.speed_slack < 0:
+            raise BadInputError(f"speed_slack must be >= 0, not {self.speed_slack!r}")
         if self.mode not in ("auto", "uniform", "fast"):
             raise BadInputError(f"mode must be 'auto', 'uniform' or 'fast', not {self.mode!r}")
         if self.importance not in ("uniform", "residual", "measured"):
@@ -81,6 +102,11 @@ class BitAllocationConfig:
     def blocks(self) -> tuple[int, ...]:
         """The block sizes as a tuple, however they were given."""
         return (self.block_size,) if isinstance(self.block_size, int) else tuple(self.block_size)
+
+    @property
+    def speed_ties(self) -> bool:
+        """Whether the solver breaks near-ties for speed (several accuracy levels offered, auto mode)."""
+        return self.mode == "auto" and len(self.accuracy_levels) > 1
 
     @property
     def latency_bounded(self) -> bool:

@@ -11,7 +11,8 @@ The plan maps node names to :class:`edgeprune.passes.bits.sensitivity.Option`.  
 2. ``quantize_static(QuantFormat.QDQ, nodes_to_quantize=...)`` for the QDQ nodes (Conv on CPU, NPU-style
    targets), one run per activation width, ranges calibrated on ``calibration`` rows of the float
    model, with the Relu/Clip right after each such node (folded into its output range); then ``quantize_dynamic(nodes_to_quantize=...)`` for the dynamic-int8 MatMul/Conv/Gather nodes;
-3. one ``MatMulNBitsQuantizer`` run per distinct (bits, block, symmetric) setting, restricted
+3. one ``MatMulNBitsQuantizer`` run per distinct (bits, block, symmetric, accuracy level) setting
+   (an option's own ``accuracy_level`` wins over the ``emit`` argument, which applies to level-0 options), restricted
    with ``nodes_to_exclude`` to that setting's nodes (in ORT 1.32 the DEFAULT algorithm takes
    one setting per run: ``customized_weight_config`` is read only by the RTN/GPTQ algorithms);
    embeddings go through its ``nodes_to_include`` so ``Gather`` is not added to
@@ -151,7 +152,8 @@ def _tied_heads(model: ir.Model, plan: dict[str, Option]) -> dict[str, str]:
             for head_use in tr.outputs[0].uses():
                 head = head_use.node
                 h = plan.get(head.name)
-                if head.op_type == "MatMul" and head_use.idx == 1 and h == dataclasses.replace(o, kind="nbits"):
+                if (head.op_type == "MatMul" and head_use.idx == 1 and h is not None
+                        and dataclasses.replace(h, accuracy_level=0) == dataclasses.replace(o, kind="nbits")):
                     pairs[name] = head.outputs[0].name
         if name not in pairs:
             raise ValueError(f"{name}: no MatMul on Transpose(table) quantized as nbits{o.bits}-b{o.block} to share")
@@ -248,12 +250,14 @@ def emit(model: ir.Model, plan: dict[str, Option], *, accuracy_level: int | None
         groups: dict[tuple, list[str]] = collections.defaultdict(list)
         for name, o in plan.items():
             if o.kind in ("nbits", "gather-nbits", "gptq"):
-                groups[(o.bits, o.block, o.symmetric)].append(name)
+                groups[(o.bits, o.block, o.symmetric, o.accuracy_level)].append(name)
         proto = onnx.load(str(path))
-        for (bits, block, sym), names in sorted(groups.items()):
-            proto = _matmul_nbits(proto, bits, block, sym, names, all_names, plan, accuracy_level)
-            log["steps"].append({"tool": "MatMulNBitsQuantizer", "bits": bits, "block": block, "symmetric": sym,
-                                 "nodes": len(names)})
+        for (bits, block, sym, level), names in sorted(groups.items()):
+            proto = _matmul_nbits(proto, bits, block, sym, names, all_names, plan, level or accuracy_level)
+            step = {"tool": "MatMulNBitsQuantizer", "bits": bits, "block": block, "symmetric": sym, "nodes": len(names)}
+            if level:
+                step["accuracy_level"] = level
+            log["steps"].append(step)
         out = pathlib.Path(tmp) / "out.onnx"
         onnx.save(proto, str(out), save_as_external_data=proto.ByteSize() > model_io.EXTERNAL_DATA_THRESHOLD)
         result = model_io.load_model(out)

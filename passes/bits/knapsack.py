@@ -37,11 +37,12 @@ class Item:
 
 @dataclasses.dataclass(frozen=True)
 class SharedCost:
-    """A cost paid once when any member ``(unit, option)`` is chosen."""
+    """A cost paid once when any member ``(unit, option)`` is chosen (``error`` adds to the objective)."""
 
     members: tuple[tuple[int, int], ...]
     size: float = 0.0
     latency: float = 0.0
+    error: float = 0.0
 
 
 @dataclasses.dataclass
@@ -67,6 +68,7 @@ def totals(units: list[list[Item]], choice: list[int], shared: list[SharedCost] 
         if any(choice[u] == o for u, o in s.members):
             size += s.size
             lat += s.latency
+            err += s.error
     return err, size, lat
 
 
@@ -111,7 +113,7 @@ def _solve_milp(units, size_budget, latency_budget, shared, time_limit) -> Solut
     n_x = int(offsets[-1])
     n = n_x + len(shared)
     flat = [it for opts in units for it in opts]
-    cost = np.array([it.error for it in flat] + [0.0] * len(shared))
+    cost = np.array([it.error for it in flat] + [s.error for s in shared])
     rows_lb, rows_ub = [], []
     n_rows = len(units) + (size_budget is not None) + (latency_budget is not None) + sum(len(s.members) for s in shared)
     a = lil_matrix((n_rows, n))
@@ -176,11 +178,14 @@ def _solve_greedy(units, size_budget, latency_budget, shared) -> Solution:
     # Spread shared costs over their members (an approximation the MILP does not need).
     extra_size = [[0.0] * len(o) for o in units]
     extra_lat = [[0.0] * len(o) for o in units]
+    extra_err = [[0.0] * len(o) for o in units]
     for s in shared:
         for u, o in s.members:
             extra_size[u][o] += s.size / len(s.members)
             extra_lat[u][o] += s.latency / len(s.members)
-    adj = [[Item(it.error, it.size + extra_size[u][o], it.latency + extra_lat[u][o]) for o, it in enumerate(opts)] for u, opts in enumerate(units)]
+            extra_err[u][o] += s.error / len(s.members)
+    adj = [[Item(it.error + extra_err[u][o], it.size + extra_size[u][o], it.latency + extra_lat[u][o])
+            for o, it in enumerate(opts)] for u, opts in enumerate(units)]
     by_latency = latency_budget is not None and size_budget is None
     key = (lambda it: it.latency) if by_latency else (lambda it: it.size)
     hulls = [_hull(opts, key) for opts in adj]

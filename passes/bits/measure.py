@@ -196,7 +196,10 @@ def _conv_energy(weight: np.ndarray, sq_norm: np.ndarray) -> np.ndarray:
 
 def _activation_noise(p: Part, o: Option, q: np.ndarray, st, stats) -> float:
     """Squared output error from rounding activations: dynamic int8 rounds the input, static QDQ the
-    input and the output, each to a per-tensor range (uniform noise model)."""
+    input and the output, each to a per-tensor range, MatMulNBits at accuracy level 4 the input per
+    block of K (uniform noise model)."""
+    if o.kind in ("nbits", "gptq") and o.accuracy_level == 4:
+        return sensitivity.block_activation_noise_sq(q, st.absmax, st.count, o.block)
     if o.kind not in ("int8-dynamic", "qdq"):
         return 0.0
     noise = sensitivity.activation_noise_sq(q, float(st.absmax.max()), st.count, bits=o.bits)

@@ -43,12 +43,17 @@ class Option:
     ``bits`` 8 or 16 quantized per tensor with a range calibrated once), ``gptq`` (MatMulNBits on the same grid, its codes rounded by GPTQ against the Gram of the node's
     input: ``edgeprune.passes.bits.gptq``), ``gather-tied`` (GatherBlockQuantized reading the packed table of the tied LM head's MatMulNBits with
     the same bits/block/symmetry: the table is stored once, so the lookup itself costs no bytes).
+
+    ``accuracy_level`` (``nbits``/``gptq`` only): the MatMulNBits ``accuracy_level`` the node is emitted
+    with; 0 leaves it to the pass's ``accuracy_level`` (ORT's default), 4 quantizes the activation to
+    int8 per block of ``block`` along K at run time (:func:`block_int8_activation`), faster on CPU.
     """
 
     kind: str
     bits: int = 32
     block: int = 0
     symmetric: bool = True
+    accuracy_level: int = 0
 
     @property
     def key(self) -> str:
@@ -61,7 +66,8 @@ class Option:
         if self.kind == "qdq":
             return f"qdq-a{self.bits}w8"
         prefix = {"nbits": "nbits", "gptq": "gptq", "gather-nbits": "gather", "gather-tied": "tied"}[self.kind]
-        return f"{prefix}{self.bits}-b{self.block}-{'sym' if self.symmetric else 'asym'}"
+        acc = f"-acc{self.accuracy_level}" if self.accuracy_level else ""
+        return f"{prefix}{self.bits}-b{self.block}-{'sym' if self.symmetric else 'asym'}{acc}"
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "key": self.key}
@@ -288,6 +294,42 @@ def activation_noise_sq(quantized: np.ndarray, absmax: float, rows: int, bits: i
     """
     scale = 2.0 * float(absmax) / float((1 << bits) - 1)
     return rows * scale * scale / 12.0 * float(np.square(np.asarray(quantized, np.float64)).sum())
+
+
+def block_int8_activation(x: np.ndarray, block: int) -> np.ndarray:
+    """``x`` [..., K] after MatMulNBits' accuracy-level-4 activation round trip on CPU.
+
+    ORT's CPU kernel (MLAS, int8 compute) quantizes each row of the activation in blocks of the
+    weight's ``block`` along K, symmetric: scale = absmax / 127, code = round-to-nearest(x / scale);
+    the int8 dot products times both scales then equal ``block_int8_activation(x) @ dequant(W)``
+    up to float summation order (checked against ORT in ``tests/bits``).  A K not divisible by the
+    block is zero-padded, as the kernel pads the last block.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    k = x.shape[-1]
+    pad = -k % block
+    xp = np.pad(x.reshape(-1, k), ((0, 0), (0, pad))).reshape(-1, (k + pad) // block, block)
+    amax = np.abs(xp).max(axis=-1, keepdims=True)
+    scale = amax / np.float32(127.0)
+    inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.clip(np.rint(xp * inv), -127, 127)
+    return (q * scale).astype(np.float32).reshape(-1, k + pad)[:, :k].reshape(x.shape)
+
+
+def block_activation_noise_sq(quantized: np.ndarray, absmax: np.ndarray, rows: int, block: int) -> float:
+    """Expected ||dX Q(W)||_F^2 from accuracy level 4's per-block int8 activation rounding.
+
+    Each (row, block) has step ``s_b = absmax_b / 127`` (symmetric int8) and adds uniform noise of
+    variance ``s_b^2 / 12`` per element into ``||Q(W)[block rows]||^2``.  A row's block absmax is
+    bounded by the calibration's per-feature absmax over that block, so the estimate is an upper
+    bound (like dynamic int8's per-tensor term), much tighter than a per-tensor range.
+    """
+    q = np.asarray(quantized, np.float64)
+    k = q.shape[0]
+    pad = -k % block
+    amax = np.pad(np.asarray(absmax, np.float64).ravel()[:k], (0, pad)).reshape(-1, block).max(axis=1)
+    energy = np.pad(np.square(q).sum(axis=1), (0, pad)).reshape(-1, block).sum(axis=1)
+    return float(rows * (np.square(amax / 127.0) / 12.0 * energy).sum())
 
 
 def dynamic_rel_error(weight: np.ndarray, quantized: np.ndarray, gram: np.ndarray, absmax: float, rows: int) -> float:

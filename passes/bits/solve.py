@@ -48,7 +48,8 @@ def check_floor(c: BitAllocationConfig, units: list[Unit], other_bytes: int) -> 
     params = sum(u.params for u in units)
     floor_bits = math.ceil(800.0 * min_unit / params - 1e-9) / 100.0
     floor = _size(min_unit + other_bytes, up=True)
-    where = (f"is below the smallest model the offered formats allow, {floor} of weights "
+    kind = "written (graph included)" if c.size_budget_bytes is not None else "of weights"
+    where = (f"is below the smallest model the offered formats allow, {floor} {kind} "
              f"({floor_bits:.2f} bits per weight over the quantizable nodes)")
     if c.size_budget_bytes is not None and c.size_budget_bytes < min_unit + other_bytes:
         raise BadInputError(f"the size budget {_size(c.size_budget_bytes)} {where}: raise --size-budget to at least {floor}.")
@@ -210,6 +211,32 @@ def fastest(rows, shared, size_budget, method: str) -> knapsack.Solution:
     choice = best.choice if best.feasible else s.choice
     return knapsack.Solution(choice, *knapsack.totals(rows, choice, shared), method=f"{s.method} (fastest)",
                              feasible=s.feasible)
+
+
+def speed_ties(rows, shared, bud: dict, sol: knapsack.Solution, slack: float, method: str) -> knapsack.Solution:
+    """The fastest choice (predicted latency) within the budgets whose objective is at most ``sol``'s plus
+    ``slack`` (an absolute allowance, ``speed_slack^2 * sum(importance)``): the least-error solve breaks
+    no ties, so between equal-size formats of (nearly) equal error -- MatMulNBits at accuracy level 0
+    and 4 -- it would not prefer the faster.
+
+    One more solve with the roles swapped: latency is the objective (a shared DynamicQuantizeLinear
+    counts there once), error a budget beside the size and latency budgets' size part.  ``sol`` is
+    kept when the swap finds nothing faster.
+    """
+    if not sol.feasible:
+        return sol
+    bound = sol.error + slack + 1e-12
+    swapped = [[knapsack.Item(it.latency, it.size, it.error) for it in row] for row in rows]
+    sh = [knapsack.SharedCost(s.members, size=s.size, latency=0.0, error=s.latency) for s in shared]
+    fast = knapsack.solve(swapped, size_budget=bud.get("size"), latency_budget=bound, shared=sh, method=method)
+    if not fast.feasible:
+        return sol
+    err, size, lat = knapsack.totals(rows, fast.choice, shared)
+    lat_budget = bud.get("latency")
+    if lat >= sol.latency or (lat_budget is not None and lat > lat_budget + 1e-9):
+        return sol
+    return knapsack.Solution(fast.choice, err, size, lat, f"{sol.method} + fastest within {slack:.3g} of its error",
+                             True, sol.note)
 
 
 def choose(c: BitAllocationConfig, units: list[Unit], rows, shared, bud: dict, notes: list[str]) -> knapsack.Solution:

@@ -37,6 +37,9 @@ class Part:
     importance: float = 1.0  # weight of this node's squared relative error in the objective
     probe: dict | None = None  # the measured model-output error behind a "measured" importance
     output: str = ""  # the node's output tensor (static QDQ quantizes it too)
+    # Other nodes reading the same weight: they take this part's option, so the weight is stored once
+    # (its bytes and parameters count once; its error is measured at this node's input).
+    readers: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -73,8 +76,10 @@ class Unit:
 
 
 def tied_ok(combo: tuple[Option, ...]) -> bool:
-    """A lookup reading the head's packed table needs the head in exactly that format."""
-    return all(o.kind != "gather-tied" or dataclasses.replace(o, kind="nbits") in combo for o in combo)
+    """A lookup reading the head's packed table needs the head in exactly that format (at any accuracy
+    level: the level changes how the head computes, not what it stores)."""
+    stored = {dataclasses.replace(o, accuracy_level=0) for o in combo}
+    return all(o.kind != "gather-tied" or dataclasses.replace(o, kind="nbits") in stored for o in combo)
 
 
 def formats_for(target, c: BitAllocationConfig) -> tuple[dict[str, set[str]], list[str]]:
@@ -120,9 +125,12 @@ def _mm_options(c: BitAllocationConfig, kinds: set[str]) -> list[Option]:
         opts.append(Option("int8-dynamic", 8))
     opts += [Option("qdq", b) for b in QDQ_BITS if f"qdq{b}" in kinds]
     if "nbits" in kinds:
-        opts += [Option("nbits", b, blk, c.symmetric) for b in c.bit_options if b in NBITS_TOOL_BITS for blk in c.blocks]
+        # Accuracy level 4 only for 4/8 bits: ORT 1.32's CPU int8-compute kernel covers those widths.
+        opts += [Option("nbits", b, blk, c.symmetric, a) for a in c.accuracy_levels for b in c.bit_options
+                 if b in NBITS_TOOL_BITS and (a == 0 or b in (4, 8)) for blk in c.blocks]
         if c.gptq:
-            opts += [Option("gptq", b, blk, c.symmetric) for b in c.bit_options if b in (2, 4) for blk in c.blocks]
+            opts += [Option("gptq", b, blk, c.symmetric, a) for a in c.accuracy_levels for b in c.bit_options
+                     if b in (2, 4) and (a == 0 or b == 4) for blk in c.blocks]
     return opts
 
 
@@ -166,13 +174,18 @@ def build(model: ir.Model, structures, c: BitAllocationConfig, kinds: dict[str, 
     head_of = {e.tied_with: e for e in structures.embeddings if e.tied}
     init = model.graph.initializers
     lin_by_node = {lin.node: lin for lin in structures.linears}
+    first_reader: dict[tuple, Part] = {}  # (op, weight, ...) -> the part of the weight's first reader
     for lin in structures.linears:
         if lin.node in head_of:
             continue
         w = _weight_array(init, lin)
         if w is None:
             continue
-        units.append(Unit([Part(lin.node, lin.op_type, w, lin.input, _mm_options(c, kinds), output=lin.output)]))
+        if _join_reader(first_reader, (lin.op_type, lin.weight, lin.transposed), lin.node):
+            continue
+        part = Part(lin.node, lin.op_type, w, lin.input, _mm_options(c, kinds), output=lin.output)
+        first_reader[(lin.op_type, lin.weight, lin.transposed)] = part
+        units.append(Unit([part]))
     for emb in structures.embeddings:
         table = init[emb.table].const_value.numpy()
         if table.dtype != np.float32:
@@ -184,7 +197,7 @@ def build(model: ir.Model, structures, c: BitAllocationConfig, kinds: dict[str, 
                         lin.input, _mm_options(c, kinds), output=lin.output)
             if lin.transposed:  # the head's [dim, vocab] blocks run along dim: the table's rows
                 part.options += [dataclasses.replace(o, kind="gather-tied") for o in head.options
-                                 if o.kind == "nbits" and emb.dim % o.block == 0]
+                                 if o.kind == "nbits" and not o.accuracy_level and emb.dim % o.block == 0]
             units.append(Unit([part, head], tied_bytes=table.nbytes))
         else:
             units.append(Unit([part]))
@@ -192,9 +205,16 @@ def build(model: ir.Model, structures, c: BitAllocationConfig, kinds: dict[str, 
         w = init[conv.weight].const_value.numpy() if conv.weight in init else None
         if w is None or w.dtype != np.float32:
             continue
-        units.append(Unit([Part(conv.node, "Conv", w, conv.input, _conv_options(c, conv_kinds), output=conv.output)]))
+        if _join_reader(first_reader, ("Conv", conv.weight), conv.node):
+            continue
+        part = Part(conv.node, "Conv", w, conv.input, _conv_options(c, conv_kinds), output=conv.output)
+        first_reader[("Conv", conv.weight)] = part
+        units.append(Unit([part]))
+    for part in first_reader.values():
+        if part.readers:  # GPTQ rounds for one input's statistics; a shared weight has several
+            part.options = [o for o in part.options if o.kind != "gptq"]
     # What is left alone, and why.
-    found = {p.node for u in units for p in u.parts}
+    found = {n for u in units for p in u.parts for n in (p.node, *p.readers)}
     quantized = quantized_weights(model)
     no_const = sum(1 for n in model.graph if n.op_type in ("MatMul", "Gemm", "Conv")
                    and node_name(n) not in found and node_name(n) not in quantized)
@@ -259,6 +279,7 @@ def records(units: list[Unit], choice: list[int]) -> list[dict]:
                 "layer": p.node, "op": p.op, "shape": list(p.weight.shape), "params": int(p.weight.size),
                 "format": o.key, "bits": round(bits, 3), "bytes": int(size),
                 "rel_error": p.errors[o.key], "importance": p.importance, "probe": p.probe, "tied_unit": u.name if len(u.parts) > 1 else None,
+                "shared_with": list(p.readers),
                 "options": {k: {"bytes": p.sizes[k], "rel_error": p.errors[k]} for k in p.sizes},
                 "outlier_share": sensitivity.outlier_share(p.weight),
             })  # fmt: skip
@@ -266,5 +287,14 @@ def records(units: list[Unit], choice: list[int]) -> list[dict]:
 
 
 def plan(units: list[Unit], choice: list[int]) -> dict[str, Option]:
-    """Node name -> chosen option, the form the emitter takes."""
-    return {p.node: o for u, i in zip(units, choice) for p, o in zip(u.parts, u.combos()[i])}
+    """Node name -> chosen option, the form the emitter takes (a shared weight's readers all take its part's)."""
+    return {n: o for u, i in zip(units, choice) for p, o in zip(u.parts, u.combos()[i]) for n in (p.node, *p.readers)}
+
+
+def _join_reader(first_reader: dict[tuple, Part], key: tuple, node: str) -> bool:
+    """Record ``node`` as one more reader of a weight already in a part; False for the weight's first reader."""
+    part = first_reader.get(key)
+    if part is None:
+        return False
+    part.readers += (node,)
+    return True

@@ -1,0 +1,195 @@
+"""MatMulNBits accuracy level 4 as a per-node option, and size budgets that bound the written files."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from edgeprune.calibration import CalibrationSet
+from edgeprune.context import CompileContext
+from edgeprune.errors import BadInputError
+from edgeprune.model_io import file_size, save_model, to_proto
+from edgeprune.passes.bits import emit, microbench, sensitivity
+from edgeprune.passes.bits.bits_pass import BitAllocationConfig, BitAllocationPass
+from edgeprune.passes.bits.sensitivity import Option
+from edgeprune.runtime.targets import get_target
+
+D, T = 64, 16
+
+
+def _two_layer(seed: int = 0) -> ir.Model:
+    """x -> MatMul(A) -> Relu -> MatMul(B) -> y; A with a few large weights, B Gaussian (as in test_bit_allocation)."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((D, D)).astype(np.float32)
+    a[rng.random((D, D)) < 0.01] *= 25.0
+    b = rng.standard_normal((D, D)).astype(np.float32)
+    proto = onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, {T}, {D}] x) => (float[N, {T}, {D}] y) {{
+            h = MatMul(x, A)
+            r = Relu(h)
+            y = MatMul(r, B)
+        }}
+    """)
+    proto.graph.initializer.extend([onnx.numpy_helper.from_array(a, "A"), onnx.numpy_helper.from_array(b, "B")])
+    for i, n in enumerate(proto.graph.node):
+        n.name = ["layerA", "relu", "layerB"][i]
+    return ir.from_proto(proto)
+
+
+def _ctx(model: ir.Model) -> CompileContext:
+    rng = np.random.default_rng(7)
+    rows = [{"x": rng.standard_normal((1, T, D)).astype(np.float32)} for _ in range(12)]
+    calib = CalibrationSet(rows, "random test rows", synthetic=True)
+    return CompileContext(target=get_target("cpu"), calibration=calib, holdout=calib)
+
+# ORT's int8 kernel sums int8 products per block in int32 and scales them in float: the same
+# numbers as block_int8_activation(x) @ dequant(W) up to float summation order.
+ORT_TOLERANCE = 1e-5
+
+
+def _session(model: ir.Model):
+    return ort.InferenceSession(to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("bits, block, sym, k", [(4, 32, False, 256), (8, 32, False, 256), (4, 64, True, 256),
+                                                 (8, 128, True, 256), (4, 32, False, 200)])
+def test_simulated_accuracy_level_4_equals_ort(bits, block, sym, k):
+    """The simulator's int8-per-block activation times the dequantized weight is what ORT computes."""
+    n, t = 48, 16
+    base = microbench._matmul_model(k, n, t)
+    w = base.graph.initializers["w"].const_value.numpy()
+    x = np.random.default_rng(3).standard_normal((1, t, k)).astype(np.float32)
+    x[..., 5] *= 20.0  # an outlier feature: its blocks get a coarser step than the others
+    new, log = emit.emit(base, {"mm": Option("nbits", bits, block, sym, accuracy_level=4)})
+    node = next(nd for nd in new.graph if nd.op_type == "MatMulNBits")
+    assert node.attributes["accuracy_level"].value == 4 and log["steps"][0]["accuracy_level"] == 4
+    y = _session(new).run(None, {"x": x})[0]
+    wq = sensitivity.nbits_dequant(w, bits, block, sym)
+    sim = sensitivity.block_int8_activation(x, block) @ wq
+    assert np.abs(y - sim).max() <= ORT_TOLERANCE * np.abs(sim).max()
+    # Not vacuous: weight-only rounding alone (accuracy level 0) is much further from ORT's level 4.
+    assert np.abs(y - x @ wq).max() > 100 * ORT_TOLERANCE * np.abs(sim).max()
+    level0 = emit.emit(base, {"mm": Option("nbits", bits, block, sym)})[0]
+    assert "accuracy_level" not in next(nd for nd in level0.graph if nd.op_type == "MatMulNBits").attributes or \
+        next(nd for nd in level0.graph if nd.op_type == "MatMulNBits").attributes["accuracy_level"].value == 0
+    assert np.abs(_session(level0).run(None, {"x": x})[0] - x @ wq).max() <= ORT_TOLERANCE * np.abs(sim).max()
+
+
+def test_block_noise_model_bounds_the_real_activation_error():
+    """The error model's level-4 term is an upper bound of ||(bq(X) - X) Q(W)||^2 on the rows, and not a loose one."""
+    rng = np.random.default_rng(0)
+    k, n, block = 128, 32, 32
+    x = rng.standard_normal((256, k)).astype(np.float32)
+    x[:, 7] *= 10.0
+    wq = sensitivity.nbits_dequant(rng.standard_normal((k, n)).astype(np.float32), 4, block, False)
+    real = float(np.square((sensitivity.block_int8_activation(x, block) - x) @ wq).sum())
+    model = sensitivity.block_activation_noise_sq(wq, np.abs(x).max(axis=0), x.shape[0], block)
+    assert real <= model <= 12 * real  # an upper bound: a row's block absmax is below the rows' per-feature absmax
+
+
+def test_accuracy_levels_are_offered_only_when_asked():
+    model = _two_layer()
+    default = BitAllocationPass(BitAllocationConfig(avg_bits=6, block_size=32, dynamic_int8=False, output_checks=0),
+                                _ctx(model))(model)
+    assert not any("acc" in k for k in default.summary["formats_offered"])
+    m2 = _two_layer()
+    cfg = BitAllocationConfig(avg_bits=6, bit_options=(2, 4, 8), block_size=32, dynamic_int8=False, output_checks=0,
+                              accuracy_levels=(0, 4), speed_slack=0.0)
+    both = BitAllocationPass(cfg, _ctx(m2))(m2)
+    offered = both.summary["formats_offered"]
+    assert {"nbits4-b32-asym-acc4", "nbits8-b32-asym-acc4", "nbits4-b32-asym", "nbits2-b32-asym"} <= set(offered)
+    assert "nbits2-b32-asym-acc4" not in offered  # no int8-compute kernel for 2 bits
+    rec = both.records[0]["options"]
+    # Same bytes, more error: the activation rounding is counted.
+    assert rec["nbits4-b32-asym-acc4"]["bytes"] == rec["nbits4-b32-asym"]["bytes"]
+    assert rec["nbits4-b32-asym-acc4"]["rel_error"] > rec["nbits4-b32-asym"]["rel_error"]
+    assert rec["nbits8-b32-asym-acc4"]["rel_error"] > rec["nbits8-b32-asym"]["rel_error"]
+
+
+@pytest.mark.parametrize("levels", [(1,), (0, 3)])
+def test_levels_without_a_cpu_kernel_are_refused(levels):
+    with pytest.raises(BadInputError, match="0 and/or 4"):
+        BitAllocationConfig(avg_bits=4, accuracy_levels=levels)
+    with pytest.raises(BadInputError, match="not both"):
+        BitAllocationConfig(avg_bits=4, accuracy_levels=(0, 4), accuracy_level=4)
+
+
+def _fake_latencies(monkeypatch):
+    """Microbenchmarks as on a CPU where level 4 is fast: float 1.0 ms, level-0 MatMulNBits 2.0, level 4 0.6."""
+    def table(units, target, **_):
+        out = {}
+        for u in units:
+            for p in u.parts:
+                out[("dql", p.input)] = 0.1
+                for o in p.options:
+                    out[(p.node, o.key)] = 1.0 if o.kind == "keep" else 0.6 if o.accuracy_level == 4 else 2.0
+        return out
+
+    monkeypatch.setattr(microbench, "unit_latencies", table)
+    monkeypatch.setattr(microbench, "model_latency", lambda model, context, units, table, tokens: (2.2, 2.0))
+
+
+def _levels(model: ir.Model) -> list[int]:
+    return sorted(int(n.attributes["accuracy_level"].value) if "accuracy_level" in n.attributes else 0
+                  for n in model.graph if n.op_type == "MatMulNBits")
+
+
+def test_latency_budget_chooses_accuracy_level_4(monkeypatch):
+    _fake_latencies(monkeypatch)
+    model = _two_layer()
+    cfg = BitAllocationConfig(latency_budget_ratio=0.7, block_size=32, dynamic_int8=False, output_checks=0,
+                              accuracy_levels=(0, 4), latency_checks=1)
+    result = BitAllocationPass(cfg, _ctx(model))(model)
+    assert [r["format"] for r in result.records] == ["nbits8-b32-asym-acc4"] * 2
+    assert _levels(model) == [4, 4]
+
+
+def test_size_budget_breaks_ties_for_speed(monkeypatch):
+    """Same size, objective within speed_slack's allowance: the faster level-4 format; without the flag, the old choice."""
+    _fake_latencies(monkeypatch)
+    m_old, m_new = _two_layer(), _two_layer()
+    budget = 12_000  # room for 8 bits on both (2 x 4.6 kB), not for float (2 x 16 kB)
+    old = BitAllocationPass(BitAllocationConfig(size_budget_bytes=budget, block_size=32, dynamic_int8=False,
+                                                output_checks=0), _ctx(m_old))(m_old)
+    assert [r["format"] for r in old.records] == ["nbits8-b32-asym"] * 2 and _levels(m_old) == [0, 0]
+    new = BitAllocationPass(BitAllocationConfig(size_budget_bytes=budget, block_size=32, dynamic_int8=False,
+                                                output_checks=0, accuracy_levels=(0, 4)), _ctx(m_new))(m_new)
+    assert [r["format"] for r in new.records] == ["nbits8-b32-asym-acc4"] * 2 and _levels(m_new) == [4, 4]
+    assert new.summary["objective"] <= old.summary["objective"] + 0.02 ** 2 * sum(r["importance"] for r in new.records)
+    # A slack of 0 keeps the least error.
+    m0 = _two_layer()
+    strict = BitAllocationPass(BitAllocationConfig(size_budget_bytes=budget, block_size=32, dynamic_int8=False,
+                                                   output_checks=0, accuracy_levels=(0, 4), speed_slack=0.0), _ctx(m0))(m0)
+    assert [r["format"] for r in strict.records] == ["nbits8-b32-asym"] * 2
+
+
+# --------------------------------------------------------------------------- exact budgets
+
+
+@pytest.mark.parametrize("budget", [5_400, 6_000, 7_500, 9_500, 10_000, 12_000, 20_000, 30_000])
+def test_written_model_never_exceeds_the_size_budget(budget, tmp_path):
+    """Bytes on disk (graph, scales, zero points, padding included) stay within the budget; the summary says both."""
+    model = _two_layer()
+    cfg = BitAllocationConfig(size_budget_bytes=budget, bit_options=(2, 4, 8), block_size=(32, 64),
+                              dynamic_int8=True, output_checks=0)
+    result = BitAllocationPass(cfg, _ctx(model))(model)
+    path = tmp_path / "m.onnx"
+    save_model(model, path)
+    written = file_size(path)
+    assert written <= budget
+    assert result.summary["written_bytes"] == written
+    assert result.summary["predicted_bytes"] <= budget
+    assert any(n.startswith("size: predicted") for n in result.summary["notes"])
+
+
+def test_budget_only_the_unwritten_model_fits_is_refused():
+    """Above the shapes' floor but below what any choice writes: refused with the written size, nothing written."""
+    model = _two_layer()
+    cfg = BitAllocationConfig(size_budget_bytes=5_000, bit_options=(4, 8), block_size=64, dynamic_int8=False,
+                              output_checks=0)
+    with pytest.raises(BadInputError, match="cannot be met once written"):
+        BitAllocationPass(cfg, _ctx(model))(model)
