@@ -196,8 +196,9 @@ def build(model: ir.Model, structures, c: BitAllocationConfig, kinds: dict[str, 
             head = Part(lin.node, "MatMul", np.ascontiguousarray(table.T) if lin.transposed else table,
                         lin.input, _mm_options(c, kinds), output=lin.output)
             if lin.transposed:  # the head's [dim, vocab] blocks run along dim: the table's rows
-                part.options += [dataclasses.replace(o, kind="gather-tied") for o in head.options
-                                 if o.kind == "nbits" and not o.accuracy_level and emb.dim % o.block == 0]
+                # One lookup per stored format: the head's accuracy level does not change its table.
+                part.options += list(dict.fromkeys(dataclasses.replace(o, kind="gather-tied", accuracy_level=0)
+                                                   for o in head.options if o.kind == "nbits" and emb.dim % o.block == 0))
             units.append(Unit([part, head], tied_bytes=table.nbytes))
         else:
             units.append(Unit([part]))

@@ -193,3 +193,31 @@ def test_budget_only_the_unwritten_model_fits_is_refused():
                               output_checks=0)
     with pytest.raises(BadInputError, match="cannot be met once written"):
         BitAllocationPass(cfg, _ctx(model))(model)
+
+
+def test_tied_lookup_shares_the_table_of_a_level_4_head():
+    """The level changes how the head computes, not what it stores: the lookup still reads the head's packed table."""
+    vocab, dim = 96, 64
+    rng = np.random.default_rng(0)
+    proto = onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N, {T}] ids) => (float[N, {T}, {vocab}] logits) {{
+            h = Gather <axis = 0> (E, ids)
+            t = Tanh(h)
+            et = Transpose <perm = [1, 0]> (E)
+            logits = MatMul(t, et)
+        }}
+    """)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal((vocab, dim)).astype(np.float32), "E"))
+    model = ir.from_proto(proto)
+    rows = [{"ids": rng.integers(0, vocab, (1, T))} for _ in range(12)]
+    calib = CalibrationSet(rows, "random test rows", synthetic=True)
+    ctx = CompileContext(target=get_target("cpu"), calibration=calib, holdout=calib)
+    feeds = {"ids": rows[0]["ids"]}
+    before = _session(model).run(None, feeds)[0]
+    cfg = BitAllocationConfig(mode="uniform", bits=8, block_size=32, accuracy_levels=(4,), output_checks=0)
+    result = BitAllocationPass(cfg, ctx)(model)
+    assert [r["format"] for r in result.records] == ["tied8-b32-asym", "nbits8-b32-asym-acc4"]
+    assert {n.op_type for n in model.graph} >= {"GatherBlockQuantized", "MatMulNBits"} and _levels(model) == [4]
+    after = _session(model).run(None, feeds)[0]
+    assert np.linalg.norm(after - before) / np.linalg.norm(before) < 0.03
