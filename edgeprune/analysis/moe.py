@@ -9,6 +9,10 @@ which graph pieces belong to which expert.  Three forms are recognised:
   runs its gate/up/down MatMuls and adds its weighted output through ``ScatterElements`` into a
   running ``Add`` chain.  The expert's nodes are everything reachable from its Gather up to that
   ``Add``; its identity is the Gather's constant (the node names, ``experts.3/w1/MatMul``, agree).
+- ``dense`` (optimum's gpt-oss export): router -> TopK -> Softmax of the top-k -> ScatterElements
+  into a [T, E] weight matrix; every expert runs on every token through MatMuls with weights
+  stacked [E, ...] (the input tiled E times, E read from the weight matrix's shape) and the
+  outputs are mask-weighted and summed.  Experts are the axis-0 slices of those stacked constants.
 - ``fused``: ``com.microsoft.MoE`` / ``QMoE`` with expert weights stacked on axis 0.
 - ``router``: a router linear feeding TopK whose experts were not found (reported, not prunable).
 
@@ -67,11 +71,13 @@ class MoELayer:
     top_k: int | None
     experts: list[Expert]
     node: str | None = None  # the contrib MoE op or the TopK node
-    form: str = "router"  # loop | fused | router
+    form: str = "router"  # loop | dense | fused | router
     scoring: str | None = None  # softmax | sigmoid | None (raw logits)
     normalize: bool | None = None  # top-k weights renormalised to sum 1
     onehot: str | None = None  # loop form: the OneHot node that builds the mask
     shared_experts: list[FFNBlock] = dataclasses.field(default_factory=list)
+    stacked: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    """Dense form: (node, input index) of each constant stacked on axis 0 (one slice per expert)."""
     problem: str | None = None  # why no pass may act on this layer
     layer: int = 0
 
@@ -80,7 +86,7 @@ class MoELayer:
 
     @property
     def prunable(self) -> bool:
-        return self.problem is None and self.form in ("loop", "fused") and len(self.experts) == self.num_experts
+        return self.problem is None and self.form in ("loop", "dense", "fused") and len(self.experts) == self.num_experts
 
 
 def find_moe_layers(graph: ir.Graph, linears: list[Linear], ffns: list[FFNBlock]) -> list[MoELayer]:
@@ -101,6 +107,8 @@ def find_moe_layers(graph: ir.Graph, linears: list[Linear], ffns: list[FFNBlock]
         layer = MoELayer(router=lin, num_experts=lin.out_features, top_k=k, experts=[], node=node_name(topk), scoring=scoring)
         layer.normalize = _renormalised(topk)
         _find_loop_experts(layer, topk, by_node)
+        if layer.form == "router":
+            _find_dense_experts(layer, topk, values.get(lin.input))
         inside = {name for e in layer.experts for name in e.linears}
         layer.shared_experts = [f for f in ffns if (f.gate or f.up).input == lin.input and (f.gate or f.up).node not in inside]
         layers.append(layer)
@@ -234,3 +242,49 @@ def _expert_from(index: int, selector: ir.Node, by_node: dict[str, Linear]) -> E
         index=index, linears=[node_name(n) for n in mats], selector=node_name(selector),
         accumulate=node_name(accumulate), contribution=value_name(contribution),
     )  # fmt: skip
+
+
+def _find_dense_experts(layer: MoELayer, topk: ir.Node, router_input: ir.Value | None) -> None:
+    """gpt-oss's dense form: top-k values -> Softmax -> ScatterElements into [T, E]; stacked [E, ...] expert MatMuls on the tiled input."""
+    soft = _follow(topk.outputs[0], ("Cast", "Softmax"), depth=1)
+    if soft is None or router_input is None or layer.router is None:
+        return
+    scatter = _follow(soft.outputs[0], ("Cast", "ScatterElements"), depth=1)
+    if scatter is None or scatter.inputs[1] is not topk.outputs[1]:
+        return
+    e = layer.num_experts
+    stacked: dict[tuple[str, int], int] = {}  # (node, input index) -> rank
+    frontier, seen = [router_input], set()
+    while frontier and len(seen) < _MAX_EXPERT_NODES:  # forward from the router's input through the expert computation
+        value = frontier.pop()
+        for user in consumers(value):
+            if id(user) in seen or node_name(user) == layer.router.node:
+                continue
+            seen.add(id(user))
+            if is_std(user, "MatMul", "Add"):
+                for i, inp in enumerate(user.inputs):
+                    t = constant_through_identity(inp)
+                    if t is not None and len(t.shape) >= 2 and int(t.shape[0]) == e:
+                        stacked.setdefault((node_name(user), i), len(t.shape))
+            if not is_std(user, "ReduceSum"):  # the sum over experts ends the layer
+                frontier.extend(user.outputs)
+    if sum(1 for rank in stacked.values() if rank == 3) < 2:
+        return
+    layer.form = "dense"
+    layer.scoring = "topk_softmax"
+    layer.normalize = True  # a softmax over the k selected logits sums to 1 by construction
+    layer.stacked = list(stacked)
+    layer.experts = [Expert(i) for i in range(e)]
+
+
+def constant_through_identity(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """A constant, also behind Identity nodes (exporters share equal tensors between layers that way)."""
+    for _ in range(4):
+        t = constant(value)
+        if t is not None or value is None:
+            return t
+        producer = value.producer()
+        if producer is None or not is_std(producer, "Identity"):
+            return None
+        value = producer.inputs[0]
+    return None

@@ -29,6 +29,7 @@ from edgeprune.passes.moe.scores import METRICS, RouterStats, collect_router_sta
 logger = logging.getLogger(__name__)
 
 ALLOCATIONS = ("global", "uniform")
+_REMOVE = {"loop": remove.remove_loop, "dense": remove.remove_dense, "fused": remove.remove_fused}
 
 
 @dataclasses.dataclass
@@ -123,7 +124,7 @@ class MoEExpertPruningPass(EdgePass):
             if not layer.prunable:
                 raise UnsupportedModelError(
                     f"MoE layer {layer.layer} ({layer.node}) has a router but its experts were not found in a form the moe pass "
-                    "can remove (optimum's expert loop, or com.microsoft.MoE/QMoE)."
+                    "can remove (optimum's expert loop, gpt-oss's dense form, or com.microsoft.MoE/QMoE)."
                 )
         if cfg.keep == 1.0 and not isinstance(cfg.keep, int):
             return EdgePassResult(model, modified=False, summary={"keep": 1.0, "note": "keep 1.0: no expert removed"})
@@ -136,7 +137,7 @@ class MoEExpertPruningPass(EdgePass):
         for layer, s, values, keep in zip(layers, stats, scores, keeps):
             k = layer.top_k
             if len(keep) < layer.num_experts:
-                k = (remove.remove_loop if layer.form == "loop" else remove.remove_fused)(model.graph, layer, keep)
+                k = _REMOVE[layer.form](model.graph, layer, keep)
                 modified = True
             records.append(_record(layer, s, values, keep, k))
         if modified:

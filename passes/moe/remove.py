@@ -92,6 +92,38 @@ def remove_loop(graph: ir.Graph, layer: MoELayer, keep: np.ndarray) -> int:
     return k
 
 
+def _own_slice(graph: ir.Graph, node: ir.Node, index: int, tensor: ir.TensorProtocol, keep: np.ndarray, tag: str) -> None:
+    """Give ``node`` its own initializer holding the ``keep`` slice (axis 0) of ``tensor``; shared originals stay intact."""
+    array = np.ascontiguousarray(np.take(tensor.numpy(), keep, axis=0))
+    base = f"{node.inputs[index].name}_{tag}"
+    name, i = base, 0
+    while name in graph.initializers:
+        i += 1
+        name = f"{base}_{i}"
+    fresh = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=ir.tensor(array, name=name))
+    graph.register_initializer(fresh)
+    node.replace_input_with(index, fresh)
+
+
+def remove_dense(graph: ir.Graph, layer: MoELayer, keep: np.ndarray) -> int:
+    """Remove the experts not in ``keep`` from a dense-form layer (gpt-oss): stacked weights and biases, router rows, k."""
+    from edgeprune.analysis.moe import constant_through_identity
+
+    nodes = _nodes(graph)
+    for node_key, index in layer.stacked:
+        node = nodes[node_key]
+        tensor = constant_through_identity(node.inputs[index])
+        if tensor is None:
+            raise UnsupportedModelError(f"input {index} of {node_key} is no longer a constant, so its experts cannot be removed.")
+        _own_slice(graph, node, index, tensor, keep, f"experts{layer.layer}")
+    k = min(layer.top_k, len(keep))
+    topk = nodes[layer.node]
+    if k != layer.top_k:
+        _set_input_constant(graph, topk, 1, k, f"{topk.name or 'moe'}_k")
+    _slice_router(graph, layer, keep)
+    return k
+
+
 def remove_fused(graph: ir.Graph, layer: MoELayer, keep: np.ndarray) -> int:
     """Remove the experts not in ``keep`` from a com.microsoft.MoE/QMoE node; returns the new k."""
     node = _nodes(graph)[layer.node]

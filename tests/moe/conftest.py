@@ -56,3 +56,20 @@ def moe_export(mixtral, mixtral_loop_onnx, tmp_path_factory):
         return built[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def gpt_oss(tmp_path_factory):
+    """(torch model, ONNX path) of a tiny gpt-oss exported by optimum natively (the dense form)."""
+    pytest.importorskip("optimum.exporters.onnx")
+    from moe_models import tiny_gpt_oss
+    from optimum.exporters.onnx import main_export
+
+    model = tiny_gpt_oss()
+    hf = tmp_path_factory.mktemp("gpt_oss_hf")
+    model.save_pretrained(hf)
+    out = tmp_path_factory.mktemp("gpt_oss_onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main_export(str(hf), output=str(out), task="text-generation", opset=17, do_validation=False, no_post_process=True)
+    return model, out / "model.onnx"

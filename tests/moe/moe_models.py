@@ -60,7 +60,42 @@ def tiny_qwen2_moe(seed: int = 0):
     return Qwen2MoeForCausalLM(config).eval()
 
 
-BUILDERS = {"mixtral": tiny_mixtral, "olmoe": tiny_olmoe, "qwen2_moe": tiny_qwen2_moe}
+def tiny_gpt_oss(seed: int = 0):
+    """gpt-oss: optimum exports it natively in the dense form (every expert on every token, stacked weights)."""
+    import torch
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(seed)
+    config = GptOssConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=4, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K, max_position_embeddings=64,
+        use_cache=False, initializer_range=0.5, layer_types=["full_attention"] * LAYERS, sliding_window=16,
+        rope_scaling={"rope_type": "yarn", "factor": 1.0, "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0},
+    )  # fmt: skip
+    model = GptOssForCausalLM(config).eval()
+    return model
+
+
+def prune_torch_gpt_oss(model, keeps):
+    """A copy of a GptOssForCausalLM with layer i keeping only the experts ``keeps[i]``."""
+    import torch
+
+    pruned = copy.deepcopy(model)
+    for layer, keep in zip(pruned.model.layers, keeps):
+        keep = torch.tensor([int(i) for i in keep])
+        router, experts = layer.mlp.router, layer.mlp.experts
+        router.weight = torch.nn.Parameter(router.weight.data[keep].clone())
+        router.bias = torch.nn.Parameter(router.bias.data[keep].clone())
+        router.num_experts = len(keep)
+        router.top_k = min(router.top_k, len(keep))
+        layer.mlp.router.top_k = router.top_k
+        for name in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"):
+            setattr(experts, name, torch.nn.Parameter(getattr(experts, name).data[keep].clone()))
+        experts.num_experts = len(keep)
+    return pruned
+
+
+BUILDERS = {"mixtral": tiny_mixtral, "olmoe": tiny_olmoe, "qwen2_moe": tiny_qwen2_moe, "gpt_oss": tiny_gpt_oss}
 
 
 def _block_attr(model) -> str:

@@ -42,6 +42,19 @@ def test_olmoe_and_qwen2_moe_loop_forms(moe_export, arch, normalize, shared):
         assert [(f.gate or f.up).node for f in m.shared_experts] == [f"{scope}/{s}/gate_proj/MatMul" for s in shared]
 
 
+def test_gpt_oss_dense_form(gpt_oss):
+    _, path = gpt_oss
+    layers = analyze(load_model(path)).moe_layers
+    assert [(m.form, m.num_experts, m.top_k, m.normalize, m.scoring, m.prunable) for m in layers] == [
+        ("dense", EXPERTS, TOP_K, True, "topk_softmax", True)] * LAYERS  # fmt: skip
+    for m in layers:
+        scope = f"/model/layers.{m.layer}/mlp"
+        assert (m.router.weight, m.router.transposed, m.router.bias) == (
+            f"model.layers.{m.layer}.mlp.router.weight", True, f"model.layers.{m.layer}.mlp.router.bias")  # fmt: skip
+        # gate_up MatMul + bias Add, down MatMul + bias Add (layer 1's zero biases reach it through an Identity of layer 0's)
+        assert m.stacked == [(f"{scope}/experts/MatMul", 1), (f"{scope}/experts/Add", 1), (f"{scope}/experts/MatMul_1", 1), (f"{scope}/experts/Add_2", 1)]
+
+
 def test_traced_hit_only_export_is_refused_with_the_reason(mixtral_traced_onnx):
     layers = analyze(load_model(mixtral_traced_onnx)).moe_layers
     assert len(layers) == LAYERS

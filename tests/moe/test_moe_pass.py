@@ -9,7 +9,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from moe_models import EXPERTS, LAYERS, fused_moe_model, qmoe_model, prune_torch_block, prune_torch_experts, token_feed, torch_logits
+from moe_models import EXPERTS, LAYERS, fused_moe_model, prune_torch_gpt_oss, qmoe_model, prune_torch_block, prune_torch_experts, token_feed, torch_logits
 
 from edgeprune.analysis import analyze
 from edgeprune.calibration import CalibrationSet
@@ -83,6 +83,24 @@ def test_keep_half_matches_torch_with_the_same_experts_removed(moe_export, arch,
     pruned = torch_logits(prune_torch_experts(mixtral, keeps), other)
     assert np.abs(full - pruned).max() > 1e-3  # removing used experts changes the model: the check below can fail
     np.testing.assert_allclose(_run(result.model, other), pruned, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("keep", [0.5, 1])
+def test_gpt_oss_dense_form_matches_torch_with_the_same_experts_removed(gpt_oss, keep):
+    model, path = gpt_oss
+    rng = np.random.default_rng(8)
+    calib = [{k: v for k, v in token_feed(rng, 2, 8).items() if k != "position_ids"}]  # optimum's gpt-oss takes no position_ids
+    result = MoEExpertPruningPass(MoEConfig(keep=keep, metric="tcess"), _context(calib))(load_model(path))
+    keeps = [r["kept"] for r in result.records]
+    assert [r["form"] for r in result.records] == ["dense"] * LAYERS
+    assert sum(map(len, keeps)) == (EXPERTS * LAYERS // 2 if keep == 0.5 else LAYERS)
+    stacked = [v for n, v in result.model.graph.initializers.items() if "gate_up_proj" in n]
+    assert sorted(tuple(v.shape)[0] for v in stacked) == sorted(len(k) for k in keeps)  # the stacked weights lost their experts
+    other = token_feed(rng, 2, 9)
+    full = torch_logits(model, other)
+    expected = torch_logits(prune_torch_gpt_oss(model, keeps), other)
+    assert np.abs(full - expected).max() > 1e-3
+    np.testing.assert_allclose(_run(result.model, other), expected, rtol=0, atol=1e-4)
 
 
 def test_k_clamps_to_one_kept_expert(mixtral, mixtral_loop_onnx):
