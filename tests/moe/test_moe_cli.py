@@ -22,18 +22,19 @@ def test_recipe_puts_moe_first():
     assert [p.name for p in recipe.passes] == ["cleanup", "moe", "cleanup", "prune", "cleanup"]
 
 
-def test_compile_moe_keep_half(mixtral_loop_onnx, tmp_path, capsys):
-    rng = np.random.default_rng(0)
-    feed = token_feed(rng, 4, 8)
+def test_compile_moe_keep_half(mixtral_loop_onnx, tmp_path):
+    """The pass inside a whole compile (cleanup before and after, verify, report); the API with short latency runs keeps it quick."""
+    from edgeprune.pipeline import CompileOptions, compile_model
+
+    feed = token_feed(np.random.default_rng(0), 4, 8)
     np.savez(tmp_path / "calib.npz", **feed)
-    out = tmp_path / "out"
-    code, _, err = _run(capsys, "compile", str(mixtral_loop_onnx), "-o", str(out), "--moe-keep", "0.5", "--calib", str(tmp_path / "calib.npz"),
-                        "--max-drop", "5", "--json")  # a random-init model: half its experts move the logits a lot
-    assert code == 0, err
-    report = json.loads((out / "report.json").read_text())
+    recipe = recipe_from_flags(moe={"keep": 0.5, "metric": "tcess"})
+    options = CompileOptions(recipe=recipe, calib=tmp_path / "calib.npz", max_drop=5.0, latency_runs=3, profile=False, seq_len=16)
+    report = compile_model(mixtral_loop_onnx, tmp_path / "out", options).report  # max_drop: a random-init model's logits move a lot
     (moe,) = [p for p in report["passes"] if p["name"] == "moe"]
     assert (moe["summary"]["experts_before"], moe["summary"]["experts_after"]) == (EXPERTS * LAYERS, EXPERTS * LAYERS // 2)
     assert report["verification"]["ort_ok"] and report["size"]["ratio"] < 0.7
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["passes"] == report["passes"]
 
 
 def test_compile_bad_moe_keep_is_one_sentence_exit_2(mixtral_loop_onnx, tmp_path, capsys):
