@@ -1,7 +1,8 @@
 """MoE expert pruning: router statistics, expert scores (TCESS, EASY-EP, frequency), global allocation, physical removal.
 
 ``moe_pass`` drives it; ``scores`` streams the router statistics and holds the metrics, ``remove``
-takes experts out of each graph form.  The pass is imported on first use, so ``scores.METRICS``
+takes experts out of each graph form (loop, dense, fused), ``patterns`` writes the expert store and
+one graph per task for run-time retrieval (``edgeprune.runtime.moe``).  The pass is imported on first use, so ``scores.METRICS``
 (the CLI's ``--moe-metric`` choices) loads without it.
 """
 
