@@ -151,6 +151,10 @@ class MoEExpertPruningPass(EdgePass):
             "params_before": before, "params_after": after, "calibration_tokens": stats[0].tokens if stats else 0,
             "per_layer_chart": {"y": "kept_fraction", "ylabel": "kept experts (fraction)"},
         }  # fmt: skip
+        summary["headline"] = (
+            f"moe: kept {summary['experts_after']} of {summary['experts_before']} experts ({cfg.metric}, {cfg.allocation}); per layer "
+            + ", ".join(f"{r['units_after']}/{r['units_before']}" for r in records)
+        )
         logger.info("moe: %d -> %d experts, %d -> %d params", summary["experts_before"], summary["experts_after"], before, after)
         return EdgePassResult(model, modified=modified, records=records, summary=summary)
 
