@@ -13,8 +13,8 @@ import os
 import pathlib
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import onnx
 import onnx_ir as ir
@@ -55,7 +55,7 @@ def _read_proto(path: pathlib.Path) -> onnx.ModelProto:
 
 def _check_external_data(proto: onnx.ModelProto, base: pathlib.Path) -> None:
     missing = set()
-    for tensor in onnx.external_data_helper._get_all_tensors(proto):  # noqa: SLF001
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
         if onnx.external_data_helper.uses_external_data(tensor):
             info = onnx.external_data_helper.ExternalDataInfo(tensor)
             location = base / info.location
@@ -86,6 +86,11 @@ def load_model(path: str | os.PathLike) -> ir.Model:
             f"{path} could not be read as ONNX ({exc}): re-export the model."
         ) from exc
     LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16)(model)
+    if model_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
+        # Weights kept in an external data file are read in: ORT gets a model this size as
+        # bytes, where a relative data path cannot resolve, and nothing written later may point
+        # back at the input's data file.
+        ir.external_data.load_to_model(model)
     return model
 
 
@@ -197,7 +202,7 @@ def file_size(path: str | os.PathLike) -> int:
         return total
     locations = {
         onnx.external_data_helper.ExternalDataInfo(tensor).location
-        for tensor in onnx.external_data_helper._get_all_tensors(proto)  # noqa: SLF001
+        for tensor in onnx.external_data_helper._get_all_tensors(proto)
         if onnx.external_data_helper.uses_external_data(tensor)
     }
     return total + sum((path.parent / loc).stat().st_size for loc in sorted(locations) if (path.parent / loc).exists())
