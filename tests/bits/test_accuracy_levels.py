@@ -221,3 +221,20 @@ def test_tied_lookup_shares_the_table_of_a_level_4_head():
     assert {n.op_type for n in model.graph} >= {"GatherBlockQuantized", "MatMulNBits"} and _levels(model) == [4]
     after = _session(model).run(None, feeds)[0]
     assert np.linalg.norm(after - before) / np.linalg.norm(before) < 0.03
+
+
+def test_compile_writes_no_more_than_the_size_budget(tmp_path):
+    """Through the CLI: the file the compile writes is the pass's written size, within --size-budget."""
+    import json
+
+    from edgeprune.cli import main
+
+    path = tmp_path / "m.onnx"
+    onnx.save(to_proto(_two_layer()), path)
+    for budget in (7_000, 10_000):
+        out = tmp_path / f"out{budget}"
+        assert main(["compile", str(path), "-o", str(out), "--bits", "auto", "--size-budget", f"{budget}B"]) == 0
+        report = json.loads((out / "report.json").read_text())
+        bits = next(p for p in report["passes"] if p["name"] == "bits")["summary"]
+        assert report["size"]["candidate_bytes"] == bits["written_bytes"] == file_size(out / "model.onnx") <= budget
+        assert bits["predicted_bytes"] > 0
