@@ -109,6 +109,8 @@ def summary_rows(report: dict[str, Any]) -> list[SummaryRow]:
         if o.get("perplexity_ratio") is not None:
             rows.append(SummaryRow(f"{name}: perplexity", _f(o["perplexity_reference"], ".3f"), _f(o["perplexity_candidate"], ".3f"),
                                    _f(o["perplexity_ratio"], ".4f"), alert(name, "perplexity ratio"), alert_cell=3))
+    if report.get("calibration", {}).get("synthetic"):  # the figures above came from inputs that are not the user's
+        rows.append(("calibration data", "synthetic data", "", ""))
     return [r if isinstance(r, SummaryRow) else SummaryRow(*r) for r in rows]
 
 
