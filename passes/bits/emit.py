@@ -292,7 +292,7 @@ def _gptq_codes(model: ir.Model, plan: dict[str, Option], weights: dict, grams: 
 
 
 def _fused_activations(model: ir.Model, names: set[str]) -> list[str]:
-    """The Relu/Clip nodes that read a QDQ node's output alone.
+    """The Relu/Clip nodes that read a QDQ node's output alone (no other node reads it, and it is not a graph output).
 
     Handed to ``quantize_static`` with it, they are removed and the node's output range becomes
     theirs (ORT's QDQRemovableActivation), so ORT runs QLinearConv straight into the next one; left
@@ -302,7 +302,8 @@ def _fused_activations(model: ir.Model, names: set[str]) -> list[str]:
     out = []
     for node in model.graph:
         src = node.inputs[0].producer() if node.op_type in ("Relu", "Clip") and node.inputs and node.inputs[0] is not None else None
-        if src is not None and src.name in names and len(node.inputs[0].uses()) == 1:
+        if (src is not None and src.name in names and len(node.inputs[0].uses()) == 1
+                and not node.inputs[0].is_graph_output()):  # a graph output would lose what the activation cuts
             out.append(node.name)
     return sorted(out)
 

@@ -87,8 +87,13 @@ def reason_kind(reason: str) -> str:
 
 
 def left_out_summary(reasons: list[str]) -> str:
-    """Groups left out, counted by cause: ``3 x LRN node reads the channels and has no pruning rule; 1 x ...``."""
-    return "; ".join(f"{n} x {kind}" for kind, n in collections.Counter(reason_kind(r) for r in reasons).most_common())
+    """Groups left out, counted by cause: ``3 x LRN node reads the channels and has no pruning rule; 1 x ...``.
+
+    A group blocked for several causes (a dependency group's reason joins them with "; ") counts once, under
+    its causes joined by "and", so the counts add up to the groups and every item has its count.
+    """
+    kinds = (" and ".join(sorted(dict.fromkeys(reason_kind(r).split("; ")))) for r in reasons)
+    return "; ".join(f"{n} x {kind}" for kind, n in collections.Counter(kinds).most_common())
 
 
 def _group_entry(group: ChannelGroup) -> dict:

@@ -216,6 +216,24 @@ def constant_weights_proto(seed: int = 0) -> onnx.ModelProto:
     return proto
 
 
+def grouped_output_proto(seed: int = 0) -> onnx.ModelProto:
+    """A grouped conv whose output is also a graph output (two causes to keep one channel group), then a 1x1 conv."""
+    rng = np.random.default_rng(seed)
+    text = f"""{_header()}
+    g (float[N, 4, 8, 8] x) => (float[N, 8, 8, 8] g1, float[N, 4, 8, 8] y) {{
+        g1 = Conv <group = 2, pads = [1, 1, 1, 1]> (x, w1, b1)
+        r = Relu (g1)
+        y = Conv (r, w2, b2)
+    }}"""
+    weights = {
+        "w1": _w(rng, 8, 2, 3, 3),
+        "b1": 0.2 + _w(rng, 8, scale=0.1),
+        "w2": _w(rng, 4, 8, 1, 1),
+        "b2": _w(rng, 4, scale=0.1),
+    }
+    return _finish(text, weights)
+
+
 def shared_weights_proto(seed: int = 0, d: int = 32) -> onnx.ModelProto:
     """Two residual FFN blocks that read the same up and down weights (weight tying), then a head."""
     rng = np.random.default_rng(seed)
@@ -302,6 +320,7 @@ def external_data_proto(seed: int = 0) -> onnx.ModelProto:
 CASES = {
     "depthwise": depthwise_proto,
     "grouped": grouped_proto,
+    "grouped_output": grouped_output_proto,
     "neg_dims": neg_dims_proto,
     "zero_dim": lambda: neg_dims_proto(zero_height=True),
     "fixed_height": fixed_height_proto,
