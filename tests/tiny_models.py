@@ -6,6 +6,7 @@ import pathlib
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 
 def mlp_proto(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
@@ -55,8 +56,6 @@ def write_mlp_calib(folder: pathlib.Path, n: int = 16, seed: int = 1) -> pathlib
 # logic (back-off halves the noise; at 0 it is a no-op) without depending on a real pass.
 import dataclasses  # noqa: E402
 
-import onnx_ir as ir  # noqa: E402
-
 from edgeprune.passes.base import EdgePass, EdgePassResult  # noqa: E402
 
 
@@ -87,3 +86,29 @@ class NoisePass(EdgePass):
             return None
         noise = self.config.noise / 4 if self.config.noise > 0.01 else 0.0
         return NoisePass(NoiseConfig(noise=noise), self.context)
+
+
+#: width and tokens of ``two_layer_matmul``
+D, T = 64, 16
+
+
+def two_layer_matmul(seed: int = 0) -> ir.Model:
+    """x -> MatMul(A) -> Relu -> MatMul(B) -> y; A has heavy-tailed weights (outliers), B is Gaussian."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((D, D)).astype(np.float32)
+    a[rng.random((D, D)) < 0.01] *= 25.0  # a few large weights stretch every 4-bit block they sit in
+    b = rng.standard_normal((D, D)).astype(np.float32)
+    proto = onnx.parser.parse_model(
+        f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, {T}, {D}] x) => (float[N, {T}, {D}] y) {{
+            h = MatMul(x, A)
+            r = Relu(h)
+            y = MatMul(r, B)
+        }}
+        """
+    )
+    proto.graph.initializer.extend([onnx.numpy_helper.from_array(a, "A"), onnx.numpy_helper.from_array(b, "B")])
+    for i, n in enumerate(proto.graph.node):
+        n.name = ["layerA", "relu", "layerB"][i]
+    return ir.from_proto(proto)

@@ -27,16 +27,21 @@ def _nodes(graph: ir.Graph) -> dict[str, ir.Node]:
     return {node_name(n): n for n in graph}
 
 
-def _new_constant(graph: ir.Graph, like: ir.TensorProtocol, value, name: str) -> ir.Value:
-    """A fresh initializer holding ``value`` in ``like``'s dtype and shape."""
-    array = np.asarray(value, dtype=like.dtype.numpy()).reshape(tuple(int(d) for d in like.shape))
-    base, i = name, 0
+def _register(graph: ir.Graph, array: np.ndarray, dtype: ir.DataType, base: str) -> ir.Value:
+    """A fresh initializer holding ``array``, named ``base`` or ``base_<n>`` (the first free name)."""
+    name, i = base, 0
     while name in graph.initializers:
         i += 1
         name = f"{base}_{i}"
-    v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(like.dtype), const_value=ir.tensor(array, name=name))
+    v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype), const_value=ir.tensor(array, name=name))
     graph.register_initializer(v)
     return v
+
+
+def _new_constant(graph: ir.Graph, like: ir.TensorProtocol, value, name: str) -> ir.Value:
+    """A fresh initializer holding ``value`` in ``like``'s dtype and shape."""
+    array = np.asarray(value, dtype=like.dtype.numpy()).reshape(tuple(int(d) for d in like.shape))
+    return _register(graph, array, like.dtype, name)
 
 
 def _set_input_constant(graph: ir.Graph, node: ir.Node, index: int, value, name: str) -> None:
@@ -95,14 +100,7 @@ def remove_loop(graph: ir.Graph, layer: MoELayer, keep: np.ndarray) -> int:
 def _own_slice(graph: ir.Graph, node: ir.Node, index: int, tensor: ir.TensorProtocol, keep: np.ndarray, tag: str) -> None:
     """Give ``node`` its own initializer holding the ``keep`` slice (axis 0) of ``tensor``; shared originals stay intact."""
     array = np.ascontiguousarray(np.take(tensor.numpy(), keep, axis=0))
-    base = f"{node.inputs[index].name}_{tag}"
-    name, i = base, 0
-    while name in graph.initializers:
-        i += 1
-        name = f"{base}_{i}"
-    fresh = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=ir.tensor(array, name=name))
-    graph.register_initializer(fresh)
-    node.replace_input_with(index, fresh)
+    node.replace_input_with(index, _register(graph, array, tensor.dtype, f"{node.inputs[index].name}_{tag}"))
 
 
 def remove_dense(graph: ir.Graph, layer: MoELayer, keep: np.ndarray) -> int:

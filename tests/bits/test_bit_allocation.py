@@ -20,29 +20,7 @@ from edgeprune.passes.bits.bits_pass import BitAllocationConfig, BitAllocationPa
 from edgeprune.passes.registry import get_pass
 from edgeprune.runtime.targets import get_target
 
-D, T = 64, 16
-
-
-def _two_layer(seed: int = 0) -> ir.Model:
-    """x -> MatMul(A) -> Relu -> MatMul(B) -> y; A has heavy-tailed weights (outliers), B is Gaussian."""
-    rng = np.random.default_rng(seed)
-    a = rng.standard_normal((D, D)).astype(np.float32)
-    a[rng.random((D, D)) < 0.01] *= 25.0  # a few large weights stretch every 4-bit block they sit in
-    b = rng.standard_normal((D, D)).astype(np.float32)
-    proto = onnx.parser.parse_model(
-        f"""
-        <ir_version: 8, opset_import: ["" : 17]>
-        g (float[N, {T}, {D}] x) => (float[N, {T}, {D}] y) {{
-            h = MatMul(x, A)
-            r = Relu(h)
-            y = MatMul(r, B)
-        }}
-        """
-    )
-    proto.graph.initializer.extend([onnx.numpy_helper.from_array(a, "A"), onnx.numpy_helper.from_array(b, "B")])
-    for i, n in enumerate(proto.graph.node):
-        n.name = ["layerA", "relu", "layerB"][i]
-    return ir.from_proto(proto)
+from tiny_models import D, T, two_layer_matmul as _two_layer
 
 
 def _tied(seed: int = 0, vocab: int = 96, dim: int = 64) -> ir.Model:
