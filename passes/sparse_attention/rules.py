@@ -25,7 +25,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 from onnxscript.rewriter.pattern import MatchResult, RewriteRule, RewriteRuleSet
 
-from edgeprune.passes.sparse_attention.functions import DOMAIN, DYNAMIC
+from edgeprune.passes.sparse_attention.functions import DOMAIN
 
 _CAUSAL_OPS = {"LessOrEqual", "GreaterOrEqual", "Less", "Greater", "Trilu"}
 

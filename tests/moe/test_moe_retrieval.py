@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import onnx
@@ -12,7 +11,7 @@ from moe_models import EXPERTS, LAYERS
 
 from edgeprune.calibration import CalibrationSet
 from edgeprune.errors import BadInputError
-from edgeprune.model_io import load_model, to_proto
+from edgeprune.model_io import load_model
 from edgeprune.passes.moe.patterns import build_bundle
 from edgeprune.runtime.moe import RetrievalSession
 
