@@ -25,7 +25,6 @@ out_console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
 EXAMPLES = ("minilm", "smollm2")
-_SENTENCES = pathlib.Path(__file__).parent / "data" / "calibration_sentences.txt"
 
 
 def _progress(quiet: bool):
@@ -165,7 +164,9 @@ def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example,
             artifact = models.build(example)
         model = artifact.model_path
         tokenizer = tokenizer or artifact.tokenizer_path
-        calib = calib or _SENTENCES
+        from edgeprune.calibration import BUNDLED_SENTENCES
+
+        calib = calib or BUNDLED_SENTENCES
     elif model is None:
         raise click.UsageError("give a MODEL path, or --example minilm.")
     options = CompileOptions(
