@@ -89,6 +89,11 @@ def remove_loop(graph: ir.Graph, layer: MoELayer, keep: np.ndarray) -> int:
         graph.remove(add, safe=True)
     onehot = nodes[layer.onehot]
     _set_input_constant(graph, onehot, 1, len(keep), f"{onehot.name or 'moe'}_depth")
+    return _clamp_k_and_slice_router(graph, nodes, layer, keep)
+
+
+def _clamp_k_and_slice_router(graph: ir.Graph, nodes: dict, layer: MoELayer, keep: np.ndarray) -> int:
+    """The router side of a removal, shared by the loop and dense forms: k clamps to the kept count, rows follow ``keep``."""
     k = min(layer.top_k, len(keep))
     topk = nodes[layer.node]
     if k != layer.top_k:
@@ -114,12 +119,7 @@ def remove_dense(graph: ir.Graph, layer: MoELayer, keep: np.ndarray) -> int:
         if tensor is None:
             raise UnsupportedModelError(f"input {index} of {node_key} is no longer a constant, so its experts cannot be removed.")
         _own_slice(graph, node, index, tensor, keep, f"experts{layer.layer}")
-    k = min(layer.top_k, len(keep))
-    topk = nodes[layer.node]
-    if k != layer.top_k:
-        _set_input_constant(graph, topk, 1, k, f"{topk.name or 'moe'}_k")
-    _slice_router(graph, layer, keep)
-    return k
+    return _clamp_k_and_slice_router(graph, nodes, layer, keep)
 
 
 def remove_fused(graph: ir.Graph, layer: MoELayer, keep: np.ndarray) -> int:
