@@ -1,23 +1,31 @@
 """The op's portable form: ``edgeprune.DynamicSparseAttention`` and ``edgeprune.BlockSparseAttention``
 as model-local ONNX functions of standard ops, so any execution provider runs them.
 
-Layout (every tensor is [batch, heads, seq, head_dim], keys/values may have fewer heads (GQA)):
+Layout: q is [batch, Hq, S, head_dim]; k/v are [batch, Hkv, T, head_dim] with T >= S (T - S keys
+of a KV cache precede the new ones; fewer heads for GQA).  Query row ``t`` sits at absolute
+position ``T - S + t`` and sees keys ``0 .. T - S + t`` (causal, bottom-right aligned, as optimum's
+with-past exports mask).  Query blocks are ``qblk = min(block, S)`` query rows (nB = ceil(S / qblk));
+key blocks are ``block`` keys at absolute positions (nBk = ceil(T / block)).
 
 * ``BlockSparseAttention(q, k, v, block_index) <block, scale>``: ``block_index`` is int64
-  [B, Hsel, nB, K] with nB = ceil(S / block); ``Hsel`` is Hq (selection per query head) or Hkv
-  (per KV group: the group's query heads share the row).  Query block ``i`` of head ``h`` attends
-  exactly (softmax over all kept keys) to the union of key blocks ``block_index[b, hsel, i, :]``
-  with the token-level causal mask ``key_pos <= query_pos`` and ``key_pos < S``.  Lengths that are
-  not a multiple of ``block`` are zero-padded and masked inside the op.  A registered C++ kernel
-  of the same name replaces this body (runtime/kernels/).
+  [B, Hsel, nB, K]; ``Hsel`` is Hq (selection per query head) or Hkv (per KV group: the group's
+  query heads share the row).  Query block ``i`` of head ``h`` attends exactly (softmax over all
+  kept keys) to the union of key blocks ``block_index[b, hsel, i, :]`` with the token-level causal
+  mask and ``key_pos < T``.  Lengths that are not a multiple of the block are zero-padded and masked
+  inside the op.  A registered C++ kernel of the same name replaces this body (runtime/kernels/).
 * ``DynamicSparseAttention(q, k, v) <block, keep, sink, min_len, per_group, scale>``: the selection.
-  Mean-pooled (summed: same ranking) query and key blocks are scored against each other, future
-  blocks masked, the first ``sink`` blocks and the diagonal forced in, then the top
-  K = clamp(ceil(keep * nB), sink + 1, nB) blocks are kept, sorted by position.  Sequences shorter
-  than ``min_len`` keep every block, which is exact dense causal attention.
+  Prefill (S >= block): summed (mean-pooled: same ranking) query and key blocks are scored against
+  each other.  Decode (S < block, one query block: a token or a few): Quest's bound per key block,
+  sum_d max(q_d * kmin_d, q_d * kmax_d) over the block's element-wise key min/max, per query head,
+  summed over the heads of a selection row.  Future blocks are masked, the first ``sink`` blocks and
+  the key blocks holding the query block's own positions are forced in, then the top
+  K = clamp(ceil(keep * nBk), sink + 1 (+1 when a query block straddles two key blocks), nBk)
+  blocks are kept, sorted by position.  A key length T shorter than ``min_len`` keeps every block,
+  which is exact dense causal attention.
 
 The bodies use opset-13+ forms (ReduceSum/Squeeze/Unsqueeze with axes inputs) that are unchanged
-up to the newest opsets, and are emitted at the model's own default-domain opset.
+up to the newest opsets (ReduceMin/ReduceMax are written per opset), and are emitted at the model's
+own default-domain opset.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ _COMMON = """
     sl = Slice (qs, i2, i3)
     d = Slice (qs, i3, i4)
     hkv = Slice (ks, i1, i2)
+    skv = Slice (ks, i2, i3)
 """
 
 _BLOCK_BODY = """
@@ -58,17 +67,27 @@ _BLOCK_BODY = """
     hsel = Slice (is, i1, i2)
     nb = Slice (is, i2, i3)
     kk = Slice (is, i3, i4)
-    plen = Mul (nb, blk)
-    padn = Sub (plen, sl)
-    pads = Concat <axis = 0> (i0, i0, i0, i0, i0, i0, padn, i0)
-    qp = Pad (q, pads)
-    kp = Pad (k, pads)
-    vp = Pad (v, pads)
+    qblk = Min (blk, sl)
+    qblk_s = Squeeze (qblk)
+    past = Sub (skv, sl)
+    past_s = Squeeze (past)
+    qplen = Mul (nb, qblk)
+    qpadn = Sub (qplen, sl)
+    qpads = Concat <axis = 0> (i0, i0, i0, i0, i0, i0, qpadn, i0)
+    blkm1 = Sub (blk, i1)
+    skvp = Add (skv, blkm1)
+    nbk = Div (skvp, blk)
+    kplen = Mul (nbk, blk)
+    kpadn = Sub (kplen, skv)
+    kpads = Concat <axis = 0> (i0, i0, i0, i0, i0, i0, kpadn, i0)
+    qp = Pad (q, qpads)
+    kp = Pad (k, kpads)
+    vp = Pad (v, kpads)
     r = Div (hq, hsel)
-    q6shape = Concat <axis = 0> (b, hsel, r, nb, blk, d)
+    q6shape = Concat <axis = 0> (b, hsel, r, nb, qblk, d)
     q6 = Reshape (qp, q6shape)
     q6t = Transpose <perm = [0, 1, 3, 2, 4, 5]> (q6)
-    rb = Mul (r, blk)
+    rb = Mul (r, qblk)
     qgshape = Concat <axis = 0> (b, hsel, nb, rb, d)
     qg = Reshape (q6t, qgshape)
     flatshape = Concat <axis = 0> (m1, blk, d)
@@ -78,7 +97,8 @@ _BLOCK_BODY = """
     hkv_s = Squeeze (hkv)
     b_s = Squeeze (b)
     nb_s = Squeeze (nb)
-    sl_s = Squeeze (sl)
+    nbk_s = Squeeze (nbk)
+    skv_s = Squeeze (skv)
     hr = Range (s0, hsel_s, s1)
     hr_kv = Mul (hr, hkv_s)
     hkvi = Div (hr_kv, hsel_s)
@@ -87,7 +107,7 @@ _BLOCK_BODY = """
     brk = Mul (br1, hkv_s)
     hkvi0 = Unsqueeze (hkvi, i0)
     base0 = Add (brk, hkvi0)
-    base = Mul (base0, nb_s)
+    base = Mul (base0, nbk_s)
     ax23 = Concat <axis = 0> (i2, i3)
     base4 = Unsqueeze (base, ax23)
     flat = Add (block_index, base4)
@@ -107,11 +127,13 @@ _BLOCK_BODY = """
     kposshape = Concat <axis = 0> (b, hsel, nb, kb)
     kpos1 = Reshape (kpos, kposshape)
     kpos2 = Unsqueeze (kpos1, i3)
+    arq = Range (s0, qblk_s, s1)
     nbr = Range (s0, nb_s, s1)
     nbr1 = Unsqueeze (nbr, i1)
-    qstart = Mul (nbr1, blk_s)
-    ar0 = Unsqueeze (ar, i0)
-    qpos0 = Add (qstart, ar0)
+    qstart0 = Mul (nbr1, qblk_s)
+    qstart = Add (qstart0, past_s)
+    arq0 = Unsqueeze (arq, i0)
+    qpos0 = Add (qstart, arq0)
     qpos0u = Unsqueeze (qpos0, i1)
     reps = Concat <axis = 0> (i1, r, i1)
     qpos1 = Tile (qpos0u, reps)
@@ -119,15 +141,15 @@ _BLOCK_BODY = """
     qpos2 = Reshape (qpos1, qposshape)
     qpos = Unsqueeze (qpos2, i2)
     causal = LessOrEqual (kpos2, qpos)
-    inside = Less (kpos2, sl_s)
+    inside = Less (kpos2, skv_s)
     valid = And (causal, inside)
     scm = Where (valid, sc, neg)
     p = Softmax <axis = -1> (scm)
     o = MatMul (p, vg)
-    o6shape = Concat <axis = 0> (b, hsel, nb, r, blk, d)
+    o6shape = Concat <axis = 0> (b, hsel, nb, r, qblk, d)
     o6 = Reshape (o, o6shape)
     o6t = Transpose <perm = [0, 1, 3, 2, 4, 5]> (o6)
-    o4shape = Concat <axis = 0> (b, hq, plen, d)
+    o4shape = Concat <axis = 0> (b, hq, qplen, d)
     o4 = Reshape (o6t, o4shape)
     y = Slice (o4, i0, sl, i2)
 """
@@ -140,17 +162,24 @@ _DYNAMIC_BODY = """
     big = Constant <value = float {%(big)s}> ()
     neg = Constant <value = float {-%(big)s}> ()
     blkm1 = Sub (blk, i1)
-    slp = Add (sl, blkm1)
-    nb = Div (slp, blk)
-    plen = Mul (nb, blk)
-    padn = Sub (plen, sl)
-    pads = Concat <axis = 0> (i0, i0, i0, i0, i0, i0, padn, i0)
-    qp = Pad (q, pads)
-    kp = Pad (k, pads)
-    qbshape = Concat <axis = 0> (b, hq, nb, blk, d)
+    qblk = Min (blk, sl)
+    qblkm1 = Sub (qblk, i1)
+    slp = Add (sl, qblkm1)
+    nb = Div (slp, qblk)
+    qplen = Mul (nb, qblk)
+    qpadn = Sub (qplen, sl)
+    qpads = Concat <axis = 0> (i0, i0, i0, i0, i0, i0, qpadn, i0)
+    skvp = Add (skv, blkm1)
+    nbk = Div (skvp, blk)
+    kplen = Mul (nbk, blk)
+    kpadn = Sub (kplen, skv)
+    kpads = Concat <axis = 0> (i0, i0, i0, i0, i0, i0, kpadn, i0)
+    qp = Pad (q, qpads)
+    kp = Pad (k, kpads)
+    qbshape = Concat <axis = 0> (b, hq, nb, qblk, d)
     qb = Reshape (qp, qbshape)
     pq = ReduceSum <keepdims = 0> (qb, i3)
-    kbshape = Concat <axis = 0> (b, hkv, nb, blk, d)
+    kbshape = Concat <axis = 0> (b, hkv, nbk, blk, d)
     kb = Reshape (kp, kbshape)
     pk = ReduceSum <keepdims = 0> (kb, i3)
     g = Div (hq, hkv)
@@ -164,33 +193,78 @@ _DYNAMIC_BODY = """
     pq5 = Reshape (pq, pq5shape)
     pqs = ReduceSum <keepdims = 0> (pq5, i2)
     pku = Unsqueeze (pk, i2)
-    pk5shape = Concat <axis = 0> (b, hkv, gr, nb, d)
+    pk5shape = Concat <axis = 0> (b, hkv, gr, nbk, d)
     pk5 = Expand (pku, pk5shape)
-    pksshape = Concat <axis = 0> (b, hsel, nb, d)
+    pksshape = Concat <axis = 0> (b, hsel, nbk, d)
     pks = Reshape (pk5, pksshape)
     pkt = Transpose <perm = [0, 1, 3, 2]> (pks)
-    scores = MatMul (pqs, pkt)
+    dot = MatMul (pqs, pkt)
+    %(kminmax)s
+    nbm1 = Sub (nb, i1)
+    pql = Slice (pq, nbm1, nb, i2)
+    pql5 = Unsqueeze (pql, i3)
+    hq5shape = Concat <axis = 0> (b, hkv, g, nbk, d)
+    hqshape = Concat <axis = 0> (b, hq, nbk, d)
+    kmnu = Unsqueeze (kmn, i2)
+    kmn5 = Expand (kmnu, hq5shape)
+    kmnh = Reshape (kmn5, hqshape)
+    kmnh5 = Unsqueeze (kmnh, i2)
+    kmxu = Unsqueeze (kmx, i2)
+    kmx5 = Expand (kmxu, hq5shape)
+    kmxh = Reshape (kmx5, hqshape)
+    kmxh5 = Unsqueeze (kmxh, i2)
+    qlo = Mul (pql5, kmnh5)
+    qhi = Mul (pql5, kmxh5)
+    qbound = Max (qlo, qhi)
+    qst = ReduceSum <keepdims = 0> (qbound, i4)
+    qst5shape = Concat <axis = 0> (b, hsel, r, i1, nbk)
+    qst5 = Reshape (qst, qst5shape)
+    quest = ReduceSum <keepdims = 0> (qst5, i2)
+    decode = Less (sl, blk)
+    scores = Where (decode, quest, dot)
+    past = Sub (skv, sl)
+    past_s = Squeeze (past)
+    qblk_s = Squeeze (qblk)
+    sl_s = Squeeze (sl)
     nb_s = Squeeze (nb)
-    rng = Range (s0, nb_s, s1)
-    ri = Unsqueeze (rng, i1)
-    rj = Unsqueeze (rng, i0)
-    diag = Equal (rj, ri)
+    nbk_s = Squeeze (nbk)
+    rq = Range (s0, nb_s, s1)
+    rk = Range (s0, nbk_s, s1)
+    ri = Unsqueeze (rq, i1)
+    rj = Unsqueeze (rk, i0)
+    first0 = Mul (ri, qblk_s)
+    first = Add (first0, past_s)
+    ri1 = Add (ri, s1)
+    end0 = Mul (ri1, qblk_s)
+    end = Min (end0, sl_s)
+    last0 = Add (end, past_s)
+    last = Sub (last0, s1)
+    lo = Div (first, blk_s)
+    hi = Div (last, blk_s)
+    ge_lo = GreaterOrEqual (rj, lo)
+    le_hi = LessOrEqual (rj, hi)
+    diag = And (ge_lo, le_hi)
     sinks = Less (rj, sink_s)
     forced = Or (diag, sinks)
-    future = Greater (rj, ri)
+    future = Greater (rj, hi)
     kept = Where (forced, big, scores)
     masked = Where (future, neg, kept)
-    nbf = Cast <to = 1> (nb)
-    kfl = Mul (nbf, keep_s)
+    nbkf = Cast <to = 1> (nbk)
+    kfl = Mul (nbkf, keep_s)
     kce = Ceil (kfl)
     kf = Cast <to = 7> (kce)
+    pmod = Mod (past, blk)
+    span = Add (pmod, qblk)
+    spans = Greater (span, blk)
+    extra = Cast <to = 7> (spans)
     kmin_s = Add (sink_s, s1)
-    kmin = Unsqueeze (kmin_s, i0)
+    kmin0 = Unsqueeze (kmin_s, i0)
+    kmin = Add (kmin0, extra)
     kmax = Max (kf, kmin)
-    k_sparse = Min (kmax, nb)
+    k_sparse = Min (kmax, nbk)
     minlen = Unsqueeze (minlen_s, i0)
-    short = Less (sl, minlen)
-    kk = Where (short, nb, k_sparse)
+    short = Less (skv, minlen)
+    kk = Where (short, nbk, k_sparse)
     top_v, top_i = TopK <axis = -1, largest = 1, sorted = 1> (masked, kk)
     top_f = Cast <to = 1> (top_i)
     sorted_v, sorted_i = TopK <axis = -1, largest = 0, sorted = 1> (top_f, kk)
@@ -198,11 +272,16 @@ _DYNAMIC_BODY = """
     y = edgeprune.BlockSparseAttention <block: int = @block, scale: float = @scale> (q, k, v, block_index)
 """
 
+# ReduceMin/ReduceMax take their axes as an attribute before opset 18 and as an input from 18 on.
+_KMINMAX_17 = "kmn = ReduceMin <axes = [3], keepdims = 0> (kb)\n    kmx = ReduceMax <axes = [3], keepdims = 0> (kb)"
+_KMINMAX_18 = "kmn = ReduceMin <keepdims = 0> (kb, i3)\n    kmx = ReduceMax <keepdims = 0> (kb, i3)"
+
 
 def _function(name: str, attrs: str, inputs: str, body: str, opset: int) -> ir.Function:
+    fill = {"big": _BIG, "kminmax": _KMINMAX_18 if opset >= 18 else _KMINMAX_17}
     text = (
         f'<domain: "{DOMAIN}", opset_import: ["" : {opset}, "{DOMAIN}" : 1]>\n'
-        f"{name} <{attrs}> ({inputs}) => (y) {{{_COMMON}{body % {'big': _BIG}}}}"
+        f"{name} <{attrs}> ({inputs}) => (y) {{{_COMMON}{body % fill}}}"
     )
     return ir.serde.deserialize_function(onnx.parser.parse_function(text))
 

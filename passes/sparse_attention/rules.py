@@ -8,7 +8,10 @@ Matched form (optimum's LLaMA/GQA export, with or without its NaN guard after So
     out   = MatMul(p, Reshape(Expand(Unsqueeze(v, axes), shape), shape2))
 
 becomes ``out = DynamicSparseAttention(q, k, v; scale = cq * ck)`` on the un-repeated k and v, so
-the op sees the KV heads and the query heads.  The additive ``mask`` must come from a causal
+the op sees the KV heads and the query heads.  In optimum's text-generation-with-past form k and v
+are ``Concat(past_key_values.N, new)``: the op takes keys longer than the queries and aligns the
+causal mask bottom-right (query t at position past + t), as the exported mask does.  The additive
+``mask`` must come from a causal
 comparison of positions (a LessOrEqual/GreaterOrEqual/Less/Greater or Trilu upstream of it);
 anything else (BERT's padding-only mask, cross-attention) fails the check with that reason and
 stays dense.  The op applies only the causal mask: a right-padded batch is exact on its real

@@ -1,11 +1,13 @@
 // edgeprune.BlockSparseAttention on CPU: exact attention of each query block over its selected key
 // blocks, with an online (chunked) softmax so only one key block is live at a time.
 //
-// Inputs  q [B, Hq, S, D], k/v [B, Hkv, S, D] float32, block_index int64 [B, Hsel, nB, K]
+// Inputs  q [B, Hq, S, D], k/v [B, Hkv, T, D] float32 (T >= S: T - S past keys of a KV cache),
+//         block_index int64 [B, Hsel, nB, K] with nB = ceil(S / block) query blocks
 // Output  y [B, Hq, S, D].  Attributes: block (int), scale (float).
-// Semantics match the ONNX function body in passes/sparse_attention/functions.py: causal at the
-// token level (key_pos <= query_pos), keys past S ignored; Hsel is Hq (per-head selection) or a
-// divisor of it (the Hq/Hsel query heads of a row share its blocks).
+// Semantics match the ONNX function body in passes/sparse_attention/functions.py: query row t sits
+// at absolute position T - S + t; key block j holds keys j*block .. (j+1)*block-1 (absolute);
+// causal at the token level (key_pos <= query_pos), keys past T ignored; Hsel is Hq (per-head
+// selection) or a divisor of it (the Hq/Hsel query heads of a row share its blocks).
 //
 // The tile kernel (bsa_tile.inc) is compiled three times below, for AVX-512, AVX2+FMA and
 // baseline x86-64, and the widest the CPU supports is picked per call (EDGEPRUNE_KERNEL_ISA=
@@ -31,7 +33,7 @@ Api g_api;
 Api g_api17;  // the same table requested at version 17 (ParallelFor), or empty on an older ORT
 
 struct Shape {
-  int64_t b, hq, hkv, s, d, hsel, nb, kk, block;
+  int64_t b, hq, hkv, s, d, hsel, nb, kk, block, t, nbk;  // t: key length (past + s), nbk: key blocks
 };
 
 }  // namespace
@@ -184,9 +186,9 @@ void compute(void* op_kernel, OrtKernelContext* context) {
   }
   float* y = static_cast<float*>(data_of(out));
   if (qd.size() != 4 || kd.size() != 4 || id.size() != 4 || y == nullptr) return;
-  Shape sh{qd[0], qd[1], kd[1], qd[2], qd[3], id[1], id[2], id[3], kernel.block};
+  Shape sh{qd[0], qd[1], kd[1], qd[2], qd[3], id[1], id[2], id[3], kernel.block, kd[2], (kd[2] + kernel.block - 1) / kernel.block};
   const bool ok = sh.hkv > 0 && sh.hsel > 0 && sh.hq % sh.hsel == 0 && sh.hsel % sh.hkv == 0 &&
-                  sh.nb == (sh.s + sh.block - 1) / sh.block && kd[2] == sh.s && kd[3] == sh.d && id[0] == sh.b;
+                  sh.nb == (sh.s + sh.block - 1) / sh.block && sh.t >= sh.s && kd[3] == sh.d && id[0] == sh.b;
   if (!ok) {  // shapes the function body would also reject; the pass never emits them
     if (qd.size() == 4) std::fill(y, y + qd[0] * qd[1] * qd[2] * qd[3], 0.0f);
     return;

@@ -9,12 +9,30 @@ D = 32  # hidden size
 HD = 8  # head dim
 
 
-def causal_gqa_proto(seed: int = 0, heads: int = 4, kv_heads: int = 2, nan_guard: bool = True, causal: bool = True) -> onnx.ModelProto:
-    """One attention layer: q/k/v projections, repeat_kv (Unsqueeze/Expand/Reshape), split scale, additive mask, NaN guard."""
+def causal_gqa_proto(seed: int = 0, heads: int = 4, kv_heads: int = 2, nan_guard: bool = True, causal: bool = True,
+                     past: bool = False) -> onnx.ModelProto:
+    """One attention layer: q/k/v projections, repeat_kv (Unsqueeze/Expand/Reshape), split scale, additive mask, NaN guard.
+
+    ``past``: optimum's text-generation-with-past form: inputs ``past_key_values.0.key/value``
+    [B, kv_heads, P, HD] are concatenated in front of the new keys/values (outputs ``present.0.*``)
+    and the causal mask is bottom-right aligned (query t at position P + t sees keys 0 .. P + t).
+    """
     rng = np.random.default_rng(seed)
     rep = heads // kv_heads
     root = float(HD ** -0.25)
-    if causal:
+    if causal and past:
+        mask = """
+        tl = Gather <axis = 2> (kshape, i2)
+        pl = Sub(tl, sl)
+        qend = Add(pl, sl)
+        qpos = Range(pl, qend, i1)
+        kpos = Range(i0, tl, i1)
+        pi = Unsqueeze(qpos, ax1)
+        pj = Unsqueeze(kpos, ax0)
+        allowed = LessOrEqual(pj, pi)
+        mask = Where(allowed, zero, ninf)
+        """
+    elif causal:
         mask = """
         pos = Range(i0, sl, i1)
         pi = Unsqueeze(pos, ax1)
@@ -29,8 +47,29 @@ def causal_gqa_proto(seed: int = 0, heads: int = 4, kv_heads: int = 2, nan_guard
         """
     guard = "nan_p = IsNaN(p)\n        pg = Where(nan_p, zero, p)" if nan_guard else ""
     extra = ", float[B, S] x_mask" if not causal else ""
+    cache = ""
+    if past:
+        extra += f", float[B, {kv_heads}, P, {HD}] past_key, float[B, {kv_heads}, P, {HD}] past_value"
+        cache = f", float[B, {kv_heads}, T, {HD}] present_key, float[B, {kv_heads}, T, {HD}] present_value"
+    kv = """
+        kt = Concat <axis = 2> (past_key, kn)
+        vt = Concat <axis = 2> (past_value, vn)
+        present_key = Identity(kt)
+        present_value = Identity(vt)
+        i2 = Constant <value = int64 {2}> ()
+        kshape = Shape(kt)
+        ul = Unsqueeze(tl, ax0)
+        eshape = Concat <axis = 0> (ub, kvc, repc, ul, hdc)
+        rshape = Concat <axis = 0> (ub, nhc, ul, hdc)""" if past else """
+        kt = Identity(kn)
+        vt = Identity(vn)
+        eshape = Concat <axis = 0> (ub, kvc, repc, us, hdc)
+        rshape = Concat <axis = 0> (ub, nhc, us, hdc)"""
+    if past:  # the key length is read before the mask needs it
+        kv = kv.replace("ul = Unsqueeze(tl, ax0)", "tl = Gather <axis = 0> (kshape, i2)\n        ul = Unsqueeze(tl, ax0)")
+        mask = mask.replace("tl = Gather <axis = 2> (kshape, i2)\n", "")
     text = f"""<ir_version: 8, opset_import: ["" : 17]>
-    g (float[B, S, {D}] x{extra}) => (float[B, S, {D}] y) {{
+    g (float[B, S, {D}] x{extra}) => (float[B, S, {D}] y{cache}) {{
         i0 = Constant <value = int64 {{0}}> ()
         i1 = Constant <value = int64 {{1}}> ()
         ax0 = Constant <value = int64[1] {{0}}> ()
@@ -57,11 +96,10 @@ def causal_gqa_proto(seed: int = 0, heads: int = 4, kv_heads: int = 2, nan_guard
         q4 = Reshape(q, split)
         qt = Transpose <perm = [0, 2, 1, 3]> (q4)
         k4 = Reshape(k, split)
-        kt = Transpose <perm = [0, 2, 1, 3]> (k4)
+        kn = Transpose <perm = [0, 2, 1, 3]> (k4)
         v4 = Reshape(v, split)
-        vt = Transpose <perm = [0, 2, 1, 3]> (v4)
-        eshape = Concat <axis = 0> (ub, kvc, repc, us, hdc)
-        rshape = Concat <axis = 0> (ub, nhc, us, hdc)
+        vn = Transpose <perm = [0, 2, 1, 3]> (v4)
+        {kv}
         ku = Unsqueeze(kt, ax2)
         ke = Expand(ku, eshape)
         kf = Reshape(ke, rshape)
@@ -84,6 +122,14 @@ def causal_gqa_proto(seed: int = 0, heads: int = 4, kv_heads: int = 2, nan_guard
         y = Add(o, x)
     }}"""
     proto = onnx.parser.parse_model(text)
+    if past:  # optimum's names (the ONNX text parser takes no dots in names)
+        names = {"past_key": "past_key_values.0.key", "past_value": "past_key_values.0.value",
+                 "present_key": "present.0.key", "present_value": "present.0.value"}  # fmt: skip
+        for value in [*proto.graph.input, *proto.graph.output]:
+            value.name = names.get(value.name, value.name)
+        for node in proto.graph.node:
+            node.input[:] = [names.get(i, i) for i in node.input]
+            node.output[:] = [names.get(o, o) for o in node.output]
     weights = {"wq": (D, heads * HD), "wk": (D, kv_heads * HD), "wv": (D, kv_heads * HD), "wo": (heads * HD, D)}
     for name, shape in weights.items():
         arr = (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
@@ -93,15 +139,16 @@ def causal_gqa_proto(seed: int = 0, heads: int = 4, kv_heads: int = 2, nan_guard
 
 
 def op_model(hq: int, hkv: int, d: int, *, block: int, keep: float, sink: int = 1, min_len: int = 0, per_group: bool = True):
-    """A model that is one DynamicSparseAttention node over inputs q, k, v (with both functions)."""
+    """A model that is one DynamicSparseAttention node over inputs q [B,Hq,S,d], k/v [B,Hkv,T,d] (with both functions)."""
     import onnx_ir as ir
 
     from edgeprune.passes.sparse_attention import functions
 
-    def value(name, heads):
-        return ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["B", heads, "S", d]))
+    def value(name, heads, length):
+        return ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["B", heads, length, d]))
 
-    q, k, v = value("q", hq), value("k", hkv), value("v", hkv)
+    # keys/values may be longer than the queries (a KV cache: T = past + S)
+    q, k, v = value("q", hq, "S"), value("k", hkv, "T"), value("v", hkv, "T")
     attrs = [ir.AttrInt64("block", block), ir.AttrFloat32("keep", keep), ir.AttrInt64("sink", sink),
              ir.AttrInt64("min_len", min_len), ir.AttrInt64("per_group", int(per_group)), ir.AttrFloat32("scale", d**-0.5)]  # fmt: skip
     node = ir.Node(functions.DOMAIN, functions.DYNAMIC, [q, k, v], attributes=attrs, num_outputs=1)

@@ -32,12 +32,26 @@ CASES = [
 ]
 
 
-def _inputs(b, hq, hkv, d, s, seed=0):
+# With a KV cache: (batch, Hq, Hkv, head dim, new tokens S, past P, block, keep, per_group): decode steps
+# (S = 1), a few queries, and chunked prefill over a past that is not a multiple of the block.
+KV_CASES = [
+    (1, 6, 2, 16, 1, 100, 8, 0.3, True),
+    (2, 6, 2, 16, 1, 77, 8, 0.25, False),
+    (1, 6, 2, 16, 3, 100, 8, 0.3, False),
+    (1, 6, 2, 16, 6, 29, 8, 0.3, True),
+    (2, 4, 4, 8, 20, 45, 8, 0.5, False),
+    (1, 6, 2, 16, 40, 13, 8, 0.25, True),
+    (1, 9, 3, 64, 1, 700, 64, 0.25, True),
+    (1, 9, 3, 64, 130, 190, 64, 0.25, True),
+]
+
+
+def _inputs(b, hq, hkv, d, s, seed=0, past=0):
     rng = np.random.default_rng(seed)
     return {
         "q": rng.standard_normal((b, hq, s, d)).astype(np.float32),
-        "k": rng.standard_normal((b, hkv, s, d)).astype(np.float32),
-        "v": rng.standard_normal((b, hkv, s, d)).astype(np.float32),
+        "k": rng.standard_normal((b, hkv, past + s, d)).astype(np.float32),
+        "v": rng.standard_normal((b, hkv, past + s, d)).astype(np.float32),
     }
 
 
@@ -63,6 +77,72 @@ def test_both_paths_equal_the_numpy_block_mask(b, hq, hkv, d, s, block, keep, pe
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
     if kernel is not None:
         np.testing.assert_allclose(kernel.run(None, feeds)[0], got, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("b,hq,hkv,d,s,past,block,keep,per_group", KV_CASES)
+def test_with_a_kv_cache_both_paths_equal_the_numpy_block_mask(b, hq, hkv, d, s, past, block, keep, per_group):
+    model = op_model(hq, hkv, d, block=block, keep=keep, per_group=per_group)
+    feeds = _inputs(b, hq, hkv, d, s, seed=2, past=past)
+    index = reference.select_blocks(feeds["q"], feeds["k"], block, keep, per_group=per_group)
+    nbk = -(-(past + s) // block)
+    assert index.shape[-1] < nbk  # blocks are dropped: the case is not dense
+    expected = reference.block_sparse_attention(feeds["q"], feeds["k"], feeds["v"], index, block, d**-0.5)
+    portable, kernel = _sessions(model)
+    got = portable.run(None, feeds)[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    if kernel is not None:
+        np.testing.assert_allclose(kernel.run(None, feeds)[0], got, atol=1e-4, rtol=0)
+
+
+def test_reference_block_attention_over_every_block_is_dense_attention_with_a_past():
+    feeds = _inputs(2, 6, 2, 16, 11, past=21)
+    q, k, v = feeds["q"], feeds["k"], feeds["v"]
+    index = np.broadcast_to(np.arange(4), (2, 6, 2, 4))  # 32 keys in 4 blocks of 8, 2 query blocks
+    np.testing.assert_allclose(reference.block_sparse_attention(q, k, v, index, 8, 0.25),
+                               reference.dense_causal_attention(q, k, v, 0.25), atol=1e-12)  # fmt: skip
+
+
+def test_decode_step_selects_key_blocks_by_the_quest_bound():
+    # One query, 10 key blocks of 8 keys (80 cached), keep 0.3 -> 3 blocks: the sink, the current
+    # block, and the one with the largest Quest bound.  Block 4 holds +10q and -10q: its mean key is
+    # 0, so mean pooling would never pick it, but its min/max bound is the largest and its +10q key
+    # takes nearly all the attention.  Block 6's keys all lean on q a little (the best mean).
+    d, block = 8, 8
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((1, 1, 1, d)).astype(np.float32)
+    unit = q[0, 0, 0] / np.linalg.norm(q[0, 0, 0])
+    k = (0.01 * rng.standard_normal((1, 1, 80, d))).astype(np.float32)
+    k[0, 0, 48:56] += 0.5 * unit
+    k[0, 0, 32], k[0, 0, 33] = 10 * unit, -10 * unit
+    v = rng.standard_normal((1, 1, 80, d)).astype(np.float32)
+    # Quest by hand: per block, sum over d of max(q*min, q*max)
+    bound = [float(np.maximum(q[0, 0, 0] * k[0, 0, j * 8 : j * 8 + 8].min(0), q[0, 0, 0] * k[0, 0, j * 8 : j * 8 + 8].max(0)).sum())
+             for j in range(10)]  # fmt: skip
+    assert int(np.argmax(bound[1:9])) + 1 == 4
+    index = reference.select_blocks(q, k, block, 0.3, per_group=False)
+    np.testing.assert_array_equal(index, [[[[0, 4, 9]]]])
+    feeds = {"q": q, "k": k, "v": v}
+    expected = reference.block_sparse_attention(q, k, v, index, block, d**-0.5)
+    mean_pooled = reference.block_sparse_attention(q, k, v, np.array([[[[0, 6, 9]]]]), block, d**-0.5)
+    assert np.abs(expected - mean_pooled).max() > 0.1
+    for session in filter(None, _sessions(op_model(1, 1, d, block=block, keep=0.3, per_group=False))):
+        np.testing.assert_allclose(session.run(None, feeds)[0], expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("s,past,keep,min_len", [(1, 99, 1.0, 0), (1, 99, 0.25, 101), (7, 30, 0.25, 1000), (12, 20, 1.0, 0)])
+def test_with_a_kv_cache_dense_settings_are_exact_causal_attention(s, past, keep, min_len):
+    feeds = _inputs(2, 6, 2, 16, s, past=past)
+    dense = reference.dense_causal_attention(feeds["q"], feeds["k"], feeds["v"], 16**-0.5)
+    for session in filter(None, _sessions(op_model(6, 2, 16, block=8, keep=keep, min_len=min_len))):
+        np.testing.assert_allclose(session.run(None, feeds)[0], dense, atol=1e-5, rtol=0)
+
+
+def test_min_len_compares_the_cache_length_not_the_query_count():
+    # One new token over 100 cached: the cache is at least min_len, so the step is sparse.
+    feeds = _inputs(1, 6, 2, 16, 1, past=99)
+    dense = reference.dense_causal_attention(feeds["q"], feeds["k"], feeds["v"], 16**-0.5)
+    got = _sessions(op_model(6, 2, 16, block=8, keep=0.25, min_len=100))[0].run(None, feeds)[0]
+    assert np.abs(got - dense).max() > 1e-2
 
 
 def test_sparse_differs_from_dense_when_blocks_are_dropped():
@@ -106,6 +186,100 @@ def test_pass_dense_path_reproduces_the_input_model():
     for s in (1, 5, 33):
         x = np.random.default_rng(s).standard_normal((2, s, 32)).astype(np.float32)
         np.testing.assert_allclose(_run(model, x), _run(proto, x), atol=1e-5, rtol=0)
+
+
+def _past_feeds(s, past, seed=0, batch=2):
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((batch, s, 32)).astype(np.float32),
+            "past_key_values.0.key": rng.standard_normal((batch, 2, past, HD)).astype(np.float32),
+            "past_key_values.0.value": rng.standard_normal((batch, 2, past, HD)).astype(np.float32)}  # fmt: skip
+
+
+def _with_outputs(proto: onnx.ModelProto, names) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    for name in names:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return model
+
+
+@pytest.mark.parametrize("s,past", [(33, 0), (1, 30), (1, 47), (7, 29), (12, 40)])
+def test_pass_rewrites_the_with_past_form_and_equals_the_numpy_block_mask(s, past):
+    # optimum's text-generation-with-past: K/V = Concat(past, new), the mask bottom-right causal.
+    proto = causal_gqa_proto(past=True)
+    model = ir.serde.deserialize_model(proto)
+    result = SparseAttentionPass(SparseAttentionConfig(keep=0.25, block=4, min_len=0))(model)
+    assert result.summary["sparse_layers"] == 1 and [r["status"] for r in result.records] == ["sparse"]
+    (node,) = [n for n in model.graph if n.op_type == "DynamicSparseAttention"]
+    assert node.inputs[1].producer().op_type == "Concat"  # the cache, not the repeated heads
+    rewritten = _with_outputs(ir.serde.serialize_model(model), [node.outputs[0].name])
+    feeds = _past_feeds(s, past)
+    q, k, v = ort.InferenceSession(_with_outputs(proto, ["qt", "kt", "vt"]).SerializeToString()).run(["qt", "kt", "vt"], feeds)
+    index = reference.select_blocks(q, k, 4, 0.25, per_group=True)
+    assert index.shape[-1] < -(-(past + s) // 4)
+    expected = reference.block_sparse_attention(q, k, v, index, 4, HD**-0.5)
+    got = make_session(rewritten, threads=1).run([node.outputs[0].name], feeds)[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    dense = make_session(proto, threads=1).run(None, feeds)
+    sparse = make_session(rewritten, threads=1).run(None, feeds)
+    np.testing.assert_array_equal(sparse[1], dense[1])  # the cache outputs are untouched
+    np.testing.assert_array_equal(sparse[2], dense[2])
+
+
+def test_pass_dense_path_reproduces_the_with_past_model():
+    proto = causal_gqa_proto(past=True)
+    model = ir.serde.deserialize_model(proto)
+    SparseAttentionPass(SparseAttentionConfig(keep=0.25, block=4, min_len=1024))(model)
+    assert any(n.op_type == "DynamicSparseAttention" for n in model.graph)
+    for s, past in ((5, 0), (1, 40), (9, 23)):
+        feeds = _past_feeds(s, past, seed=s)
+        for got, want in zip(make_session(model, threads=1).run(None, feeds), make_session(proto, threads=1).run(None, feeds)):
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_past(tmp_path_factory):
+    from tiny_models import tiny_llama_with_past
+
+    return tiny_llama_with_past(tmp_path_factory.mktemp("llama_past"))
+
+
+def _greedy(model, prompt, steps):
+    """Logits and presents of a prefill then ``steps`` greedy decode steps, the cache fed back."""
+    session = make_session(model, threads=1)
+    layers = sum(1 for i in session.get_inputs() if i.name.startswith("past_key_values.") and i.name.endswith(".key"))
+    heads, dim = session.get_inputs()[3].shape[1], session.get_inputs()[3].shape[3]
+    cache = {f"past_key_values.{i}.{kind}": np.zeros((1, heads, 0, dim), np.float32) for i in range(layers) for kind in ("key", "value")}
+    ids, outs, length = np.array([prompt], np.int64), [], 0
+    for _ in range(steps + 1):
+        n = ids.shape[1]
+        feeds = {"input_ids": ids, "attention_mask": np.ones((1, length + n), np.int64),
+                 "position_ids": np.arange(length, length + n, dtype=np.int64)[None], **cache}  # fmt: skip
+        names = [o.name for o in session.get_outputs()]
+        result = dict(zip(names, session.run(None, feeds)))
+        outs.append(result)
+        cache = {k.replace("present", "past_key_values"): v for k, v in result.items() if k.startswith("present.")}
+        length += n
+        ids = result["logits"][:, -1:].argmax(-1).astype(np.int64)
+    return outs
+
+
+def test_optimum_with_past_export_compiles_and_decodes(tiny_llama_past):
+    # The reported failure: ORT stopped on a Reshape (key length past + S against query length S).
+    proto = onnx.load(str(tiny_llama_past))
+    dense_model = ir.serde.deserialize_model(proto)
+    result = SparseAttentionPass(SparseAttentionConfig(keep=0.5, block=4, min_len=1024))(dense_model)
+    assert result.summary["sparse_layers"] == 2
+    prompt = list(range(3, 40))
+    want = _greedy(proto, prompt, 6)
+    for got, ref in zip(_greedy(dense_model, prompt, 6), want):  # dense settings reproduce every step
+        for name in ref:
+            np.testing.assert_allclose(got[name], ref[name], atol=1e-4, rtol=0)
+    sparse_model = ir.serde.deserialize_model(proto)
+    SparseAttentionPass(SparseAttentionConfig(keep=0.25, block=4, min_len=0))(sparse_model)
+    got = _greedy(sparse_model, prompt, 6)
+    assert got[-1]["present.0.key"].shape[2] == len(prompt) + 6
+    assert np.abs(got[0]["logits"] - want[0]["logits"]).max() > 1e-3  # blocks were dropped in the prefill
 
 
 def test_keep_one_returns_the_model_untouched():
@@ -165,12 +339,14 @@ def test_kernel_replaces_the_function_body():
 
 @needs_kernel
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "base"])
-@pytest.mark.parametrize("b,hq,hkv,d,s,block,keep,per_group", [CASES[0], CASES[1], CASES[2], (1, 9, 3, 64, 300, 64, 0.5, True)])
-def test_every_instruction_set_equals_the_portable_op(monkeypatch, isa, b, hq, hkv, d, s, block, keep, per_group):
+@pytest.mark.parametrize("b,hq,hkv,d,s,past,block,keep,per_group", [
+    (*CASES[0][:5], 0, *CASES[0][5:]), (*CASES[1][:5], 0, *CASES[1][5:]), (*CASES[2][:5], 0, *CASES[2][5:]),
+    (1, 9, 3, 64, 300, 0, 64, 0.5, True), KV_CASES[6], KV_CASES[7], KV_CASES[3]])  # fmt: skip
+def test_every_instruction_set_equals_the_portable_op(monkeypatch, isa, b, hq, hkv, d, s, past, block, keep, per_group):
     # The kernel picks its ISA per call (EDGEPRUNE_KERNEL_ISA forces one, or the widest below it
     # the CPU has), so each compiled tile variant is checked on this machine.
     monkeypatch.setenv("EDGEPRUNE_KERNEL_ISA", isa)
-    feeds = _inputs(b, hq, hkv, d, s, seed=3)
+    feeds = _inputs(b, hq, hkv, d, s, seed=3, past=past)
     portable, kernel = _sessions(op_model(hq, hkv, d, block=block, keep=keep, per_group=per_group))
     np.testing.assert_allclose(kernel.run(None, feeds)[0], portable.run(None, feeds)[0], atol=1e-4, rtol=0)
 
