@@ -1,7 +1,7 @@
 """C++ custom-op kernels built at install (setup.py) and where to find them.
 
-``sparse_attention_library()`` is the shared library implementing ``edgeprune.BlockSparseAttention``
-on CPU, or None when this install has none (no compiler at install time): models then run the
+``sparse_attention_library()`` is the shared library implementing ``edgeprune.DynamicSparseAttention``
+(selection and attention in one node) and ``edgeprune.BlockSparseAttention`` on CPU, or None when this install has none (no compiler at install time): models then run the
 op's portable ONNX-function body, with the same outputs, slower.
 """
 
@@ -14,8 +14,8 @@ import pathlib
 logger = logging.getLogger(__name__)
 
 DOMAIN = "edgeprune"
-#: ops the library implements (the rest of the domain, e.g. DynamicSparseAttention, stays a function)
-KERNEL_OPS = frozenset({"BlockSparseAttention"})
+#: ops the library implements (their model-local functions are the fallback when it is not registered)
+KERNEL_OPS = frozenset({"DynamicSparseAttention", "BlockSparseAttention"})
 MIN_ORT = (1, 13)  # the library's OrtCustomOp layout is C API version 13
 
 

@@ -9,6 +9,11 @@
 // causal at the token level (key_pos <= query_pos), keys past T ignored; Hsel is Hq (per-head
 // selection) or a divisor of it (the Hq/Hsel query heads of a row share its blocks).
 //
+// edgeprune.DynamicSparseAttention (q, k, v; block, keep, sink, min_len, per_group, scale) is the
+// same attention with the block selection done here too (one node instead of the ~130 of the
+// function body, which matters for a decode step): pooled-score / Quest-bound selection exactly as
+// the function body in functions.py defines it, then the tiles below.
+//
 // The tile kernel (bsa_tile.inc) is compiled three times below, for AVX-512, AVX2+FMA and
 // baseline x86-64, and the widest the CPU supports is picked per call (EDGEPRUNE_KERNEL_ISA=
 // avx512|avx2|base forces one, for tests).  Work is split over (batch, selection row, query block)
@@ -173,6 +178,32 @@ void* create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info
   return kernel;
 }
 
+struct DynKernel {
+  int64_t block = 64, sink = 1, min_len = 0, per_group = 1;
+  float keep = 0.25f, scale = 1.0f;
+};
+
+// Units on ORT's intra-op pool (num_batch 0: one task per unit, taken dynamically), or on our own
+// std::thread workers before ORT 1.17.
+void parallel_for(OrtKernelContext* context, void (*fn)(void*, size_t), size_t total, void* data) {
+  if (g_api17.table != nullptr) {
+    if (OrtStatus* st = g_api17.KernelContext_ParallelFor(context, fn, total, 0, data)) {
+      g_api.ReleaseStatus(st);
+      for (size_t u = 0; u < total; ++u) fn(data, u);
+    }
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  auto worker = [&]() {
+    for (int64_t u = next.fetch_add(1); u < static_cast<int64_t>(total); u = next.fetch_add(1)) fn(data, static_cast<size_t>(u));
+  };
+  const int threads = thread_count(static_cast<int64_t>(total));
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+  worker();
+  for (auto& t : pool) t.join();
+}
+
 void compute(void* op_kernel, OrtKernelContext* context) {
   const Kernel& kernel = *static_cast<Kernel*>(op_kernel);
   const OrtValue* in[4] = {};
@@ -200,24 +231,174 @@ void compute(void* op_kernel, OrtKernelContext* context) {
   const int64_t units = sh.b * sh.hsel * sh.nb;
   Job job{sh, kernel.scale, q, k, v, idx, y};
   Dispatch dispatch{pick_isa(), &job, units, sh.nb};
-  if (g_api17.table != nullptr) {
-    // num_batch 0: one task per unit, taken dynamically by ORT's intra-op pool (its thread count).
-    if (OrtStatus* st = g_api17.KernelContext_ParallelFor(context, parallel_body, static_cast<size_t>(units), 0, &dispatch)) {
-      g_api.ReleaseStatus(st);
-      for (int64_t u = 0; u < units; ++u) parallel_body(&dispatch, static_cast<size_t>(u));
+  parallel_for(context, parallel_body, static_cast<size_t>(units), &dispatch);
+}
+
+void* create_dyn(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info) {
+  auto* kernel = new DynKernel();
+  int64_t* ints[] = {&kernel->block, &kernel->sink, &kernel->min_len, &kernel->per_group};
+  const char* int_names[] = {"block", "sink", "min_len", "per_group"};
+  for (int n = 0; n < 4; ++n)
+    if (OrtStatus* st = g_api.KernelInfoGetAttribute_int64(info, int_names[n], ints[n])) g_api.ReleaseStatus(st);
+  if (OrtStatus* st = g_api.KernelInfoGetAttribute_float(info, "keep", &kernel->keep)) g_api.ReleaseStatus(st);
+  if (OrtStatus* st = g_api.KernelInfoGetAttribute_float(info, "scale", &kernel->scale)) g_api.ReleaseStatus(st);
+  if (kernel->block < 1) kernel->block = 64;
+  return kernel;
+}
+
+// Per-key-block statistics of one (batch, KV head): the sum for prefill scores, or the element-wise
+// min and max for a decode step's Quest bound.  Zero padding past T counts, as in the function body
+// (the last, partial block is always forced in, so its score is never used).
+struct StatsJob {
+  const float* k;
+  int64_t t, d, block, nbk;
+  bool decode;
+  float *sum, *mn, *mx;  // [B*Hkv, nbk, d]
+};
+
+void stats_unit(void* data, size_t n) {
+  const StatsJob& j = *static_cast<const StatsJob*>(data);
+  const int64_t row = static_cast<int64_t>(n) / j.nbk, blk = static_cast<int64_t>(n) % j.nbk;
+  const float* base = j.k + (row * j.t + blk * j.block) * j.d;
+  const int64_t kn = std::min(j.block, j.t - blk * j.block);
+  const int64_t off = (row * j.nbk + blk) * j.d;
+  if (j.decode) {
+    float* mn = j.mn + off;
+    float* mx = j.mx + off;
+    for (int64_t e = 0; e < j.d; ++e) mn[e] = mx[e] = base[e];
+    for (int64_t c = 1; c < kn; ++c)
+      for (int64_t e = 0; e < j.d; ++e) {
+        const float x = base[c * j.d + e];
+        mn[e] = x < mn[e] ? x : mn[e];
+        mx[e] = x > mx[e] ? x : mx[e];
+      }
+    if (kn < j.block)
+      for (int64_t e = 0; e < j.d; ++e) {
+        mn[e] = std::min(mn[e], 0.0f);
+        mx[e] = std::max(mx[e], 0.0f);
+      }
+  } else {
+    float* sum = j.sum + off;
+    for (int64_t e = 0; e < j.d; ++e) sum[e] = 0.0f;
+    for (int64_t c = 0; c < kn; ++c)
+      for (int64_t e = 0; e < j.d; ++e) sum[e] += base[c * j.d + e];
+  }
+}
+
+// The block choice of DynamicSparseAttention (functions.py): int64 [B, Hsel, nB, K], sorted.
+std::vector<int64_t> select_blocks(OrtKernelContext* context, const DynKernel& kn, const Shape& sh, const float* q,
+                                   const float* k) {
+  const int64_t block = sh.block, d = sh.d, s = sh.s, t = sh.t, nb = sh.nb, nbk = sh.nbk, kk = sh.kk;
+  const int64_t qblk = std::min(block, s), past = t - s, r = sh.hq / sh.hsel;
+  const bool decode = s < block;
+  std::vector<float> sum, mn, mx;
+  (decode ? mn : sum).assign(sh.b * sh.hkv * nbk * d, 0.0f);
+  if (decode) mx.assign(mn.size(), 0.0f);
+  StatsJob job{k, t, d, block, nbk, decode, sum.data(), mn.data(), mx.data()};
+  parallel_for(context, stats_unit, static_cast<size_t>(sh.b * sh.hkv * nbk), &job);
+  // Pooled queries per query head and query block (summed rows, zero padding adds nothing).
+  std::vector<float> pq(sh.b * sh.hq * nb * d, 0.0f);
+  for (int64_t bh = 0; bh < sh.b * sh.hq; ++bh)
+    for (int64_t row = 0; row < s; ++row) {
+      float* dst = pq.data() + (bh * nb + row / qblk) * d;
+      const float* src = q + (bh * s + row) * d;
+      for (int64_t e = 0; e < d; ++e) dst[e] += src[e];
     }
+  std::vector<int64_t> index(sh.b * sh.hsel * nb * kk);
+  std::vector<float> score(nbk);
+  std::vector<int64_t> order(nbk);
+  std::vector<float> row_q(d);
+  for (int64_t b = 0; b < sh.b; ++b)
+    for (int64_t hs = 0; hs < sh.hsel; ++hs) {
+      const int64_t hk = hs * sh.hkv / sh.hsel;
+      for (int64_t i = 0; i < nb; ++i) {
+        if (decode) {  // Quest: per query head sum_d max(q*kmin, q*kmax), summed over the row's heads
+          for (int64_t j = 0; j < nbk; ++j) score[j] = 0.0f;
+          for (int64_t h = hs * r; h < hs * r + r; ++h) {
+            const float* pqh = pq.data() + ((b * sh.hq + h) * nb + nb - 1) * d;
+            for (int64_t j = 0; j < nbk; ++j) {
+              const float* lo = mn.data() + ((b * sh.hkv + hk) * nbk + j) * d;
+              const float* hi = mx.data() + ((b * sh.hkv + hk) * nbk + j) * d;
+              float acc = 0.0f;
+              for (int64_t e = 0; e < d; ++e) acc += std::max(pqh[e] * lo[e], pqh[e] * hi[e]);
+              score[j] += acc;
+            }
+          }
+        } else {  // pooled query block (summed over the row's heads) . pooled key block
+          for (int64_t e = 0; e < d; ++e) row_q[e] = 0.0f;
+          for (int64_t h = hs * r; h < hs * r + r; ++h) {
+            const float* pqh = pq.data() + ((b * sh.hq + h) * nb + i) * d;
+            for (int64_t e = 0; e < d; ++e) row_q[e] += pqh[e];
+          }
+          for (int64_t j = 0; j < nbk; ++j) {
+            const float* pk = sum.data() + ((b * sh.hkv + hk) * nbk + j) * d;
+            float acc = 0.0f;
+            for (int64_t e = 0; e < d; ++e) acc += row_q[e] * pk[e];
+            score[j] = acc;
+          }
+        }
+        const int64_t lo_blk = (past + i * qblk) / block;
+        const int64_t hi_blk = (past + std::min((i + 1) * qblk, s) - 1) / block;
+        for (int64_t j = 0; j < nbk; ++j) {
+          if ((j >= lo_blk && j <= hi_blk) || j < kn.sink) score[j] = 1e30f;
+          if (j > hi_blk) score[j] = -1e30f;
+          order[j] = j;
+        }
+        // TopK (ties: the lower block first, as ORT's TopK), then ascending block order.
+        std::partial_sort(order.begin(), order.begin() + kk, order.end(), [&](int64_t a, int64_t c) {
+          return score[a] > score[c] || (score[a] == score[c] && a < c);
+        });
+        int64_t* dst = index.data() + ((b * sh.hsel + hs) * nb + i) * kk;
+        std::copy(order.begin(), order.begin() + kk, dst);
+        std::sort(dst, dst + kk);
+      }
+    }
+  return index;
+}
+
+void compute_dyn(void* op_kernel, OrtKernelContext* context) {
+  const DynKernel& kernel = *static_cast<DynKernel*>(op_kernel);
+  const OrtValue* in[3] = {};
+  for (size_t n = 0; n < 3; ++n)
+    if (OrtStatus* st = g_api.KernelContext_GetInput(context, n, &in[n])) g_api.ReleaseStatus(st);
+  const auto qd = dims_of(in[0]), kd = dims_of(in[1]);
+  OrtValue* out = nullptr;
+  if (OrtStatus* st = g_api.KernelContext_GetOutput(context, 0, qd.data(), qd.size(), &out)) {
+    g_api.ReleaseStatus(st);
     return;
   }
-  std::atomic<int64_t> next{0};
-  auto worker = [&]() {
-    for (int64_t u = next.fetch_add(1); u < units; u = next.fetch_add(1)) parallel_body(&dispatch, static_cast<size_t>(u));
-  };
-  const int threads = thread_count(units);
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
-  worker();
-  for (auto& t : pool) t.join();
+  float* y = static_cast<float*>(data_of(out));
+  if (qd.size() != 4 || kd.size() != 4 || y == nullptr) return;
+  const int64_t block = kernel.block, s = qd[2], t = kd[2];
+  const int64_t g = kd[1] > 0 ? qd[1] / kd[1] : 0;
+  const int64_t r = kernel.per_group ? g : 1;
+  const bool ok = s > 0 && kd[1] > 0 && qd[1] % kd[1] == 0 && t >= s && kd[3] == qd[3] && kd[0] == qd[0] && r > 0;
+  if (!ok) {  // shapes the function body would also reject; the pass never emits them
+    if (qd.size() == 4) std::fill(y, y + qd[0] * qd[1] * qd[2] * qd[3], 0.0f);
+    return;
+  }
+  const int64_t qblk = std::min(block, s), nb = (s + qblk - 1) / qblk, nbk = (t + block - 1) / block;
+  const int64_t past = t - s;
+  const int64_t extra = (past % block + qblk > block) ? 1 : 0;
+  int64_t kk = nbk;
+  if (t >= kernel.min_len) {
+    const int64_t want = static_cast<int64_t>(std::ceil(static_cast<float>(nbk) * kernel.keep));
+    kk = std::min(std::max(want, kernel.sink + 1 + extra), nbk);
+  }
+  Shape sh{qd[0], qd[1], kd[1], s, qd[3], qd[1] / r, nb, kk, block, t, nbk};
+  const float* q = static_cast<const float*>(data_of(in[0]));
+  const float* k = static_cast<const float*>(data_of(in[1]));
+  const float* v = static_cast<const float*>(data_of(in[2]));
+  const std::vector<int64_t> index = select_blocks(context, kernel, sh, q, k);
+  Job job{sh, kernel.scale, q, k, v, index.data(), y};
+  Dispatch dispatch{pick_isa(), &job, sh.b * sh.hsel * sh.nb, sh.nb};
+  parallel_for(context, parallel_body, static_cast<size_t>(dispatch.units), &dispatch);
 }
+
+void destroy_dyn(void* op_kernel) { delete static_cast<DynKernel*>(op_kernel); }
+const char* dyn_name(const OrtCustomOp*) { return "DynamicSparseAttention"; }
+ONNXTensorElementDataType dyn_input_type(const OrtCustomOp*, size_t) { return ORT_FLOAT; }
+size_t dyn_input_count(const OrtCustomOp*) { return 3; }
 
 void destroy(void* op_kernel) { delete static_cast<Kernel*>(op_kernel); }
 const char* op_name(const OrtCustomOp*) { return "BlockSparseAttention"; }
@@ -231,6 +412,8 @@ OrtMemType mem_default(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
 
 OrtCustomOp g_op = {edgeprune_ort::kApiVersion, create_kernel, op_name, op_ep, input_type, input_count,
                     output_type, output_count, compute, destroy, required, required, mem_default};
+OrtCustomOp g_dyn = {edgeprune_ort::kApiVersion, create_dyn, dyn_name, op_ep, dyn_input_type, dyn_input_count,
+                     output_type, output_count, compute_dyn, destroy_dyn, required, required, mem_default};
 
 }  // namespace
 
@@ -247,5 +430,6 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
   OrtCustomOpDomain* domain = nullptr;
   if (OrtStatus* st = g_api.CreateCustomOpDomain("edgeprune", &domain)) return st;
   if (OrtStatus* st = g_api.CustomOpDomain_Add(domain, &g_op)) return st;
+  if (OrtStatus* st = g_api.CustomOpDomain_Add(domain, &g_dyn)) return st;
   return g_api.AddCustomOpDomain(options, domain);
 }

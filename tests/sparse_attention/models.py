@@ -159,6 +159,25 @@ def op_model(hq: int, hkv: int, d: int, *, block: int, keep: float, sink: int = 
     return model
 
 
+def block_op_model(hq: int, hkv: int, d: int, hsel: int, *, block: int):
+    """A model that is one BlockSparseAttention node over q, k, v and an int64 block_index [B, hsel, nB, K]."""
+    import onnx_ir as ir
+
+    from edgeprune.passes.sparse_attention import functions
+
+    def value(name, heads, length, dtype=ir.DataType.FLOAT, last=d):
+        return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(["B", heads, length, last]))
+
+    inputs = [value("q", hq, "S"), value("k", hkv, "T"), value("v", hkv, "T"), value("block_index", hsel, "NB", ir.DataType.INT64, "K")]
+    attrs = [ir.AttrInt64("block", block), ir.AttrFloat32("scale", d**-0.5)]
+    node = ir.Node(functions.DOMAIN, functions.BLOCK, inputs, attributes=attrs, num_outputs=1)
+    out = node.outputs[0]
+    out.name, out.type, out.shape = "y", ir.TensorType(ir.DataType.FLOAT), ir.Shape(["B", hq, "S", d])
+    model = ir.Model(ir.Graph(inputs, [out], nodes=[node], opset_imports={"": 17}, name="block_op"), ir_version=10)
+    functions.add_functions(model)
+    return model
+
+
 def two_layer_proto(seed: int = 0, mute_first: bool = False) -> onnx.ModelProto:
     """Two causal GQA layers in sequence (``y0 = layer0(x)``, ``y = layer1(y0)``).
 

@@ -16,7 +16,7 @@ from edgeprune.runtime import kernels
 from edgeprune.runtime.session import make_session, uses_kernel_ops, prepare_model
 
 from sparse_attention import reference
-from sparse_attention.models import HD, causal_gqa_proto, op_model, two_layer_proto
+from sparse_attention.models import HD, block_op_model, causal_gqa_proto, op_model, two_layer_proto
 
 LIBRARY = kernels.sparse_attention_library()
 needs_kernel = pytest.mark.skipif(LIBRARY is None, reason="the kernel was not built (no C++ compiler at install)")
@@ -335,6 +335,37 @@ def test_kernel_replaces_the_function_body():
     portable, kernel = _sessions(op_model(4, 2, 8, block=8, keep=0.5))
     a, b = portable.run(None, feeds)[0], kernel.run(None, feeds)[0]
     assert 0 < np.abs(a - b).max() < 1e-4
+
+
+@needs_kernel
+def test_the_kernel_runs_the_whole_op_as_one_node(tmp_path):
+    # With the library registered, DynamicSparseAttention (selection included) is one kernel node,
+    # not the ~130 nodes of its inlined function body: what a decode step needs.
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(LIBRARY)
+    so.enable_profiling = True
+    so.profile_file_prefix = str(tmp_path / "profile")
+    data = ir.serde.serialize_model(op_model(6, 2, 16, block=8, keep=0.25)).SerializeToString()
+    session = ort.InferenceSession(data, so)
+    session.run(None, _inputs(1, 6, 2, 16, 1, past=99))
+    import json
+
+    events = json.loads(open(session.end_profiling()).read())
+    ops = [e["args"]["op_name"] for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    assert ops == ["DynamicSparseAttention"]
+
+
+@needs_kernel
+@pytest.mark.parametrize("b,hq,hkv,d,s,past,block,keep,per_group", [(*CASES[0][:5], 0, *CASES[0][5:]), KV_CASES[0], KV_CASES[2], KV_CASES[3], KV_CASES[7]])
+def test_block_sparse_kernel_alone_equals_its_function_and_numpy(b, hq, hkv, d, s, past, block, keep, per_group):
+    # BlockSparseAttention fed a block index (the numpy reference's choice): kernel, function body, numpy.
+    feeds = _inputs(b, hq, hkv, d, s, seed=5, past=past)
+    feeds["block_index"] = reference.select_blocks(feeds["q"], feeds["k"], block, keep, per_group=per_group)
+    expected = reference.block_sparse_attention(feeds["q"], feeds["k"], feeds["v"], feeds["block_index"], block, d**-0.5)
+    portable, kernel = _sessions(block_op_model(hq, hkv, d, feeds["block_index"].shape[1], block=block))
+    got = portable.run(None, feeds)[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(kernel.run(None, feeds)[0], got, atol=1e-4, rtol=0)
 
 
 @needs_kernel
