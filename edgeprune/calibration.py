@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from edgeprune import kv_cache
 from edgeprune.errors import BadInputError, CalibrationDataError
 
 logger = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def _paddable_inputs(samples: list[dict[str, np.ndarray]]) -> frozenset[str]:
     """Inputs whose axis 1 is the token axis (same length as attention_mask in every sample)."""
     if not samples or not all("attention_mask" in s and s["attention_mask"].ndim == 2 for s in samples):
         return frozenset()
-    names = set(samples[0])
+    names = {n for n in samples[0] if not kv_cache.is_cache_input(n)}
     for sample in samples:
         length = sample["attention_mask"].shape[1]
         names &= {k for k, v in sample.items() if v.ndim >= 2 and v.shape[1] == length}
@@ -269,13 +270,22 @@ def _exact_cast(array: np.ndarray, dtype: np.dtype) -> bool:
 def _finish(
     samples: list[dict[str, np.ndarray]], specs: Sequence[InputSpec], source: str, synthetic: bool = False
 ) -> CalibrationSet:
-    samples = [_coerce(s, specs) for s in samples]
+    samples = [_with_empty_cache(_coerce(s, specs), specs) for s in samples]
     for index, sample in enumerate(samples):
         try:
             validate_feeds(sample, specs)
         except CalibrationDataError as exc:
             raise CalibrationDataError(f"{source}, sample {index}: {exc}") from None
     return CalibrationSet(samples, source, synthetic, _static_batch(specs))
+
+
+def _with_empty_cache(sample: dict[str, np.ndarray], specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
+    """A KV-cache model calibrates on prefills: cache inputs the data does not give start empty."""
+    cache = [e for e in kv_cache.spec_cache(specs) if e.past not in sample]
+    if not cache:
+        return sample
+    batch = next(iter(sample.values())).shape[0] if sample else 1
+    return {**sample, **kv_cache.empty_cache(cache, batch)}
 
 
 def _static_batch(specs: Sequence[InputSpec]) -> int | None:
@@ -615,7 +625,7 @@ _ID_PASSTHROUGH = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identi
 
 
 def _is_text_model(specs: Sequence[InputSpec]) -> bool:
-    names = {s.name for s in specs}
+    names = {s.name for s in specs if not kv_cache.is_cache_input(s.name)}
     return "input_ids" in names and names <= set(_TOKEN_INPUTS)
 
 
@@ -661,6 +671,8 @@ def _synthetic_shape(spec: InputSpec, seq_len: int, image_size: int) -> tuple[in
     """The first guess: batch 1, 3 channels, ``image_size`` for image axes, ``seq_len`` for the rest."""
     if spec.shape is None:
         return (1, seq_len)
+    if kv_cache.is_cache_input(spec.name) and len(spec.shape) == 4:  # an empty cache: a prefill
+        return tuple(0 if axis == kv_cache.SEQ_AXIS else d if isinstance(d, int) else 1 for axis, d in enumerate(spec.shape))
     image = _is_image(spec)
     channel_axis = 3 if image and spec.shape[3] == 3 else 1
     dims = []
@@ -681,6 +693,8 @@ def _slots(specs: Sequence[InputSpec]) -> dict[object, list[tuple[str, int]]]:
     batch_names = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], str)}
     slots: dict[object, list[tuple[str, int]]] = {}
     for spec in specs:
+        if kv_cache.is_cache_input(spec.name):
+            continue  # always empty (see _synthetic_shape)
         for axis, dim in enumerate(spec.shape or ()):
             if axis == 0 or isinstance(dim, int) or dim in batch_names:
                 continue

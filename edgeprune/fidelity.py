@@ -27,6 +27,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from edgeprune import kv_cache
+
 _CLASS_NAME = re.compile(r"logit|score|prob|class|label", re.IGNORECASE)
 _FEATURE_NAME = re.compile(r"embed|hidden|pool|feature|state", re.IGNORECASE)
 
@@ -196,6 +198,22 @@ def compare_outputs(
             fid.perplexity_candidate = math.exp(nll["cand"][0] / nll["cand"][1])
         results.append(fid)
     return results
+
+
+def separate_cache(fidelity: list[OutputFidelity]) -> tuple[list[OutputFidelity], dict[str, Any] | None]:
+    """(the outputs floors apply to, one summary of a KV-cache model's ``present.*`` outputs or None).
+
+    The cache is the model's state, not its answer: verification runs prefills, whose logits
+    already attend over the very keys and values returned, so their error is in the logits' fidelity.
+    Gating each of 2 x layers cache tensors on its own would only add noise to the summary.
+    """
+    cache = [f for f in fidelity if kv_cache.is_present_output(f.name)]
+    if not cache:
+        return fidelity, None
+    worst = min(cache, key=lambda f: f.cosine_mean)
+    summary = {"outputs": len(cache), "cosine_mean_worst": worst.cosine_mean, "worst_output": worst.name,
+               "cosine_min": min(f.cosine_min for f in cache)}  # fmt: skip
+    return [f for f in fidelity if not kv_cache.is_present_output(f.name)], summary
 
 
 def worst_drop(fidelity: list[OutputFidelity]) -> float:

@@ -23,7 +23,7 @@ from typing import Any
 import onnx_ir as ir
 
 import edgeprune
-from edgeprune import model_io
+from edgeprune import kv_cache, model_io
 from edgeprune.analysis import analyze
 from edgeprune.calibration import load_calibration
 from edgeprune.context import CompileContext
@@ -33,7 +33,7 @@ from edgeprune.passes.base import EdgePass, EdgePassResult
 from edgeprune.progress import Progress
 from edgeprune.recipe import Recipe, build_passes, default_recipe, load_recipe
 from edgeprune.runtime.targets import get_target
-from edgeprune.validation import LATENCY_SEQ_LEN, find_tokenizer, latency_feed, measure_pair
+from edgeprune.validation import DECODE_TOKENS, LATENCY_SEQ_LEN, find_tokenizer, latency_feed, measure_generation_pair, measure_pair
 from edgeprune.verify import Verification, run_batches, verify
 
 logger = logging.getLogger(__name__)
@@ -213,6 +213,7 @@ def compile_model(
         with progress.stage("copy the model for the passes"):
             candidate = model_io.load_model(model_path)
         pass_records, pass_results = _run_passes(candidate, passes, ctx)
+        kv_cache.check_kept(kv_cache.model_cache(reference), kv_cache.model_cache(candidate))
         with progress.stage("verify: checker, ORT load, fidelity on held-back rows"):
             verification: Verification = verify(candidate, holdout_batches, reference_outputs, threads=opts.threads)
         # Without --max-drop the default floor of each output's kind holds instead (fidelity.default_floor).
@@ -235,6 +236,10 @@ def compile_model(
     feed = latency_feed(holdout.samples[0], reference, opts.seq_len)
     with progress.stage(f"latency on {target.name}, side by side with the input"):
         latency = measure_pair(reference, candidate, feed, target, threads=opts.threads, runs=opts.latency_runs)
+    generation = None
+    if kv_cache.model_cache(reference) and latency.get("measured"):
+        with progress.stage(f"greedy generation ({DECODE_TOKENS} new tokens) on {target.name}, side by side with the input"):
+            generation = measure_generation_pair(reference, candidate, feed, target, threads=opts.threads)
     profiles = None
     if opts.profile and latency.get("measured"):
         from edgeprune.runtime.profiler import compare_profiles, profile_model
@@ -271,6 +276,7 @@ def compile_model(
         },
         "backoff": backoff,
         "latency": latency,
+        "generation": generation,
         "profile": profiles,
     }
     with model_io.atomic_output_dir(out_dir, force=opts.force, inputs=(model_path,)) as stage:

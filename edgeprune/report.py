@@ -57,6 +57,11 @@ def verdicts(report: dict[str, Any]) -> list[str]:
             lines.append(f"slower than the input: {figures} ({ratio:.2f}x) on {report['target']['name']}.")
         else:
             lines.append(f"no faster than the input: {figures} ({ratio:.2f}x, within timing noise) on {report['target']['name']}.")
+    gen = report.get("generation") or {}
+    if gen.get("measured") and gen["decode_speedup"] < 1:
+        ref, cand = gen["reference"]["decode_tokens_per_s"], gen["candidate"]["decode_tokens_per_s"]
+        noise = " (within timing noise)" if gen["decode_speedup"] >= 1 / LATENCY_NOISE else ""
+        lines.append(f"decodes slower than the input: {cand:.1f} vs {ref:.1f} tokens/s ({gen['decode_speedup']:.2f}x{noise}) on {report['target']['name']}.")
     below = report.get("verification", {}).get("below_default_floor", [])
     if below:
         why = f", accepted by --max-drop {report['verification']['max_drop']}" if report["verification"].get("max_drop") is not None else ""
@@ -95,6 +100,7 @@ def summary_rows(report: dict[str, Any]) -> list[SummaryRow]:
             rows.append(("peak memory", f"{ref_mem:.1f} MB", f"{cand_mem:.1f} MB", _f(cand_mem / ref_mem if ref_mem else None, ".3f")))
     else:
         rows.append(("latency", lat.get("reason", "not measured"), "", ""))
+    rows += _generation_rows(report.get("generation"))
     below = _below_floor(report)
 
     def alert(name: str, measure: str) -> str:
@@ -109,9 +115,29 @@ def summary_rows(report: dict[str, Any]) -> list[SummaryRow]:
         if o.get("perplexity_ratio") is not None:
             rows.append(SummaryRow(f"{name}: perplexity", _f(o["perplexity_reference"], ".3f"), _f(o["perplexity_candidate"], ".3f"),
                                    _f(o["perplexity_ratio"], ".4f"), alert(name, "perplexity ratio"), alert_cell=3))
+    cache = report.get("verification", {}).get("kv_cache")
+    if cache:
+        rows.append((f"KV cache ({cache['outputs']} outputs): cosine mean worst/min", "1",
+                     f"{cache['cosine_mean_worst']:.6f} / {cache['cosine_min']:.6f}", ""))
     if report.get("calibration", {}).get("synthetic"):  # the figures above came from inputs that are not the user's
         rows.append(("calibration data", "synthetic data", "", ""))
     return [r if isinstance(r, SummaryRow) else SummaryRow(*r) for r in rows]
+
+
+def _generation_rows(gen: dict[str, Any] | None) -> list[SummaryRow]:
+    """A KV-cache decoder's prefill and decode speed (greedy, side by side); a slower output is flagged."""
+    if not gen or not gen.get("measured"):
+        return []
+    ref, cand = gen["reference"], gen["candidate"]
+    prefill_slow = "slower than the input" if gen["prefill_ratio"] > LATENCY_NOISE else ""
+    decode_slow = "slower than the input" if gen["decode_speedup"] < 1 / LATENCY_NOISE else ""
+    return [
+        SummaryRow(f"prefill ({gen['prompt_tokens']} tokens, cache reused)", f"{ref['prefill_ms']:.2f} ms", f"{cand['prefill_ms']:.2f} ms",
+                   _f(gen["prefill_ratio"], ".3f"), prefill_slow, alert_cell=3),
+        SummaryRow(f"decode tokens/s ({gen['new_tokens']} greedy)", f"{ref['decode_tokens_per_s']:.1f}", f"{cand['decode_tokens_per_s']:.1f}",
+                   _f(gen["decode_speedup"], ".3f"), decode_slow, alert_cell=3),
+        SummaryRow("greedy tokens identical to the input's", str(gen["new_tokens"]), str(gen["same_tokens"]), ""),
+    ]  # fmt: skip
 
 
 def _markdown_row(row: SummaryRow) -> str:

@@ -18,7 +18,8 @@ import onnx_ir as ir
 from edgeprune import model_io
 from edgeprune.calibration import CalibrationSet, input_specs, load_calibration
 from edgeprune.errors import BadInputError
-from edgeprune.fidelity import OutputFidelity, compare_outputs, worst_drop
+from edgeprune import kv_cache
+from edgeprune.fidelity import OutputFidelity, compare_outputs, separate_cache, worst_drop
 from edgeprune.progress import Progress
 from edgeprune.runtime.targets import Target, get_target, is_available
 from edgeprune.verify import run_batches
@@ -86,6 +87,33 @@ def measure_pair(
     }
 
 
+#: New tokens of the greedy generation that measures decode speed (issue 13's protocol: 128-token prompt, 64 new).
+DECODE_TOKENS = 64
+
+
+def measure_generation_pair(reference: Any, candidate: Any, feed: dict[str, np.ndarray], target: Target, *,
+                            threads: int | None = None, new_tokens: int = DECODE_TOKENS, rounds: int = 3) -> dict[str, Any]:
+    """Prefill and decode speed of two KV-cache decoders side by side: greedy generation after the latency feed's ids."""
+    from edgeprune.runtime.generation import measure_generation, same_prefix
+
+    if not is_available(target):
+        return {"measured": False, "reason": f"{target.provider} is not installed in this onnxruntime build: not measured here"}
+    prompt = feed["input_ids"][0]
+    results = measure_generation({"reference": reference, "candidate": candidate}, prompt, new_tokens=new_tokens,
+                                 target=target, rounds=rounds, threads=threads)  # fmt: skip
+    ref, cand = results["reference"], results["candidate"]
+    return {
+        "measured": True,
+        "prompt_tokens": int(prompt.size),
+        "new_tokens": new_tokens,
+        "reference": ref.to_dict(),
+        "candidate": cand.to_dict(),
+        "prefill_ratio": cand.prefill_ms / ref.prefill_ms,
+        "decode_speedup": cand.decode_tokens_per_s / ref.decode_tokens_per_s,
+        "same_tokens": same_prefix(ref.tokens, cand.tokens),
+    }
+
+
 @dataclasses.dataclass
 class ValidationResult:
     reference: str
@@ -95,6 +123,8 @@ class ValidationResult:
     fidelity: list[OutputFidelity]
     latency: dict[str, Any]
     size: dict[str, Any]
+    generation: dict[str, Any] | None = None  # KV-cache decoders: measure_generation_pair
+    cache: dict[str, Any] | None = None  # KV-cache decoders: fidelity.separate_cache
 
     @property
     def drop(self) -> float:
@@ -110,6 +140,8 @@ class ValidationResult:
             "fidelity": [f.to_dict() for f in self.fidelity],
             "latency": self.latency,
             "size": self.size,
+            "generation": self.generation,
+            "kv_cache": self.cache,
         }
 
 
@@ -162,10 +194,14 @@ def validate_models(
     with progress.stage(f"run both models on {len(calib)} samples"):
         ref_out = run_batches(model_io.to_proto(reference), batches, threads=threads)
         cand_out = run_batches(model_io.to_proto(candidate), batches, threads=threads)
-    fidelity = compare_outputs(ref_out, cand_out, batches)
+    fidelity, cache = separate_cache(compare_outputs(ref_out, cand_out, batches))
     feed = latency_feed(calib.samples[0], reference, seq_len)
     with progress.stage(f"latency on {target_profile.name}, side by side"):
         latency = measure_pair(str(reference_path), str(candidate_path), feed, target_profile, threads=threads, runs=runs)
+    generation = None
+    if kv_cache.model_cache(reference):
+        with progress.stage(f"greedy generation ({DECODE_TOKENS} new tokens) on {target_profile.name}, side by side"):
+            generation = measure_generation_pair(str(reference_path), str(candidate_path), feed, target_profile, threads=threads)
     ref_size, cand_size = model_io.file_size(reference_path), model_io.file_size(candidate_path)
     size = {
         "reference_bytes": ref_size,
@@ -174,4 +210,5 @@ def validate_models(
         "reference_params": model_io.param_count(reference),
         "candidate_params": model_io.param_count(candidate),
     }
-    return ValidationResult(str(reference_path), str(candidate_path), calib.source, len(calib), fidelity, latency, size)
+    return ValidationResult(str(reference_path), str(candidate_path), calib.source, len(calib), fidelity, latency, size,
+                            generation, cache)

