@@ -30,7 +30,7 @@ from edgeprune.model_io import load_model, to_proto
 from edgeprune.models import moe_train
 from edgeprune.models.moe_export import export_moe
 from edgeprune.passes.moe import MoEConfig, MoEExpertPruningPass
-from edgeprune.passes.moe.patterns import build_bundle
+from edgeprune.runtime.moe import build_bundle
 from edgeprune.runtime.moe import RetrievalSession
 from edgeprune.runtime.targets import get_target
 

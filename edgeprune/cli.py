@@ -121,6 +121,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--sparse-allocation", type=click.Choice(["uniform", "calibrated"]), default="uniform", show_default=True, help="With --sparse-attention: every layer keeps KEEP, or KEEP is the mean and each layer's share comes from calibration measurements (weak layers stay denser).")
 @click.option("--moe-keep", help="MoE expert pruning: share of all experts to keep, in (0, 1] (e.g. 0.5), or a whole number of experts per layer (e.g. 4); scored on --calib routing.")
 @click.option("--moe-metric", type=click.Choice(list(MOE_METRICS)), default="tcess", show_default=True, help="With --moe-keep: expert score (tcess: PreMoe expected selection score; easy: gate weight x expert-output norm; frequency).")
+@click.option("--moe-tasks", help="With --moe-keep: NAME=FILE,... calibration data per task (as --calib takes it); each task keeps its own experts, model.onnx keeps their union, and OUT/moe_bundle holds one expert store and a graph per task (edgeprune.runtime.moe.RetrievalSession).")
 @click.option("--package", "package_target", is_flag=False, flag_value="linux-x64", default=None, help="Also package the output into OUT/bundle for a platform (see edgeprune package --target; bare --package: linux-x64).")
 @click.option("--fix-shapes", help="With --package: fix dynamic dimensions, NAME=N,... (see edgeprune package).")
 @common_threads
@@ -128,7 +129,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example, force, max_samples, seed,
                 prune_ratio, prune_metric, allocation, round_to, refit, no_compensate, prune_units,
                 bits_mode, size_budget, avg_bits, latency_budget, bit_options, block_size, gptq,
-                sparse_keep, sparse_block, sparse_select, sparse_min_len, sparse_allocation, moe_keep, moe_metric, package_target, fix_shapes, threads, as_json):
+                sparse_keep, sparse_block, sparse_select, sparse_min_len, sparse_allocation, moe_keep, moe_metric, moe_tasks, package_target, fix_shapes, threads, as_json):
     """Compile MODEL into OUT: model.onnx plus report.json, report.md and report.html."""
     from edgeprune.pipeline import CompileOptions, compile_model
     from edgeprune.recipe import recipe_from_flags
@@ -150,6 +151,8 @@ def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example,
     moe = None
     if moe_keep is not None:
         moe = {"keep": _moe_keep(moe_keep), "metric": moe_metric}
+    if moe_tasks is not None:
+        moe = _moe_tasks(moe_tasks, moe, model, tokenizer, other_passes=prune is not None or bits is not None or sparse is not None)
     if prune is not None or bits is not None or sparse is not None or moe is not None:
         if recipe is not None:
             raise click.UsageError("give either --recipe or --prune/--bits, not both: put the passes in the recipe.")
@@ -178,11 +181,13 @@ def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example,
     if fix_shapes is not None and package_target is None:
         raise click.UsageError("--fix-shapes goes with --package.")
     result = compile_model(model, out, options, progress=_progress(as_json))
+    moe_bundle = _moe_bundle(model, result, as_json) if moe_tasks is not None else None
     bundle = None
     if package_target is not None:  # the compile folder is complete; the bundle goes inside it
         bundle = _package(result.out_dir, result.out_dir / "bundle", package_target, fix_shapes, False, None, calib, tokenizer, None, False, 20, threads, as_json)
     if as_json:
-        _emit_json(result.report if bundle is None else {**result.report, "bundle": bundle.manifest})
+        extra = ({"bundle": bundle.manifest} if bundle is not None else {}) | ({"moe_bundle": moe_bundle} if moe_bundle is not None else {})
+        _emit_json({**result.report, **extra})
         return
     from edgeprune.report import summary_rows, verdicts
 
@@ -195,6 +200,9 @@ def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example,
         if (p.get("summary") or {}).get("headline"):
             out_console.print(f"  • {p['summary']['headline']}", markup=False, highlight=False, soft_wrap=True)
     out_console.print(f"Report: {result.out_dir / 'report.html'} (also report.md, report.json)")
+    if moe_bundle is not None:
+        out_console.print(f"MoE retrieval bundle: {result.out_dir / 'moe_bundle'} (tasks {', '.join(moe_bundle['tasks'])}; "
+                          f"expert store {moe_bundle['store_bytes']:,} bytes)", markup=False, highlight=False, soft_wrap=True)
     if bundle is not None:
         _print_bundle(bundle)
 
@@ -212,6 +220,47 @@ def _moe_keep(text: str) -> float | int:
         return int(text) if text.strip().isdigit() else float(text)
     except ValueError:
         raise click.UsageError(f"--moe-keep {text!r} is not a number: give a fraction such as 0.5 or a count per layer such as 4.") from None
+
+
+def _moe_tasks(text: str, moe: dict | None, model, tokenizer, *, other_passes: bool) -> dict:
+    """--moe-tasks NAME=FILE,...: the moe pass's tasks, every file checked before any work (the pass's config checks the names)."""
+    if moe is None:
+        raise click.UsageError("--moe-tasks goes with --moe-keep: give the share of experts each task keeps, e.g. --moe-keep 0.5.")
+    if other_passes:
+        raise click.UsageError("--moe-tasks builds its bundle from the input's weights, so it does not combine with --prune, --bits or "
+                               "--sparse-attention: compile those separately.")  # fmt: skip
+    from edgeprune.validation import find_tokenizer
+
+    tasks: dict[str, str] = {}
+    for item in (x.strip() for x in text.split(",")):
+        name, sep, path = (x.strip() for x in item.partition("="))
+        if not sep or not name or not path:
+            raise click.UsageError(f"--moe-tasks takes NAME=FILE pairs separated by commas (e.g. code=code.npz,chat=chat.npz), got {item!r}.")
+        if name in tasks:
+            raise click.UsageError(f"--moe-tasks names task {name!r} twice: give each task once.")
+        if not pathlib.Path(path).exists():
+            raise click.UsageError(f"--moe-tasks: the calibration data of task {name!r}, {path}, does not exist.")
+        tasks[name] = str(path)
+    found = find_tokenizer(model, tokenizer) if model is not None else tokenizer
+    return {**moe, "tasks": tasks, "tokenizer": None if found is None else str(found)}
+
+
+def _moe_bundle(model, result, quiet: bool) -> dict:
+    """OUT/moe_bundle from the compile's per-task expert choices; on any failure the whole output folder goes (no partial output)."""
+    import shutil
+
+    from edgeprune.runtime.moe import bundle_from_report
+
+    entry = next(p for p in result.report["passes"] if p["name"] == "moe")
+    staging = result.out_dir / ".moe_bundle.partial"
+    try:
+        with _progress(quiet).stage("write the MoE retrieval bundle"):
+            manifest = bundle_from_report(model, entry, staging)
+        staging.rename(result.out_dir / "moe_bundle")
+    except BaseException:
+        shutil.rmtree(result.out_dir, ignore_errors=True)
+        raise
+    return manifest
 
 
 def _bits_options(mode, size_budget, avg_bits, latency_budget, bit_options, block_size) -> dict:

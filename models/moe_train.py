@@ -17,7 +17,7 @@ routing histograms.  ``train`` writes ``model.safetensors`` (fp16), ``config.jso
 and ``card.md`` (recipe, seed, data mix, loss curve, per-domain perplexity, routing histogram per
 domain) into the folder; ``load`` rebuilds the torch model from it without retraining.
 
-    nice -n 19 python -m edgeprune.models.moe_train OUT_DIR [--minutes 5]
+    nice -n 19 python -m edgeprune.models.moe_train OUT_DIR [--minutes 5] [--steps N --threads 1]
 """
 
 from __future__ import annotations
@@ -172,8 +172,18 @@ def routing_histogram(model, windows: np.ndarray) -> list[list[float]]:
     return hist
 
 
-def train(out_dir: str | Path, *, minutes: float = 5.0, batch: int = 16, lr: float = 3e-3, seed: int = SEED, threads: int = 2) -> dict:
-    """Train for about ``minutes`` of wall time on the mixed domains; write weights and card to ``out_dir``."""
+def train(
+    out_dir: str | Path, *, minutes: float = 5.0, steps: int | None = None, batch: int = 16, lr: float = 3e-3, seed: int = SEED,
+    threads: int = 2, warmup: int = 30, timed_decay: bool = False,
+) -> dict:  # fmt: skip
+    """Train on the mixed domains; write weights and card to ``out_dir``.
+
+    Without ``steps``: a constant learning rate (after the warm-up) for about ``minutes`` of wall time.  With
+    ``steps``: a cosine decay to a tenth of ``lr`` over that many steps (deterministic for a seed on one thread);
+    ``minutes`` then only caps the wall time, and the card says so when the cap stopped it early.  With
+    ``timed_decay`` (and no ``steps``) the cosine follows the elapsed share of ``minutes`` instead: on a shared
+    machine whose step rate is unknown it still ends at lr/10, but the step count is not replayable.
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -187,31 +197,40 @@ def train(out_dir: str | Path, *, minutes: float = 5.0, batch: int = 16, lr: flo
     rng = np.random.default_rng(seed)
     curve, step, start = [], 0, time.time()
     model.train()
-    while time.time() - start < minutes * 60:
+    capped = False
+    while steps is None and time.time() - start < minutes * 60 or steps is not None and step < steps:
+        if steps is not None and time.time() - start >= minutes * 60:
+            capped = True
+            break
         rows = []
         for i in range(batch):  # every batch mixes the domains evenly
             train_bytes = splits[DOMAINS[(step * batch + i) % len(DOMAINS)]][0]
             s = int(rng.integers(0, len(train_bytes) - SEQ_LEN - 1))
             rows.append(train_bytes[s : s + SEQ_LEN])
         ids = torch.from_numpy(np.stack(rows))
-        warm = min(1.0, (step + 1) / 30)
+        factor = min(1.0, (step + 1) / warmup)
+        if steps is not None and step >= warmup:
+            factor = 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        elif steps is None and timed_decay and step >= warmup:  # the decay follows the wall clock, so a shared machine still ends it
+            factor = 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (time.time() - start) / (minutes * 60))))
         for group in opt.param_groups:
-            group["lr"] = lr * warm
+            group["lr"] = lr * factor
         out = model(input_ids=ids, labels=ids)
         opt.zero_grad()
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        if step % 10 == 0 or step == 1:
+        if step % max(10, (steps or 0) // 200) == 0 or step == 1 or steps is None and timed_decay and step % 50 == 0:
             curve.append({"step": step, "seconds": round(time.time() - start, 1), "loss": round(out.loss.item(), 4)})
             logger.info("step %d loss %.3f", step, out.loss.item())
     model.eval()
     windows = {d: held_out_windows(splits[d][1], 32) for d in DOMAINS}
     card = {
         "name": "edgeprune-moe-mix", "architecture": "MixtralForCausalLM", "config": CONFIG, "seed": seed,
-        "tokenizer": "bytes (UTF-8, vocabulary 256)", "seq_len": SEQ_LEN, "batch": batch, "lr": lr, "optimizer": "AdamW (wd 0.01), 30-step warm-up, clip 1.0",
-        "steps": step, "train_seconds": round(time.time() - start, 1), "threads": threads,
+        "tokenizer": "bytes (UTF-8, vocabulary 256)", "seq_len": SEQ_LEN, "batch": batch, "lr": lr, "optimizer": f"AdamW (wd 0.01), {warmup}-step warm-up, clip 1.0"
+        + (f", cosine decay to lr/10 over {steps} steps" if steps else f", cosine decay to lr/10 over {minutes} minutes of wall time" if timed_decay else ", constant lr"),
+        "steps": step, "steps_planned": steps, "stopped_by_time_cap": capped, "minutes_cap": minutes, "train_seconds": round(time.time() - start, 1), "threads": threads,
         "data_mix": {d: {"train_bytes": int(len(splits[d][0])), "held_out_bytes": int(len(splits[d][1]))} for d in DOMAINS},
         "loss_curve": curve,
         "held_out_perplexity": {d: round(perplexity(model, w), 4) for d, w in windows.items()},
@@ -244,7 +263,8 @@ def card_markdown(card: dict) -> str:
         f"A {card['architecture']} ({card['config']['num_hidden_layers']} layers, {card['config']['num_local_experts']} experts, "
         f"top-{card['config']['num_experts_per_tok']}, hidden {card['config']['hidden_size']}, {card['parameters']:,} parameters) "
         f"trained from random init by `edgeprune.models.moe_train` (seed {card['seed']}) for {card['steps']} steps "
-        f"({card['train_seconds']} s on {card['threads']} CPU threads), over bytes, on six offline domains mixed evenly per batch.",
+        f"({card['train_seconds']} s on {card['threads']} CPU threads; {card['optimizer']}), over bytes, on six offline domains mixed evenly per batch."
+        + (f" **The {card['minutes_cap']}-minute cap stopped it before the {card['steps_planned']} planned steps.**" if card.get("stopped_by_time_cap") else ""),
         "Weights: fp16 safetensors. It is a small research model for measuring expert pruning, not a useful language model.", "",
         "| domain | train bytes | held-out bytes | held-out perplexity (bytes) |", "|---|---|---|---|",
     ]  # fmt: skip
@@ -285,10 +305,14 @@ def load(folder: str | Path):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--minutes", type=float, default=5.0, help="wall-time budget (a cap when --steps is given)")
+    parser.add_argument("--steps", type=int, default=None, help="train this many steps with a cosine learning-rate decay")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--timed-decay", action="store_true", help="without --steps: cosine learning-rate decay over --minutes of wall time")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    card = train(args.out_dir, minutes=args.minutes)
+    card = train(args.out_dir, minutes=args.minutes, steps=args.steps, threads=args.threads, warmup=args.warmup, timed_decay=args.timed_decay)
     logger.info("perplexity %s", card["held_out_perplexity"])
     logger.info("specialisation %s", card["specialisation"])
 

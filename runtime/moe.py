@@ -1,28 +1,46 @@
-"""Expert retrieval at run time: pick the task pattern a prompt routes like, and run only its experts.
+"""Expert retrieval at run time: the bundle (one expert store, a small graph per task) and the session that picks a task per prompt.
 
-A bundle (written by the moe pass family's ``build_bundle``) holds one expert store and one small
-graph per task whose weights are references into the store.  ``RetrievalSession`` runs the probe
-graph (the model up to the first layers' routers) on the prompt, turns its router logits into
-expected selection scores per expert (TCESS), and picks the task whose stored signature is nearest (L1 distance
-over the probe layers).  It then opens that task's graph (cached), so ORT reads from the store only
-the bytes that graph references: the kept experts and the shared weights, never a removed expert.
+``build_bundle`` (Python: a calibration set per task) and ``bundle_from_report`` (a compile's moe pass
+entry, as ``compile --moe-tasks`` writes it) write into a folder:
+
+- ``store.bin``: every initializer of the full model once, each at a 4 KiB-aligned offset;
+- ``full.onnx`` and ``task_<name>.onnx``: graphs whose unchanged initializers are external references
+  (location, offset, length) into the store, so ORT reads only the bytes a graph uses; a task graph
+  never references a removed expert's weights.  Initializers the removal changed (the sliced routers)
+  are small and stay inside the task graph.  Each task graph is the ``moe`` pass replaying that task's
+  expert choice, reached through the pass registry like any pass;
+- ``probe.onnx``: the full model cut after the routers of the first ``probe_layers`` layers;
+- ``manifest.json`` (schema ``edgeprune.moe_bundle/1``): per task its graph, kept experts per layer and
+  its routing signature (TCESS of the probe layers' experts on its calibration rows).
+
+``RetrievalSession`` runs the probe graph on a prompt, turns its router logits into expected selection
+scores per expert (TCESS), and picks the task whose stored signature is nearest (L1 distance over the
+probe layers).  It then opens that task's graph (cached), so ORT reads from the store only the bytes
+that graph references: the kept experts and the shared weights, never a removed expert.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from edgeprune.analysis import analyze
 from edgeprune.errors import BadInputError
+from edgeprune.model_io import load_model
 
 logger = logging.getLogger(__name__)
 
 SCHEMA = "edgeprune.moe_bundle/1"
+STORE = "store.bin"
+_ALIGN = 4096
 
 
 def _options(threads: int | None) -> ort.SessionOptions:
@@ -113,3 +131,128 @@ class RetrievalSession:
         task = task or self.choose(feed)
         session = self.session(task)
         return task, session.run(None, self._feed(session, feed))
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_store(model: ir.Model, path: Path) -> dict[str, dict]:
+    """Every initializer of ``model`` into ``path``, aligned; name -> {offset, length, sha256}."""
+    entries = {}
+    with path.open("wb") as f:
+        for name, value in model.graph.initializers.items():
+            if value.const_value is None:
+                continue
+            data = value.const_value.tobytes()
+            f.write(b"\0" * ((-f.tell()) % _ALIGN))
+            entries[name] = {"offset": f.tell(), "length": len(data), "sha256": _digest(data)}
+            f.write(data)
+    return entries
+
+
+def _reference_store(model: ir.Model, store: dict[str, dict], bundle: Path) -> int:
+    """Point every initializer whose bytes are in the store at it; returns the store bytes the graph references."""
+    referenced = 0
+    for name, value in model.graph.initializers.items():
+        entry = store.get(name)
+        tensor = value.const_value
+        if entry is None or tensor is None:
+            continue
+        data = tensor.tobytes()
+        if len(data) != entry["length"] or _digest(data) != entry["sha256"]:
+            continue  # changed by the removal (a sliced router): stays inside the graph
+        value.const_value = ir.ExternalTensor(
+            STORE, entry["offset"], entry["length"], tensor.dtype, shape=ir.Shape(tensor.shape), name=name, base_dir=bundle
+        )
+        referenced += entry["length"]
+    return referenced
+
+
+def _probe(model: ir.Model, routers: list[str]) -> ir.Model:
+    """The model cut after ``routers`` (their logits are its only outputs)."""
+    probe = ir.from_proto(ir.serde.serialize_model(model))
+    produced = {v.name: v for node in probe.graph for v in node.outputs}
+    probe.graph.outputs.clear()
+    for name in routers:
+        value = produced[name]
+        value.shape = None
+        probe.graph.outputs.append(value)
+    RemoveUnusedNodesPass()(probe)
+    for name in [n for n, v in probe.graph.initializers.items() if not v.uses()]:
+        probe.graph.initializers.pop(name)
+    return probe
+
+
+def _moe_pass(options: dict, context=None):
+    from edgeprune.passes.registry import get_pass  # the pass family is reached through the registry only
+
+    return get_pass("moe").from_options(options, context)
+
+
+def write_bundle(
+    model_path: str | Path, kept: dict[str, list[list[int]]], signatures: dict[str, list[list[float]]], out_dir: str | Path, *,
+    probe_layers: int, meta: dict | None = None,
+) -> dict:  # fmt: skip
+    """The bundle for task patterns already chosen: ``kept[task]`` lists the experts per MoE layer, ``signatures[task]``
+    its TCESS per probe layer.  Returns the manifest."""
+    if not kept:
+        raise BadInputError("expert retrieval needs at least one task with calibration rows: e.g. --moe-tasks code=code.npz,chat=chat.npz.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    full = load_model(model_path)
+    layers = analyze(full).moe_layers
+    if not layers:
+        raise BadInputError(f"{model_path} has no MoE layer: expert retrieval needs a mixture-of-experts model.")
+    probe_layers = max(1, min(probe_layers, len(layers)))
+    routers = [m.router.output for m in layers[:probe_layers]]
+    manifest: dict = {
+        "schema": SCHEMA, "store": STORE, "probe": {"graph": "probe.onnx", "routers": routers,
+        "top_k": [m.top_k for m in layers[:probe_layers]], "scoring": [m.scoring for m in layers[:probe_layers]]},
+        **(meta or {}), "tasks": {},
+    }  # fmt: skip
+    graphs: dict[str, ir.Model] = {"full.onnx": full, "probe.onnx": _probe(full, routers)}
+    for name, experts in kept.items():
+        graphs[f"task_{name}.onnx"] = _moe_pass({"experts": experts})(load_model(model_path)).model
+        manifest["tasks"][name] = {"graph": f"task_{name}.onnx", "kept": experts, "signature": signatures[name][:probe_layers]}
+    store = _write_store(full, out / STORE)
+    manifest["store_bytes"] = (out / STORE).stat().st_size
+    manifest["graphs"] = {}
+    for filename, model in graphs.items():
+        referenced = _reference_store(model, store, out)
+        ir.save(model, out / filename)
+        manifest["graphs"][filename] = {"store_bytes_referenced": referenced, "file_bytes": (out / filename).stat().st_size}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    logger.info("moe bundle: %d tasks, store %d bytes", len(kept), manifest["store_bytes"])
+    return manifest
+
+
+def bundle_from_report(model_path: str | Path, moe_entry: dict, out_dir: str | Path, *, probe_layers: int = 2) -> dict:
+    """The bundle of a compile whose moe pass ran with tasks: ``moe_entry`` is that pass's entry in the report's ``passes``."""
+    records = moe_entry["records"]
+    if not records or "kept_by_task" not in records[0]:
+        raise BadInputError("the compile's moe pass ran without tasks, so there are no task patterns to bundle: pass --moe-tasks.")
+    tasks = list(records[0]["kept_by_task"])
+    kept = {t: [r["kept_by_task"][t] for r in records] for t in tasks}
+    signatures = {t: [r["tcess_by_task"][t] for r in records] for t in tasks}
+    config = moe_entry.get("config", {})
+    return write_bundle(model_path, kept, signatures, out_dir, probe_layers=probe_layers, meta={"keep": config.get("keep"), "metric": config.get("metric")})
+
+
+def build_bundle(
+    model_path: str | Path, tasks: dict, out_dir: str | Path, *, keep: float | int = 0.5, metric: str = "tcess", probe_layers: int = 2,
+) -> dict:  # fmt: skip
+    """Python API: ``tasks`` maps a task name to its ``CalibrationSet``; the moe pass chooses each task's experts on it."""
+    from edgeprune.context import CompileContext
+    from edgeprune.runtime.targets import get_target
+
+    if not tasks:
+        raise BadInputError("expert retrieval needs at least one task with calibration rows: e.g. --moe-tasks code=code.npz,chat=chat.npz.")
+    if keep == 1.0 and not isinstance(keep, int):
+        raise BadInputError("keep 1.0 keeps every expert, so every task pattern would be the full model: give keep below 1, e.g. 0.5.")
+    kept, signatures = {}, {}
+    for name, calib in tasks.items():
+        result = _moe_pass({"keep": keep, "metric": metric}, CompileContext(get_target("cpu"), calib, calib))(load_model(model_path))
+        kept[name] = [r["kept"] for r in result.records]
+        signatures[name] = [r["tcess"] for r in result.records]
+    return write_bundle(model_path, kept, signatures, out_dir, probe_layers=probe_layers, meta={"keep": keep, "metric": metric})

@@ -12,7 +12,7 @@ from moe_models import EXPERTS, LAYERS
 from edgeprune.calibration import CalibrationSet
 from edgeprune.errors import BadInputError
 from edgeprune.model_io import load_model
-from edgeprune.passes.moe.patterns import build_bundle
+from edgeprune.runtime.moe import build_bundle
 from edgeprune.runtime.moe import RetrievalSession
 
 
