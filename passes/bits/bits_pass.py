@@ -80,8 +80,9 @@ class BitAllocationPass(EdgePass):
         return BitAllocationPass(new, self.context)
 
     def call(self, model: ir.Model) -> BitsResult:
-        c, ctx = self.config, self.context
-        config_mod.check(c, ctx)
+        ctx = self.context
+        config_mod.check(self.config, ctx)
+        self.config = c = self.config.for_target(ctx.target if ctx is not None else None)
         kinds, notes = units_mod.formats_for(ctx.target if ctx is not None else None, c)
         structures = analyze(model)
         units, skipped = units_mod.build(model, structures, c, kinds, notes)
@@ -144,15 +145,15 @@ class BitAllocationPass(EdgePass):
             sol, new, log, summary["latency_check"] = latency.meet(model, units, rows, shared, bud, latency_info, sol,
                                                                     new, log, notes, c, ctx, emit)
         if c.size_budget_bytes is not None and c.mode == "auto":
-            sol, new, log, summary["size_check"] = self._fit_file(units, rows, shared, bud, other_bytes, sol, new, log,
-                                                                  notes, emit)
+            sol, new, log, summary["size_check"] = self._fit_file(model, units, rows, shared, bud, other_bytes, sol, new,
+                                                                  log, notes, emit)
         summary.update(solver=sol.method, objective=sol.error, unit_bytes=int(sol.size), solver_note=sol.note,
                        budget=bud.get("text"), floor=bud.get("floor_text"))
         if sol.latency:
             summary["predicted_latency_ms"] = sol.latency + latency_info.get("rest_ms", 0.0)
         return self._finish(model, structures, units, sol.choice, new, log, stats, summary, notes)
 
-    def _fit_file(self, units, rows, shared, bud, other_bytes, sol, new, log, notes, emit):
+    def _fit_file(self, model, units, rows, shared, bud, other_bytes, sol, new, log, notes, emit):
         """Write the emitted model and re-solve with the unit budget cut by the overshoot while its files
         exceed ``size_budget_bytes`` (emitting adds nodes, scales' names, Reshape shapes: bytes no
         option size counts).  Returns (solution, model, log, the check's record: predicted vs written)."""
@@ -161,7 +162,7 @@ class BitAllocationPass(EdgePass):
         unit_budget = bud["size"]
         attempts = []
         for _ in range(4):
-            written = written_bytes(new)
+            written = written_bytes(as_written(model, new))
             attempts.append({"unit_budget": int(unit_budget), "predicted_bytes": int(sol.size + other_bytes),
                              "written_bytes": written})
             if written <= budget:
@@ -214,7 +215,8 @@ class BitAllocationPass(EdgePass):
             from edgeprune.passes.bits import microbench
 
             with measure.stage(ctx, "latency microbenchmarks per shape (float vs dynamic int8)"):
-                table = microbench.unit_latencies(units, ctx.target, tokens=c.latency_tokens, threads=ctx.threads)
+                table = microbench.unit_latencies(units, ctx.target, tokens=c.latency_tokens, threads=ctx.threads,
+                                                  gathers=False)
         slow = solve.fast_wanted(units, table)
         measured = len(slow) < sum(len(u.parts) for u in units)
         stats = measure.measure(model, units, ctx) if measured else {}
@@ -242,6 +244,15 @@ class BitAllocationPass(EdgePass):
 def _slack(c: BitAllocationConfig, units) -> float:
     """The objective allowance ``speed_ties`` may spend on speed: ``speed_slack^2`` per unit of importance."""
     return c.speed_slack ** 2 * sum(p.importance for u in units for p in u.parts)
+
+
+def as_written(model: ir.Model, new: ir.Model) -> ir.Model:
+    """The model the pass hands on: ``new``'s graph and IR version in ``model``'s frame (``_finish`` keeps
+    ``model``'s producer and metadata, where the quantizers wrote their own: ~55 bytes)."""
+    return ir.Model(new.graph, ir_version=new.ir_version, producer_name=model.producer_name,
+                    producer_version=model.producer_version, domain=model.domain, model_version=model.model_version,
+                    doc_string=model.doc_string, functions=list(model.functions.values()),
+                    metadata_props=dict(model.metadata_props))
 
 
 def written_bytes(model: ir.Model) -> int:

@@ -34,13 +34,15 @@ class BitAllocationConfig:
     """Symmetric blocks (no zero points) for MatMulNBits/GatherBlockQuantized."""
     accuracy_level: int | None = None
     """MatMulNBits accuracy_level (None: ORT's default; 4 = int8 compute on CPU, faster, less exact)."""
-    accuracy_levels: tuple[int, ...] = (0,)
+    accuracy_levels: tuple[int, ...] | None = None
     """MatMulNBits accuracy levels to offer per node, each 4/8-bit option once per level with its own
     error and microbenchmarked latency: 0 (``accuracy_level``'s setting) and/or 4 (activations
     quantized to int8 per weight block at run time: on ORT 1.32's CPU kernel 8-bit runs faster than
     an fp32 MatMul, level 0 slower).  Levels 1-3 are refused: that kernel computes them exactly as
     level 0 (fp32) on x86.  Offering more than one level also makes a size budget break near-ties
-    for speed (``speed_slack``), so it times the formats."""
+    for speed (``speed_slack``), so it times the formats.  None (the default): (0, 4) for a budget
+    (mode ``auto``) on the CPU execution provider without an ``accuracy_level``, else (0,) (MiniLM at
+    ORT int8's size: 1.67x fp32 with (0, 4), 0.57x with (0,), STS-B 0.8675 / 0.8673)."""
     speed_slack: float = 0.05
     """With several ``accuracy_levels``: after the least-error choice within the budgets, take the
     fastest choice (by the microbenchmarks, any offered format) whose objective exceeds it by at most
@@ -85,11 +87,12 @@ class BitAllocationConfig:
         if not blocks or any(b < 16 or b & (b - 1) for b in blocks):
             raise BadInputError(f"block sizes must be powers of two >= 16, not {self.block_size!r}")
         self.block_size = blocks[0] if len(blocks) == 1 else blocks
-        self.accuracy_levels = tuple(sorted({int(a) for a in self.accuracy_levels}))
-        if not self.accuracy_levels or any(a not in (0, 4) for a in self.accuracy_levels):
-            raise BadInputError(f"accuracy_levels must be 0 and/or 4, not {self.accuracy_levels!r}: ORT's CPU "
-                                "MatMulNBits computes levels 1-3 as level 0")
-        if self.accuracy_levels != (0,) and self.accuracy_level not in (None, 0):
+        if self.accuracy_levels is not None:
+            self.accuracy_levels = tuple(sorted({int(a) for a in self.accuracy_levels}))
+            if not self.accuracy_levels or any(a not in (0, 4) for a in self.accuracy_levels):
+                raise BadInputError(f"accuracy_levels must be 0 and/or 4, not {self.accuracy_levels!r}: ORT's CPU "
+                                    "MatMulNBits computes levels 1-3 as level 0")
+        if self.accuracy_levels not in (None, (0,)) and self.accuracy_level not in (None, 0):
             raise BadInputError("pass either accuracy_level (one level for every MatMulNBits) or accuracy_levels "
                                 "(levels offered per node), not both")
         if self.speed_slack < 0:
@@ -105,10 +108,23 @@ class BitAllocationConfig:
         """The block sizes as a tuple, however they were given."""
         return (self.block_size,) if isinstance(self.block_size, int) else tuple(self.block_size)
 
+    def for_target(self, target) -> BitAllocationConfig:
+        """This config with ``accuracy_levels`` settled for ``target`` (None: the default, see the field)."""
+        if self.accuracy_levels is not None:
+            return self
+        cpu = target is None or target.provider == "CPUExecutionProvider"
+        both = cpu and self.mode == "auto" and self.accuracy_level is None
+        return dataclasses.replace(self, accuracy_levels=(0, 4) if both else (0,))
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        """The accuracy levels offered ((0,) while not yet settled by :meth:`for_target`)."""
+        return self.accuracy_levels or (0,)
+
     @property
     def speed_ties(self) -> bool:
         """Whether the solver breaks near-ties for speed (several accuracy levels offered, auto mode)."""
-        return self.mode == "auto" and len(self.accuracy_levels) > 1
+        return self.mode == "auto" and len(self.levels) > 1
 
     @property
     def latency_bounded(self) -> bool:

@@ -20,9 +20,8 @@ def with_latency(model, units: list[Unit], rows, c: BitAllocationConfig, context
     from edgeprune.passes.bits import microbench
 
     with stage(context, "latency microbenchmarks per shape and format"):
-        table = microbench.unit_latencies(units, context.target, tokens=c.latency_tokens, threads=context.threads,
-                                          accuracy_level=c.accuracy_level)
-        float_ms, float_units_ms = microbench.model_latency(model, context, units, table, c.latency_tokens)
+        table, float_ms, float_units_ms, how = microbench.fresh_latencies(model, context, units, tokens=c.latency_tokens,
+                                                                          accuracy_level=c.accuracy_level)
     new_rows, groups = [], {}
     for ui, u in enumerate(units):
         row = []
@@ -35,7 +34,7 @@ def with_latency(model, units: list[Unit], rows, c: BitAllocationConfig, context
         new_rows.append(row)
     shared = [knapsack.SharedCost(tuple(m), latency=table[("dql", inp)]) for inp, m in groups.items()]
     info = {"float_ms": float_ms, "rest_ms": max(float_ms - float_units_ms, 0.0), "units_float_ms": float_units_ms,
-            "tokens": c.latency_tokens, "per_unit_ms": {f"{k[0]}|{k[1]}": v for k, v in table.items()}}
+            "tokens": c.latency_tokens, "microbenchmarks": how, "per_unit_ms": {f"{k[0]}|{k[1]}": v for k, v in table.items()}}
     return new_rows, shared, info
 
 
@@ -72,7 +71,9 @@ def meet(model, units: list[Unit], rows, shared, bud: dict, info: dict[str, Any]
                          "float_ms": lat["float"].p50_ms, "fastest_choice": fastest})
         if ratio <= target * (1 + TOLERANCE) or len(attempts) >= c.latency_checks or fastest:
             break
-        solver_budget -= (ratio - target) * float_ms
+        # From the choice's own prediction where the speed tie-break left it inside the budget: tightening
+        # the budget alone could re-solve to a slower choice.
+        solver_budget = min(solver_budget, sol.latency) - (ratio - target) * float_ms
         nxt = knapsack.solve(rows, size_budget=bud.get("size"), latency_budget=solver_budget, shared=shared,
                              method=c.solver)
         if not nxt.feasible:  # the microbenchmarks see nothing faster: take the fastest choice the size allows

@@ -1,21 +1,34 @@
 """Per-shape latency microbenchmarks of each quantization format on the target, cached on disk.
 
-For latency-budget bit allocation: each distinct (K, N) MatMul shape is built as a one-node
-model with input [1, T, K], emitted in each format through the same ORT tools the pass uses
-(``emit.emit``), and timed in the target's session.  A dynamic-int8 node's time excludes
-its DynamicQuantizeLinear, which is timed on its own and charged once per distinct input (the
-knapsack's shared cost).  A no-op model's time (ORT's per-run overhead) is subtracted, so the
-sum over a model's units is not inflated by one overhead per unit.  Embedding lookups and Conv
-are charged 0 ms (lookups are negligible at prefill; Conv formats are not benchmarked yet).
+For latency budgets and the speed tie-break: each distinct (K, N) MatMul shape is built as a
+one-node model with input [1, T, K], and each distinct embedding table as a one-node Gather of T
+token ids, emitted in each format through the same ORT tools the pass uses (``emit.emit``).
+All formats of one shape are timed side by side in one interleaved run
+(``measure_side_by_side``), together with a no-op model (ORT's per-run overhead, subtracted so a
+model's sum is not inflated by one overhead per unit) and, for a MatMul shape, the
+DynamicQuantizeLinear of its input (timed on its own: a dynamic-int8 node's time excludes it,
+and it is charged once per distinct input, the knapsack's shared cost).  Formats of one shape
+are therefore compared under one machine load; a format missing from a cached shape re-times the
+whole shape.  Conv is charged 0 ms (its formats are not benchmarked yet).  A 4-bit
+GatherBlockQuantized lookup is not free: ORT 1.32's CPU kernel takes ~0.8 ms for 128 ids of a
+384-wide table where a float or int8 Gather takes ~0.05 ms.
+
+Timings taken under another load go stale: each model's float-unit sum is recorded with the
+float model's own time measured beside it (:func:`check_fresh`); when the float model's time
+moves by more than ``STALE`` from that record (or there is none), every shape the model uses is
+re-timed.
 
 The cache (JSON, ``$EDGEPRUNE_CACHE`` or ``~/.cache/edgeprune/microbench.json``) is keyed by
-ORT version, CPU, target, threads, tokens, shape and format, so a rerun costs nothing.
+ORT version, CPU, target, threads, tokens and shape.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import hashlib
 import json
+import math
 import logging
 import os
 import pathlib
@@ -27,6 +40,9 @@ import onnx_ir as ir
 logger = logging.getLogger(__name__)
 
 _WARMUP, _RUNS = 3, 15
+# The float model's own time may drift this far (either way) from the time recorded beside its shapes'
+# timings before they count as taken under another load and are re-timed.
+STALE = 0.25
 
 
 def cache_path() -> pathlib.Path:
@@ -45,6 +61,10 @@ def _cpu() -> str:
     return platform.processor() or "cpu"
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
+
+
 def _load_cache() -> dict:
     try:
         return json.loads(cache_path().read_text())
@@ -53,6 +73,8 @@ def _load_cache() -> dict:
 
 
 def _save_cache(cache: dict) -> None:
+    """Write ``cache`` (entries of the per-format layout of before, plain numbers, are dropped)."""
+    cache = {k: v for k, v in cache.items() if isinstance(v, dict)}
     path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,6 +95,16 @@ def _matmul_model(k: int, n: int, tokens: int) -> ir.Model:
     return ir.Model(graph, ir_version=8)
 
 
+def _gather_model(vocab: int, dim: int, tokens: int) -> ir.Model:
+    rng = np.random.default_rng(0)
+    ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([1, tokens]))
+    w = ir.Value(name="w", const_value=ir.tensor((rng.standard_normal((vocab, dim)) * 0.05).astype(np.float32)))
+    y = ir.Value(name="y", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, tokens, dim]))
+    node = ir.Node("", "Gather", [w, ids], outputs=[y], name="mm")
+    graph = ir.Graph([ids], [y], nodes=[node], initializers=[w], opset_imports={"": 17})
+    return ir.Model(graph, ir_version=8)
+
+
 def _single_op_model(op: str, k: int, tokens: int) -> ir.Model:
     x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, tokens, k]))
     outs = [ir.Value(name="y")] + ([ir.Value(name="s"), ir.Value(name="z")] if op == "DynamicQuantizeLinear" else [])
@@ -81,62 +113,119 @@ def _single_op_model(op: str, k: int, tokens: int) -> ir.Model:
     return ir.Model(graph, ir_version=8)
 
 
-def _time(model: ir.Model, k: int, tokens: int, target, threads) -> float:
-    from edgeprune.runtime.latency import measure_latency
+def _x(k: int, tokens: int) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(1).standard_normal((1, tokens, k)).astype(np.float32)}
 
-    feed = {"x": np.random.default_rng(1).standard_normal((1, tokens, k)).astype(np.float32)}
-    return measure_latency(model, feed, target, warmup=_WARMUP, runs=_RUNS, threads=threads).p50_ms
+
+def _time_group(models: dict[str, tuple[ir.Model, dict]], target, threads) -> dict[str, float]:
+    """name -> p50 ms of each (model, feed), all timed side by side in one interleaved run."""
+    from edgeprune.runtime.latency import measure_side_by_side
+
+    lat = measure_side_by_side({k: m for k, (m, _) in models.items()}, {k: f for k, (_, f) in models.items()},
+                               target, warmup=_WARMUP, runs=_RUNS, threads=threads)
+    return {k: r.p50_ms for k, r in lat.items()}
+
+
+def _timed_as(o):
+    """The option whose model is timed for ``o``: GPTQ changes the codes, not the format (MatMulNBits);
+    a tied lookup is a GatherBlockQuantized like a 4-bit table's (the tool writes 4-bit tables only)."""
+    if o.kind == "gptq":
+        return dataclasses.replace(o, kind="nbits")
+    if o.kind == "gather-tied":
+        return dataclasses.replace(o, kind="gather-nbits", bits=4, accuracy_level=0)
+    return o
+
+
+def _shape(p, gathers: bool = True) -> str | None:
+    if p.op in ("MatMul", "Gemm"):
+        return "matmul|{}x{}".format(*p.weight.shape)
+    if p.op == "Gather" and gathers:
+        return "gather|{}x{}".format(*p.weight.shape)
+    return None  # Conv: not benchmarked
+
+
+def shapes(units, gathers: bool = True) -> dict[str, dict]:
+    """Shape key -> {timed option key: option} over every part of ``units`` that is benchmarked."""
+    out: dict[str, dict] = {}
+    for u in units:
+        for p in u.parts:
+            key = _shape(p, gathers)
+            if key is not None:
+                for o in p.options:
+                    t = _timed_as(o)
+                    out.setdefault(key, {})[t.key] = t
+    return out
+
+
+def _time_shape(shape: str, options: dict, tokens: int, target, threads, accuracy_level) -> dict[str, float]:
+    """Every option of one shape, the no-op overhead and (MatMul) its input's DynamicQuantizeLinear, side by side."""
+    from edgeprune.passes.bits.emit import emit
+    from edgeprune.passes.bits.sensitivity import KEEP
+
+    kind, dims = shape.split("|")
+    a, b = (int(d) for d in dims.split("x"))
+    if kind == "matmul":
+        base, feed = _matmul_model(a, b, tokens), _x(a, tokens)
+    else:
+        base = _gather_model(a, b, tokens)
+        feed = {"ids": np.random.default_rng(1).integers(0, a, (1, tokens)).astype(np.int64)}
+    models = {"overhead": (_single_op_model("Identity", 8, tokens), _x(8, tokens))}
+    if kind == "matmul":
+        models["dql"] = (_single_op_model("DynamicQuantizeLinear", a, tokens), _x(a, tokens))
+    for key, o in sorted(options.items()):
+        models[key] = (base if o.kind == KEEP else emit(base, {"mm": o}, accuracy_level=accuracy_level)[0], feed)
+    return _time_group(models, target, threads)
+
+
+def _prefix(target, threads, tokens, accuracy_level) -> str:
+    import onnxruntime
+
+    return f"ort{onnxruntime.__version__}|{_cpu()}|{target.name}|t{threads}|T{tokens}|acc{accuracy_level}|sbs"
 
 
 def unit_latencies(units, target, *, tokens: int = 128, threads: int | None = None,
-                   accuracy_level: int | None = None) -> dict[tuple[str, str], float]:
-    """(node, option key) -> ms for every part/option of ``units``; ("dql", input) -> ms per input."""
-    from edgeprune.passes.bits.emit import emit
-    from edgeprune.runtime.targets import resolve_target
-    from edgeprune.passes.bits.sensitivity import KEEP
+                   accuracy_level: int | None = None, retime: bool = False,
+                   timed: list | None = None, gathers: bool = True) -> dict[tuple[str, str], float]:
+    """(node, option key) -> ms for every part/option of ``units``; ("dql", input) -> ms per input.
 
-    import onnxruntime
+    Each shape's formats come from one side-by-side run (cached); ``retime`` re-times every shape.
+    The shapes timed by this call are appended to ``timed``.  ``gathers=False`` charges lookups 0 ms
+    untimed (fast mode decides MatMuls only).
+    """
+    from edgeprune.runtime.targets import resolve_target
 
     target = resolve_target(target)
     cache = _load_cache()
-    prefix = f"ort{onnxruntime.__version__}|{_cpu()}|{target.name}|t{threads}|T{tokens}|acc{accuracy_level}|nospin"
-    dirty = False
-
-    def cached(key: str, make) -> float:
-        nonlocal dirty
-        full = f"{prefix}|{key}"
-        if full not in cache:
-            cache[full] = make()
-            dirty = True
-        return float(cache[full])
-
-    overhead = cached("overhead", lambda: _time(_single_op_model("Identity", 8, tokens), 8, tokens, target, threads))
+    prefix = _prefix(target, threads, tokens, accuracy_level)
+    groups, dirty = {}, False
+    for shape, options in shapes(units, gathers).items():
+        entry = cache.get(f"{prefix}|{shape}")
+        if retime or not isinstance(entry, dict) or not set(options) <= set(entry["ms"]):
+            entry = {"ms": _time_shape(shape, options, tokens, target, threads, accuracy_level), "at": _now()}
+            cache[f"{prefix}|{shape}"], dirty = entry, True
+            if timed is not None:
+                timed.append(shape)
+        groups[shape] = entry
+    if dirty:
+        _save_cache(cache)
     out: dict[tuple[str, str], float] = {}
     for u in units:
         for p in u.parts:
-            if p.op not in ("MatMul", "Gemm"):
+            shape = _shape(p, gathers)
+            if shape is None:
                 for o in p.options:
                     out[(p.node, o.key)] = 0.0
                 continue
-            k, n = p.weight.shape
-            dql = cached(f"dql|{k}", lambda k=k: _time(_single_op_model("DynamicQuantizeLinear", k, tokens), k, tokens, target, threads))
-            out[("dql", p.input)] = max(dql - overhead, 0.0)
+            ms = groups[shape]["ms"]
+            overhead = ms["overhead"]
+            dql = max(ms["dql"] - overhead, 0.0) if "dql" in ms else 0.0
+            if "dql" in ms:
+                out.setdefault(("dql", p.input), dql)
             for o in p.options:
-                key = o.key
-                if o.kind == "gptq":  # GPTQ changes the codes, not the format: time it as MatMulNBits
-                    o = dataclasses.replace(o, kind="nbits")
-
-                def make(o=o, k=k, n=n):
-                    base = _matmul_model(k, n, tokens)
-                    model = base if o.kind == KEEP else emit(base, {"mm": o}, accuracy_level=accuracy_level)[0]
-                    return _time(model, k, tokens, target, threads)
-
-                ms = cached(f"matmul|{k}x{n}|{o.key}", make) - overhead
+                t = ms[_timed_as(o).key] - overhead
                 if o.kind == "int8-dynamic":
-                    ms -= dql - overhead
-                out[(p.node, key)] = max(ms, 0.0)
-    if dirty:
-        _save_cache(cache)
+                    t -= dql
+                out[(p.node, o.key)] = max(t, 0.0)
     return out
 
 
@@ -149,3 +238,53 @@ def model_latency(model: ir.Model, context, units, table, tokens: int) -> tuple[
     full = measure_latency(model, feed, context.target, warmup=3, runs=10, threads=context.threads).p50_ms
     units_ms = sum(table[(p.node, "float")] for u in units for p in u.parts)
     return full, units_ms
+
+
+def _stamps(cache: dict, prefix: str, wanted) -> dict[str, str]:
+    """Shape -> when its cached timings were taken."""
+    return {s: cache[f"{prefix}|{s}"]["at"] for s in wanted if isinstance(cache.get(f"{prefix}|{s}"), dict)}
+
+
+def fresh_latencies(model: ir.Model, context, units, *, tokens: int, accuracy_level: int | None = None):
+    """(table, float model p50 ms, its units' float sum, how the table was checked): :func:`unit_latencies`
+    checked against the float model's own time.
+
+    The shapes' timings are cached with the time each was taken; each model's record keeps the float
+    model's p50 measured beside them and those times.  Unless every shape was timed just now, the
+    table is re-timed (every shape, once) when there is no record, when a shape was re-timed since
+    (another model sharing it), or when the float model now runs more than ``STALE`` faster or slower
+    than recorded (the machine's load changed since the timings were taken).
+    """
+    from edgeprune.runtime.targets import resolve_target
+
+    target = resolve_target(context.target)
+    kw = {"tokens": tokens, "threads": context.threads, "accuracy_level": accuracy_level}
+    timed: list[str] = []
+    table = unit_latencies(units, context.target, timed=timed, **kw)
+    float_ms, units_ms = model_latency(model, context, units, table, tokens)
+    wanted = sorted(shapes(units))
+    prefix = _prefix(target, context.threads, tokens, accuracy_level)
+    key = f"{prefix}|model|" + hashlib.sha1("|".join(
+        [f"{p.node}:{_shape(p)}" for u in units for p in u.parts]).encode()).hexdigest()[:16]
+    cache = _load_cache()
+    stamps = _stamps(cache, prefix, wanted)
+    rec = cache.get(key)
+    if set(timed) >= set(wanted):
+        how = "timed now"
+    elif not isinstance(rec, dict) or rec.get("shapes") != stamps:
+        how = "re-timed: no record of this model beside its cached shapes"
+    elif abs(math.log(float_ms / rec["float_ms"])) > math.log1p(STALE):
+        how = (f"re-timed: the float model ran {float_ms:.2f} ms against {rec['float_ms']:.2f} ms when its shapes "
+               f"were timed")
+    else:
+        how = "cached"
+    if how.startswith("re-timed"):
+        logger.info("microbenchmarks %s", how)
+        table = unit_latencies(units, context.target, retime=True, **kw)
+        float_ms, units_ms = model_latency(model, context, units, table, tokens)
+        cache = _load_cache()
+        stamps = _stamps(cache, prefix, wanted)
+    if how != "cached":
+        cache[key] = {"float_ms": float_ms, "units_float_ms": units_ms, "shapes": stamps, "at": _now()}
+        _save_cache(cache)
+    return table, float_ms, units_ms, how

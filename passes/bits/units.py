@@ -126,10 +126,10 @@ def _mm_options(c: BitAllocationConfig, kinds: set[str]) -> list[Option]:
     opts += [Option("qdq", b) for b in QDQ_BITS if f"qdq{b}" in kinds]
     if "nbits" in kinds:
         # Accuracy level 4 only for 4/8 bits: ORT 1.32's CPU int8-compute kernel covers those widths.
-        opts += [Option("nbits", b, blk, c.symmetric, a) for a in c.accuracy_levels for b in c.bit_options
+        opts += [Option("nbits", b, blk, c.symmetric, a) for a in c.levels for b in c.bit_options
                  if b in NBITS_TOOL_BITS and (a == 0 or b in (4, 8)) for blk in c.blocks]
         if c.gptq:
-            opts += [Option("gptq", b, blk, c.symmetric, a) for a in c.accuracy_levels for b in c.bit_options
+            opts += [Option("gptq", b, blk, c.symmetric, a) for a in c.levels for b in c.bit_options
                      if b in (2, 4) and (a == 0 or b == 4) for blk in c.blocks]
     return opts
 

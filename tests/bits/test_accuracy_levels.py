@@ -71,11 +71,27 @@ def test_block_noise_model_bounds_the_real_activation_error():
     assert real <= model <= 12 * real  # an upper bound: a row's block absmax is below the rows' per-feature absmax
 
 
-def test_accuracy_levels_are_offered_only_when_asked():
+def test_accuracy_levels_are_offered_by_default_on_cpu_budgets_only(monkeypatch):
+    """Default: level 4 beside 0 for a budget on the CPU EP; not with levels (0,), an ``accuracy_level``, a
+    uniform width, or another execution provider."""
+    _fake_latencies(monkeypatch)
+    cpu, cuda = get_target("cpu"), get_target("cuda")
+    assert BitAllocationConfig(avg_bits=6).accuracy_levels is None
+    assert BitAllocationConfig(avg_bits=6).for_target(cpu).accuracy_levels == (0, 4)
+    assert BitAllocationConfig(avg_bits=6).for_target(None).accuracy_levels == (0, 4)
+    assert BitAllocationConfig(avg_bits=6).for_target(cuda).accuracy_levels == (0,)
+    assert BitAllocationConfig(avg_bits=6, accuracy_level=4).for_target(cpu).accuracy_levels == (0,)
+    assert BitAllocationConfig(mode="uniform", bits=8).for_target(cpu).accuracy_levels == (0,)
+    assert BitAllocationConfig(mode="fast").for_target(cpu).accuracy_levels == (0,)
+    assert BitAllocationConfig(avg_bits=6, accuracy_levels=(0,)).for_target(cpu).accuracy_levels == (0,)
     model = _two_layer()
     default = BitAllocationPass(BitAllocationConfig(avg_bits=6, block_size=32, dynamic_int8=False, output_checks=0),
                                 _ctx(model))(model)
-    assert not any("acc" in k for k in default.summary["formats_offered"])
+    assert {k for k in default.summary["formats_offered"] if "acc" in k} == {"nbits4-b32-asym-acc4", "nbits8-b32-asym-acc4"}
+    model = _two_layer()
+    only0 = BitAllocationPass(BitAllocationConfig(avg_bits=6, block_size=32, dynamic_int8=False, output_checks=0,
+                                                  accuracy_levels=(0,)), _ctx(model))(model)
+    assert not any("acc" in k for k in only0.summary["formats_offered"])
     m2 = _two_layer()
     cfg = BitAllocationConfig(avg_bits=6, bit_options=(2, 4, 8), block_size=32, dynamic_int8=False, output_checks=0,
                               accuracy_levels=(0, 4), speed_slack=0.0)
@@ -129,16 +145,20 @@ def test_latency_budget_chooses_accuracy_level_4(monkeypatch):
 
 
 def test_size_budget_breaks_ties_for_speed(monkeypatch):
-    """Same size, objective within speed_slack's allowance: the faster level-4 format; without the flag, the old choice."""
+    """Same size, objective within speed_slack's allowance: the faster level-4 format; with level 0 only, the old choice."""
     _fake_latencies(monkeypatch)
     m_old, m_new = _two_layer(), _two_layer()
     budget = 12_000  # room for 8 bits on both (2 x 4.6 kB), not for float (2 x 16 kB)
     old = BitAllocationPass(BitAllocationConfig(size_budget_bytes=budget, block_size=32, dynamic_int8=False,
-                                                output_checks=0), _ctx(m_old))(m_old)
+                                                output_checks=0, accuracy_levels=(0,)), _ctx(m_old))(m_old)
     assert [r["format"] for r in old.records] == ["nbits8-b32-asym"] * 2 and _levels(m_old) == [0, 0]
     new = BitAllocationPass(BitAllocationConfig(size_budget_bytes=budget, block_size=32, dynamic_int8=False,
                                                 output_checks=0, accuracy_levels=(0, 4)), _ctx(m_new))(m_new)
     assert [r["format"] for r in new.records] == ["nbits8-b32-asym-acc4"] * 2 and _levels(m_new) == [4, 4]
+    m_default = _two_layer()  # the default on cpu offers both levels
+    default = BitAllocationPass(BitAllocationConfig(size_budget_bytes=budget, block_size=32, dynamic_int8=False,
+                                                    output_checks=0), _ctx(m_default))(m_default)
+    assert [r["format"] for r in default.records] == ["nbits8-b32-asym-acc4"] * 2 and _levels(m_default) == [4, 4]
     slack = BitAllocationConfig(avg_bits=4).speed_slack
     assert new.summary["objective"] <= old.summary["objective"] + slack ** 2 * sum(r["importance"] for r in new.records)
     # A slack of 0 keeps the least error.

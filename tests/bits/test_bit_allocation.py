@@ -250,41 +250,94 @@ def test_minilm_compile_at_six_bits(minilm_artifact, tmp_path):
     assert len(cos) == 36 and all(-1 <= c <= 1 for c in cos)  # 6 layers x (q, k, v, o, up, down)
 
 
-def test_latency_mode_microbenchmarks_are_cached_and_budgets_checked(tmp_path, monkeypatch):
-    """The cache spares a rerun every microbenchmark; budgets below the floor or above the float model are named.
-
-    The timer is replaced by fixed figures per op: with real timings a 64x64 MatMul sits at ORT's
-    per-run overhead, so under load every option could clamp to 0 ms and the floor with it.
-    """
+def _fake_groups(monkeypatch, tmp_path, float_ms):
+    """Microbenchmarks with fixed figures per op (a 64x64 MatMul sits at ORT's per-run overhead, so real
+    timings could clamp every option to 0 ms) and the float model timed at ``float_ms[0]``; returns the
+    list of side-by-side groups timed (each the sorted names of its models)."""
     from edgeprune.passes.bits import microbench
 
-    timed = []
+    groups = []
 
-    def fake_time(model, k, tokens, target, threads):
-        ops = sorted(n.op_type for n in model.graph)
-        timed.append(ops)
-        return {("Identity",): 0.01, ("DynamicQuantizeLinear",): 0.02}.get(tuple(ops), 0.05 + 0.01 * len(ops))
+    def ms(model):
+        ops = tuple(sorted(n.op_type for n in model.graph))
+        return {("Identity",): 0.01, ("DynamicQuantizeLinear",): 0.02}.get(ops, 0.05 + 0.01 * len(ops))
+
+    def fake_group(models, target, threads):
+        groups.append(sorted(models))
+        return {k: ms(m) for k, (m, _) in models.items()}
 
     monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path))
-    monkeypatch.setattr(microbench, "_time", fake_time)
+    monkeypatch.setattr(microbench, "_time_group", fake_group)
+    monkeypatch.setattr(microbench, "model_latency", lambda model, ctx, units, table, tokens: (
+        float_ms[0], sum(table[(p.node, "float")] for u in units for p in u.parts)))
+    return groups
+
+
+_GRID = ["dql", "float", "int8-dyn", "nbits4-b128-asym", "nbits4-b32-asym", "nbits4-b64-asym", "nbits8-b128-asym",
+         "nbits8-b32-asym", "nbits8-b64-asym", "overhead"]
+
+
+def test_latency_mode_microbenchmarks_are_cached_and_budgets_checked(tmp_path, monkeypatch):
+    """All formats of a shape are timed side by side in one run, cached; budgets below the floor or above the
+    float model are named."""
+    import json
+
+    from edgeprune.passes.bits import microbench
+
+    groups = _fake_groups(monkeypatch, tmp_path, [1.0])
     model = _two_layer()
+    kw = dict(latency_tokens=T, accuracy_levels=(0,))
     with pytest.raises(BadInputError, match="fastest model"):
-        BitAllocationPass(BitAllocationConfig(latency_budget_ms=1e-6, latency_tokens=T), _ctx(model))(model)
-    first = len(timed)
-    assert first == 2 + 8  # overhead, DynamicQuantizeLinear; float, int8-dyn, nbits 4 and 8 at 3 blocks (64x64 once)
+        BitAllocationPass(BitAllocationConfig(latency_budget_ms=1e-6, **kw), _ctx(model))(model)
+    assert groups == [_GRID]  # both layers are 64x64: one shape, every format and the overhead in one run
     with pytest.raises(BadInputError, match="fastest model"):
-        BitAllocationPass(BitAllocationConfig(latency_budget_ratio=1e-6, latency_tokens=T), _ctx(model))(model)
+        BitAllocationPass(BitAllocationConfig(latency_budget_ratio=1e-6, **kw), _ctx(model))(model)
     cache = microbench.cache_path()
     assert cache.parent == tmp_path and cache.exists()
     entries = cache.read_text()
-    assert "matmul|64x64|int8-dyn" in entries and "dql|64" in entries
-    result = BitAllocationPass(BitAllocationConfig(latency_budget_ms=1e6, latency_tokens=T), _ctx(model))(model)
+    (shape,) = [v["ms"] for k, v in json.loads(entries).items() if k.endswith("|matmul|64x64")]
+    # quantize_dynamic writes 5 nodes: DynamicQuantizeLinear, MatMulInteger and the scaling's Mul, Cast, Mul.
+    assert shape["int8-dyn"] == pytest.approx(0.05 + 0.01 * 5) and shape["dql"] == 0.02 and shape["overhead"] == 0.01
+    result = BitAllocationPass(BitAllocationConfig(latency_budget_ms=1e6, **kw), _ctx(model))(model)
     assert not result.modified and any("latency budget" in n for n in result.summary["notes"])
-    assert len(timed) == first and cache.read_text() == entries  # the later runs measured nothing new
+    assert len(groups) == 1 and cache.read_text() == entries  # the later runs measured nothing new
     lat = result.summary["latency"]
-    assert lat["float_ms"] > 0
+    assert lat["float_ms"] == 1.0 and lat["microbenchmarks"] == "cached"
     assert lat["per_unit_ms"]["layerA|float"] == pytest.approx(0.06 - 0.01)
-    assert lat["per_unit_ms"]["layerA|int8-dyn"] == pytest.approx(max(0.0, 0.05 + 0.01 * len(timed[3]) - 0.01 - (0.02 - 0.01)))
+    # int8-dyn less the overhead and the DynamicQuantizeLinear, which is charged once per input.
+    assert lat["per_unit_ms"]["layerA|int8-dyn"] == pytest.approx(0.1 - 0.01 - (0.02 - 0.01))
+    assert lat["per_unit_ms"]["dql|x"] == pytest.approx(0.02 - 0.01)
+
+
+def test_microbenchmarks_are_retimed_side_by_side_when_stale(tmp_path, monkeypatch):
+    """A float model that now runs more than STALE slower or faster than when its shapes were timed, a shape
+    re-timed since, or a format the cache lacks: every shape is timed again, all its formats in one run."""
+    import json
+
+    from edgeprune.passes.bits import microbench
+
+    float_ms = [1.0]
+    groups = _fake_groups(monkeypatch, tmp_path, float_ms)
+    model = _two_layer()
+
+    def run(**kw):
+        cfg = BitAllocationConfig(latency_budget_ms=1e6, latency_tokens=T, accuracy_levels=(0,), **kw)
+        return BitAllocationPass(cfg, _ctx(model))(model).summary["latency"]["microbenchmarks"]
+
+    assert run(bit_options=(8,)) == "timed now" and len(groups) == 1 and "nbits4-b32-asym" not in groups[0]
+    assert run() == "timed now" and groups[1] == _GRID  # 4-bit asked: the cached 8-bit formats timed again beside it
+    float_ms[0] = 1.2  # within STALE of the record
+    assert run() == "cached" and run(bit_options=(8,)) == "cached" and len(groups) == 2
+    float_ms[0] = 2.0
+    assert run() == "re-timed: the float model ran 2.00 ms against 1.00 ms when its shapes were timed"
+    assert groups[2] == _GRID and run() == "cached"
+    cache = json.loads(microbench.cache_path().read_text())
+    (rec,) = [v for k, v in cache.items() if "|model|" in k]
+    assert rec["float_ms"] == 2.0 and rec["units_float_ms"] == pytest.approx(2 * (0.06 - 0.01))
+    for k in [k for k in cache if "|model|" in k]:  # shapes cached by another model, none by this one
+        del cache[k]
+    microbench.cache_path().write_text(json.dumps(cache))
+    assert run() == "re-timed: no record of this model beside its cached shapes" and len(groups) == 4
 
 
 def test_gemm_is_rewritten_to_matmul_and_quantized():
@@ -338,18 +391,20 @@ def test_latency_budget_is_checked_by_measurement_and_tightened(monkeypatch):
     monkeypatch.setattr(latency_mod, "measure_side_by_side", fake)
     ratios = iter([0.95, 0.6])  # the first emitted model misses a 0.9x budget, the second meets it
     model = _two_layer()
-    result = BitAllocationPass(BitAllocationConfig(latency_budget_ratio=0.9), _ctx(model))(model)
+    result = BitAllocationPass(BitAllocationConfig(latency_budget_ratio=0.9, accuracy_levels=(0,)), _ctx(model))(model)
     check = result.summary["latency_check"]
     assert check["met"] and check["target_ratio"] == 0.9
     first, second = check["attempts"]
     assert first["measured_ratio"] == 0.95 and second["measured_ratio"] == 0.6
     assert first["solver_budget_ms"] == pytest.approx(0.9 * 3.0 - 1.0)
-    assert second["solver_budget_ms"] == pytest.approx(first["solver_budget_ms"] - 0.05 * 3.0)
+    # Tightened from the first choice's prediction (1.6 ms in the units, inside the 1.7 ms budget) by the overshoot.
+    assert first["predicted_ms"] == pytest.approx(1.0 + 1.6)
+    assert second["solver_budget_ms"] == pytest.approx(1.6 - 0.05 * 3.0)
     assert second["predicted_ms"] < first["predicted_ms"]
 
     ratios = iter([0.95, 0.95, 0.95])  # never met: the last model is kept, with a note
     model = _two_layer()
-    result = BitAllocationPass(BitAllocationConfig(latency_budget_ratio=0.9), _ctx(model))(model)
+    result = BitAllocationPass(BitAllocationConfig(latency_budget_ratio=0.9, accuracy_levels=(0,)), _ctx(model))(model)
     check = result.summary["latency_check"]
     assert not check["met"] and 2 <= len(check["attempts"]) <= 3
     assert any("misses the budget" in n for n in result.summary["notes"])

@@ -137,7 +137,8 @@ def test_cpu_matmul_formats_are_unchanged():
     """Transformer MatMuls keep their cpu formats: dynamic int8 and MatMulNBits, no static QDQ."""
     model, ctx = _mixed_float()
     result = BitAllocationPass(BitAllocationConfig(avg_bits=6, bit_options=(4, 8), block_size=32), ctx)(model)
-    assert result.summary["formats_offered"] == ["float", "int8-dyn", "nbits4-b32-asym", "nbits8-b32-asym"]
+    assert result.summary["formats_offered"] == ["float", "int8-dyn", "nbits4-b32-asym", "nbits4-b32-asym-acc4",
+                                                 "nbits8-b32-asym", "nbits8-b32-asym-acc4"]
 
 
 # --------------------------------------------------------------------------- defect 7: already quantized, budget floor
@@ -281,7 +282,7 @@ def _fake_microbench(monkeypatch, tmp_path, int8_faster: bool):
     """Fixed microbenchmark figures: dynamic int8 twice as fast as float (or twice as slow)."""
     from edgeprune.passes.bits import microbench
 
-    def fake_time(model, k, tokens, target, threads):
+    def fake_time(model):
         ops = sorted(n.op_type for n in model.graph)
         if ops in (["Identity"], ["DynamicQuantizeLinear"]):
             return 0.01
@@ -290,7 +291,8 @@ def _fake_microbench(monkeypatch, tmp_path, int8_faster: bool):
         return 0.41
 
     monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path))
-    monkeypatch.setattr(microbench, "_time", fake_time)
+    monkeypatch.setattr(microbench, "_time_group", lambda models, target, threads: {
+        k: fake_time(m) for k, (m, _) in models.items()})
 
 
 @pytest.mark.parametrize("int8_faster", [True, False])
