@@ -194,12 +194,15 @@ class BitAllocationPass(EdgePass):
         records = units_mod.records(units, choice)
         measure.output_checks(model, units, choice, records, ctx, self.config.output_checks, stats)
         measure.block_cosines(model, structures, records, ctx)
-        model.graph = new.graph
-        model.ir_version = new.ir_version
         size = sum(u.size(u.combos()[i]) for u, i in zip(units, choice))
         if "size_check" in summary:
             summary["written_bytes"] = summary["size_check"]["attempts"][-1]["written_bytes"]
             summary["predicted_bytes"] = summary["size_check"]["attempts"][-1]["predicted_bytes"]
+        else:  # the solver's bytes plus everything else the float model writes, against the file written
+            summary["predicted_bytes"] = int(size + written_bytes(model) - sum(u.float_size for u in units))
+            summary["written_bytes"] = written_bytes(as_written(model, new))
+        model.graph = new.graph
+        model.ir_version = new.ir_version
         summary.update(emit=log, weight_bytes_after=model_bytes(model), avg_bits=8.0 * size / sum(u.params for u in units))
         summary["notes"] = notes
         logger.info("bits: %d units, %.2f avg bits, %.1f MB of weights", len(units), summary["avg_bits"], summary["weight_bytes_after"] / 1e6)

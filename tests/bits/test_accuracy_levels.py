@@ -187,6 +187,24 @@ def test_written_model_never_exceeds_the_size_budget(budget, tmp_path):
     assert any(n.startswith("size: predicted") for n in result.summary["notes"])
 
 
+@pytest.mark.parametrize("options", [{"avg_bits": 6.0}, {"mode": "uniform", "bits": 4}, {"mode": "uniform", "bits": 8}])
+def test_summary_has_predicted_and_written_bytes_without_a_size_budget(options, tmp_path, monkeypatch):
+    """Every budget's summary says what the solver predicted (option bytes + the float model's other written
+    bytes) and what the model writes (the file itself)."""
+    _fake_latencies(monkeypatch)
+    model = _two_layer()
+    float_path = tmp_path / "float.onnx"
+    save_model(model, float_path)
+    result = BitAllocationPass(BitAllocationConfig(block_size=32, output_checks=0, **options), _ctx(model))(model)
+    path = tmp_path / "m.onnx"
+    save_model(model, path)
+    s = result.summary
+    assert s["written_bytes"] == file_size(path)
+    other = file_size(float_path) - 2 * 64 * 64 * 4
+    assert s["predicted_bytes"] == sum(r["bytes"] for r in result.records) + other
+    assert 0 < s["written_bytes"] - s["predicted_bytes"] < 1_000  # the quantizers' node and initializer names
+
+
 def test_budget_only_the_unwritten_model_fits_is_refused():
     """Above the shapes' floor but below what any choice writes: refused with the written size, nothing written."""
     model = _two_layer()
