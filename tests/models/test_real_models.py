@@ -115,3 +115,30 @@ def test_minilm_prune_ratio_zero_is_exact_and_pruned_runs_at_any_shape(minilm_ar
         tokens, sentence = pruned.run(None, _minilm_feeds(batch, seq))
         assert tokens.shape == (batch, seq, 384) and sentence.shape == (batch, 384)
         assert np.isfinite(tokens).all()
+
+
+def test_smollm2_with_cache_matches_the_cacheless_export_and_decodes_from_its_cache(smollm2_artifact, smollm2_kv_artifact):
+    """The with-past export is the same function: a prefill's logits equal the no-cache model's, and greedy
+    decoding that reuses the cache picks the tokens a full recomputation picks."""
+    import onnxruntime as ort
+
+    from edgeprune import kv_cache
+    from edgeprune.models.tasks import wikitext_tokens
+    from edgeprune.runtime.generation import measure_generation
+
+    ids = np.asarray(wikitext_tokens(smollm2_kv_artifact.tokenizer_path)[:24], dtype=np.int64)
+    plain = ort.InferenceSession(str(smollm2_artifact.model_path), providers=["CPUExecutionProvider"])
+    cached = ort.InferenceSession(str(smollm2_kv_artifact.model_path), providers=["CPUExecutionProvider"])
+    empty = kv_cache.empty_cache(kv_cache.session_cache(cached), 1)
+    assert len(empty) == 60 and empty["past_key_values.29.value"].shape == (1, 3, 0, 64)
+
+    def feed(tokens):
+        n = len(tokens)
+        return {"input_ids": np.asarray([tokens]), "attention_mask": np.ones((1, n), np.int64), "position_ids": np.arange(n)[None]}
+
+    np.testing.assert_allclose(cached.run(["logits"], {**feed(ids), **empty})[0], plain.run(["logits"], feed(ids))[0], rtol=1e-4, atol=1e-4)
+    greedy = measure_generation({"kv": str(smollm2_kv_artifact.model_path)}, ids, new_tokens=6, rounds=1, warmup=0, threads=2)["kv"]
+    seq = list(ids)
+    for _ in range(6):
+        seq.append(int(plain.run(["logits"], feed(seq))[0][0, -1].argmax()))
+    assert greedy.tokens == seq[len(ids):]
