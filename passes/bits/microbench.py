@@ -271,8 +271,10 @@ def fresh_latencies(model: ir.Model, context, units, *, tokens: int, accuracy_le
     rec = cache.get(key)
     if set(timed) >= set(wanted):
         how = "timed now"
-    elif not isinstance(rec, dict) or rec.get("shapes") != stamps:
+    elif not isinstance(rec, dict):
         how = "re-timed: no record of this model beside its cached shapes"
+    elif rec.get("shapes") != stamps:
+        how = "re-timed: a shape was timed again (for another model) since this model's record"
     elif abs(math.log(float_ms / rec["float_ms"])) > math.log1p(STALE):
         how = (f"re-timed: the float model ran {float_ms:.2f} ms against {rec['float_ms']:.2f} ms when its shapes "
                f"were timed")

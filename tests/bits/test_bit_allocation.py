@@ -338,6 +338,12 @@ def test_microbenchmarks_are_retimed_side_by_side_when_stale(tmp_path, monkeypat
         del cache[k]
     microbench.cache_path().write_text(json.dumps(cache))
     assert run() == "re-timed: no record of this model beside its cached shapes" and len(groups) == 4
+    cache = json.loads(microbench.cache_path().read_text())
+    (shape,) = [k for k in cache if k.endswith("|matmul|64x64")]
+    cache[shape]["at"] = "2026-01-01T00:00:00+00:00"  # as if another model's run had re-timed it
+    microbench.cache_path().write_text(json.dumps(cache))
+    assert run() == "re-timed: a shape was timed again (for another model) since this model's record"
+    assert len(groups) == 5 and run() == "cached"
 
 
 def test_gemm_is_rewritten_to_matmul_and_quantized():
