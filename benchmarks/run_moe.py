@@ -4,7 +4,12 @@ Three ways to choose the experts, at the same count: task-specific (TCESS on the
 training windows), task-agnostic (TCESS on windows of all domains) and the frequency baseline
 (selection frequency on the domain's windows).  Perplexity (bytes) is measured in ONNX Runtime on
 each domain's held-out windows, for the pruned loop-form ONNX graph; in-domain is the domain the
-experts were chosen for, out-of-domain the mean over the other domains.
+experts were chosen for, out-of-domain the mean over the other domains.  Union rows keep the experts
+either of two domains needs (each at the row's share).  Also: routing histograms per domain (held-out
+windows), retrieval accuracy on held-out prompts for each retrieval method and probe depth, and the
+footprint (resident memory, load time, 1-token latency) of the full and the retrieved task graphs,
+beside ORT's fixed cost and, for scale, the same bundle built on a wider random-init copy of the
+architecture (memory does not depend on the weights' values).
 
     python benchmarks/run_moe.py [WEIGHTS_DIR] [--out benchmarks/results/moe.json]
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -24,14 +30,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from edgeprune.analysis import analyze
 from edgeprune.calibration import CalibrationSet
 from edgeprune.context import CompileContext
 from edgeprune.model_io import load_model, to_proto
 from edgeprune.models import moe_train
 from edgeprune.models.moe_export import export_moe
 from edgeprune.passes.moe import MoEConfig, MoEExpertPruningPass
-from edgeprune.runtime.moe import build_bundle
-from edgeprune.runtime.moe import RetrievalSession
+from edgeprune.passes.moe.scores import collect_router_stats
+from edgeprune.runtime.moe import METHODS, RetrievalSession, build_bundle, write_bundle
 from edgeprune.runtime.targets import get_target
 
 logger = logging.getLogger(__name__)
@@ -39,6 +46,9 @@ logger = logging.getLogger(__name__)
 KEEPS = (0.75, 0.5, 0.25)
 CALIB_WINDOWS = 24
 EVAL_WINDOWS = 32
+UNION_PAIRS = (("code", "math"), ("chat", "shakespeare"), ("scripture", "encyclopedic"))
+#: The wider random-init copy for the footprint at scale (experts dominate the weights, as in real MoEs).
+SCALE = {"hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 4}
 
 
 def _feeds(windows: np.ndarray) -> list[dict[str, np.ndarray]]:
@@ -73,7 +83,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("weights", nargs="?", default=str(Path(__file__).resolve().parents[1] / "models" / "weights" / "moe_mix"))
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "moe.json"))
+    parser.add_argument("--no-md", action="store_true", help="do not rewrite the moe section of BENCHMARKS.md")
     args = parser.parse_args(argv)
+    started = time.time()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     model = moe_train.load(args.weights)
     splits = {d: moe_train.split(t) for d, t in moe_train.domain_texts().items()}
@@ -104,23 +116,148 @@ def main(argv: list[str] | None = None) -> dict:
                     ppl = {d: _perplexity(session, w) for d, w in held.items()}
                     other = [ppl[d] / base[d] for d in held if d != domain]
                     rows.append({
-                        "keep": keep, "domain": domain, "method": method, "kept_per_layer": [len(k) for k in kept],
+                        "keep": keep, "domain": domain, "method": method, "kept_per_layer": [len(k) for k in kept], "kept": kept,
                         "in_domain_ppl": ppl[domain], "full_ppl": base[domain], "in_domain_ratio": ppl[domain] / base[domain],
                         "out_of_domain_ratio_mean": float(np.mean(other)),
                     })  # fmt: skip
+            for pair in UNION_PAIRS:
+                kept_a, kept_b = ([r["kept"] for r in rows if r["keep"] == keep and r["domain"] == d and r["method"] == "task-specific (tcess)"][0] for d in pair)
+                union = [sorted(set(a) | set(b)) for a, b in zip(kept_a, kept_b)]
+                session = _session(_replay(path, union))
+                ppl = {d: _perplexity(session, held[d]) for d in pair}
+                rows.append({
+                    "keep": keep, "domain": "+".join(pair), "method": "union of 2 tasks (tcess)", "kept_per_layer": [len(k) for k in union],
+                    "kept": union, "in_domain_ratio_per_task": {d: ppl[d] / base[d] for d in pair},
+                    "in_domain_ratio": float(np.mean([ppl[d] / base[d] for d in pair])), "experts": int(sum(map(len, union))),
+                })  # fmt: skip
             logger.info("keep %.2f done in %.0f s", keep, time.time() - t)
+        histograms = _histograms(path, held)
         retrieval = _retrieval(path, calib, splits, Path(tmp) / "bundle")
-    result = {"weights": args.weights, "full_perplexity": base, "rows": rows, "retrieval": retrieval}
+        retrieval["scale"] = _scale_footprint(retrieval["kept"], Path(tmp) / "scale")
+    result = {
+        "weights": args.weights, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": round(time.time() - started),
+        "load_average_1min": os.getloadavg()[0], "onnxruntime": ort.__version__, "cpus": os.cpu_count(),
+        "card": json.loads((Path(args.weights) / "card.json").read_text()),
+        "full_perplexity": base, "rows": rows, "retrieval": retrieval, **histograms,
+    }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
+    if not args.no_md:
+        from bench_md import BENCHMARKS_MD, update_section
+
+        update_section(BENCHMARKS_MD, "moe", render_markdown(result))
     for keep in KEEPS:
         for method in ("task-specific (tcess)", "task-agnostic (tcess, all domains)", "frequency (domain)"):
             sel = [r for r in rows if r["keep"] == keep and r["method"] == method]
             logger.info("keep %.2f %-36s in-domain ppl ratio mean %.3f (max %.3f), out-of-domain %.3f", keep, method,
                         np.mean([r["in_domain_ratio"] for r in sel]), max(r["in_domain_ratio"] for r in sel),
                         np.mean([r["out_of_domain_ratio_mean"] for r in sel]))  # fmt: skip
-    logger.info("retrieval: %s", {k: v for k, v in retrieval.items() if k != "confusion"})
+    for pair in UNION_PAIRS:
+        for keep in KEEPS:
+            (r,) = [r for r in rows if r["keep"] == keep and r["domain"] == "+".join(pair)]
+            logger.info("keep %.2f union %s: %d experts, in-domain ratios %s", keep, r["domain"], r["experts"],
+                        {d: round(v, 3) for d, v in r["in_domain_ratio_per_task"].items()})  # fmt: skip
+    logger.info("specialisation (TV per layer): %s", result["specialisation"])
+    logger.info("retrieval accuracy: %s", {k: v["accuracy"] for k, v in retrieval["variants"].items()})
+    logger.info("footprint: %s", {k: retrieval[k] for k in ("ort_fixed", "full", "tasks", "scale")})
     return result
+
+
+METHOD_ORDER = ("task-specific (tcess)", "task-agnostic (tcess, all domains)", "frequency (domain)")
+
+
+def render_markdown(r: dict) -> str:
+    """The moe section of BENCHMARKS.md from a result of ``main``."""
+    card, ret = r["card"], r["retrieval"]
+    doms = list(r["full_perplexity"])
+    cfg = card["config"]
+    lines = [
+        "## MoE expert pruning and expert retrieval (issue 12)", "",
+        f"`python benchmarks/run_moe.py` (results: `benchmarks/results/moe.json`), {r['date']}, {r['cpus']} cores, onnxruntime {r['onnxruntime']}, "
+        f"{r['seconds']} s, 1-minute load average {r['load_average_1min']:.1f} at the end (above the core count: other jobs shared the cores). "
+        f"Model: `models/weights/moe_mix` (Mixtral over bytes, {cfg['num_hidden_layers']} layers, {cfg['num_local_experts']} experts, "
+        f"top-{cfg['num_experts_per_tok']}, hidden {cfg['hidden_size']}, {card['parameters']:,} parameters), trained by `python -m edgeprune.models.moe_train` "
+        f"for {card['steps']} steps / {card['train_seconds']:.0f} s on {card['threads']} CPU thread(s) at nice 19 ({card['optimizer']}); "
+        "held-out perplexity per byte: " + ", ".join(f"{d} {card['held_out_perplexity'][d]:.2f}" for d in doms) + ".", "",
+        "Routing specialisation on held-out windows (mean total-variation distance of a domain's expert shares from the all-domain mean, per layer; "
+        "0 = every domain routes alike, the card's check wants 0.2): " + ", ".join(f"{x:.3f}" for x in r["specialisation"]["mean_tv_distance_per_layer"]) + ".", "",
+        "Routing histograms (share of held-out tokens routed to each expert; top-2, so a row sums to 2), first and last layer:", "",
+    ]  # fmt: skip
+    n_exp = cfg["num_local_experts"]
+    for layer in (0, len(r["specialisation"]["mean_tv_distance_per_layer"]) - 1):
+        lines += [f"| layer {layer} | " + " | ".join(f"e{i}" for i in range(n_exp)) + " |", "|---|" + "---|" * n_exp]
+        lines += [f"| {d} | " + " | ".join(f"{x:.2f}" for x in r["routing_histograms"][d][layer]) + " |" for d in doms]
+        lines.append("")
+    lines += [
+        "Experts chosen per domain from 24 training windows of 64 bytes; perplexity on 32 held-out windows per domain, of the pruned loop-form "
+        "ONNX graph in ONNX Runtime. Ratio = pruned / full perplexity; in-domain = the domain the experts were chosen for; out-of-domain = mean over the other five.", "",
+        "| kept | method | in-domain ratio, mean (max) | domains within 10 % | out-of-domain ratio, mean |", "|---|---|---|---|---|",
+    ]  # fmt: skip
+    keeps = sorted({row["keep"] for row in r["rows"]}, reverse=True)
+    for keep in keeps:
+        for method in METHOD_ORDER:
+            sel = [x for x in r["rows"] if x["keep"] == keep and x["method"] == method]
+            ratios = [x["in_domain_ratio"] for x in sel]
+            lines.append(f"| {keep:.0%} | {method} | {np.mean(ratios):.3f} ({max(ratios):.3f}) | {sum(x <= 1.1 for x in ratios)}/{len(sel)} | "
+                         f"{np.mean([x['out_of_domain_ratio_mean'] for x in sel]):.3f} |")  # fmt: skip
+    for keep in keeps:
+        lines += ["", f"Per domain at {keep:.0%} kept (in-domain ratio; task-specific / task-agnostic / frequency): " + "; ".join(
+            f"{d} " + " / ".join(f"{next(x['in_domain_ratio'] for x in r['rows'] if x['keep'] == keep and x['domain'] == d and x['method'] == m):.3f}" for m in METHOD_ORDER)
+            for d in doms) + "."]  # fmt: skip
+    union = [x for x in r["rows"] if x["method"].startswith("union")]
+    if union:
+        total = cfg["num_hidden_layers"] * n_exp
+        lines += ["", "Union of two tasks' experts (each task's own choice at the share, the model keeps either's): experts kept of "
+                  f"{total}, in-domain ratio per task.", "", "| share per task | tasks | experts kept | in-domain ratio |", "|---|---|---|---|"]  # fmt: skip
+        for x in union:
+            lines.append(f"| {x['keep']:.0%} | {x['domain']} | {x['experts']} ({x['experts'] / total:.0%}) | "
+                         + ", ".join(f"{d} {v:.3f}" for d, v in x["in_domain_ratio_per_task"].items()) + " |")  # fmt: skip
+    lines += ["", f"**Retrieval** (bundle at 50 % experts per domain; {ret['prompts_per_domain']} held-out prompts of {ret['prompt_tokens']} bytes per domain, "
+              f"chance {1 / len(doms):.2f}): routing-nb = the task under which the prompt's per-token expert selections are most likely "
+              "(each expert a Bernoulli of the task's routing histogram, summed over tokens and probe layers); tcess-l1 = nearest mean TCESS signature in L1.", "",
+              "| method | probe layers | accuracy | choice ms (median) |", "|---|---|---|---|"]  # fmt: skip
+    for v in ret["variants"].values():
+        lines.append(f"| {v['method']} | {v['probe_layers']} | {v['accuracy']:.3f} | {v['choice_ms_median']:.2f} |")
+    best = max(ret["variants"].values(), key=lambda v: v["accuracy"])
+    lines += ["", f"Confusion of {best['method']} / {best['probe_layers']} layers (rows: the prompt's domain; correct of {ret['prompts_per_domain']}): "
+              + "; ".join(f"{d} {best['confusion'][d][d]}" + (" (else " + ", ".join(f"{t} {c}" for t, c in best["confusion"][d].items() if t != d and c) + ")"
+                          if any(c for t, c in best["confusion"][d].items() if t != d) else "") for d in doms) + "."]  # fmt: skip
+    lines += ["", "| graph | weight bytes read (store refs + file) | resident memory gained at load + 1 token | load s | 1-token ms (no KV cache) |", "|---|---|---|---|---|"]
+    full = ret["full"]
+
+    def row(name, fp, weights, ref, ref_weights):
+        share = f" ({weights / ref_weights:.1%})" if weights is not None else ""
+        return (f"| {name} | {'' if weights is None else f'{weights:,}'}{share} | {fp['rss_delta_kib'] / 1024:.1f} MiB ({fp['rss_delta_kib'] / ref['rss_delta_kib']:.0%}) | "
+                f"{fp['load_seconds']:.3f} | {1000 * fp['one_token_seconds']:.2f} |")  # fmt: skip
+
+    wb = ret["weights_bytes"]
+    lines.append(row("ORT session on an Identity graph (fixed cost)", ret["ort_fixed"], None, full, 1))
+    lines.append(row("full", full, wb["full.onnx"], full, wb["full.onnx"]))
+    for t, fp in ret["tasks"].items():
+        lines.append(row(f"task {t} (50 % experts)", fp, wb[f"task_{t}.onnx"], full, wb["full.onnx"]))
+    sc = ret.get("scale")
+    if sc:
+        swb = sc["weights_bytes"]
+        lines.append(row(f"scale copy ({sc['parameters']:,} params, random init): full", sc["full"], swb["full.onnx"], sc["full"], swb["full.onnx"]))
+        for t, fp in sc["tasks"].items():
+            lines.append(row(f"scale copy: task {t}'s experts", fp, swb[f"task_{t}.onnx"], sc["full"], swb["full.onnx"]))
+    lines += ["", f"The store holds every weight once ({ret['store_bytes']:,} bytes, 4 KiB-aligned); a task graph references only its experts and the "
+              "shared weights. Medians of 3 fresh processes, 2 threads. Resident-memory percentages are of the full graph in the same block; "
+              f"the scale copy is the same architecture with {', '.join(f'{k} {v}' for k, v in sc['config'].items())} (random init: memory does "
+              "not depend on the weights' values), bundled with the trained tasks' expert choices."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _replay(path: Path, kept: list[list[int]]):
+    return MoEExpertPruningPass(MoEConfig(experts=kept))(load_model(path)).model
+
+
+def _histograms(path: Path, held: dict) -> dict:
+    """Per domain and layer, the share of held-out tokens routed to each expert (top-k: rows sum to k), and the specialisation."""
+    model = load_model(path)
+    layers = analyze(model).moe_layers
+    hist = {d: [s.frequency.tolist() for s in collect_router_stats(model, layers, CalibrationSet(_feeds(w), d))] for d, w in held.items()}
+    return {"routing_histograms": hist, "specialisation": moe_train.specialisation(hist)}
 
 
 _RSS = """
@@ -152,26 +289,65 @@ def _footprint(path: Path) -> dict:
 
 
 def _retrieval(path: Path, calib: dict, splits: dict, out: Path, prompts: int = 20, prompt_tokens: int = 32) -> dict:
-    """Bundle at 50 % experts per task; held-out prompts (first ``prompt_tokens`` bytes of held-out windows) pick a task."""
+    """Bundle at 50 % experts per domain, probe = every layer's router; held-out prompts (``prompt_tokens`` bytes from
+    evenly spaced held-out positions) pick a task, with each retrieval method and probe depth."""
     tasks = {d: CalibrationSet(_feeds(c), d) for d, c in calib.items()}
-    manifest = build_bundle(path, tasks, out, keep=0.5, metric="tcess", probe_layers=2)
-    session = RetrievalSession(out, threads=2)
-    confusion, seconds = {}, []
-    for d, (_, held) in splits.items():
-        windows = moe_train.held_out_windows(held, prompts, prompt_tokens)
-        picks = []
-        for feed in _feeds(windows):
-            picks.append(session.choose(feed))
-            seconds.append(session.last_choice_seconds)
-        confusion[d] = {t: picks.count(t) for t in tasks}
-    correct = sum(confusion[d][d] for d in confusion)
-    full = _footprint(out / "full.onnx")
-    per_task = {d: _footprint(out / f"task_{d}.onnx") for d in list(tasks)[:2]}
+    layers = len(analyze(load_model(path)).moe_layers)
+    manifest = build_bundle(path, tasks, out, keep=0.5, metric="tcess", probe_layers=layers)
+    prompts_by_domain = {d: _feeds(moe_train.held_out_windows(held, prompts, prompt_tokens)) for d, (_, held) in splits.items()}
+    variants = {}
+    for method in METHODS:
+        for depth in sorted({1, 2, layers}):
+            session = RetrievalSession(out, threads=1, method=method, layers=depth)
+            confusion, seconds = {}, []
+            for d, feeds in prompts_by_domain.items():
+                picks = []
+                for feed in feeds:
+                    picks.append(session.choose(feed))
+                    seconds.append(session.last_choice_seconds)
+                confusion[d] = {t: picks.count(t) for t in tasks}
+            correct = sum(confusion[d][d] for d in confusion)
+            variants[f"{method}/{depth}"] = {
+                "method": method, "probe_layers": depth, "accuracy": correct / (prompts * len(confusion)), "confusion": confusion,
+                "choice_ms_median": 1000 * float(np.median(seconds)),
+            }  # fmt: skip
     return {
-        "accuracy": correct / (prompts * len(confusion)), "confusion": confusion, "prompt_tokens": prompt_tokens,
-        "choice_ms_median": 1000 * float(np.median(seconds)), "store_bytes": manifest["store_bytes"],
+        "variants": variants, "prompt_tokens": prompt_tokens, "prompts_per_domain": prompts, "store_bytes": manifest["store_bytes"],
         "weights_bytes": {g: v["store_bytes_referenced"] + v["file_bytes"] for g, v in manifest["graphs"].items()},
-        "full": full, "tasks": per_task,
+        "kept": {t: v["kept"] for t, v in manifest["tasks"].items()},
+        "ort_fixed": _footprint(_identity_graph(out / "identity.onnx")), "full": _footprint(out / "full.onnx"),
+        "tasks": {d: _footprint(out / f"task_{d}.onnx") for d in list(tasks)[:2]},
+    }  # fmt: skip
+
+
+def _identity_graph(path: Path) -> Path:
+    """A graph that only passes input_ids through: what an ORT session costs before any model."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    io = [helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "s"]) for n in ("input_ids", "attention_mask", "position_ids")]
+    out = helper.make_tensor_value_info("y", TensorProto.INT64, ["b", "s"])
+    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["y"])], "identity", io, [out])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def _scale_footprint(kept: dict, out: Path) -> dict:
+    """The same bundle on a wider random-init copy of the architecture (the trained tasks' expert choices): memory at scale."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(**{**moe_train.CONFIG, **SCALE})
+    path = export_moe(MixtralForCausalLM(config).eval(), out / "onnx")
+    tasks = list(kept)[:2]
+    layers = len(kept[tasks[0]])
+    zeros = [[0.0] * config.num_local_experts for _ in range(layers)]
+    manifest = write_bundle(path, {t: kept[t] for t in tasks}, {t: zeros for t in tasks}, out / "bundle", probe_layers=1)
+    return {
+        "config": SCALE, "parameters": int(sum(p.numel() for p in MixtralForCausalLM(config).parameters())),
+        "weights_bytes": {g: v["store_bytes_referenced"] + v["file_bytes"] for g, v in manifest["graphs"].items()},
+        "full": _footprint(out / "bundle" / "full.onnx"), "tasks": {t: _footprint(out / "bundle" / f"task_{t}.onnx") for t in tasks},
     }  # fmt: skip
 
 

@@ -11,12 +11,13 @@ entry, as ``compile --moe-tasks`` writes it) write into a folder:
   expert choice, reached through the pass registry like any pass;
 - ``probe.onnx``: the full model cut after the routers of the first ``probe_layers`` layers;
 - ``manifest.json`` (schema ``edgeprune.moe_bundle/1``): per task its graph, kept experts per layer and
-  its routing signature (TCESS of the probe layers' experts on its calibration rows).
+  its routing on its calibration rows in the probe layers (histogram of selections, and TCESS per expert).
 
-``RetrievalSession`` runs the probe graph on a prompt, turns its router logits into expected selection
-scores per expert (TCESS), and picks the task whose stored signature is nearest (L1 distance over the
-probe layers).  It then opens that task's graph (cached), so ORT reads from the store only the bytes
-that graph references: the kept experts and the shared weights, never a removed expert.
+``RetrievalSession`` runs the probe graph on a prompt and picks the task its routing fits best: by default
+the task under which the prompt's per-token expert selections are most likely (each expert's selection a
+Bernoulli of the task's routing histogram, summed over tokens and probe layers), or the task whose mean
+signature (TCESS per expert) is nearest in L1.  It then opens that task's graph (cached), so ORT reads from
+the store only the bytes that graph references: the kept experts and the shared weights, never a removed expert.
 """
 
 from __future__ import annotations
@@ -52,12 +53,16 @@ def _options(threads: int | None) -> ort.SessionOptions:
     return options
 
 
-def expected_selection(logits: np.ndarray, k: int, scoring: str | None) -> np.ndarray:
-    """Per expert, the mean over tokens of its router probability where top-``k`` selects it (PreMoe's TCESS).
+METHODS = ("tcess-l1", "routing-nb")
+#: Selection shares below this (or above 1 - it) are clipped before their logarithm in ``routing-nb``.
+NB_FLOOR = 1e-3
 
-    Smoother than a selection count on a short prompt; the bundle stores the same quantity per task.
-    """
+
+def _selection(logits: np.ndarray, k: int, scoring: str | None, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(router probabilities, top-``k`` selection) per token, [tokens, E]; padding rows (``mask`` 0) left out."""
     logits = logits.reshape(-1, logits.shape[-1]).astype(np.float64)
+    if mask is not None and mask.size == logits.shape[0]:
+        logits = logits[mask.reshape(-1).astype(bool)]
     if scoring == "sigmoid":
         probs = 1.0 / (1.0 + np.exp(-logits))
     else:
@@ -66,13 +71,34 @@ def expected_selection(logits: np.ndarray, k: int, scoring: str | None) -> np.nd
     top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     selected = np.zeros_like(probs, dtype=bool)
     np.put_along_axis(selected, top, True, axis=1)
+    return probs, selected
+
+
+def expected_selection(logits: np.ndarray, k: int, scoring: str | None, mask: np.ndarray | None = None) -> np.ndarray:
+    """Per expert, the mean over tokens of its router probability where top-``k`` selects it (PreMoe's TCESS)."""
+    probs, selected = _selection(logits, k, scoring, mask)
     return (probs * selected).sum(axis=0) / max(1, probs.shape[0])
 
 
-class RetrievalSession:
-    """Choose a task pattern per prompt and run it; sessions are opened on first use and cached."""
+def routing_log_likelihood(selected: np.ndarray, frequency: np.ndarray) -> float:
+    """log P(the prompt's per-token expert selections | a task), each expert's selection a Bernoulli of the task's share.
 
-    def __init__(self, bundle: str | Path, *, threads: int | None = None):
+    ``selected`` is [tokens, E] (top-k as the router picks), ``frequency`` the task's share of tokens selecting
+    each expert (its routing histogram).  Evidence adds up over tokens, where a mean signature averages it away.
+    """
+    f = np.clip(np.asarray(frequency, dtype=np.float64), NB_FLOOR, 1.0 - NB_FLOOR)
+    return float((selected * np.log(f) + (~selected) * np.log1p(-f)).sum())
+
+
+class RetrievalSession:
+    """Choose a task pattern per prompt and run it; sessions are opened on first use and cached.
+
+    ``method``: ``routing-nb`` (default where the bundle stores routing histograms): the task under which the
+    prompt's per-token expert selections in the probe layers are most likely; ``tcess-l1``: the task whose mean
+    signature (TCESS per expert) is nearest in L1.  ``layers`` uses only the first probe layers.
+    """
+
+    def __init__(self, bundle: str | Path, *, threads: int | None = None, method: str | None = None, layers: int | None = None):
         self.bundle = Path(bundle)
         path = self.bundle / "manifest.json"
         if not path.is_file():
@@ -80,9 +106,18 @@ class RetrievalSession:
         self.manifest = json.loads(path.read_text())
         if self.manifest.get("schema") != SCHEMA:
             raise BadInputError(f"{path} has schema {self.manifest.get('schema')!r}, not {SCHEMA!r}: rebuild the bundle with this edgeprune.")
+        has_routing = all("routing" in t for t in self.manifest["tasks"].values())
+        self.method = method or ("routing-nb" if has_routing else "tcess-l1")
+        if self.method not in METHODS:
+            raise BadInputError(f"unknown retrieval method {self.method!r}: choose one of {', '.join(METHODS)}.")
+        if self.method == "routing-nb" and not has_routing:
+            raise BadInputError(f"{path} stores no routing histograms per task, which routing-nb needs: rebuild the bundle or use tcess-l1.")
+        probe_layers = len(self.manifest["probe"]["routers"])
+        self.layers = probe_layers if layers is None else max(1, min(int(layers), probe_layers))
         self.threads = threads
         self._sessions: dict[str, ort.InferenceSession] = {}
         self.last_choice_seconds: float | None = None
+        self.last_scores: dict[str, float] = {}
 
     @property
     def tasks(self) -> list[str]:
@@ -100,24 +135,34 @@ class RetrievalSession:
             raise BadInputError(f"the prompt feed lacks input(s) {', '.join(missing)} the model needs: pass them with the prompt.")
         return {n: feed[n] for n in names}
 
-    def signature(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Expected selection scores (TCESS) of the probe layers' experts on this prompt."""
+    def _routing(self, feed: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(probabilities, selection) per probe layer on this prompt's tokens."""
         probe = self.manifest["probe"]
         session = self._session(probe["graph"])
-        logits = session.run(probe["routers"], self._feed(session, feed))
-        return [expected_selection(np.asarray(x), k, s) for x, k, s in zip(logits, probe["top_k"], probe["scoring"])]
+        logits = session.run(probe["routers"][: self.layers], self._feed(session, feed))
+        mask = feed.get("attention_mask")
+        return [_selection(np.asarray(x), k, s, mask) for x, k, s in zip(logits, probe["top_k"], probe["scoring"])]
+
+    def signature(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Expected selection scores (TCESS) of the probe layers' experts on this prompt."""
+        return [(p * sel).sum(axis=0) / max(1, p.shape[0]) for p, sel in self._routing(feed)]
+
+    def scores(self, feed: dict[str, np.ndarray]) -> dict[str, float]:
+        """Per task, how well the prompt's routing fits it (higher is nearer)."""
+        routing = self._routing(feed)
+        tasks = self.manifest["tasks"]
+        if self.method == "routing-nb":
+            return {name: sum(routing_log_likelihood(sel, f) for (_, sel), f in zip(routing, t["routing"])) for name, t in tasks.items()}
+        mine = [(p * sel).sum(axis=0) / max(1, p.shape[0]) for p, sel in routing]
+        return {name: -sum(float(np.abs(np.asarray(ref) - m).sum()) for ref, m in zip(t["signature"], mine)) for name, t in tasks.items()}
 
     def choose(self, feed: dict[str, np.ndarray]) -> str:
-        """The task whose stored routing signature is nearest to the prompt's."""
+        """The task whose stored routing the prompt's fits best (ties: the first task)."""
         start = time.perf_counter()
-        mine = self.signature(feed)
-        distance = {
-            name: sum(float(np.abs(np.asarray(ref) - m).sum()) for ref, m in zip(task["signature"], mine))
-            for name, task in self.manifest["tasks"].items()
-        }
-        choice = min(distance, key=distance.get)
+        self.last_scores = self.scores(feed)
+        choice = max(self.last_scores, key=self.last_scores.get)
         self.last_choice_seconds = time.perf_counter() - start
-        logger.debug("moe retrieval: %s (distances %s)", choice, distance)
+        logger.debug("moe retrieval (%s): %s (scores %s)", self.method, choice, self.last_scores)
         return choice
 
     def session(self, task: str) -> ort.InferenceSession:
@@ -192,10 +237,10 @@ def _moe_pass(options: dict, context=None):
 
 def write_bundle(
     model_path: str | Path, kept: dict[str, list[list[int]]], signatures: dict[str, list[list[float]]], out_dir: str | Path, *,
-    probe_layers: int, meta: dict | None = None,
+    probe_layers: int, routing: dict[str, list[list[float]]] | None = None, meta: dict | None = None,
 ) -> dict:  # fmt: skip
     """The bundle for task patterns already chosen: ``kept[task]`` lists the experts per MoE layer, ``signatures[task]``
-    its TCESS per probe layer.  Returns the manifest."""
+    its TCESS per layer, ``routing[task]`` its routing histogram (selection share per expert) per layer.  Returns the manifest."""
     if not kept:
         raise BadInputError("expert retrieval needs at least one task with calibration rows: e.g. --moe-tasks code=code.npz,chat=chat.npz.")
     out = Path(out_dir)
@@ -215,6 +260,8 @@ def write_bundle(
     for name, experts in kept.items():
         graphs[f"task_{name}.onnx"] = _moe_pass({"experts": experts})(load_model(model_path)).model
         manifest["tasks"][name] = {"graph": f"task_{name}.onnx", "kept": experts, "signature": signatures[name][:probe_layers]}
+        if routing is not None:
+            manifest["tasks"][name]["routing"] = routing[name][:probe_layers]
     store = _write_store(full, out / STORE)
     manifest["store_bytes"] = (out / STORE).stat().st_size
     manifest["graphs"] = {}
@@ -235,8 +282,10 @@ def bundle_from_report(model_path: str | Path, moe_entry: dict, out_dir: str | P
     tasks = list(records[0]["kept_by_task"])
     kept = {t: [r["kept_by_task"][t] for r in records] for t in tasks}
     signatures = {t: [r["tcess_by_task"][t] for r in records] for t in tasks}
+    routing = {t: [r["routing_by_task"][t] for r in records] for t in tasks}
     config = moe_entry.get("config", {})
-    return write_bundle(model_path, kept, signatures, out_dir, probe_layers=probe_layers, meta={"keep": config.get("keep"), "metric": config.get("metric")})
+    meta = {"keep": config.get("keep"), "metric": config.get("metric")}
+    return write_bundle(model_path, kept, signatures, out_dir, probe_layers=probe_layers, routing=routing, meta=meta)
 
 
 def build_bundle(
@@ -250,9 +299,10 @@ def build_bundle(
         raise BadInputError("expert retrieval needs at least one task with calibration rows: e.g. --moe-tasks code=code.npz,chat=chat.npz.")
     if keep == 1.0 and not isinstance(keep, int):
         raise BadInputError("keep 1.0 keeps every expert, so every task pattern would be the full model: give keep below 1, e.g. 0.5.")
-    kept, signatures = {}, {}
+    kept, signatures, routing = {}, {}, {}
     for name, calib in tasks.items():
         result = _moe_pass({"keep": keep, "metric": metric}, CompileContext(get_target("cpu"), calib, calib))(load_model(model_path))
         kept[name] = [r["kept"] for r in result.records]
         signatures[name] = [r["tcess"] for r in result.records]
-    return write_bundle(model_path, kept, signatures, out_dir, probe_layers=probe_layers, meta={"keep": keep, "metric": metric})
+        routing[name] = [r["frequency"] for r in result.records]
+    return write_bundle(model_path, kept, signatures, out_dir, probe_layers=probe_layers, routing=routing, meta={"keep": keep, "metric": metric})

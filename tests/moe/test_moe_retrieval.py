@@ -12,8 +12,7 @@ from moe_models import EXPERTS, LAYERS
 from edgeprune.calibration import CalibrationSet
 from edgeprune.errors import BadInputError
 from edgeprune.model_io import load_model
-from edgeprune.runtime.moe import build_bundle
-from edgeprune.runtime.moe import RetrievalSession
+from edgeprune.runtime.moe import NB_FLOOR, RetrievalSession, build_bundle, routing_log_likelihood
 
 
 def _prompts(rng, low, high, n, length=10):
@@ -68,9 +67,11 @@ def test_bundle_graphs_reproduce_the_models_they_stand_for(bundle, mixtral_loop_
     assert task == "low" and logits.shape == reference.shape
 
 
-def test_retrieval_picks_the_task_a_prompt_comes_from(bundle):
+@pytest.mark.parametrize("method", ["routing-nb", "tcess-l1"])
+def test_retrieval_picks_the_task_a_prompt_comes_from(bundle, method):
     out, _ = bundle
-    session = RetrievalSession(out)
+    session = RetrievalSession(out, method=method)
+    assert session.method == method and session.layers == 2
     rng = np.random.default_rng(1)  # held-out prompts, not the calibration ones
     low = [session.choose(p) for p in _prompts(rng, 0, 8, 10)]
     high = [session.choose(p) for p in _prompts(rng, 56, 64, 10)]
@@ -83,3 +84,28 @@ def test_not_a_bundle_is_one_sentence(tmp_path):
     with pytest.raises(BadInputError) as err:
         RetrievalSession(tmp_path)
     assert str(err.value) == f"{tmp_path} is not an MoE retrieval bundle (no manifest.json): build one with compile --moe-tasks."
+
+
+def test_routing_log_likelihood_is_the_bernoulli_sum():
+    selected = np.array([[True, False, True], [False, True, True]])
+    frequency = [1.0, 0.5, 0.25]  # 1.0 is clipped to 1 - NB_FLOOR
+    f = np.array([1 - NB_FLOOR, 0.5, 0.25])
+    expected = np.log(f[0]) + np.log(1 - f[1]) + np.log(f[2]) + np.log(1 - f[0]) + np.log(f[1]) + np.log(f[2])
+    assert routing_log_likelihood(selected, frequency) == pytest.approx(expected, rel=1e-12)
+
+
+def test_padding_tokens_do_not_count(bundle):
+    out, _ = bundle
+    session = RetrievalSession(out)
+    prompt = _prompts(np.random.default_rng(3), 0, 8, 1, 6)[0]
+    padded = {k: np.concatenate([v, np.zeros((1, 4), np.int64) + (56 if k == "input_ids" else 0)], axis=1) for k, v in prompt.items()}
+    padded["position_ids"] = np.arange(10, dtype=np.int64)[None]
+    plain, with_pad = session.scores(prompt), session.scores(padded)
+    assert plain.keys() == with_pad.keys() and all(abs(plain[t] - with_pad[t]) < 1e-9 for t in plain)
+
+
+def test_unknown_retrieval_method_is_one_sentence(bundle):
+    out, _ = bundle
+    with pytest.raises(BadInputError) as err:
+        RetrievalSession(out, method="cosine")
+    assert str(err.value) == "unknown retrieval method 'cosine': choose one of tcess-l1, routing-nb."
