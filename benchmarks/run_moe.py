@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 KEEPS = (0.75, 0.5, 0.25)
 CALIB_WINDOWS = 24
 EVAL_WINDOWS = 32
+PROMPT_BYTES = (32, 64)
 UNION_PAIRS = (("code", "math"), ("chat", "shakespeare"), ("scripture", "encyclopedic"))
 #: The wider random-init copy for the footprint at scale (experts dominate the weights, as in real MoEs).
 SCALE = {"hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 4}
@@ -212,16 +213,17 @@ def render_markdown(r: dict) -> str:
         for x in union:
             lines.append(f"| {x['keep']:.0%} | {x['domain']} | {x['experts']} ({x['experts'] / total:.0%}) | "
                          + ", ".join(f"{d} {v:.3f}" for d, v in x["in_domain_ratio_per_task"].items()) + " |")  # fmt: skip
-    lines += ["", f"**Retrieval** (bundle at 50 % experts per domain; {ret['prompts_per_domain']} held-out prompts of {ret['prompt_tokens']} bytes per domain, "
+    lines += ["", f"**Retrieval** (bundle at 50 % experts per domain; {ret['prompts_per_domain']} held-out prompts per domain and length, "
               f"chance {1 / len(doms):.2f}): routing-nb = the task under which the prompt's per-token expert selections are most likely "
               "(each expert a Bernoulli of the task's routing histogram, summed over tokens and probe layers); tcess-l1 = nearest mean TCESS signature in L1.", "",
-              "| method | probe layers | accuracy | choice ms (median) |", "|---|---|---|---|"]  # fmt: skip
+              "| prompt bytes | method | probe layers | accuracy | choice ms (median) |", "|---|---|---|---|---|"]  # fmt: skip
     for v in ret["variants"].values():
-        lines.append(f"| {v['method']} | {v['probe_layers']} | {v['accuracy']:.3f} | {v['choice_ms_median']:.2f} |")
-    best = max(ret["variants"].values(), key=lambda v: v["accuracy"])
-    lines += ["", f"Confusion of {best['method']} / {best['probe_layers']} layers (rows: the prompt's domain; correct of {ret['prompts_per_domain']}): "
-              + "; ".join(f"{d} {best['confusion'][d][d]}" + (" (else " + ", ".join(f"{t} {c}" for t, c in best["confusion"][d].items() if t != d and c) + ")"
-                          if any(c for t, c in best["confusion"][d].items() if t != d) else "") for d in doms) + "."]  # fmt: skip
+        lines.append(f"| {v['prompt_bytes']} | {v['method']} | {v['probe_layers']} | {v['accuracy']:.3f} | {v['choice_ms_median']:.2f} |")
+    for length in ret["prompt_bytes"]:
+        best = max((v for v in ret["variants"].values() if v["prompt_bytes"] == length), key=lambda v: v["accuracy"])
+        lines += ["", f"Confusion at {length} bytes, {best['method']} / {best['probe_layers']} layers (rows: the prompt's domain; correct of {ret['prompts_per_domain']}): "
+                  + "; ".join(f"{d} {best['confusion'][d][d]}" + (" (else " + ", ".join(f"{t} {c}" for t, c in best["confusion"][d].items() if t != d and c) + ")"
+                              if any(c for t, c in best["confusion"][d].items() if t != d) else "") for d in doms) + "."]  # fmt: skip
     lines += ["", "| graph | weight bytes read (store refs + file) | resident memory gained at load + 1 token | load s | 1-token ms (no KV cache) |", "|---|---|---|---|---|"]
     full = ret["full"]
 
@@ -288,31 +290,30 @@ def _footprint(path: Path) -> dict:
     return {"rss_delta_kib": rss, "load_seconds": load, "one_token_seconds": token, "decode_tokens_per_s_no_cache": 1.0 / token}
 
 
-def _retrieval(path: Path, calib: dict, splits: dict, out: Path, prompts: int = 20, prompt_tokens: int = 32) -> dict:
-    """Bundle at 50 % experts per domain, probe = every layer's router; held-out prompts (``prompt_tokens`` bytes from
-    evenly spaced held-out positions) pick a task, with each retrieval method and probe depth."""
+def _retrieval(path: Path, calib: dict, splits: dict, out: Path, prompts: int = 20, prompt_lengths: tuple = PROMPT_BYTES) -> dict:
+    """Bundle at 50 % experts per domain, probe = every layer's router; held-out prompts (the first bytes of evenly spaced
+    held-out windows) pick a task, with each retrieval method, probe depth and prompt length."""
     tasks = {d: CalibrationSet(_feeds(c), d) for d, c in calib.items()}
     layers = len(analyze(load_model(path)).moe_layers)
     manifest = build_bundle(path, tasks, out, keep=0.5, metric="tcess", probe_layers=layers)
-    prompts_by_domain = {d: _feeds(moe_train.held_out_windows(held, prompts, prompt_tokens)) for d, (_, held) in splits.items()}
     variants = {}
-    for method in METHODS:
-        for depth in sorted({1, 2, layers}):
-            session = RetrievalSession(out, threads=1, method=method, layers=depth)
-            confusion, seconds = {}, []
-            for d, feeds in prompts_by_domain.items():
-                picks = []
-                for feed in feeds:
-                    picks.append(session.choose(feed))
-                    seconds.append(session.last_choice_seconds)
-                confusion[d] = {t: picks.count(t) for t in tasks}
-            correct = sum(confusion[d][d] for d in confusion)
-            variants[f"{method}/{depth}"] = {
-                "method": method, "probe_layers": depth, "accuracy": correct / (prompts * len(confusion)), "confusion": confusion,
-                "choice_ms_median": 1000 * float(np.median(seconds)),
-            }  # fmt: skip
+    for method, depth, length in [(m, d, n) for n in prompt_lengths for m in METHODS for d in sorted({1, 2, layers})]:
+        prompts_by_domain = {d: _feeds(moe_train.held_out_windows(held, prompts, length)) for d, (_, held) in splits.items()}
+        session = RetrievalSession(out, threads=1, method=method, layers=depth)
+        confusion, seconds = {}, []
+        for d, feeds in prompts_by_domain.items():
+            picks = []
+            for feed in feeds:
+                picks.append(session.choose(feed))
+                seconds.append(session.last_choice_seconds)
+            confusion[d] = {t: picks.count(t) for t in tasks}
+        correct = sum(confusion[d][d] for d in confusion)
+        variants[f"{method}/{depth}/{length}"] = {
+            "method": method, "probe_layers": depth, "prompt_bytes": length, "accuracy": correct / (prompts * len(confusion)), "confusion": confusion,
+            "choice_ms_median": 1000 * float(np.median(seconds)),
+        }  # fmt: skip
     return {
-        "variants": variants, "prompt_tokens": prompt_tokens, "prompts_per_domain": prompts, "store_bytes": manifest["store_bytes"],
+        "variants": variants, "prompt_bytes": list(prompt_lengths), "prompts_per_domain": prompts, "store_bytes": manifest["store_bytes"],
         "weights_bytes": {g: v["store_bytes_referenced"] + v["file_bytes"] for g, v in manifest["graphs"].items()},
         "kept": {t: v["kept"] for t, v in manifest["tasks"].items()},
         "ort_fixed": _footprint(_identity_graph(out / "identity.onnx")), "full": _footprint(out / "full.onnx"),

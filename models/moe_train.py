@@ -172,6 +172,20 @@ def routing_histogram(model, windows: np.ndarray) -> list[list[float]]:
     return hist
 
 
+def lr_factor(step: int, warmup: int, *, steps: int | None = None, elapsed_share: float | None = None) -> float:
+    """The learning rate's share of its peak at ``step``: linear warm-up, then constant, or a cosine down to 0.1 over
+    ``steps`` steps, or over the elapsed share of the wall-time budget (``elapsed_share`` in [0, 1])."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if steps is not None:
+        progress = (step - warmup) / max(1, steps - warmup)
+    elif elapsed_share is not None:
+        progress = elapsed_share
+    else:
+        return 1.0
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+
+
 def train(
     out_dir: str | Path, *, minutes: float = 5.0, steps: int | None = None, batch: int = 16, lr: float = 3e-3, seed: int = SEED,
     threads: int = 2, warmup: int = 30, timed_decay: bool = False,
@@ -208,11 +222,9 @@ def train(
             s = int(rng.integers(0, len(train_bytes) - SEQ_LEN - 1))
             rows.append(train_bytes[s : s + SEQ_LEN])
         ids = torch.from_numpy(np.stack(rows))
-        factor = min(1.0, (step + 1) / warmup)
-        if steps is not None and step >= warmup:
-            factor = 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-        elif steps is None and timed_decay and step >= warmup:  # the decay follows the wall clock, so a shared machine still ends it
-            factor = 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (time.time() - start) / (minutes * 60))))
+        # with timed_decay the cosine follows the wall clock, so a shared machine still ends it at lr/10
+        elapsed = (time.time() - start) / (minutes * 60) if steps is None and timed_decay else None
+        factor = lr_factor(step, warmup, steps=steps, elapsed_share=elapsed)
         for group in opt.param_groups:
             group["lr"] = lr * factor
         out = model(input_ids=ids, labels=ids)

@@ -37,3 +37,12 @@ def test_load_without_weights_is_one_sentence(tmp_path):
     with pytest.raises(BadInputError) as err:
         moe_train.load(tmp_path)
     assert str(err.value) == f"{tmp_path} holds no trained MoE (model.safetensors): train it with python -m edgeprune.models.moe_train {tmp_path}."
+
+
+def test_lr_factor_warms_up_then_decays_to_a_tenth():
+    assert [moe_train.lr_factor(i, 4) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert moe_train.lr_factor(4, 4, steps=14) == pytest.approx(1.0)
+    assert moe_train.lr_factor(9, 4, steps=14) == pytest.approx(0.55)
+    assert moe_train.lr_factor(14, 4, steps=14) == pytest.approx(0.1)
+    assert moe_train.lr_factor(500, 4, elapsed_share=0.5) == pytest.approx(0.55)
+    assert moe_train.lr_factor(500, 4, elapsed_share=1.7) == pytest.approx(0.1)
