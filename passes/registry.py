@@ -23,6 +23,7 @@ _BUILTIN = {
     "bits": "edgeprune.passes.bits:BitAllocationPass",
     "sparse_attention": "edgeprune.passes.sparse_attention:SparseAttentionPass",
     "moe": "edgeprune.passes.moe:MoEExpertPruningPass",
+    "fuse_attention": "edgeprune.passes.fused_attention:FusedAttentionPass",
 }
 
 

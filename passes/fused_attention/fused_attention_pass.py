@@ -1,0 +1,161 @@
+"""The ``fuse_attention`` pass: exported causal self-attention -> ORT's fused ``GroupQueryAttention``.
+
+optimum exports a decoder's attention as ~40 small ops per layer (head split, rotary, repeat_kv
+Unsqueeze/Expand/Reshape, scores, an additive causal mask built from ``attention_mask``, Softmax,
+NaN guard, context).  On a CPU each op costs a dispatch, which dominates a decode step (one token),
+and the unfused form materializes the repeated K/V and the full score matrix.  ORT's contrib
+``GroupQueryAttention`` does the same computation in one kernel (the form onnxruntime-genai's builder
+emits).  Rotary embedding stays where it was (GQA's ``do_rotary`` is off); GQA reads the un-repeated
+K/V heads.
+
+With a KV cache (``text-generation-with-past``: K = Concat(past_key_values.N.key, new)), the past
+tensors become GQA's ``past_key``/``past_value`` and GQA's ``present_key``/``present_value`` become the
+graph's ``present.N.*`` outputs under the same names, so the cache interface is unchanged.
+
+Padding: GQA reads each row's length from ``attention_mask`` (``seqlens_k = sum(mask) - 1``), which
+is exact for right-padded batches (the real tokens' outputs) and for decoding with a cache; a
+left-padded batch is not the same computation (the exported graph masks any pattern).
+The pass leaves a block unfused, with the reason, when the model has no 2-D ``attention_mask`` input
+of a decoder (then the total length comes from K) or when the block is not causal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common
+from onnxscript.rewriter.pattern import MatchResult, RewriteRule, RewriteRuleSet
+
+from edgeprune.analysis import analyze
+from edgeprune.passes.base import EdgePass, EdgePassResult
+from edgeprune.passes.sparse_attention import rules
+
+logger = logging.getLogger(__name__)
+
+MS_DOMAIN = "com.microsoft"
+_PERM = [0, 2, 1, 3]  # [B, H, S, D] <-> [B, S, H, D]
+
+
+@dataclasses.dataclass
+class FusedAttentionConfig:
+    """No options: a block is fused exactly, or left as it was with the reason."""
+
+
+def _past_and_new(x: ir.Value) -> tuple[ir.Value | None, ir.Value]:
+    """(the cache input, the new keys/values) when ``x`` is Concat(past graph input, new) on the sequence axis."""
+    node = x.producer()
+    if node is not None and node.op_type == "Concat" and len(node.inputs) == 2 and node.inputs[0] is not None \
+            and node.inputs[0].is_graph_input() and node.attributes.get_int("axis", 0) in (2, -2):
+        return node.inputs[0], node.inputs[1]
+    return None, x
+
+
+def _mask_input(model: ir.Model) -> ir.Value | None:
+    for value in model.graph.inputs:
+        if value.name == "attention_mask" and value.shape is not None and len(value.shape) == 2:
+            return value
+    return None
+
+
+def _reason(softmax: ir.Node) -> str:
+    """Why a Softmax-centred block stays unfused (the common failures, in the rules' check order)."""
+    add = softmax.inputs[0].producer() if softmax.inputs[0] is not None else None
+    if add is None or add.op_type != "Add":
+        return "no additive mask: not causal self-attention (left unfused)"
+    if not any(rules.is_causal(v) for v in add.inputs if v is not None):
+        return "the attention mask is not causal (encoder or cross-attention): left unfused"
+    return "the attention subgraph is not in a form the rules match: left unfused"
+
+
+class FusedAttentionPass(EdgePass):
+    """Causal self-attention blocks become one ``com.microsoft.GroupQueryAttention`` each."""
+
+    name: ClassVar[str] = "fuse_attention"
+    Config: ClassVar[type] = FusedAttentionConfig
+
+    def call(self, model: ir.Model) -> EdgePassResult:
+        blocks = {b.softmax: b for b in analyze(model).attention_blocks if b.op_type == "subgraph" and b.softmax}
+        softmaxes = [n for n in model.graph if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]
+        reasons = {n.name: _reason(n) for n in softmaxes}
+        mask_input = _mask_input(model)
+        made: list[tuple[ir.Value, ir.Value, ir.Value, ir.Value, bool]] = []
+
+        def check(context, q, k, v, cq, ck, mask, probs, **_) -> MatchResult:
+            result = MatchResult()
+            if not rules.is_causal(mask):
+                return result.fail("not causal")
+            if rules._scalar(cq) is None or rules._scalar(ck) is None:
+                return result.fail("the score scale is not a constant scalar")
+            block = blocks.get(probs.producer().name)
+            if block is None or not (block.num_heads and block.num_kv_heads and block.head_dim):
+                reasons[probs.producer().name] = "head counts not found by the analysis: left unfused"
+                return result.fail("no head counts")
+            if (_past_and_new(k)[0] is None) != (_past_and_new(v)[0] is None):
+                reasons[probs.producer().name] = "only one of K and V reads a cache input: left unfused"
+                return result.fail("mixed cache")
+            return result
+
+        def rewrite(op, q, k, v, cq, ck, probs, **_):
+            block = blocks[probs.producer().name]
+            hq, hkv, d = block.num_heads, block.num_kv_heads, block.head_dim
+            past_k, new_k = _past_and_new(k)
+            past_v, new_v = _past_and_new(v)
+            flat = op.Constant(value=ir.tensor(np.array([0, 0, -1], np.int64)))
+            qf, kf, vf = (op.Reshape(op.Transpose(x, perm=_PERM), flat) for x in (q, new_k, new_v))
+            one = op.Constant(value=ir.tensor(np.array(1, np.int64)))
+            if mask_input is not None:  # per-row lengths; the mask spans the past and the new tokens
+                lengths = op.ReduceSum(mask_input, op.Constant(value=ir.tensor(np.array([1], np.int64))), keepdims=0)
+                total = op.Squeeze(op.Shape(mask_input, start=1, end=2))
+            else:  # every row is full length: the keys' length (past included)
+                total = op.Squeeze(op.Shape(k, start=2, end=3))
+                lengths = op.Expand(total, op.Shape(q, start=0, end=1))
+            seqlens = op.Cast(op.Sub(lengths, one), to=ir.DataType.INT32)
+            scale = float(np.float32(rules._scalar(cq)) * np.float32(rules._scalar(ck)))
+            y, present_k, present_v = op.GroupQueryAttention(
+                qf, kf, vf, past_k, past_v, seqlens, op.Cast(total, to=ir.DataType.INT32), _domain=MS_DOMAIN,
+                num_heads=hq, kv_num_heads=hkv, scale=scale, _outputs=3,
+            )  # fmt: skip
+            made.append((k, v, present_k, present_v, past_k is not None))
+            heads = op.Constant(value=ir.tensor(np.array([0, 0, hq, d], np.int64)))
+            return op.Transpose(op.Reshape(y, heads), perm=_PERM)
+
+        rule_set = RewriteRuleSet([
+            RewriteRule(rules._guarded_pattern, rewrite, check, name="FuseAttentionGuarded", remove_nodes=False),
+            RewriteRule(rules._plain_pattern, rewrite, check, name="FuseAttention", remove_nodes=False),
+        ])  # fmt: skip
+        count = rule_set.apply_to_model(model) if blocks else 0
+        if count:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+            self._rewire_cache(model, made)
+            ir.passes.common.RemoveUnusedNodesPass()(model)
+        left = {n.name for n in model.graph if n.op_type == "Softmax"}
+        records = [{"layer": i, "softmax": n.name, "status": "unfused" if n.name in left else "fused",
+                    **({"reason": reasons[n.name]} if n.name in left else {})}
+                   for i, n in enumerate(softmaxes)]  # fmt: skip
+        summary = {"fused": count, "unfused": len(softmaxes) - count, "with_cache": sum(1 for *_, cached in made if cached)}
+        logger.info("fuse_attention: %d of %d attention blocks -> GroupQueryAttention", count, len(softmaxes))
+        return EdgePassResult(model, modified=bool(count), records=records, summary=summary)
+
+    @staticmethod
+    def _rewire_cache(model: ir.Model, made) -> None:
+        """The graph's present.N outputs (the Concats) now come from GQA's present outputs, under the same names."""
+        outputs = model.graph.outputs
+        for k, v, present_k, present_v, _ in made:
+            for old, new in ((k, present_k), (v, present_v)):
+                if old in outputs:
+                    name = old.name
+                    old.name = f"{name}.unfused"
+                    new.name = name
+                    new.type, new.shape = old.type, old.shape  # a graph output declares its type
+                    outputs[outputs.index(old)] = new
+
+    @classmethod
+    def describe(cls, model: ir.Model) -> dict[str, Any] | None:
+        fused = sum(1 for n in model.graph if n.domain == MS_DOMAIN and n.op_type == "GroupQueryAttention")
+        if not fused:
+            return None
+        return {"summary": [f"{fused} com.microsoft.GroupQueryAttention op(s) (fused attention)"], "fields": {"gqa_ops": fused}}

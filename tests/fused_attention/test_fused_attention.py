@@ -1,0 +1,130 @@
+"""fuse_attention: optimum's causal attention -> com.microsoft.GroupQueryAttention, the same function,
+with and without a KV cache (cache interface unchanged, decoding from the cache unchanged)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from edgeprune import kv_cache
+from edgeprune.passes.fused_attention import FusedAttentionPass
+from edgeprune.runtime.generation import measure_generation
+
+pytest.importorskip("optimum.exporters.onnx")
+
+
+def _export(folder, task, heads=4, kv_heads=2):
+    import warnings
+
+    import torch
+    from optimum.exporters.onnx import main_export
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, max_position_embeddings=256, initializer_range=0.3)
+    LlamaForCausalLM(config).eval().save_pretrained(folder / "hf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main_export(str(folder / "hf"), output=str(folder / "onnx"), task=task, opset=17, do_validation=False)
+    return folder / "onnx" / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def with_past(tmp_path_factory):
+    from tiny_models import tiny_llama_with_past
+
+    return tiny_llama_with_past(tmp_path_factory.mktemp("gqa_past"))
+
+
+def _fuse(path, out):
+    model = ir.load(path)
+    result = FusedAttentionPass()(model)
+    ir.save(result.model, out)
+    return result
+
+
+def _feeds(session, ids, mask):
+    n = ids.shape[1]
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": np.tile(np.arange(n), (ids.shape[0], 1)),
+            **kv_cache.empty_cache(kv_cache.session_cache(session), ids.shape[0])}  # fmt: skip
+
+
+def _right_padded_batch():
+    ids = np.random.default_rng(0).integers(0, 96, (3, 11))
+    mask = np.ones((3, 11), np.int64)
+    mask[1, 8:] = 0
+    mask[2, 4:] = 0
+    return ids, mask
+
+
+def test_with_past_every_block_fused_and_the_cache_interface_kept(with_past, tmp_path):
+    result = _fuse(with_past, tmp_path / "fused.onnx")
+    assert result.modified and result.summary == {"fused": 2, "unfused": 0, "with_cache": 2}
+    fused = ir.load(tmp_path / "fused.onnx")
+    assert [n.op_type for n in fused.graph if n.op_type in ("Softmax", "GroupQueryAttention")] == ["GroupQueryAttention"] * 2
+    assert kv_cache.model_cache(fused) == kv_cache.model_cache(ir.load(with_past))
+    assert [v.name for v in fused.graph.outputs] == [v.name for v in ir.load(with_past).graph.outputs]
+
+
+def test_with_past_prefill_equals_the_input_on_real_tokens(with_past, tmp_path):
+    _fuse(with_past, tmp_path / "fused.onnx")
+    a, b = ort.InferenceSession(str(with_past)), ort.InferenceSession(str(tmp_path / "fused.onnx"))
+    ids, mask = _right_padded_batch()
+    ref, got = a.run(None, _feeds(a, ids, mask)), b.run(None, _feeds(b, ids, mask))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(got[0][real], ref[0][real], rtol=1e-5, atol=1e-5)
+    for r, g in zip(ref[1:], got[1:]):  # the caches hold the real tokens' keys/values
+        np.testing.assert_allclose(g[0], r[0], rtol=1e-5, atol=1e-5)
+
+
+def test_with_past_decoding_from_the_cache_is_unchanged(with_past, tmp_path):
+    _fuse(with_past, tmp_path / "fused.onnx")
+    prompt = np.random.default_rng(3).integers(0, 96, 20).tolist()
+    results = measure_generation({"in": str(with_past), "fused": str(tmp_path / "fused.onnx")}, prompt, new_tokens=12, rounds=1, warmup=0)
+    assert len(set(results["in"].tokens)) > 1
+    assert results["fused"].tokens == results["in"].tokens
+
+
+def test_without_cache(tmp_path):
+    path = _export(tmp_path, "text-generation")
+    result = _fuse(path, tmp_path / "fused.onnx")
+    assert result.summary == {"fused": 2, "unfused": 0, "with_cache": 0}
+    a, b = ort.InferenceSession(str(path)), ort.InferenceSession(str(tmp_path / "fused.onnx"))
+    ids, mask = _right_padded_batch()
+    real = mask.astype(bool)
+    np.testing.assert_allclose(b.run(None, _feeds(b, ids, mask))[0][real], a.run(None, _feeds(a, ids, mask))[0][real], rtol=1e-5, atol=1e-5)
+
+
+def test_multi_head_without_repeat_stays_unfused_with_the_reason(tmp_path):
+    """transformers skips repeat_kv when every query head has its own KV head: not the matched form (yet)."""
+    result = _fuse(_export(tmp_path, "text-generation-with-past", heads=4, kv_heads=4), tmp_path / "fused.onnx")
+    assert not result.modified
+    assert [r["reason"] for r in result.records] == ["the attention subgraph is not in a form the rules match: left unfused"] * 2
+
+
+def test_encoder_attention_stays_unfused_with_the_reason():
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location("sa_models", pathlib.Path(__file__).parents[1] / "sparse_attention" / "models.py")
+    sa_models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sa_models)
+    model = ir.from_proto(sa_models.causal_gqa_proto(causal=False))
+    result = FusedAttentionPass()(model)
+    assert not result.modified
+    assert result.records == [{"layer": 0, "softmax": result.records[0]["softmax"], "status": "unfused",
+                               "reason": "the attention mask is not causal (encoder or cross-attention): left unfused"}]  # fmt: skip
+
+
+def test_compile_with_the_pass_verifies_and_decodes_the_same(with_past, tmp_path):
+    import edgeprune
+    from edgeprune.recipe import PassSpec, Recipe
+
+    recipe = Recipe([PassSpec("cleanup"), PassSpec("fuse_attention")], source="test")
+    report = edgeprune.compile(with_past, tmp_path / "out", recipe=recipe, latency_runs=2, profile=False, max_samples=8).report
+    assert report["passes"][1]["summary"] == {"fused": 2, "unfused": 0, "with_cache": 2}
+    assert report["generation"]["same_tokens"] == 64
+    assert report["verification"]["outputs"][0]["perplexity_ratio"] == pytest.approx(1.0, abs=1e-5)
