@@ -81,6 +81,11 @@ def summary_rows(report: dict[str, Any]) -> list[SummaryRow]:
     rows: list[Any] = []
     size = report.get("size", {})
     rows.append(("file size", _mb(size.get("reference_bytes")), _mb(size.get("candidate_bytes")), _f(size.get("ratio"), ".3f")))
+    for p in report.get("passes", []):  # a size budget: what the solver predicted against the bytes written
+        summ = p.get("summary", {})
+        if summ.get("predicted_bytes") is not None and summ.get("written_bytes") is not None:
+            rows.append((f"{p['name']}: predicted / written bytes", _mb(summ["predicted_bytes"]), _mb(summ["written_bytes"]),
+                         _f(summ["written_bytes"] / summ["predicted_bytes"], ".4f")))
     inp, out = report.get("input", {}), report.get("output", {})
     if inp.get("params"):
         rows.append(("parameters", f"{inp['params']:,}", f"{out.get('params', 0):,}", _f(out.get("params", 0) / inp["params"], ".3f")))

@@ -248,3 +248,15 @@ def test_third_party_warnings_do_not_leak_into_the_cli_output(tmp_path):
     debug = subprocess.run([*run, "--debug", *args, "-o", str(tmp_path / "out2")], capture_output=True, text=True, timeout=300)
     assert debug.returncode == 0
     assert all(leak in debug.stderr for leak in ("pre-processing", "onnxscript:", "onnx_ir:"))
+
+
+def test_summary_shows_a_size_budget_prediction_beside_the_written_bytes():
+    from edgeprune.report import summary_rows
+
+    report = {"size": {"reference_bytes": 4_000_000, "candidate_bytes": 1_001_000, "ratio": 0.25025},
+              "passes": [{"name": "cleanup", "summary": {}}, {"name": "bits", "summary": {"predicted_bytes": 1_000_000, "written_bytes": 1_001_000}}],
+              "latency": {"measured": False, "reason": "not measured here"}, "verification": {}}  # fmt: skip
+    assert [tuple(r) for r in summary_rows(report)][:2] == [
+        ("file size", "4.00 MB", "1.00 MB", "0.250"),
+        ("bits: predicted / written bytes", "1.00 MB", "1.00 MB", "1.0010"),
+    ]
