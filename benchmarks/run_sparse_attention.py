@@ -193,7 +193,8 @@ def compare_libraries(before: str, lengths: list[int], runs: int, threads: int) 
     return out
 
 
-def whole_model(length: int, ppl_tokens: int, runs: int, threads: int, budget: float, portable: bool = True) -> dict:
+def whole_model(length: int, ppl_tokens: int, runs: int, threads: int, budget: float, portable: bool = True,
+                with_input: bool = True, forms_wanted: list[str] | None = None) -> dict:
     """SmolLM2 prefill latency / peak memory and perplexity per attention form (see the module doc)."""
     from edgeprune.calibration import CalibrationSet
     from edgeprune.context import CompileContext
@@ -212,11 +213,15 @@ def whole_model(length: int, ppl_tokens: int, runs: int, threads: int, budget: f
     context = CompileContext(target=get_target("cpu"), calibration=calib, holdout=calib, threads=threads)
     fused = ir.load(str(artifact.model_path))
     fused_count = fuse_dense_gqa(fused, HQ, HKV, D)
-    models, records = {INPUT: ir.load(str(artifact.model_path)), FUSED: fused}, {}
+    models, records = ({INPUT: ir.load(str(artifact.model_path))} if with_input else {}), {}
+    models[FUSED] = fused
     forms = {"12.5%": SparseAttentionConfig(keep=0.125, min_len=0), "25%": SparseAttentionConfig(keep=0.25, min_len=0),
+             "per head 25%": SparseAttentionConfig(keep=0.25, min_len=0, select="head"),
              f"calibrated (mean {budget:.1%})": SparseAttentionConfig(keep=budget, min_len=0, allocation="calibrated"),
              f"per head, calibrated (mean {budget:.1%})": SparseAttentionConfig(keep=budget, min_len=0, allocation="calibrated", select="head")}  # fmt: skip
     for label, cfg in forms.items():
+        if forms_wanted and not any(label.startswith(w) for w in forms_wanted):
+            continue
         model = ir.load(str(artifact.model_path))
         result = SparseAttentionPass(cfg, context)(model)
         records[label] = [{"layer": r["layer"], "keep": r["keep"], **({"measured": r["measured"]} if "measured" in r else {})} for r in result.records]
@@ -227,10 +232,11 @@ def whole_model(length: int, ppl_tokens: int, runs: int, threads: int, budget: f
             "position_ids": np.arange(length, dtype=np.int64)[None, :]}  # fmt: skip
     logger.info("whole model: %d layers fused for the baseline; timing %d forms x %d runs at %d tokens", fused_count, len(models), runs, length)
     timed = measure_side_by_side(models, feed, warmup=1, runs=runs, threads=threads)
-    base, fair = timed[INPUT].p50_ms, timed[FUSED].p50_ms
+    fair = timed[FUSED].p50_ms
+    base = timed[INPUT].p50_ms if with_input else None
     out = {"length": length, "ppl_tokens": ppl_tokens, "fused_layers": fused_count, "forms": {}, "allocations": records}
     ppls = {}
-    for name, model in models.items():
+    for name, model in sorted(models.items(), key=lambda item: item[0] != FUSED):  # dense perplexity first
         # The portable body equals the kernel to 1e-4 (tests), so its perplexity is the kernel's: not re-run.
         twin = name.replace("portable", "kernel", 1)
         if name.startswith("portable") and twin in ppls:
@@ -239,14 +245,16 @@ def whole_model(length: int, ppl_tokens: int, runs: int, threads: int, budget: f
             ppl = wikitext_perplexity(model, artifact.tokenizer_path, context=length, max_tokens=ppl_tokens, threads=threads)
         ppls[name] = ppl
         r = timed[name]
-        out["forms"][name] = {"p50_ms": r.p50_ms, "speedup_vs_input": base / r.p50_ms, "speedup_vs_fused": fair / r.p50_ms,
-                              "peak_mb": r.peak_memory_mb, "perplexity": ppl, "perplexity_vs_input": ppl / ppls[INPUT] - 1}  # fmt: skip
-        logger.info("  %-45s %9.1f ms  x%.2f input  x%.2f fused  peak %.0f MB  ppl %.3f", name, r.p50_ms, base / r.p50_ms,
-                    fair / r.p50_ms, r.peak_memory_mb, ppl)  # fmt: skip
+        out["forms"][name] = {"p50_ms": r.p50_ms, "speedup_vs_input": base / r.p50_ms if base else None,
+                              "speedup_vs_fused": fair / r.p50_ms, "peak_mb": r.peak_memory_mb, "perplexity": ppl,
+                              "perplexity_vs_dense": ppl / ppls[FUSED] - 1}  # fmt: skip
+        logger.info("  %-45s %9.1f ms  x%.2f fused  peak %.0f MB  ppl %.3f (%+.1f%%)", name, r.p50_ms, fair / r.p50_ms,
+                    r.peak_memory_mb, ppl, 100 * (ppl / ppls[FUSED] - 1))  # fmt: skip
     return out
 
 
-def decode(context: int, new_tokens: int, rounds: int, threads: int, keeps: list[float]) -> dict:
+def decode(context: int, new_tokens: int, rounds: int, threads: int, keeps: list[float], cache: str | None = None,
+           portable: bool = False) -> dict:
     """SmolLM2 with a KV cache (recipe smollm2_kv): greedy prefill of ``context`` WikiText-2 tokens, then
     ``new_tokens`` decoded one at a time with the cache fed back (runtime.generation), input vs sparse."""
     from edgeprune.models import build
@@ -254,7 +262,7 @@ def decode(context: int, new_tokens: int, rounds: int, threads: int, keeps: list
     from edgeprune.passes.sparse_attention import SparseAttentionConfig, SparseAttentionPass
     from edgeprune.runtime.generation import measure_generation, same_prefix
 
-    artifact = build("smollm2_kv", measure=False)
+    artifact = build("smollm2_kv", cache=cache, measure=False)
     prompt = np.asarray(wikitext_tokens(artifact.tokenizer_path), np.int64)[:context]
     models = {INPUT: str(artifact.model_path)}
     for keep in keeps:
@@ -263,7 +271,8 @@ def decode(context: int, new_tokens: int, rounds: int, threads: int, keeps: list
         if result.summary["sparse_layers"] == 0:
             sys.exit(f"the pass rewrote no attention block of smollm2_kv: {result.records[:1]}")
         models[f"kernel {keep:.1%}"] = model
-        models[f"portable {keep:.1%}"] = portable_only(_copy(model))
+        if portable:  # every model's session stays open with its arena: 5 at 4k went past 15 GB here
+            models[f"portable {keep:.1%}"] = portable_only(_copy(model))
     logger.info("decode: %d models, prompt %d tokens, %d new tokens, %d rounds", len(models), len(prompt), new_tokens, rounds)
     timed = measure_generation(models, prompt, new_tokens=new_tokens, rounds=rounds, warmup=1, threads=threads)
     base = timed[INPUT]
@@ -295,11 +304,15 @@ def main() -> None:
     parser.add_argument("--model-runs", type=int, default=2)
     parser.add_argument("--budget", type=float, default=0.25, help="mean keep of the calibrated allocation")
     parser.add_argument("--no-portable", action="store_true", help="whole model: kernel rows only")
+    parser.add_argument("--no-input", action="store_true", help="whole model: leave the input model out (its 4k prefill is slow and large)")
+    parser.add_argument("--forms", default=None, help="whole model: only these sparse forms (comma-separated label prefixes)")
     parser.add_argument("--decode", action="store_true", help="also SmolLM2 decode tokens/s with a KV cache (recipe smollm2_kv)")
     parser.add_argument("--decode-context", type=int, default=4096)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--decode-rounds", type=int, default=1)
     parser.add_argument("--decode-keeps", default="0.125,0.25")
+    parser.add_argument("--decode-portable", action="store_true", help="decode: portable rows too (more memory)")
+    parser.add_argument("--decode-model-cache", default=None, help="where smollm2_kv is built (default: edgeprune's model cache)")
     parser.add_argument("--lengths-none", action="store_true", help="skip the attention-only table (keep the last one)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -331,9 +344,11 @@ def main() -> None:
     before_after = None
     if args.before_library:
         before_after = compare_libraries(args.before_library, [int(x) for x in args.lengths.split(",")], args.runs, args.threads)
-    whole = whole_model(args.model_length, args.ppl_tokens, args.model_runs, args.threads, args.budget, not args.no_portable) if args.whole_model else None
+    whole = whole_model(args.model_length, args.ppl_tokens, args.model_runs, args.threads, args.budget, not args.no_portable,
+                        not args.no_input, args.forms.split(",") if args.forms else None) if args.whole_model else None
     dec = decode(args.decode_context, args.decode_tokens, args.decode_rounds, args.threads,
-                 [float(x) for x in args.decode_keeps.split(",")]) if args.decode else None  # fmt: skip
+                 [float(x) for x in args.decode_keeps.split(",")], args.decode_model_cache,
+                 args.decode_portable) if args.decode else None  # fmt: skip
     meta = {"command": "python benchmarks/run_sparse_attention.py " + " ".join(sys.argv[1:]),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} ORT threads",
             "onnxruntime": ort.__version__, "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -401,11 +416,12 @@ def render(parts: dict) -> list[str]:
                      if fused else "The fused-dense baseline was not built in this run: speed-ups are against the input model."),
                   "",
                   "| form | prefill p50 ms | speed-up vs input | " + ("speed-up vs fused dense | " if fused else "")
-                  + "peak MB | perplexity | vs input |", "|---|---|---|" + ("---|" if fused else "") + "---|---|---|"]  # fmt: skip
+                  + "peak MB | perplexity | vs dense |", "|---|---|---|" + ("---|" if fused else "") + "---|---|---|"]  # fmt: skip
         for name, r in whole["forms"].items():
             ratio = f" {r['speedup_vs_fused']:.2f} |" if fused else ""
-            delta = r.get("perplexity_vs_input")
-            lines.append(f"| {name} | {r['p50_ms']:.0f} | {r['speedup_vs_input']:.2f} |{ratio} {r['peak_mb']:.0f} | "
+            delta = r.get("perplexity_vs_dense")
+            vs_input = "" if r.get("speedup_vs_input") is None else f"{r['speedup_vs_input']:.2f}"
+            lines.append(f"| {name} | {r['p50_ms']:.0f} | {vs_input} |{ratio} {r['peak_mb']:.0f} | "
                          f"{r['perplexity']:.3f} | {'' if delta is None else f'{delta:+.1%}'} |")  # fmt: skip
         for label, recs in whole["allocations"].items():
             if any("measured" in r for r in recs):

@@ -130,3 +130,140 @@ def reason_not_matched(softmax: ir.Node) -> str:
     if not any(is_causal(v) for v in add.inputs if v is not None):
         return "the attention mask is not causal (encoder or cross-attention): left dense"
     return "the attention subgraph is not in a form the rules match: left dense"
+
+
+# ---------------------------------------------------------------------------- ORT's fused forms
+#
+# com.microsoft.GroupQueryAttention / MultiHeadAttention take q/k/v as [B, S, heads * D] and the
+# cache as [B, heads, P, D] (BNSH).  A causal one becomes
+#
+#     q4 = Transpose(Reshape(q, [0, 0, Hq, -1]), [0, 2, 1, 3])        (k4, v4 likewise with Hkv)
+#     k  = Concat(past_key, k4, axis=2)  (present_key)                 (v likewise)
+#     y  = Reshape(Transpose(DynamicSparseAttention(q4, k, v), [0, 2, 1, 3]), [0, 0, -1])
+#
+# when nothing else the fused op does is in use (rotary, packed QKV, biases, padding masks,
+# a local window, softcap, a past/present buffer shared in place); otherwise it stays dense with
+# that reason.  This is a direct graph edit rather than a pattern: the fused node is one node
+# with optional trailing inputs.
+
+FUSED_DOMAIN = "com.microsoft"
+FUSED_OPS = ("GroupQueryAttention", "MultiHeadAttention")
+
+
+def fused_nodes(model: ir.Model) -> list[ir.Node]:
+    return [n for n in model.graph if n.domain == FUSED_DOMAIN and n.op_type in FUSED_OPS]
+
+
+def _input(node: ir.Node, index: int) -> ir.Value | None:
+    return node.inputs[index] if index < len(node.inputs) else None
+
+
+def _dim(value: ir.Value | None, axis: int):
+    if value is None or value.shape is None or len(value.shape) <= axis:
+        return None
+    return value.shape[axis]
+
+
+def _fused_heads(node: ir.Node) -> tuple[int, int]:
+    hq = node.attributes.get_int("num_heads", 0)
+    return hq, node.attributes.get_int("kv_num_heads", hq) if node.op_type == "GroupQueryAttention" else hq
+
+
+def _width(value: ir.Value | None, depth: int = 3) -> int | None:
+    """The static last dim of a [B, S, W] value: its shape, or the weight of the projection that makes it."""
+    if value is None:
+        return None
+    if isinstance(_dim(value, 2), int):
+        return int(_dim(value, 2))
+    node = value.producer()
+    if node is None or depth == 0 or node.op_type not in ("MatMul", "Add"):
+        return None
+    for x in node.inputs:
+        const = ir.convenience.get_const_tensor(x) if x is not None else None
+        if const is not None and len(const.shape) >= 1 and (node.op_type == "MatMul" or len(const.shape) == 1):
+            return int(const.shape[-1])
+    return _width(node.inputs[0], depth - 1) if node.op_type == "Add" else None
+
+
+def _head_dim(node: ir.Node) -> int | None:
+    hq, _ = _fused_heads(node)
+    past = _input(node, 3 if node.op_type == "GroupQueryAttention" else 6)
+    width = _width(node.inputs[0])
+    if isinstance(_dim(past, 3), int):
+        return int(_dim(past, 3))
+    if isinstance(width, int) and hq and width % hq == 0:
+        return width // hq
+    return None
+
+
+def fused_reason(node: ir.Node) -> str | None:
+    """Why a fused attention node stays dense (None: it can be rewritten)."""
+    a = node.attributes
+    hq, hkv = _fused_heads(node)
+    if hq <= 0 or hkv <= 0 or hq % hkv:
+        return f"{node.op_type} without valid num_heads/kv_num_heads: left dense"
+    if _input(node, 1) is None or _input(node, 2) is None:
+        return f"{node.op_type} with packed QKV (no separate key/value): left dense"
+    if node.op_type == "GroupQueryAttention":
+        if a.get_int("do_rotary", 0):
+            return "GroupQueryAttention applies rotary embedding inside (do_rotary=1): left dense"
+        if a.get_int("local_window_size", -1) != -1 or a.get_float("softcap", 0.0) or a.get_int("smooth_softmax", 0):
+            return "GroupQueryAttention with a local window, softcap or smooth softmax: left dense"
+        if any(_input(node, i) is not None for i in range(7, len(node.inputs))):
+            return "GroupQueryAttention with rotary caches, position ids, an attention bias or head sinks: left dense"
+        past, present = _input(node, 3), node.outputs[1] if len(node.outputs) > 1 else None
+    else:
+        if not a.get_int("unidirectional", 0):
+            return "the attention mask is not causal (MultiHeadAttention without unidirectional=1): left dense"
+        if any(_input(node, i) is not None for i in (3, 4, 5, 8, 9)):
+            return "MultiHeadAttention with a bias, padding mask, attention bias or beam-search cache: left dense"
+        if _dim(node.inputs[1], 3) is not None:
+            return "MultiHeadAttention with 4-D (cross-attention) key/value: left dense"
+        past, present = _input(node, 6), node.outputs[1] if len(node.outputs) > 1 else None
+    if past is not None and present is not None and _dim(past, 2) is not None and _dim(past, 2) == _dim(present, 2):
+        return f"{node.op_type} shares its past and present buffer in place: left dense"
+    if not a.get_float("scale", 0.0) and _head_dim(node) is None:
+        return f"{node.op_type}'s head size is unknown (no static shape) and it has no scale: left dense"
+    return None
+
+
+def rewrite_fused(model: ir.Model, node: ir.Node, options: dict[str, Any]) -> ir.Node:
+    """Replace one fused attention node (``fused_reason`` is None) by DynamicSparseAttention; the new node."""
+    graph = model.graph
+    hq, hkv = _fused_heads(node)
+    gqa = node.op_type == "GroupQueryAttention"
+    past_k, past_v = (_input(node, 3), _input(node, 4)) if gqa else (_input(node, 6), _input(node, 7))
+    scale = node.attributes.get_float("scale", 0.0) or float(_head_dim(node)) ** -0.5
+    new: list[ir.Node] = []
+
+    def add(op_type, inputs, domain="", **attrs):
+        n = ir.node(op_type, inputs, attributes=attrs or None, domain=domain, name=f"{node.name}/sparse/{op_type}_{len(new)}")
+        n.outputs[0].name = f"{n.name}_output_0"
+        new.append(n)
+        return n.outputs[0]
+
+    def const(values):
+        return add("Constant", [], value=ir.tensor(np.array(values, np.int64)))
+
+    def heads(x, h):
+        return add("Transpose", [add("Reshape", [x, const([0, 0, h, -1])])], perm=[0, 2, 1, 3])
+
+    q4, k4, v4 = heads(node.inputs[0], hq), heads(node.inputs[1], hkv), heads(node.inputs[2], hkv)
+    k = add("Concat", [past_k, k4], axis=2) if past_k is not None else k4
+    v = add("Concat", [past_v, v4], axis=2) if past_v is not None else v4
+    y4 = add("DynamicSparseAttention", [q4, k, v], DOMAIN, block=int(options["block"]), keep=float(options["keep"]),
+             sink=int(options["sink"]), min_len=int(options["min_len"]), per_group=int(options["per_group"]),
+             scale=float(np.float32(scale)))  # fmt: skip
+    sparse = new[-1]
+    y = add("Reshape", [add("Transpose", [y4], perm=[0, 2, 1, 3]), const([0, 0, -1])])
+    graph.insert_before(node, new)
+    replacements = [y, k, v]
+    for old, rep in zip(node.outputs, replacements):
+        is_output = old.is_graph_output()
+        rep.type, rep.shape = old.type, old.shape
+        ir.convenience.replace_all_uses_with(old, rep, replace_graph_outputs=True)
+        if is_output:  # keep the interface's names (present.N.key, ...)
+            name, old.name = old.name, None
+            rep.name = name
+    graph.remove(node, safe=True)
+    return sparse

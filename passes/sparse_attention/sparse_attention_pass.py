@@ -1,7 +1,9 @@
 """The ``sparse_attention`` pass: causal self-attention blocks -> dynamic block-sparse attention.
 
-Each matched block becomes ``edgeprune.DynamicSparseAttention`` (functions.py) with its keep ratio;
-blocks the rules do not match, or that are not causal, stay dense with the reason in the record.
+Each matched block becomes ``edgeprune.DynamicSparseAttention`` (functions.py) with its keep ratio:
+optimum's MatMul/Softmax form (with or without a KV cache) through the rewrite rules, and ORT's fused
+``com.microsoft.GroupQueryAttention`` / ``MultiHeadAttention`` through a direct rewrite (rules.py).
+Blocks the rules do not match, or that are not causal, stay dense with the reason in the record.
 Keep ratio 1.0 is the no-op setting and returns the model untouched.
 
 ``allocation = "uniform"`` gives every layer ``keep``; ``"calibrated"`` treats ``keep`` as the mean
@@ -87,10 +89,12 @@ class SparseAttentionPass(EdgePass):
             return EdgePassResult(model, modified=False, summary=summary)
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
         softmaxes = _softmaxes(model)
+        fused = rules.fused_nodes(model)
         if opset < functions.MIN_OPSET:
-            records = [{"layer": i, "softmax": n.name, "status": "dense",
-                        "reason": f"opset {opset} < {functions.MIN_OPSET}: the op's body needs opset 13 forms"}
-                       for i, n in enumerate(softmaxes)]  # fmt: skip
+            reason = f"opset {opset} < {functions.MIN_OPSET}: the op's body needs opset 13 forms"
+            records = [{"layer": i, "softmax": n.name, "status": "dense", "reason": reason} for i, n in enumerate(softmaxes)]
+            records += [{"layer": len(softmaxes) + i, "node": n.name, "form": n.op_type, "status": "dense", "reason": reason}
+                        for i, n in enumerate(fused)]  # fmt: skip
             return EdgePassResult(model, modified=False, records=records, summary=summary)
         options = {"block": cfg.block, "keep": cfg.keep, "sink": cfg.sink, "min_len": cfg.min_len,
                    "per_group": int(cfg.select == "group")}  # fmt: skip
@@ -102,15 +106,24 @@ class SparseAttentionPass(EdgePass):
                 "sparse attention allocation 'calibrated' needs calibration data: pass calibration samples (--calib) "
                 "or use allocation = 'uniform'."
             )
-        dense_input = ir.serde.serialize_model(model) if calibrated else None  # measured before the rewrite
         before = {id(n) for n in model.graph if n.domain == functions.DOMAIN and n.op_type == functions.DYNAMIC}
         count = rules.apply(model, plan) if plan else 0
         left = {n.name for n in _softmaxes(model)}
         new = [n for n in model.graph if n.domain == functions.DOMAIN and n.op_type == functions.DYNAMIC and id(n) not in before]
+        fused_records = []
+        for node in fused:  # ORT's fused GroupQueryAttention / MultiHeadAttention
+            record = {"node": node.name, "form": node.op_type}
+            reason = rules.fused_reason(node)
+            if reason is None:
+                new.append(rules.rewrite_fused(model, node, options))
+                count += 1
+            else:
+                record.update(status="dense", keep=1.0, reason=reason)
+            fused_records.append(record)
         measured: list[allocation.LayerMeasure] = []
         keeps = [cfg.keep] * len(new)
         if calibrated and new:
-            measured = self._measure(dense_input, new)
+            measured = self._measure(ir.serde.serialize_model(model), new)  # q/k/v are upstream of the op: their dense values
             keeps = allocation.allocate([m.error() for m in measured], cfg.candidates, cfg.keep)
             for node, keep in zip(new, keeps):
                 node.attributes["keep"] = ir.AttrFloat32("keep", keep)
@@ -120,21 +133,27 @@ class SparseAttentionPass(EdgePass):
             if node.name in left:
                 records.append({"layer": i, "softmax": node.name, "status": "dense", "keep": 1.0, "reason": reasons[node.name]})
                 continue
-            r = next(sparse_rank)
-            record = {"layer": i, "softmax": node.name, "status": "sparse", "keep": keeps[r]}
-            if measured:
-                record["measured"] = [{"keep": c, "recall": round(rc, 6), "error": round(er, 6)}
-                                      for c, rc, er in zip(cfg.candidates, measured[r].recall(), measured[r].error())]  # fmt: skip
-                if keeps[r] >= 1.0:
-                    record.update(status="dense", reason="allocated keep 1.0 (its output error needs every block): exact dense attention in the op")
-            records.append(record)
+            records.append(self._record({"layer": i, "softmax": node.name}, next(sparse_rank), keeps, measured))
+        for i, record in enumerate(fused_records):
+            record = {"layer": len(softmaxes) + i, **record}
+            records.append(record if "status" in record else self._record(record, next(sparse_rank), keeps, measured))
         if count:
             functions.add_functions(model)
-        summary.update(sparse_layers=count, dense_layers=len(softmaxes) - count, allocation=cfg.allocation)
+        summary.update(sparse_layers=count, dense_layers=len(softmaxes) + len(fused) - count, allocation=cfg.allocation)
         if new:
             summary["mean_keep"] = round(sum(keeps) / len(keeps), 6)
-        logger.info("sparse attention: %d of %d attention blocks rewritten (keep %.3f, %s)", count, len(softmaxes), cfg.keep, cfg.allocation)
+        logger.info("sparse attention: %d of %d attention blocks rewritten (keep %.3f, %s)", count, len(softmaxes) + len(fused),
+                    cfg.keep, cfg.allocation)  # fmt: skip
         return EdgePassResult(model, modified=bool(count), records=records, summary=summary)
+
+    def _record(self, record: dict[str, Any], rank: int, keeps: list[float], measured: list) -> dict[str, Any]:
+        record.update(status="sparse", keep=keeps[rank])
+        if measured:
+            record["measured"] = [{"keep": c, "recall": round(rc, 6), "error": round(er, 6)}
+                                  for c, rc, er in zip(self.config.candidates, measured[rank].recall(), measured[rank].error())]  # fmt: skip
+            if keeps[rank] >= 1.0:
+                record.update(status="dense", reason="allocated keep 1.0 (its output error needs every block): exact dense attention in the op")
+        return record
 
     def _measure(self, dense_input: onnx.ModelProto, nodes: list[ir.Node]) -> list[allocation.LayerMeasure]:
         """Each rewritten layer's recall and output error per candidate, on the input model's q/k/v."""

@@ -178,6 +178,56 @@ def block_op_model(hq: int, hkv: int, d: int, hsel: int, *, block: int):
     return model
 
 
+def fused_proto(op: str = "GroupQueryAttention", seed: int = 0, heads: int = 4, kv_heads: int = 2, past: bool = True,
+                **attrs) -> onnx.ModelProto:
+    """One attention layer as ORT's fused ``com.microsoft.GroupQueryAttention`` or ``MultiHeadAttention``
+    (q/k/v [B, S, heads * HD], cache [B, heads, P, HD] concatenated into present), then an output projection.
+
+    MultiHeadAttention has one head count (``kv_heads`` is ignored) and is causal with ``unidirectional=1``
+    (the default here; pass ``unidirectional=0`` for bidirectional)."""
+    rng = np.random.default_rng(seed)
+    gqa = op == "GroupQueryAttention"
+    kv_heads = kv_heads if gqa else heads
+    attrs = {"num_heads": heads, **({"kv_num_heads": kv_heads} if gqa else {"unidirectional": 1}), **attrs}
+    attr_text = ", ".join(f"{k} = {v}" for k, v in attrs.items())
+    cache_in = f", float[B, {kv_heads}, P, {HD}] past_key, float[B, {kv_heads}, P, {HD}] past_value" if past else ""
+    cache_out = f", float[B, {kv_heads}, T, {HD}] present_key, float[B, {kv_heads}, T, {HD}] present_value" if past else ""
+    pk, pv = ("past_key", "past_value") if past else ("", "")
+    outs = "o, present_key, present_value" if past else "o, unused_k, unused_v"
+    if gqa:
+        call = f"""
+        one = Constant <value = int64[1] {{1}}> ()
+        ql = Shape <start = 1, end = 2> (x)
+        pl = Shape <start = 2, end = 3> ({pk if past else "x"})
+        tl = {"Add(ql, pl)" if past else "Identity(ql)"}
+        bl = Shape <start = 0, end = 1> (x)
+        lm1 = Sub(tl, one)
+        lb = Expand(lm1, bl)
+        seqlens = Cast <to = 6> (lb)
+        tls = Squeeze(tl)
+        total = Cast <to = 6> (tls)
+        {outs} = com.microsoft.GroupQueryAttention <{attr_text}> (q, k, v, {pk}, {pv}, seqlens, total)"""
+    else:
+        call = f"""
+        {outs} = com.microsoft.MultiHeadAttention <{attr_text}> (q, k, v, , , , {pk}, {pv})"""
+    text = f"""<ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>
+    g (float[B, S, {D}] x{cache_in}) => (float[B, S, {D}] y{cache_out}) {{
+        q = MatMul(x, wq)
+        k = MatMul(x, wk)
+        v = MatMul(x, wv)
+        {call}
+        y = MatMul(o, wo)
+    }}"""
+    proto = onnx.parser.parse_model(text)
+    weights = {"wq": (D, heads * HD), "wk": (D, kv_heads * HD), "wv": (D, kv_heads * HD), "wo": (heads * HD, D)}
+    for name, shape in weights.items():
+        arr = (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(arr, name))
+    for i, node in enumerate(proto.graph.node):
+        node.name = node.name or f"{node.op_type.lower()}_{i}"
+    return proto
+
+
 def two_layer_proto(seed: int = 0, mute_first: bool = False) -> onnx.ModelProto:
     """Two causal GQA layers in sequence (``y0 = layer0(x)``, ``y = layer1(y0)``).
 

@@ -16,7 +16,7 @@ from edgeprune.runtime import kernels
 from edgeprune.runtime.session import make_session, uses_kernel_ops, prepare_model
 
 from sparse_attention import reference
-from sparse_attention.models import HD, block_op_model, causal_gqa_proto, op_model, two_layer_proto
+from sparse_attention.models import HD, block_op_model, causal_gqa_proto, fused_proto, op_model, two_layer_proto
 
 LIBRARY = kernels.sparse_attention_library()
 needs_kernel = pytest.mark.skipif(LIBRARY is None, reason="the kernel was not built (no C++ compiler at install)")
@@ -280,6 +280,66 @@ def test_optimum_with_past_export_compiles_and_decodes(tiny_llama_past):
     got = _greedy(sparse_model, prompt, 6)
     assert got[-1]["present.0.key"].shape[2] == len(prompt) + 6
     assert np.abs(got[0]["logits"] - want[0]["logits"]).max() > 1e-3  # blocks were dropped in the prefill
+
+
+def _fused_feeds(op, s, past, seed=0):
+    rng = np.random.default_rng(seed)
+    heads = 2 if op == "GroupQueryAttention" else 4
+    feeds = {"x": rng.standard_normal((1, s, 32)).astype(np.float32)}
+    if past is not None:
+        feeds["past_key"] = rng.standard_normal((1, heads, past, HD)).astype(np.float32)
+        feeds["past_value"] = rng.standard_normal((1, heads, past, HD)).astype(np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize("op", ["GroupQueryAttention", "MultiHeadAttention"])
+@pytest.mark.parametrize("past", [False, True])
+def test_fused_forms_are_rewritten_and_dense_settings_reproduce_them(op, past):
+    proto = fused_proto(op, past=past)
+    model = ir.serde.deserialize_model(proto)
+    result = SparseAttentionPass(SparseAttentionConfig(keep=0.25, block=4, min_len=1024))(model)
+    (gqa,) = [n.name for n in proto.graph.node if n.op_type == op]
+    assert result.records == [{"layer": 0, "node": gqa, "form": op, "status": "sparse", "keep": 0.25}]
+    assert result.summary["sparse_layers"] == 1 and result.summary["dense_layers"] == 0
+    assert not any(n.domain == "com.microsoft" for n in model.graph)
+    onnx.checker.check_model(ir.serde.serialize_model(model))
+    for s, p in ((9, 0), (1, 20), (3, 21)) if past else ((9, None), (1, None)):
+        feeds = _fused_feeds(op, s, p, seed=s)
+        want = make_session(proto, threads=1).run(None, feeds)
+        got = make_session(model, threads=1).run(None, feeds)
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("op", ["GroupQueryAttention", "MultiHeadAttention"])
+def test_fused_form_sparse_equals_the_numpy_block_mask(op):
+    proto = fused_proto(op, past=True)
+    model = ir.serde.deserialize_model(proto)
+    SparseAttentionPass(SparseAttentionConfig(keep=0.25, block=4, min_len=0, select="head"))(model)
+    (node,) = [n for n in model.graph if n.op_type == "DynamicSparseAttention"]
+    names = [v.name for v in node.inputs] + [node.outputs[0].name]
+    rewritten = _with_outputs(ir.serde.serialize_model(model), names)
+    for s, past in ((1, 30), (12, 25)):
+        q, k, v, y = make_session(rewritten, threads=1).run(names, _fused_feeds(op, s, past, seed=past))
+        assert k.shape[2] == s + past
+        index = reference.select_blocks(q, k, 4, 0.25, per_group=False)
+        assert index.shape[-1] < -(-(s + past) // 4)
+        np.testing.assert_allclose(y, reference.block_sparse_attention(q, k, v, index, 4, HD**-0.5), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("op,attrs,reason", [
+    ("MultiHeadAttention", {"unidirectional": 0},
+     "the attention mask is not causal (MultiHeadAttention without unidirectional=1): left dense"),
+    ("GroupQueryAttention", {"do_rotary": 1}, "GroupQueryAttention applies rotary embedding inside (do_rotary=1): left dense"),
+    ("GroupQueryAttention", {"local_window_size": 4}, "GroupQueryAttention with a local window, softcap or smooth softmax: left dense"),
+])  # fmt: skip
+def test_fused_forms_it_cannot_rewrite_stay_dense_with_the_reason(op, attrs, reason):
+    model = ir.serde.deserialize_model(fused_proto(op, past=True, **attrs))
+    before = [n.op_type for n in model.graph]
+    result = SparseAttentionPass(SparseAttentionConfig(keep=0.25, block=4, min_len=0))(model)
+    assert not result.modified and [n.op_type for n in model.graph] == before
+    assert [(r["form"], r["status"], r["reason"]) for r in result.records] == [(op, "dense", reason)]
 
 
 def test_keep_one_returns_the_model_untouched():
