@@ -119,6 +119,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--sparse-select", type=click.Choice(["group", "head"]), default="group", show_default=True, help="With --sparse-attention: choose blocks per KV group or per query head.")
 @click.option("--sparse-min-len", type=int, default=1024, show_default=True, help="With --sparse-attention: shorter sequences take the dense path inside the op.")
 @click.option("--sparse-allocation", type=click.Choice(["uniform", "calibrated"]), default="uniform", show_default=True, help="With --sparse-attention: every layer keeps KEEP, or KEEP is the mean and each layer's share comes from calibration measurements (weak layers stay denser).")
+@click.option("--fuse-attention", is_flag=True, help="Causal self-attention (optimum's form, with or without a KV cache) becomes ONNX Runtime's fused com.microsoft.GroupQueryAttention; blocks --sparse-attention rewrote stay sparse.")
 @click.option("--moe-keep", help="MoE expert pruning: share of all experts to keep, in (0, 1] (e.g. 0.5), or a whole number of experts per layer (e.g. 4); scored on --calib routing.")
 @click.option("--moe-metric", type=click.Choice(list(MOE_METRICS)), default="tcess", show_default=True, help="With --moe-keep: expert score (tcess: PreMoe expected selection score; easy: gate weight x expert-output norm; frequency).")
 @click.option("--moe-tasks", help="With --moe-keep: NAME=FILE,... calibration data per task (as --calib takes it); each task keeps its own experts, model.onnx keeps their union, and OUT/moe_bundle holds one expert store and a graph per task (edgeprune.runtime.moe.RetrievalSession).")
@@ -129,7 +130,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example, force, max_samples, seed,
                 prune_ratio, prune_metric, allocation, round_to, refit, no_compensate, prune_units,
                 bits_mode, size_budget, avg_bits, latency_budget, bit_options, block_size, gptq,
-                sparse_keep, sparse_block, sparse_select, sparse_min_len, sparse_allocation, moe_keep, moe_metric, moe_tasks, package_target, fix_shapes, threads, as_json):
+                sparse_keep, sparse_block, sparse_select, sparse_min_len, sparse_allocation, fuse_attention, moe_keep, moe_metric, moe_tasks, package_target, fix_shapes, threads, as_json):
     """Compile MODEL into OUT: model.onnx plus report.json, report.md and report.html."""
     from edgeprune.pipeline import CompileOptions, compile_model
     from edgeprune.recipe import recipe_from_flags
@@ -153,10 +154,10 @@ def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example,
         moe = {"keep": _moe_keep(moe_keep), "metric": moe_metric}
     if moe_tasks is not None:
         moe = _moe_tasks(moe_tasks, moe, model, tokenizer, other_passes=prune is not None or bits is not None or sparse is not None)
-    if prune is not None or bits is not None or sparse is not None or moe is not None:
+    if prune is not None or bits is not None or sparse is not None or moe is not None or fuse_attention:
         if recipe is not None:
             raise click.UsageError("give either --recipe or --prune/--bits, not both: put the passes in the recipe.")
-        recipe = recipe_from_flags(prune=prune, bits=bits, sparse_attention=sparse, moe=moe)
+        recipe = recipe_from_flags(prune=prune, bits=bits, sparse_attention=sparse, moe=moe, fuse_attention=fuse_attention)
 
     if example:
         if model is not None:

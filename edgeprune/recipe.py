@@ -61,16 +61,18 @@ def default_recipe(target: str = "cpu") -> Recipe:
 
 
 def recipe_from_flags(*, prune: dict[str, Any] | None = None, bits: dict[str, Any] | None = None,
-                      sparse_attention: dict[str, Any] | None = None, moe: dict[str, Any] | None = None) -> Recipe:
+                      sparse_attention: dict[str, Any] | None = None, moe: dict[str, Any] | None = None,
+                      fuse_attention: bool = False) -> Recipe:
     """The recipe the CLI's pass flags describe: cleanup, then each requested pass.
 
     Pruning is followed by another cleanup, which re-infers the shapes the pruned widths changed
     and folds what pruning left constant; bit allocation follows, on the final widths.  Sparse
-    attention comes last: cleanup inlines model-local functions, which would dissolve its op.
+    attention comes last: cleanup inlines model-local functions, which would dissolve its op; attention
+    fusion after it takes the blocks it left dense.
     MoE expert removal comes first (with its own cleanup): it leaves whole experts dead, and the
     passes after it should see only the experts that remain.
     """
-    if prune is None and bits is None and sparse_attention is None and moe is None:
+    if prune is None and bits is None and sparse_attention is None and moe is None and not fuse_attention:
         return default_recipe()
     passes = [PassSpec("cleanup")]
     if moe is not None:
@@ -81,6 +83,8 @@ def recipe_from_flags(*, prune: dict[str, Any] | None = None, bits: dict[str, An
         passes.append(PassSpec("bits", dict(bits)))
     if sparse_attention is not None:
         passes.append(PassSpec("sparse_attention", dict(sparse_attention)))
+    if fuse_attention:
+        passes.append(PassSpec("fuse_attention"))
     recipe = Recipe(passes, source="command line")
     build_passes(recipe)  # bad options fail before any work
     return recipe

@@ -119,12 +119,14 @@ def test_encoder_attention_stays_unfused_with_the_reason():
                                "reason": "the attention mask is not causal (encoder or cross-attention): left unfused"}]  # fmt: skip
 
 
-def test_compile_with_the_pass_verifies_and_decodes_the_same(with_past, tmp_path):
-    import edgeprune
-    from edgeprune.recipe import PassSpec, Recipe
+def test_compile_fuse_attention_verifies_and_decodes_the_same(with_past, tmp_path):
+    import json
 
-    recipe = Recipe([PassSpec("cleanup"), PassSpec("fuse_attention")], source="test")
-    report = edgeprune.compile(with_past, tmp_path / "out", recipe=recipe, latency_runs=2, profile=False, max_samples=8).report
+    from edgeprune.cli import main
+
+    assert main(["compile", str(with_past), "-o", str(tmp_path / "out"), "--fuse-attention", "--max-samples", "8", "--json"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [p["name"] for p in report["recipe"]["passes"]] == ["cleanup", "fuse_attention"]
     assert report["passes"][1]["summary"] == {"fused": 2, "unfused": 0, "with_cache": 2}
     assert report["generation"]["same_tokens"] == 64
     assert report["verification"]["outputs"][0]["perplexity_ratio"] == pytest.approx(1.0, abs=1e-5)
