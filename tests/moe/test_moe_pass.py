@@ -239,3 +239,41 @@ def test_global_allocation_takes_from_layers_whose_routing_is_concentrated():
     assert [k.tolist() for k in allocate([flat, peaked], 0.5, "uniform")] == [[0, 1], [0, 1]]
     assert [k.tolist() for k in allocate([flat, peaked], 3)] == [[0, 1, 2], [0, 1, 2]]
     assert [k.tolist() for k in allocate([peaked[::-1].copy(), flat], 0.25, min_keep=2)] == [[2, 3], [0, 1]]
+
+
+def test_replaying_a_choice_gives_the_same_model_without_calibration(mixtral_loop_onnx):
+    rng = np.random.default_rng(4)
+    calib = [token_feed(rng, 2, 8) for _ in range(2)]
+    chosen = MoEExpertPruningPass(MoEConfig(keep=0.5), _context(calib))(load_model(mixtral_loop_onnx))
+    kept = [r["kept"] for r in chosen.records]
+    replayed = MoEExpertPruningPass(MoEConfig(experts=kept))(load_model(mixtral_loop_onnx))  # no context: nothing is measured
+    assert [r["kept"] for r in replayed.records] == kept and replayed.summary["experts"] == "replayed"
+    feed = token_feed(rng, 1, 5)
+    np.testing.assert_array_equal(_run(replayed.model, feed), _run(chosen.model, feed))
+
+
+@pytest.mark.parametrize(
+    ("experts", "sentence"),
+    [
+        ([[0, 1]], "moe experts lists 1 layer(s), and the model has 2 MoE layers: give one list per layer."),
+        ([[0, 1], [2, 8]], "moe experts names expert 8 in MoE layer 1, which has 8 experts (0-7)."),
+    ],
+)
+def test_bad_replay_is_one_sentence(mixtral_loop_onnx, experts, sentence):
+    with pytest.raises(BadInputError) as err:
+        MoEExpertPruningPass(MoEConfig(experts=experts))(load_model(mixtral_loop_onnx))
+    assert str(err.value) == sentence
+
+
+@pytest.mark.parametrize(
+    ("options", "sentence"),
+    [
+        ({"experts": [[0], []]}, "moe experts must list, per MoE layer, the expert indices to keep (at least one each), e.g. [[0, 3], [1, 2]]."),
+        ({"tasks": {}}, "moe tasks must be a table of task name -> calibration file, got {}."),
+        ({"tasks": {"a": "a.npz"}, "experts": [[0]]}, "moe takes either tasks (choose experts per task) or experts (replay a choice), not both."),
+    ],
+)
+def test_bad_task_or_replay_options_are_one_sentence(options, sentence):
+    with pytest.raises(BadInputError) as err:
+        MoEConfig(**options)
+    assert str(err.value) == sentence

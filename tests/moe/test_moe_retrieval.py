@@ -109,3 +109,12 @@ def test_unknown_retrieval_method_is_one_sentence(bundle):
     with pytest.raises(BadInputError) as err:
         RetrievalSession(out, method="cosine")
     assert str(err.value) == "unknown retrieval method 'cosine': choose one of tcess-l1, routing-nb."
+
+
+def test_a_compile_without_tasks_has_no_bundle_to_write(tmp_path):
+    from edgeprune.runtime.moe import bundle_from_report
+
+    with pytest.raises(BadInputError) as err:
+        bundle_from_report("model.onnx", {"records": [{"kept": [0, 1]}]}, tmp_path / "b")
+    assert str(err.value) == "the compile's moe pass ran without tasks, so there are no task patterns to bundle: pass --moe-tasks."
+    assert not (tmp_path / "b").exists()
