@@ -191,6 +191,7 @@ def bench(name: str, args, work: Path) -> dict:
             metrics[key] = {"stsb_spearman": stsb_spearman(str(path), art.tokenizer_path, threads=args.threads)}
         metrics[key]["metric_seconds"] = round(time.perf_counter() - start, 1)
         logger.info("%s %s: %s, %.1f MB", name, key, metrics[key], onnx_file_bytes(path) / 1e6)
+    load = os.getloadavg()[0]  # the 1-minute load average as the side-by-side latency run starts
     lat = measure_side_by_side({k: str(v) for k, v in paths.items()}, feeds, "cpu", warmup=args.warmup, runs=args.runs,
                                threads=args.threads)
     rows = []
@@ -208,7 +209,8 @@ def bench(name: str, args, work: Path) -> dict:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": rb.machine(),
         "calibration": calib.source, "calibration_rows": {"statistics": len(stats_rows), "holdout": len(holdout)},
         "fp32_p50_before_ms": fp32_ms, "latency_setup": {"batch": 1, "seq_len": 128, "threads": args.threads,
-        "warmup": args.warmup, "runs": args.runs, "method": "measure_side_by_side (interleaved rounds)"},
+        "warmup": args.warmup, "runs": args.runs, "method": "measure_side_by_side (interleaved rounds)",
+        "load_average_1min": round(load, 2)},
         "protocol": ({"metric": "WikiText-2 valid perplexity", "context": args.ppl_context, "max_tokens": args.ppl_tokens}
                      if name == "smollm2" else {"metric": "STS-B dev Spearman, 1500 pairs"}),
         "rows": rows,
@@ -229,20 +231,24 @@ def render(results: dict) -> str:
                   f"- machine: {e['machine']['cpu']}, {e['machine']['cpu_count']} cpus (shared with other jobs: latency is noisy)",
                   f"- calibration: {e['calibration']} ({e['calibration_rows']['statistics']} rows for statistics)",
                   f"- metric: {e['protocol']}",
-                  f"- latency: batch 1, {ls['seq_len']} tokens, {ls['threads']} threads, {ls['warmup']} warm-up + {ls['runs']} runs, {ls['method']}",
+                  f"- latency: batch 1, {ls['seq_len']} tokens, {ls['threads']} threads, {ls['warmup']} warm-up + {ls['runs']} runs, {ls['method']}"
+                  + (f"; 1-minute load average {ls['load_average_1min']:g} as it started" if "load_average_1min" in ls else ""),
                   ""]
         metric = "perplexity" if name.startswith("smollm2") else "stsb_spearman"
-        lines += [f"| variant | {metric} | size MB | p50 ms | speedup | avg bits | formats |", "|---|---:|---:|---:|---:|---:|---|"]
+        lines += [f"| variant | {metric} | size MB | p50 ms | speedup | vs ORT int8 | avg bits | formats |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        ort = next((r for r in e["rows"] if r["variant"] == "ort-dyn-int8-pc" and "latency" in r), None)
         for r in e["rows"]:
             if "error" in r:
-                lines.append(f"| {r['variant']} | failed: {_one_line(r['error'])} |  |  |  |  |  |")
+                lines.append(f"| {r['variant']} | failed: {_one_line(r['error'])} |  |  |  |  |  |  |")
                 continue
             p = r.get("pass") or {}
             fm = ", ".join(f"{k} x{v}" for k, v in sorted((p.get("formats") or {}).items())) or ", ".join(
                 f"{k} x{v}" for k, v in sorted(r["quantized_ops"].items()))
             ab = f"{p['avg_bits']:.2f}" if p.get("avg_bits") else ("failed" if p.get("error") else ("no-op" if p and not p.get("modified") else ""))
-            lines.append(f"| {r['variant']} | {r[metric]:.4f} | {r['size_bytes'] / 1e6:.1f} | {r['latency']['p50_ms']:.1f} | "
-                         f"{r['speedup_p50_vs_fp32']:.2f}x | {ab} | {fm} |")
+            vs_ort = f"{ort['latency']['p50_ms'] / r['latency']['p50_ms']:.2f}x" if ort else ""
+            lines.append(f"| {r['variant']} | {r[metric]:.4f} | {r['size_bytes'] / 1e6:.2f} | {r['latency']['p50_ms']:.1f} | "
+                         f"{r['speedup_p50_vs_fp32']:.2f}x | {vs_ort} | {ab} | {fm} |")
         lines.append("")
     return "\n".join(lines)
 
