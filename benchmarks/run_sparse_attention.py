@@ -138,7 +138,7 @@ def fuse_dense_gqa(model: ir.Model, hq: int, hkv: int, d: int) -> int:
 
 def portable_only(model: ir.Model) -> ir.Model:
     """The same op with both functions renamed, so no kernel claims them: ORT inlines the function bodies."""
-    names = {functions.BLOCK: functions.BLOCK + "Portable", functions.DYNAMIC: functions.DYNAMIC + "Portable"}
+    names = {op: op + "Portable" for op in (functions.BLOCK, functions.DYNAMIC, functions.BLOCK_MASKED, functions.DYNAMIC_MASKED)}
     for fn in list(model.functions.values()):
         if fn.name in names:
             del model.functions[fn.identifier()]

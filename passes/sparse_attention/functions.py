@@ -36,6 +36,9 @@ import onnx_ir as ir
 DOMAIN = "edgeprune"
 DYNAMIC = "DynamicSparseAttention"
 BLOCK = "BlockSparseAttention"
+DYNAMIC_MASKED = "DynamicSparseAttentionMasked"  # + the model's 2-D attention_mask (padding beyond causality)
+BLOCK_MASKED = "BlockSparseAttentionMasked"
+OPS = (DYNAMIC, DYNAMIC_MASKED)
 MIN_OPSET = 13
 _BIG = "1e30"
 
@@ -142,9 +145,9 @@ _BLOCK_BODY = """
     qpos = Unsqueeze (qpos2, i2)
     causal = LessOrEqual (kpos2, qpos)
     inside = Less (kpos2, skv_s)
-    valid = And (causal, inside)
+    valid0 = And (causal, inside)%(mask_valid)s
     scm = Where (valid, sc, neg)
-    p = Softmax <axis = -1> (scm)
+    p0 = Softmax <axis = -1> (scm)%(mask_rows)s
     o = MatMul (p, vg)
     o6shape = Concat <axis = 0> (b, hsel, nb, r, qblk, d)
     o6 = Reshape (o, o6shape)
@@ -174,8 +177,8 @@ _DYNAMIC_BODY = """
     kplen = Mul (nbk, blk)
     kpadn = Sub (kplen, skv)
     kpads = Concat <axis = 0> (i0, i0, i0, i0, i0, i0, kpadn, i0)
-    qp = Pad (q, qpads)
-    kp = Pad (k, kpads)
+    qp = Pad (q, qpads)%(mask_keys)s
+    kp = Pad (ksel, kpads)
     qbshape = Concat <axis = 0> (b, hq, nb, qblk, d)
     qb = Reshape (qp, qbshape)
     pq = ReduceSum <keepdims = 0> (qb, i3)
@@ -269,16 +272,49 @@ _DYNAMIC_BODY = """
     top_f = Cast <to = 1> (top_i)
     sorted_v, sorted_i = TopK <axis = -1, largest = 0, sorted = 1> (top_f, kk)
     block_index = Cast <to = 7> (sorted_v)
-    y = edgeprune.BlockSparseAttention <block: int = @block, scale: float = @scale> (q, k, v, block_index)
+    y = edgeprune.%(block_op)s <block: int = @block, scale: float = @scale> (q, k, v, block_index%(mask_arg)s)
 """
+
+# The masked variants take the model's 2-D attention_mask [B, T] (nonzero: the key may be attended):
+# masked keys are left out of the selection's pooled statistics (zeroed) and of the softmax; a query
+# row with no key left (a left-padded position) outputs zeros.
+_MASK_BLOCK_VALID = """
+    kmb = Cast <to = 9> (key_mask)
+    kmpads = Concat <axis = 0> (i0, i0, i0, kpadn)
+    kmp = Pad (kmb, kmpads)
+    kmshape = Concat <axis = 0> (m1, blk)
+    kmflat = Reshape (kmp, kmshape)
+    brb = Mul (br1, nbk_s)
+    brb4 = Unsqueeze (brb, ax23)
+    kmidx = Add (block_index, brb4)
+    kmg0 = Gather <axis = 0> (kmflat, kmidx)
+    kmg1 = Reshape (kmg0, kposshape)
+    kmg = Unsqueeze (kmg1, i3)
+    valid = And (valid0, kmg)"""
+_MASK_BLOCK_ROWS = """
+    validf = Cast <to = 1> (valid)
+    nvalid = ReduceSum <keepdims = 1> (validf, m1)
+    zero_f = Constant <value = float {0}> ()
+    anyvalid = Greater (nvalid, zero_f)
+    p = Where (anyvalid, p0, zero_f)"""
+_MASK_KEYS = """
+    kmf = Cast <to = 1> (key_mask)
+    ax13 = Concat <axis = 0> (i1, i3)
+    kmf4 = Unsqueeze (kmf, ax13)
+    ksel = Mul (k, kmf4)"""
+
 
 # ReduceMin/ReduceMax take their axes as an attribute before opset 18 and as an input from 18 on.
 _KMINMAX_17 = "kmn = ReduceMin <axes = [3], keepdims = 0> (kb)\n    kmx = ReduceMax <axes = [3], keepdims = 0> (kb)"
 _KMINMAX_18 = "kmn = ReduceMin <keepdims = 0> (kb, i3)\n    kmx = ReduceMax <keepdims = 0> (kb, i3)"
 
 
-def _function(name: str, attrs: str, inputs: str, body: str, opset: int) -> ir.Function:
-    fill = {"big": _BIG, "kminmax": _KMINMAX_18 if opset >= 18 else _KMINMAX_17}
+def _function(name: str, attrs: str, inputs: str, body: str, opset: int, masked: bool = False) -> ir.Function:
+    fill = {"big": _BIG, "kminmax": _KMINMAX_18 if opset >= 18 else _KMINMAX_17,
+            "mask_valid": _MASK_BLOCK_VALID if masked else "\n    valid = Identity (valid0)",
+            "mask_rows": _MASK_BLOCK_ROWS if masked else "\n    p = Identity (p0)",
+            "mask_keys": _MASK_KEYS if masked else "\n    ksel = Identity (k)",
+            "block_op": BLOCK_MASKED if masked else BLOCK, "mask_arg": ", key_mask" if masked else ""}  # fmt: skip
     text = (
         f'<domain: "{DOMAIN}", opset_import: ["" : {opset}, "{DOMAIN}" : 1]>\n'
         f"{name} <{attrs}> ({inputs}) => (y) {{{_COMMON}{body % fill}}}"
@@ -286,20 +322,26 @@ def _function(name: str, attrs: str, inputs: str, body: str, opset: int) -> ir.F
     return ir.serde.deserialize_function(onnx.parser.parse_function(text))
 
 
-def block_sparse_function(opset: int) -> ir.Function:
-    """``edgeprune.BlockSparseAttention`` at default-domain ``opset`` (exact attention on chosen blocks)."""
-    return _function(BLOCK, "block, scale", "q, k, v, block_index", _BLOCK_BODY, opset)
+def block_sparse_function(opset: int, masked: bool = False) -> ir.Function:
+    """``edgeprune.BlockSparseAttention[Masked]`` at default-domain ``opset`` (exact attention on chosen blocks)."""
+    name, inputs = (BLOCK_MASKED, "q, k, v, block_index, key_mask") if masked else (BLOCK, "q, k, v, block_index")
+    return _function(name, "block, scale", inputs, _BLOCK_BODY, opset, masked)
 
 
-def dynamic_sparse_function(opset: int) -> ir.Function:
-    """``edgeprune.DynamicSparseAttention`` at default-domain ``opset`` (block selection, then BlockSparseAttention)."""
-    return _function(DYNAMIC, "block, keep, sink, min_len, per_group, scale", "q, k, v", _DYNAMIC_BODY, opset)
+def dynamic_sparse_function(opset: int, masked: bool = False) -> ir.Function:
+    """``edgeprune.DynamicSparseAttention[Masked]`` at default-domain ``opset`` (block selection, then BlockSparseAttention)."""
+    name, inputs = (DYNAMIC_MASKED, "q, k, v, key_mask") if masked else (DYNAMIC, "q, k, v")
+    return _function(name, "block, keep, sink, min_len, per_group, scale", inputs, _DYNAMIC_BODY, opset, masked)
 
 
 def add_functions(model: ir.Model) -> None:
-    """Give ``model`` both functions (once) and the ``edgeprune`` opset import."""
+    """Give ``model`` the functions its sparse-attention nodes need (once) and the ``edgeprune`` opset import."""
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", MIN_OPSET))
-    for make in (block_sparse_function, dynamic_sparse_function):
+    used = {n.op_type for n in model.graph if n.domain == DOMAIN}
+    makers = [lambda o: block_sparse_function(o), lambda o: dynamic_sparse_function(o)]
+    if used & {DYNAMIC_MASKED, BLOCK_MASKED}:
+        makers += [lambda o: block_sparse_function(o, True), lambda o: dynamic_sparse_function(o, True)]
+    for make in makers:
         fn = make(opset)
         if fn.identifier() not in model.functions:
             model.functions[fn.identifier()] = fn

@@ -28,7 +28,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 from onnxscript.rewriter.pattern import MatchResult, RewriteRule, RewriteRuleSet
 
-from edgeprune.passes.sparse_attention.functions import DOMAIN
+from edgeprune.passes.sparse_attention.functions import DOMAIN, DYNAMIC, DYNAMIC_MASKED
 
 _CAUSAL_OPS = {"LessOrEqual", "GreaterOrEqual", "Less", "Greater", "Trilu"}
 
@@ -90,10 +90,34 @@ def _check(context, q, k, v, cq, ck, mask, probs, *, plan: dict[str, dict[str, A
     return result
 
 
-def _rewrite(op, q, k, v, cq, ck, probs, *, plan: dict[str, dict[str, Any]], **_):
+def key_mask_input(mask: ir.Value, limit: int = 200) -> ir.Value | None:
+    """The model's 2-D attention_mask [B, T] the additive mask is built from (bounded upstream walk), if any."""
+    frontier, seen = [mask], set()
+    while frontier and len(seen) < limit:
+        value = frontier.pop(0)
+        if value is None:
+            continue
+        if value.is_graph_input():
+            if value.shape is not None and len(value.shape) == 2 and value.dtype is not None and (value.dtype.is_integer() or value.dtype == ir.DataType.BOOL):
+                return value
+            continue
+        node = value.producer()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        frontier.extend(node.inputs)
+    return None
+
+
+def _rewrite(op, q, k, v, cq, ck, mask, probs, *, plan: dict[str, dict[str, Any]], **_):
     options = plan[probs.producer().name]
-    return op.DynamicSparseAttention(
-        q, k, v, _domain=DOMAIN,
+    inputs, name = [q, k, v], DYNAMIC
+    key_mask = key_mask_input(mask)
+    if key_mask is not None:  # padding beyond causality: the masked op leaves those keys out
+        inputs.append(key_mask if key_mask.dtype == ir.DataType.INT64 else op.Cast(key_mask, to=ir.DataType.INT64))
+        name = DYNAMIC_MASKED
+    return getattr(op, name)(
+        *inputs, _domain=DOMAIN,
         block=int(options["block"]), keep=float(options["keep"]), sink=int(options["sink"]),
         min_len=int(options["min_len"]), per_group=int(options["per_group"]),
         scale=float(np.float32(_scalar(cq)) * np.float32(_scalar(ck))),

@@ -69,8 +69,12 @@ def _softmaxes(model: ir.Model) -> list[ir.Node]:
     return [n for n in model.graph if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]
 
 
+def _is_op(node: ir.Node) -> bool:
+    return node.domain == functions.DOMAIN and node.op_type in functions.OPS
+
+
 def _existing(model: ir.Model) -> int:
-    return sum(1 for n in model.graph if n.domain == functions.DOMAIN and n.op_type == functions.DYNAMIC)
+    return sum(1 for n in model.graph if _is_op(n))
 
 
 class SparseAttentionPass(EdgePass):
@@ -106,10 +110,10 @@ class SparseAttentionPass(EdgePass):
                 "sparse attention allocation 'calibrated' needs calibration data: pass calibration samples (--calib) "
                 "or use allocation = 'uniform'."
             )
-        before = {id(n) for n in model.graph if n.domain == functions.DOMAIN and n.op_type == functions.DYNAMIC}
+        before = {id(n) for n in model.graph if _is_op(n)}
         count = rules.apply(model, plan) if plan else 0
         left = {n.name for n in _softmaxes(model)}
-        new = [n for n in model.graph if n.domain == functions.DOMAIN and n.op_type == functions.DYNAMIC and id(n) not in before]
+        new = [n for n in model.graph if _is_op(n) and id(n) not in before]
         fused_records = []
         for node in fused:  # ORT's fused GroupQueryAttention / MultiHeadAttention
             record = {"node": node.name, "form": node.op_type}

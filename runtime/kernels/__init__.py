@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 DOMAIN = "edgeprune"
 #: ops the library implements (their model-local functions are the fallback when it is not registered)
-KERNEL_OPS = frozenset({"DynamicSparseAttention", "BlockSparseAttention"})
+KERNEL_OPS = frozenset({"DynamicSparseAttention", "BlockSparseAttention", "DynamicSparseAttentionMasked", "BlockSparseAttentionMasked"})
 MIN_ORT = (1, 13)  # the library's OrtCustomOp layout is C API version 13
 
 

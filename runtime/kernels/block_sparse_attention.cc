@@ -91,15 +91,16 @@ struct Job {
   float scale;
   const float *q, *k, *v;
   const int64_t* idx;
+  const int64_t* kmask;  // [B, T] key mask of the masked ops, or nullptr
   float* y;
 };
 
 template <typename Scratch, void (*Run)(int64_t, const Shape&, float, const float*, const float*, const float*,
-                                        const int64_t*, float*, Scratch&)>
+                                        const int64_t*, const int64_t*, float*, Scratch&)>
 void unit_of(void* data, int64_t unit) {
   thread_local Scratch ws;  // per worker thread, reused across calls
   const Job& job = *static_cast<const Job*>(data);
-  Run(unit, job.sh, job.scale, job.q, job.k, job.v, job.idx, job.y, ws);
+  Run(unit, job.sh, job.scale, job.q, job.k, job.v, job.idx, job.kmask, job.y, ws);
 }
 
 UnitFn pick_isa() {
@@ -144,6 +145,7 @@ static int thread_count(int64_t units) {
 struct Kernel {
   int64_t block = 64;
   float scale = 1.0f;
+  bool masked = false;  // the *Masked op: one more input, the [B, T] key mask
 };
 
 static std::vector<int64_t> dims_of(const OrtValue* value) {
@@ -181,6 +183,7 @@ void* create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info
 struct DynKernel {
   int64_t block = 64, sink = 1, min_len = 0, per_group = 1;
   float keep = 0.25f, scale = 1.0f;
+  bool masked = false;
 };
 
 // Units on ORT's intra-op pool (num_batch 0: one task per unit, taken dynamically), or on our own
@@ -206,8 +209,8 @@ void parallel_for(OrtKernelContext* context, void (*fn)(void*, size_t), size_t t
 
 void compute(void* op_kernel, OrtKernelContext* context) {
   const Kernel& kernel = *static_cast<Kernel*>(op_kernel);
-  const OrtValue* in[4] = {};
-  for (size_t n = 0; n < 4; ++n)
+  const OrtValue* in[5] = {};
+  for (size_t n = 0; n < (kernel.masked ? 5u : 4u); ++n)
     if (OrtStatus* st = g_api.KernelContext_GetInput(context, n, &in[n])) g_api.ReleaseStatus(st);
   const auto qd = dims_of(in[0]), kd = dims_of(in[1]), id = dims_of(in[3]);
   OrtValue* out = nullptr;
@@ -229,7 +232,12 @@ void compute(void* op_kernel, OrtKernelContext* context) {
   const float* v = static_cast<const float*>(data_of(in[2]));
   const int64_t* idx = static_cast<const int64_t*>(data_of(in[3]));
   const int64_t units = sh.b * sh.hsel * sh.nb;
-  Job job{sh, kernel.scale, q, k, v, idx, y};
+  const int64_t* kmask = kernel.masked ? static_cast<const int64_t*>(data_of(in[4])) : nullptr;
+  if (kernel.masked && dims_of(in[4]) != std::vector<int64_t>{sh.b, sh.t}) {
+    std::fill(y, y + qd[0] * qd[1] * qd[2] * qd[3], 0.0f);
+    return;
+  }
+  Job job{sh, kernel.scale, q, k, v, idx, kmask, y};
   Dispatch dispatch{pick_isa(), &job, units, sh.nb};
   parallel_for(context, parallel_body, static_cast<size_t>(units), &dispatch);
 }
@@ -251,6 +259,8 @@ void* create_dyn(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info) {
 // (the last, partial block is always forced in, so its score is never used).
 struct StatsJob {
   const float* k;
+  const int64_t* kmask;  // [B, T] or nullptr: masked keys count as zero vectors
+  int64_t hkv;
   int64_t t, d, block, nbk;
   bool decode;
   float *sum, *mn, *mx;  // [B*Hkv, nbk, d]
@@ -262,6 +272,35 @@ void stats_unit(void* data, size_t n) {
   const float* base = j.k + (row * j.t + blk * j.block) * j.d;
   const int64_t kn = std::min(j.block, j.t - blk * j.block);
   const int64_t off = (row * j.nbk + blk) * j.d;
+  const int64_t* mrow = j.kmask ? j.kmask + (row / j.hkv) * j.t + blk * j.block : nullptr;
+  if (mrow != nullptr) {  // the rare masked block: zero vectors for its masked keys
+    int64_t kept = 0;
+    for (int64_t c = 0; c < kn; ++c) kept += mrow[c] != 0;
+    if (kept < kn) {
+      float* sum = j.decode ? nullptr : j.sum + off;
+      float* mn = j.decode ? j.mn + off : nullptr;
+      float* mx = j.decode ? j.mx + off : nullptr;
+      for (int64_t e = 0; e < j.d; ++e) {
+        if (sum) sum[e] = 0.0f;
+        if (mn) mn[e] = mx[e] = 0.0f;  // a zero vector is in the block (padding or a masked key)
+      }
+      bool first = true;
+      for (int64_t c = 0; c < kn; ++c) {
+        if (mrow[c] == 0) continue;
+        for (int64_t e = 0; e < j.d; ++e) {
+          const float x = base[c * j.d + e];
+          if (sum) sum[e] += x;
+          if (mn) {
+            mn[e] = x < mn[e] ? x : mn[e];
+            mx[e] = x > mx[e] ? x : mx[e];
+          }
+        }
+        first = false;
+      }
+      (void)first;
+      return;
+    }
+  }
   if (j.decode) {
     float* mn = j.mn + off;
     float* mx = j.mx + off;
@@ -287,14 +326,14 @@ void stats_unit(void* data, size_t n) {
 
 // The block choice of DynamicSparseAttention (functions.py): int64 [B, Hsel, nB, K], sorted.
 std::vector<int64_t> select_blocks(OrtKernelContext* context, const DynKernel& kn, const Shape& sh, const float* q,
-                                   const float* k) {
+                                   const float* k, const int64_t* kmask) {
   const int64_t block = sh.block, d = sh.d, s = sh.s, t = sh.t, nb = sh.nb, nbk = sh.nbk, kk = sh.kk;
   const int64_t qblk = std::min(block, s), past = t - s, r = sh.hq / sh.hsel;
   const bool decode = s < block;
   std::vector<float> sum, mn, mx;
   (decode ? mn : sum).assign(sh.b * sh.hkv * nbk * d, 0.0f);
   if (decode) mx.assign(mn.size(), 0.0f);
-  StatsJob job{k, t, d, block, nbk, decode, sum.data(), mn.data(), mx.data()};
+  StatsJob job{k, kmask, sh.hkv, t, d, block, nbk, decode, sum.data(), mn.data(), mx.data()};
   parallel_for(context, stats_unit, static_cast<size_t>(sh.b * sh.hkv * nbk), &job);
   // Pooled queries per query head and query block (summed rows, zero padding adds nothing).
   std::vector<float> pq(sh.b * sh.hq * nb * d, 0.0f);
@@ -358,8 +397,8 @@ std::vector<int64_t> select_blocks(OrtKernelContext* context, const DynKernel& k
 
 void compute_dyn(void* op_kernel, OrtKernelContext* context) {
   const DynKernel& kernel = *static_cast<DynKernel*>(op_kernel);
-  const OrtValue* in[3] = {};
-  for (size_t n = 0; n < 3; ++n)
+  const OrtValue* in[4] = {};
+  for (size_t n = 0; n < (kernel.masked ? 4u : 3u); ++n)
     if (OrtStatus* st = g_api.KernelContext_GetInput(context, n, &in[n])) g_api.ReleaseStatus(st);
   const auto qd = dims_of(in[0]), kd = dims_of(in[1]);
   OrtValue* out = nullptr;
@@ -389,16 +428,37 @@ void compute_dyn(void* op_kernel, OrtKernelContext* context) {
   const float* q = static_cast<const float*>(data_of(in[0]));
   const float* k = static_cast<const float*>(data_of(in[1]));
   const float* v = static_cast<const float*>(data_of(in[2]));
-  const std::vector<int64_t> index = select_blocks(context, kernel, sh, q, k);
-  Job job{sh, kernel.scale, q, k, v, index.data(), y};
+  const int64_t* kmask = kernel.masked ? static_cast<const int64_t*>(data_of(in[3])) : nullptr;
+  if (kernel.masked && dims_of(in[3]) != std::vector<int64_t>{sh.b, sh.t}) {
+    std::fill(y, y + qd[0] * qd[1] * qd[2] * qd[3], 0.0f);
+    return;
+  }
+  const std::vector<int64_t> index = select_blocks(context, kernel, sh, q, k, kmask);
+  Job job{sh, kernel.scale, q, k, v, index.data(), kmask, y};
   Dispatch dispatch{pick_isa(), &job, sh.b * sh.hsel * sh.nb, sh.nb};
   parallel_for(context, parallel_body, static_cast<size_t>(dispatch.units), &dispatch);
 }
 
 void destroy_dyn(void* op_kernel) { delete static_cast<DynKernel*>(op_kernel); }
 const char* dyn_name(const OrtCustomOp*) { return "DynamicSparseAttention"; }
-ONNXTensorElementDataType dyn_input_type(const OrtCustomOp*, size_t) { return ORT_FLOAT; }
+ONNXTensorElementDataType dyn_input_type(const OrtCustomOp*, size_t index) { return index == 3 ? ORT_INT64 : ORT_FLOAT; }
 size_t dyn_input_count(const OrtCustomOp*) { return 3; }
+// The *Masked ops: the same kernels with the model's [B, T] int64 attention_mask as the last input.
+void* create_dyn_masked(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info) {
+  auto* kernel = static_cast<DynKernel*>(create_dyn(op, api, info));
+  kernel->masked = true;
+  return kernel;
+}
+const char* dyn_masked_name(const OrtCustomOp*) { return "DynamicSparseAttentionMasked"; }
+size_t dyn_masked_input_count(const OrtCustomOp*) { return 4; }
+void* create_kernel_masked(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info) {
+  auto* kernel = static_cast<Kernel*>(create_kernel(op, api, info));
+  kernel->masked = true;
+  return kernel;
+}
+const char* op_masked_name(const OrtCustomOp*) { return "BlockSparseAttentionMasked"; }
+ONNXTensorElementDataType masked_input_type(const OrtCustomOp*, size_t index) { return index >= 3 ? ORT_INT64 : ORT_FLOAT; }
+size_t masked_input_count(const OrtCustomOp*) { return 5; }
 
 void destroy(void* op_kernel) { delete static_cast<Kernel*>(op_kernel); }
 const char* op_name(const OrtCustomOp*) { return "BlockSparseAttention"; }
@@ -414,6 +474,11 @@ OrtCustomOp g_op = {edgeprune_ort::kApiVersion, create_kernel, op_name, op_ep, i
                     output_type, output_count, compute, destroy, required, required, mem_default};
 OrtCustomOp g_dyn = {edgeprune_ort::kApiVersion, create_dyn, dyn_name, op_ep, dyn_input_type, dyn_input_count,
                      output_type, output_count, compute_dyn, destroy_dyn, required, required, mem_default};
+OrtCustomOp g_dyn_masked = {edgeprune_ort::kApiVersion, create_dyn_masked, dyn_masked_name, op_ep, dyn_input_type,
+                            dyn_masked_input_count, output_type, output_count, compute_dyn, destroy_dyn, required, required,
+                            mem_default};
+OrtCustomOp g_op_masked = {edgeprune_ort::kApiVersion, create_kernel_masked, op_masked_name, op_ep, masked_input_type,
+                           masked_input_count, output_type, output_count, compute, destroy, required, required, mem_default};
 
 }  // namespace
 
@@ -431,5 +496,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
   if (OrtStatus* st = g_api.CreateCustomOpDomain("edgeprune", &domain)) return st;
   if (OrtStatus* st = g_api.CustomOpDomain_Add(domain, &g_op)) return st;
   if (OrtStatus* st = g_api.CustomOpDomain_Add(domain, &g_dyn)) return st;
+  if (OrtStatus* st = g_api.CustomOpDomain_Add(domain, &g_dyn_masked)) return st;
+  if (OrtStatus* st = g_api.CustomOpDomain_Add(domain, &g_op_masked)) return st;
   return g_api.AddCustomOpDomain(options, domain);
 }

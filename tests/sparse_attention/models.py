@@ -138,7 +138,8 @@ def causal_gqa_proto(seed: int = 0, heads: int = 4, kv_heads: int = 2, nan_guard
     return proto
 
 
-def op_model(hq: int, hkv: int, d: int, *, block: int, keep: float, sink: int = 1, min_len: int = 0, per_group: bool = True):
+def op_model(hq: int, hkv: int, d: int, *, block: int, keep: float, sink: int = 1, min_len: int = 0, per_group: bool = True,
+             masked: bool = False):
     """A model that is one DynamicSparseAttention node over inputs q [B,Hq,S,d], k/v [B,Hkv,T,d] (with both functions)."""
     import onnx_ir as ir
 
@@ -149,12 +150,16 @@ def op_model(hq: int, hkv: int, d: int, *, block: int, keep: float, sink: int = 
 
     # keys/values may be longer than the queries (a KV cache: T = past + S)
     q, k, v = value("q", hq, "S"), value("k", hkv, "T"), value("v", hkv, "T")
+    inputs = [q, k, v]
+    if masked:  # DynamicSparseAttentionMasked: + key_mask [B, T] int64
+        inputs.append(ir.Value(name="key_mask", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["B", "T"])))
     attrs = [ir.AttrInt64("block", block), ir.AttrFloat32("keep", keep), ir.AttrInt64("sink", sink),
              ir.AttrInt64("min_len", min_len), ir.AttrInt64("per_group", int(per_group)), ir.AttrFloat32("scale", d**-0.5)]  # fmt: skip
-    node = ir.Node(functions.DOMAIN, functions.DYNAMIC, [q, k, v], attributes=attrs, num_outputs=1)
+    name = functions.DYNAMIC_MASKED if masked else functions.DYNAMIC
+    node = ir.Node(functions.DOMAIN, name, inputs, attributes=attrs, num_outputs=1)
     out = node.outputs[0]
     out.name, out.type, out.shape = "y", ir.TensorType(ir.DataType.FLOAT), ir.Shape(["B", hq, "S", d])
-    model = ir.Model(ir.Graph([q, k, v], [out], nodes=[node], opset_imports={"": 17}, name="op"), ir_version=10)
+    model = ir.Model(ir.Graph(inputs, [out], nodes=[node], opset_imports={"": 17}, name="op"), ir_version=10)
     functions.add_functions(model)
     return model
 

@@ -12,14 +12,17 @@ import math
 import numpy as np
 
 
-def select_blocks(q, k, block, keep, sink=1, min_len=0, per_group=False):
+def select_blocks(q, k, block, keep, sink=1, min_len=0, per_group=False, key_mask=None):
     """int64 [B, Hsel, nBq, K] sorted key-block indices, chosen as DynamicSparseAttention does.
 
     Prefill (Sq >= block): score = pooled (summed) query block . pooled key block.  Decode (Sq <
     block, one query block): Quest's bound, per query head sum_d max(q_d * kmin_d, q_d * kmax_d)
     over each key block's element-wise min/max, summed over the heads that share a selection row.
     Forced in: the first ``sink`` key blocks and the key blocks the query block's positions fall in.
+    ``key_mask`` [B, T] (the masked op): masked keys count as zero vectors in the statistics.
     """
+    if key_mask is not None:
+        k = k * (key_mask != 0).astype(np.float32)[:, None, :, None]
     b, hq, s, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
     past = skv - s
@@ -53,8 +56,10 @@ def select_blocks(q, k, block, keep, sink=1, min_len=0, per_group=False):
     return np.sort(top, axis=-1).astype(np.int64)
 
 
-def block_sparse_attention(q, k, v, block_index, block, scale):
-    """Exact causal softmax attention of each query block over its selected key blocks (float64)."""
+def block_sparse_attention(q, k, v, block_index, block, scale, key_mask=None):
+    """Exact causal softmax attention of each query block over its selected key blocks (float64).
+
+    ``key_mask`` [B, T]: keys where it is 0 are left out too; a row with no key left is 0."""
     b, hq, s, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
     past = skv - s
@@ -69,6 +74,10 @@ def block_sparse_attention(q, k, v, block_index, block, scale):
                 keys = np.concatenate([np.arange(j * block, (j + 1) * block) for j in block_index[bi, hs, qb]])
                 for t in range(qb * qblk, min((qb + 1) * qblk, s)):
                     ks = keys[(keys <= past + t) & (keys < skv)]
+                    if key_mask is not None:
+                        ks = ks[key_mask[bi, ks] != 0]
+                    if ks.size == 0:
+                        continue
                     logits = (q[bi, h, t].astype(np.float64) @ k[bi, hk, ks].T.astype(np.float64)) * scale
                     p = np.exp(logits - logits.max())
                     out[bi, h, t] = (p / p.sum()) @ v[bi, hk, ks]

@@ -145,6 +145,46 @@ def test_min_len_compares_the_cache_length_not_the_query_count():
     assert np.abs(got - dense).max() > 1e-2
 
 
+def _left_padding(b, t, pads):
+    mask = np.ones((b, t), np.int64)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    return mask
+
+
+@pytest.mark.parametrize("b,hq,hkv,d,s,past,block,keep,per_group,mask", [
+    (2, 6, 2, 16, 37, 0, 8, 0.3, True, "left"),      # left padding: rows before the prompt see no key
+    (2, 6, 2, 16, 1, 100, 8, 0.3, False, "left"),    # decode over a left-padded cache
+    (2, 4, 4, 8, 20, 45, 8, 0.5, False, "random"),
+    (1, 9, 3, 64, 130, 190, 64, 0.25, True, "random"),
+])  # fmt: skip
+def test_masked_op_honours_the_attention_mask(b, hq, hkv, d, s, past, block, keep, per_group, mask):
+    feeds = _inputs(b, hq, hkv, d, s, seed=6, past=past)
+    t = past + s
+    if mask == "left":
+        feeds["key_mask"] = _left_padding(b, t, [0, 13][:b])
+    else:
+        feeds["key_mask"] = (np.random.default_rng(9).random((b, t)) > 0.3).astype(np.int64)
+    index = reference.select_blocks(feeds["q"], feeds["k"], block, keep, per_group=per_group, key_mask=feeds["key_mask"])
+    expected = reference.block_sparse_attention(feeds["q"], feeds["k"], feeds["v"], index, block, d**-0.5, key_mask=feeds["key_mask"])
+    unmasked = reference.block_sparse_attention(feeds["q"], feeds["k"], feeds["v"], index, block, d**-0.5)
+    assert np.abs(expected - unmasked).max() > 1e-2  # the mask changes the result
+    portable, kernel = _sessions(op_model(hq, hkv, d, block=block, keep=keep, per_group=per_group, masked=True))
+    got = portable.run(None, feeds)[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    if kernel is not None:
+        np.testing.assert_allclose(kernel.run(None, feeds)[0], got, atol=1e-4, rtol=0)
+
+
+def test_masked_op_with_dense_settings_is_masked_dense_attention():
+    feeds = _inputs(2, 6, 2, 16, 9, past=30)
+    feeds["key_mask"] = _left_padding(2, 39, [0, 11])
+    index = np.broadcast_to(np.arange(5), (2, 6, 2, 5))  # every block (39 keys in 5 blocks of 8)
+    expected = reference.block_sparse_attention(feeds["q"], feeds["k"], feeds["v"], index, 8, 0.25, key_mask=feeds["key_mask"])
+    for session in filter(None, _sessions(op_model(6, 2, 16, block=8, keep=1.0, masked=True))):
+        np.testing.assert_allclose(session.run(None, feeds)[0], expected, atol=1e-5, rtol=0)
+
+
 def test_sparse_differs_from_dense_when_blocks_are_dropped():
     feeds = _inputs(1, 4, 2, 8, 64)
     got = _sessions(op_model(4, 2, 8, block=8, keep=0.125))[0].run(None, feeds)[0]
@@ -340,6 +380,37 @@ def test_fused_forms_it_cannot_rewrite_stay_dense_with_the_reason(op, attrs, rea
     result = SparseAttentionPass(SparseAttentionConfig(keep=0.25, block=4, min_len=0))(model)
     assert not result.modified and [n.op_type for n in model.graph] == before
     assert [(r["form"], r["status"], r["reason"]) for r in result.records] == [(op, "dense", reason)]
+
+
+def test_optimum_export_left_padded_batch_is_exact_on_real_tokens(tiny_llama_past):
+    # The masked op takes the model's attention_mask: a left-padded batch under dense settings
+    # reproduces the input model on every real token (the causal-only op did not).
+    proto = onnx.load(str(tiny_llama_past))
+    model = ir.serde.deserialize_model(proto)
+    SparseAttentionPass(SparseAttentionConfig(keep=0.5, block=4, min_len=1024))(model)
+    assert {n.op_type for n in model.graph if n.domain == "edgeprune"} == {"DynamicSparseAttentionMasked"}
+    ids = np.array([list(range(5, 25)), [0] * 6 + list(range(30, 44))], np.int64)
+    mask = (np.arange(20)[None, :] >= np.array([[0], [6]])).astype(np.int64)
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    session = make_session(proto, threads=1)
+    heads, dim = session.get_inputs()[3].shape[1], session.get_inputs()[3].shape[3]
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+             **{i.name: np.zeros((2, heads, 0, dim), np.float32) for i in session.get_inputs() if i.name.startswith("past_key_values")}}  # fmt: skip
+    want = session.run(["logits"], feeds)[0]
+    got = make_session(model, threads=1).run(["logits"], feeds)[0]
+    real = mask.astype(bool)
+    np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=0)
+    causal_only = ir.serde.deserialize_model(proto)
+    SparseAttentionPass(SparseAttentionConfig(keep=0.5, block=4, min_len=1024))(causal_only)
+    for node in causal_only.graph:  # the op without the mask (as before): padded keys leak into real rows
+        if node.op_type == "DynamicSparseAttentionMasked":
+            node.op_type = "DynamicSparseAttention"
+            node.resize_inputs(3)
+    from edgeprune.passes.sparse_attention import functions
+
+    functions.add_functions(causal_only)
+    leaked = make_session(causal_only, threads=1).run(["logits"], feeds)[0]
+    assert np.abs(leaked[1][real[1]] - want[1][real[1]]).max() > 1e-3
 
 
 def test_keep_one_returns_the_model_untouched():
