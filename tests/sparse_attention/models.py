@@ -139,7 +139,7 @@ def causal_gqa_proto(seed: int = 0, heads: int = 4, kv_heads: int = 2, nan_guard
 
 
 def op_model(hq: int, hkv: int, d: int, *, block: int, keep: float, sink: int = 1, min_len: int = 0, per_group: bool = True,
-             masked: bool = False):
+             masked: bool = False, opset: int = 17):
     """A model that is one DynamicSparseAttention node over inputs q [B,Hq,S,d], k/v [B,Hkv,T,d] (with both functions)."""
     import onnx_ir as ir
 
@@ -159,7 +159,7 @@ def op_model(hq: int, hkv: int, d: int, *, block: int, keep: float, sink: int = 
     node = ir.Node(functions.DOMAIN, name, inputs, attributes=attrs, num_outputs=1)
     out = node.outputs[0]
     out.name, out.type, out.shape = "y", ir.TensorType(ir.DataType.FLOAT), ir.Shape(["B", hq, "S", d])
-    model = ir.Model(ir.Graph(inputs, [out], nodes=[node], opset_imports={"": 17}, name="op"), ir_version=10)
+    model = ir.Model(ir.Graph(inputs, [out], nodes=[node], opset_imports={"": opset}, name="op"), ir_version=10)
     functions.add_functions(model)
     return model
 

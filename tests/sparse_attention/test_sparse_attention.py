@@ -94,6 +94,18 @@ def test_with_a_kv_cache_both_paths_equal_the_numpy_block_mask(b, hq, hkv, d, s,
         np.testing.assert_allclose(kernel.run(None, feeds)[0], got, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("opset", [13, 17, 18, 21])
+def test_function_bodies_at_every_opset(opset):
+    # ReduceMin/ReduceMax (the decode step's Quest statistics) take axes as an attribute before 18, an input from 18.
+    feeds = _inputs(2, 6, 2, 16, 1, seed=opset, past=60)
+    feeds["key_mask"] = _left_padding(2, 61, [0, 9])
+    index = reference.select_blocks(feeds["q"], feeds["k"], 8, 0.3, per_group=True, key_mask=feeds["key_mask"])
+    expected = reference.block_sparse_attention(feeds["q"], feeds["k"], feeds["v"], index, 8, 0.25, key_mask=feeds["key_mask"])
+    model = op_model(6, 2, 16, block=8, keep=0.3, masked=True, opset=opset)
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+    np.testing.assert_allclose(_sessions(model)[0].run(None, feeds)[0], expected, atol=1e-4, rtol=0)
+
+
 def test_reference_block_attention_over_every_block_is_dense_attention_with_a_past():
     feeds = _inputs(2, 6, 2, 16, 11, past=21)
     q, k, v = feeds["q"], feeds["k"], feeds["v"]
