@@ -48,7 +48,11 @@ class InputSpec:
 
 
 def input_specs(model: ir.Model) -> list[InputSpec]:
-    """The inputs a caller must feed (graph inputs without an initializer behind them)."""
+    """The inputs a caller must feed (graph inputs without an initializer behind them).
+
+    A KV cache's head count and size, when declared as symbols, are taken from the fused attention reading it.
+    """
+    cache_dims = kv_cache.fused_cache_shapes(model)
     specs = []
     for value in model.graph.inputs:
         if value.name in model.graph.initializers:
@@ -57,6 +61,8 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         shape = None
         if value.shape is not None:
             shape = tuple(static_dim(d) if isinstance(d, int) else (d.value if d.value else None) for d in value.shape)
+            if value.name in cache_dims and len(shape) == 4:
+                shape = (shape[0], cache_dims[value.name][0], shape[2], cache_dims[value.name][1])
         specs.append(InputSpec(value.name, dtype, shape))
     return specs
 

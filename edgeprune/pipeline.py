@@ -34,7 +34,7 @@ from edgeprune.progress import Progress
 from edgeprune.recipe import Recipe, build_passes, default_recipe, load_recipe
 from edgeprune.runtime.targets import get_target
 from edgeprune.validation import DECODE_TOKENS, LATENCY_SEQ_LEN, find_tokenizer, latency_feed, measure_generation_pair, measure_pair
-from edgeprune.verify import Verification, run_batches, verify
+from edgeprune.verify import Verification, checker_error, run_batches, verify
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +195,7 @@ def compile_model(
 
     with progress.stage("analyze structures"):
         structures = analyze(reference)
+    input_checker_error = checker_error(reference)  # an input the checker already refuses is held to ORT instead
     with progress.stage(f"reference outputs on {len(holdout)} held-back samples"):
         reference_outputs = run_batches(model_io.to_proto(reference), holdout_batches, threads=opts.threads)
 
@@ -215,7 +216,8 @@ def compile_model(
         pass_records, pass_results = _run_passes(candidate, passes, ctx)
         kv_cache.check_kept(kv_cache.model_cache(reference), kv_cache.model_cache(candidate))
         with progress.stage("verify: checker, ORT load, fidelity on held-back rows"):
-            verification: Verification = verify(candidate, holdout_batches, reference_outputs, threads=opts.threads)
+            verification: Verification = verify(candidate, holdout_batches, reference_outputs, threads=opts.threads,
+                                                input_checker_error=input_checker_error)
         # Without --max-drop the default floor of each output's kind holds instead (fidelity.default_floor).
         floor = floors(verification.fidelity, opts.max_drop)
         missed = [(fl, f) for fl, f in zip(floor, verification.fidelity) if not fl.holds(f)]

@@ -165,7 +165,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"- recipe: {', '.join(p['name'] for p in report['recipe']['passes'])} ({report['recipe']['source']})",
         f"- calibration: {report['calibration']['source']}, {report['calibration']['statistics_rows']} rows for statistics, "
         f"{report['calibration']['holdout_rows']} held back for verification" + (" (synthetic!)" if report["calibration"]["synthetic"] else ""),
-        f"- verification: onnx.checker {'ok' if ver['checker_ok'] else 'FAILED'}, ORT load {'ok' if ver['ort_ok'] else 'FAILED'}, "
+        f"- verification: onnx.checker {'ok' if ver['checker_ok'] else ver.get('checker_note') or 'FAILED'}, ORT load {'ok' if ver['ort_ok'] else 'FAILED'}, "
         f"fidelity drop {ver['drop']:.6f}" + (f" (budget {ver['max_drop']})" if ver.get("max_drop") is not None else ""),
         f"- edgeprune {report['edgeprune_version']}, {report['created']}, {report.get('seconds', 'n/a')} s",
         "",

@@ -134,3 +134,56 @@ def tiny_llama_with_past(folder: pathlib.Path, *, heads: int = 4, kv_heads: int 
         warnings.simplefilter("ignore")
         main_export(str(folder / "hf"), output=str(folder / "onnx"), task="text-generation-with-past", opset=17, do_validation=False)
     return folder / "onnx" / "model.onnx"
+
+
+def genai_style_decoder(folder: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """One decoder layer in onnxruntime-genai's builder form: ORT's SimplifiedLayerNormalization in the ONNX
+    domain, packed QKV into com.microsoft.GroupQueryAttention with rotary inside, and a KV cache whose head
+    size is the symbol ``kv_cache_dim`` (4 query heads, 2 KV heads of 16)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    vocab, hidden, heads, kv, hd = 48, 64, 4, 2, 16
+    w = {"embed": rng.standard_normal((vocab, hidden)), "ln_w": 1 + 0.1 * rng.standard_normal(hidden),
+         "w_qkv": rng.standard_normal((hidden, (heads + 2 * kv) * hd)) / 8, "w_o": rng.standard_normal((heads * hd, hidden)) / 8,
+         "w_lm": rng.standard_normal((hidden, vocab)) / 8}  # fmt: skip
+    pos = np.arange(256)[:, None] * (10000.0 ** (-np.arange(0, hd, 2) / hd))[None, :]
+    w["cos_cache"], w["sin_cache"] = np.cos(pos), np.sin(pos)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in w.items()]
+    inits += [numpy_helper.from_array(np.array([1], np.int64), "axes1"), numpy_helper.from_array(np.array(1, np.int64), "one"),
+              numpy_helper.from_array(np.array(1, np.int64), "idx1")]  # fmt: skip
+    cache = ["batch_size", kv, "past_sequence_length", "kv_cache_dim"]
+    present = ["batch_size", kv, "total_sequence_length", "kv_cache_dim"]
+    nodes = [
+        helper.make_node("Gather", ["embed", "input_ids"], ["h"]),
+        helper.make_node("SimplifiedLayerNormalization", ["h", "ln_w"], ["n"], axis=-1, epsilon=1e-5),
+        helper.make_node("MatMul", ["n", "w_qkv"], ["qkv"]),
+        helper.make_node("ReduceSum", ["attention_mask", "axes1"], ["len"], keepdims=0),
+        helper.make_node("Sub", ["len", "one"], ["len1"]),
+        helper.make_node("Cast", ["len1"], ["seqlens_k"], to=TensorProto.INT32),
+        helper.make_node("Shape", ["attention_mask"], ["mshape"]),
+        helper.make_node("Gather", ["mshape", "idx1"], ["total64"], axis=0),
+        helper.make_node("Cast", ["total64"], ["total"], to=TensorProto.INT32),
+        helper.make_node("GroupQueryAttention", ["qkv", "", "", "past_key_values.0.key", "past_key_values.0.value", "seqlens_k", "total",
+                                                 "cos_cache", "sin_cache"],
+                         ["attn", "present.0.key", "present.0.value"], domain="com.microsoft", num_heads=heads, kv_num_heads=kv,
+                         do_rotary=1, scale=hd ** -0.5),  # fmt: skip
+        helper.make_node("MatMul", ["attn", "w_o"], ["o"]),
+        helper.make_node("Add", ["h", "o"], ["r"]),
+        helper.make_node("MatMul", ["r", "w_lm"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "genai_style",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+         helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, cache),
+         helper.make_tensor_value_info("past_key_values.0.value", TensorProto.FLOAT, cache)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", vocab]),
+         helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, present),
+         helper.make_tensor_value_info("present.0.value", TensorProto.FLOAT, present)],
+        inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], ir_version=8)
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, folder / "model.onnx")
+    return folder / "model.onnx"

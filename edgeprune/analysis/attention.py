@@ -262,6 +262,8 @@ def _native_attention(node: ir.Node, by_output: dict[str, Linear]) -> AttentionB
         traced = [_trace_to_linear(v, by_output) if v is not None else None for v in node.inputs[:3]]
         q, k, v = (t[0] if t else None for t in traced)
         width = q.out_features if q else None
+        if q is not None and node.op_type == "GroupQueryAttention" and node.inputs[1] is None and heads and kv_heads:
+            width = q.out_features * heads // (heads + 2 * kv_heads)  # packed QKV (onnxruntime-genai): q, k, v widths in one
     head_dim = width // heads if width and heads else None
     return AttentionBlock(
         q=q, k=k, v=v, o=o, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, softmax=None,

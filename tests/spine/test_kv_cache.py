@@ -144,3 +144,44 @@ def test_a_pass_that_changes_the_cache_is_refused():
     with pytest.raises(VerificationError) as info:
         kv_cache.check_kept([entry], [changed])
     assert str(info.value) == "a pass changed the KV-cache interface at past_key_values.0.key; nothing was written. Please report this."
+
+
+# ------------------------------------------------------------------ onnxruntime-genai's builder form
+
+
+@pytest.fixture(scope="module")
+def genai_style(tmp_path_factory):
+    from tiny_models import genai_style_decoder
+
+    return genai_style_decoder(tmp_path_factory.mktemp("genai_style"))
+
+
+def test_genai_head_size_symbol_is_read_off_the_fused_attention(genai_style):
+    model = ir.load(genai_style)
+    assert kv_cache.fused_cache_shapes(model) == {"past_key_values.0.key": (2, 16), "past_key_values.0.value": (2, 16)}
+    assert [(e.heads, e.head_dim) for e in kv_cache.session_cache(ort.InferenceSession(str(genai_style)))] == [(2, 16), (2, 16)]
+    sample = load_calibration(None, model, max_samples=2, seq_len=8).samples[0]
+    assert sample["past_key_values.0.value"].shape == (1, 2, 0, 16)
+
+
+@pytest.mark.parametrize("bits", ["8", "4"])
+def test_genai_form_compiles_with_the_checker_held_to_ort(genai_style, tmp_path, bits):
+    report = _compile(genai_style, tmp_path / "out", "--bits", bits)
+    assert report["verification"]["checker_note"] == (
+        "the input already fails onnx.checker (No Op registered for SimplifiedLayerNormalization with domain_version of 17)"
+    )
+    assert report["generation"]["measured"] and report["generation"]["new_tokens"] == 64
+    compiled = ir.load(tmp_path / "out" / "model.onnx")
+    assert [(e.past, e.heads, e.head_dim) for e in kv_cache.model_cache(compiled)] == [
+        ("past_key_values.0.key", 2, 16), ("past_key_values.0.value", 2, 16)]
+
+
+def test_a_candidate_failing_the_checker_differently_is_still_refused(genai_style):
+    from edgeprune.errors import VerificationError
+    from edgeprune.verify import check_model
+
+    model = ir.load(genai_style)
+    model.graph.node(2).op_type = "NoSuchOp"  # the packed-QKV MatMul
+    with pytest.raises(VerificationError) as info:
+        check_model(model, "No Op registered for SimplifiedLayerNormalization with domain_version of 17")
+    assert str(info.value).startswith("the compiled model fails onnx.checker (No Op registered for NoSuchOp")
