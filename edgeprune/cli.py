@@ -322,6 +322,15 @@ def validate_cmd(reference, candidate, data, tokenizer, target, max_samples, run
             rows.append(("peak memory ref → cand", f"{rm:.1f} → {cm:.1f} MB"))
     else:
         rows.append(("latency", lat["reason"]))
+    gen = result.generation
+    if gen and gen.get("measured"):
+        ref, cand = gen["reference"], gen["candidate"]
+        rows.append((f"prefill ({gen['prompt_tokens']} tokens) ref → cand", f"{ref['prefill_ms']:.2f} → {cand['prefill_ms']:.2f} ms (×{gen['prefill_ratio']:.3f})"))
+        rows.append((f"decode tokens/s ({gen['new_tokens']} greedy) ref → cand",
+                     f"{ref['decode_tokens_per_s']:.1f} → {cand['decode_tokens_per_s']:.1f} (×{gen['decode_speedup']:.3f})"))
+        rows.append(("greedy tokens identical", f"{gen['same_tokens']} of {gen['new_tokens']}"))
+    if result.cache:
+        rows.append((f"KV cache ({result.cache['outputs']} outputs): cosine mean worst / min", f"{result.cache['cosine_mean_worst']:.6f} / {result.cache['cosine_min']:.6f}"))
     s = result.size
     rows.append(("file size ref → cand", f"{s['reference_bytes'] / 1e6:.2f} → {s['candidate_bytes'] / 1e6:.2f} MB (×{s['ratio']:.3f})"))
     out_console.print(_table(f"validate on {result.samples} samples of {result.data}", ["", "value"], rows))

@@ -185,3 +185,17 @@ def test_a_candidate_failing_the_checker_differently_is_still_refused(genai_styl
     with pytest.raises(VerificationError) as info:
         check_model(model, "No Op registered for SimplifiedLayerNormalization with domain_version of 17")
     assert str(info.value).startswith("the compiled model fails onnx.checker (No Op registered for NoSuchOp")
+
+
+def test_validate_reports_generation_side_by_side(gqa, tmp_path, capsys):
+    _compile(gqa, tmp_path / "out", "--bits", "8")
+    capsys.readouterr()
+    assert main(["validate", str(gqa), str(tmp_path / "out" / "model.onnx"), "--runs", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [f["name"] for f in result["fidelity"]] == ["logits"]
+    assert result["kv_cache"]["outputs"] == 4
+    gen = result["generation"]
+    assert (gen["prompt_tokens"], gen["new_tokens"]) == (128, 64) and 0 <= gen["same_tokens"] <= 64
+    assert main(["validate", str(gqa), str(tmp_path / "out" / "model.onnx"), "--runs", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "decode tokens/s (64 greedy) ref → cand" in text and "greedy tokens identical" in text
