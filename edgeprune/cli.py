@@ -14,8 +14,10 @@ import sys
 from typing import Any
 
 import click
+from rich.markup import escape
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from edgeprune.errors import BudgetError, EdgepruneError
 from edgeprune.passes.prune.scoring import METRICS as PRUNE_METRICS  # names only: the pass loads on first use
@@ -41,8 +43,8 @@ def _table(title: str, columns: list[str], rows: list[tuple]) -> Table:
     table = Table(title=title, title_justify="left")
     for i, col in enumerate(columns):
         table.add_column(col, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*[str(c) for c in row])
+    for row in rows:  # cells are text, not rich markup: a shape like [batch_size, 128] would vanish as a tag
+        table.add_row(*[c if isinstance(c, Text) else Text(str(c)) for c in row])
     return table
 
 
@@ -196,7 +198,7 @@ def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example,
     for line in verdicts(result.report):  # a slower output, fidelity under the default floor: one line each, right under the table
         out_console.print(line, style="bold red", markup=False, highlight=False, soft_wrap=True)
     for line in result.report["structures_summary"]:
-        out_console.print(f"  • {line}")
+        out_console.print(f"  • {line}", markup=False, highlight=False)
     for p in result.report["passes"]:  # what each pass did, in one sentence where it has one (bits: the default's formats)
         if (p.get("summary") or {}).get("headline"):
             out_console.print(f"  • {p['summary']['headline']}", markup=False, highlight=False, soft_wrap=True)
@@ -404,7 +406,7 @@ def inspect_cmd(model, as_json):
     out_console.print(_table("weights by consuming op type", ["op type", "tensors", "parameters", "MB"], [(op, w["tensors"], f"{w['params']:,}", f"{w['bytes'] / 1e6:.2f}") for op, w in info["weights_by_op_type"].items()]))
     out_console.print("[bold]structures[/]")
     for line in info["summary"]:
-        out_console.print(f"  • {line}")
+        out_console.print(f"  • {line}", markup=False, highlight=False)
     for title, columns, rows in tables:  # what each pass would act on (EdgePass.describe)
         out_console.print(_table(title, columns, rows))
 
@@ -489,17 +491,17 @@ def main(argv: list[str] | None = None) -> int:
         exc.show()
         return 2
     except BudgetError as exc:
-        err_console.print(f"[red]budget failed:[/] {exc}", highlight=False)
+        err_console.print(f"[red]budget failed:[/] {escape(str(exc))}", highlight=False)
         return exc.exit_code
     except EdgepruneError as exc:
         if debug:
             err_console.print_exception()
-        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         return exc.exit_code
     except Exception as exc:  # an internal error: say so, hint at --debug
         if debug:
             err_console.print_exception()
-        err_console.print(f"[red]internal error:[/] {type(exc).__name__}: {exc}. Rerun with --debug and report it.", highlight=False)
+        err_console.print(f"[red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}. Rerun with --debug and report it.", highlight=False)
         return 3
 
 

@@ -381,3 +381,16 @@ def test_bits_flags_build_the_recipe(mlp, tmp_path, capsys):
 def test_bits_flag_mistakes(mlp, tmp_path, capsys, args, error):
     model, calib = mlp
     _bad(capsys, tmp_path, model, "--calib", calib, *args, error=error)
+
+
+def test_error_sentences_keep_their_bracketed_shapes(tmp_path, capsys):
+    """rich would read '[N, 4]' as a markup tag and drop it from the sentence."""
+    model = write_mlp(tmp_path)
+    np.savez(tmp_path / "bad.npz", x=np.zeros((5, 4, 2), np.float32))
+    code, _, err = _run(capsys, "compile", model, "-o", tmp_path / "out", "--calib", tmp_path / "bad.npz")
+    assert code == 2
+    assert " ".join(err[err.index("error: "):].split()) == (
+        f"error: {tmp_path / 'bad.npz'} (5 of 5 samples), sample 0: calibration input 'x' has shape [1, 4, 2] (rank 3) but the "
+        "model expects rank 2 [N, 4]: reshape it (axis 0 is the sample axis)."
+    )
+    assert not (tmp_path / "out").exists()
