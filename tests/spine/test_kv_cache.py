@@ -131,7 +131,7 @@ def test_bits_report_has_cache_summary_and_generation_rows(gqa, tmp_path):
     cache = report["verification"]["kv_cache"]
     assert cache["outputs"] == 4 and cache["cosine_min"] <= cache["cosine_mean_worst"] <= 1
     labels = [row[0] for row in summary_rows(report)]
-    assert "prefill (128 tokens, cache reused)" in labels and "decode tokens/s (64 greedy)" in labels
+    assert "prefill (128 tokens, from an empty cache)" in labels and "decode tokens/s (64 greedy, cache reused)" in labels
     gen = report["generation"]
     assert gen["decode_speedup"] == pytest.approx(gen["candidate"]["decode_tokens_per_s"] / gen["reference"]["decode_tokens_per_s"])
 
