@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import logging
 import os
@@ -326,7 +327,10 @@ def decode(context: int, new_tokens: int, rounds: int, threads: int, keeps: list
             models[f"portable {keep:.1%}"] = portable_only(_copy(model))
     logger.info("decode: %d models, prompt %d tokens (chunks of %d), %d new tokens, %d rounds", len(models), len(prompt), chunk,
                 new_tokens, rounds)  # fmt: skip
-    decoders = {name: _Decoder(m, threads) for name, m in models.items()}
+    decoders = {}
+    for name in list(models):  # each graph is dropped once its session holds the weights (memory)
+        decoders[name] = _Decoder(models.pop(name), threads)
+        gc.collect()
     names = list(decoders)
     times = {n: {"prefill": [], "decode": []} for n in names}
     tokens = {}

@@ -177,8 +177,15 @@ class SparseAttentionPass(EdgePass):
                 values = dict(zip(wanted, session.run(wanted, feeds)))
                 for node, triple, measure in zip(nodes, names, measures):
                     q, k, v = (values[x] for x in triple)
+                    if k.shape[2] != q.shape[2]:  # a row fed with a non-empty cache: prefills are what is measured
+                        continue
                     measure.add(q, k, v, scale=node.attributes.get_float("scale", q.shape[-1] ** -0.5), block=cfg.block,
                                 sink=cfg.sink, per_group=cfg.select == "group")  # fmt: skip
+        if any(m.rows == 0 for m in measures):
+            raise BadInputError(
+                "sparse attention allocation 'calibrated' measures prefills from an empty cache, and no calibration row "
+                "had one: give calibration rows with empty past_key_values, or use allocation = 'uniform'."
+            )
         return measures
 
     @classmethod

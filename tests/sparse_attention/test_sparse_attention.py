@@ -604,6 +604,25 @@ def _qkv(proto, x):
     return ort.InferenceSession(model.SerializeToString()).run(["qt", "kt", "vt"], {"x": x})
 
 
+def test_calibrated_allocation_on_a_with_past_model_measures_prefills_from_an_empty_cache():
+    from edgeprune.calibration import CalibrationSet
+    from edgeprune.context import CompileContext
+    from edgeprune.runtime.targets import get_target
+
+    def context(past):
+        rows = [_past_feeds(40, past, seed=i, batch=1) for i in range(2)]
+        calib = CalibrationSet(rows, "test")
+        return CompileContext(target=get_target("cpu"), calibration=calib, holdout=calib)
+
+    cfg = SparseAttentionConfig(keep=0.5, block=4, min_len=0, allocation="calibrated", candidates=[0.25, 0.5, 1.0])
+    model = ir.serde.deserialize_model(causal_gqa_proto(past=True))
+    result = SparseAttentionPass(cfg, context(0))(model)
+    assert [r["keep"] for r in result.records] == [0.5] and len(result.records[0]["measured"]) == 3
+    with pytest.raises(BadInputError) as err:
+        SparseAttentionPass(cfg, context(8))(ir.serde.deserialize_model(causal_gqa_proto(past=True)))
+    assert "no calibration row had one" in str(err.value)
+
+
 def test_calibrated_allocation_needs_calibration_data():
     model = ir.serde.deserialize_model(causal_gqa_proto())
     with pytest.raises(BadInputError) as err:
