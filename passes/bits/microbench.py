@@ -118,12 +118,14 @@ def _x(k: int, tokens: int) -> dict[str, np.ndarray]:
 
 
 def _time_group(models: dict[str, tuple[ir.Model, dict]], target, threads) -> dict[str, float]:
-    """name -> p50 ms of each (model, feed), all timed side by side in one interleaved run."""
+    """name -> ms of each (model, feed), all timed side by side in one interleaved run: the least of its
+    runs, since other jobs on the machine only ever add time (on 2 cores shared with ~6 busy jobs the
+    median put float and int8 MiniLM shapes within noise of each other, and the choices with them)."""
     from edgeprune.runtime.latency import measure_side_by_side
 
     lat = measure_side_by_side({k: m for k, (m, _) in models.items()}, {k: f for k, (_, f) in models.items()},
                                target, warmup=_WARMUP, runs=_RUNS, threads=threads)
-    return {k: r.p50_ms for k, r in lat.items()}
+    return {k: r.min_ms for k, r in lat.items()}
 
 
 def _timed_as(o):
@@ -230,12 +232,13 @@ def unit_latencies(units, target, *, tokens: int = 128, threads: int | None = No
 
 
 def model_latency(model: ir.Model, context, units, table, tokens: int) -> tuple[float, float]:
-    """(p50 ms of the whole float model at ``tokens``, sum of its units' float microbenchmarks)."""
+    """(ms of the whole float model at ``tokens``, the least of 10 runs like the microbenchmarks', and the
+    sum of its units' float microbenchmarks)."""
     from edgeprune.runtime.latency import measure_latency
     from edgeprune.validation import latency_feed
 
     feed = latency_feed(context.calibration.samples[0], model, tokens)
-    full = measure_latency(model, feed, context.target, warmup=3, runs=10, threads=context.threads).p50_ms
+    full = measure_latency(model, feed, context.target, warmup=3, runs=10, threads=context.threads).min_ms
     units_ms = sum(table[(p.node, "float")] for u in units for p in u.parts)
     return full, units_ms
 
@@ -246,11 +249,11 @@ def _stamps(cache: dict, prefix: str, wanted) -> dict[str, str]:
 
 
 def fresh_latencies(model: ir.Model, context, units, *, tokens: int, accuracy_level: int | None = None):
-    """(table, float model p50 ms, its units' float sum, how the table was checked): :func:`unit_latencies`
+    """(table, float model ms, its units' float sum, how the table was checked): :func:`unit_latencies`
     checked against the float model's own time.
 
     The shapes' timings are cached with the time each was taken; each model's record keeps the float
-    model's p50 measured beside them and those times.  Unless every shape was timed just now, the
+    model's time measured beside them and those times.  Unless every shape was timed just now, the
     table is re-timed (every shape, once) when there is no record, when a shape was re-timed since
     (another model sharing it), or when the float model now runs more than ``STALE`` faster or slower
     than recorded (the machine's load changed since the timings were taken).

@@ -458,3 +458,22 @@ def test_the_pass_is_reproducible():
         outs.append(([r["format"] for r in result.records],
                      {k: v.const_value.numpy().tobytes() for k, v in model.graph.initializers.items()}))
     assert outs[0] == outs[1]
+
+
+def test_microbenchmarks_take_the_least_of_the_interleaved_runs(monkeypatch):
+    """Load only adds time: a shape's formats are compared by their fastest runs, not their medians."""
+    from edgeprune.passes.bits import microbench
+    from edgeprune.runtime import latency as latency_mod
+    from edgeprune.runtime.latency import LatencyResult
+
+    seen = {}
+
+    def fake(models, feeds, target="cpu", *, warmup=5, runs=30, threads=None):
+        seen.update(runs=runs, feeds=feeds)
+        return {k: LatencyResult(2.0 + i, 3.0, 4.0, 2.5, 1.0 + i, 1.0, runs, warmup, threads, None, None)
+                for i, k in enumerate(models)}
+
+    monkeypatch.setattr(latency_mod, "measure_side_by_side", fake)
+    base = microbench._matmul_model(8, 4, 2)
+    out = microbench._time_group({"a": (base, {"x": 1}), "b": (base, {"x": 2})}, "cpu", 1)
+    assert out == {"a": 1.0, "b": 2.0} and seen == {"runs": microbench._RUNS, "feeds": {"a": {"x": 1}, "b": {"x": 2}}}
