@@ -8,6 +8,16 @@ import dataclasses
 from edgeprune.errors import BadInputError
 
 
+# The accuracy levels a budget on the CPU EP offers unless told.  (0, 4) switches the speed tie-break on:
+# measured 2026-11-30 (2 shared cores, load ~11), SmolLM2 --avg-bits 8 (136.5 MB) then ran 2.68x fp32 prefill
+# but at perplexity 21.77 vs fp32 19.50 (+11.6 %: the tie-break took dynamic int8 for 135 of 211 MatMuls,
+# whose activation error the noise model underestimates on SmolLM2); level 0 alone gave 19.82 at 0.52x in
+# BENCHMARKS' 2026-11-26 run (another machine).  MiniLM at ORT int8's size: 1.67x fp32 with (0, 4) vs 0.57x
+# with (0,), STS-B 0.8675 / 0.8673 (BENCHMARKS, 2026-11-30 09:03).  So (0,) until the tie-break is shown
+# to keep an LLM's perplexity.
+CPU_BUDGET_LEVELS: tuple[int, ...] = (0,)
+
+
 @dataclasses.dataclass
 class BitAllocationConfig:
     mode: str = "auto"
@@ -40,9 +50,8 @@ class BitAllocationConfig:
     quantized to int8 per weight block at run time: on ORT 1.32's CPU kernel 8-bit runs faster than
     an fp32 MatMul, level 0 slower).  Levels 1-3 are refused: that kernel computes them exactly as
     level 0 (fp32) on x86.  Offering more than one level also makes a size budget break near-ties
-    for speed (``speed_slack``), so it times the formats.  None (the default): (0, 4) for a budget
-    (mode ``auto``) on the CPU execution provider without an ``accuracy_level``, else (0,) (MiniLM at
-    ORT int8's size: 1.67x fp32 with (0, 4), 0.57x with (0,), STS-B 0.8675 / 0.8673)."""
+    for speed (``speed_slack``), so it times the formats.  None (the default): ``CPU_BUDGET_LEVELS`` for a
+    budget (mode ``auto``) on the CPU execution provider without an ``accuracy_level``, else (0,)."""
     speed_slack: float = 0.05
     """With several ``accuracy_levels``: after the least-error choice within the budgets, take the
     fastest choice (by the microbenchmarks, any offered format) whose objective exceeds it by at most
@@ -113,8 +122,8 @@ class BitAllocationConfig:
         if self.accuracy_levels is not None:
             return self
         cpu = target is None or target.provider == "CPUExecutionProvider"
-        both = cpu and self.mode == "auto" and self.accuracy_level is None
-        return dataclasses.replace(self, accuracy_levels=(0, 4) if both else (0,))
+        budget = cpu and self.mode == "auto" and self.accuracy_level is None
+        return dataclasses.replace(self, accuracy_levels=CPU_BUDGET_LEVELS if budget else (0,))
 
     @property
     def levels(self) -> tuple[int, ...]:

@@ -71,14 +71,18 @@ def test_block_noise_model_bounds_the_real_activation_error():
     assert real <= model <= 12 * real  # an upper bound: a row's block absmax is below the rows' per-feature absmax
 
 
-def test_accuracy_levels_are_offered_by_default_on_cpu_budgets_only(monkeypatch):
-    """Default: level 4 beside 0 for a budget on the CPU EP; not with levels (0,), an ``accuracy_level``, a
-    uniform width, or another execution provider."""
+@pytest.mark.parametrize("cpu_levels", [(0,), (0, 4)])
+def test_accuracy_levels_by_default_on_cpu_budgets_only(cpu_levels, monkeypatch):
+    """Default: ``CPU_BUDGET_LEVELS`` for a budget on the CPU EP (level 0 alone today); level 0 only with an
+    ``accuracy_level``, a uniform width, fast mode or another execution provider."""
+    from edgeprune.passes.bits import config as config_mod
+
+    monkeypatch.setattr(config_mod, "CPU_BUDGET_LEVELS", cpu_levels)
     _fake_latencies(monkeypatch)
     cpu, cuda = get_target("cpu"), get_target("cuda")
     assert BitAllocationConfig(avg_bits=6).accuracy_levels is None
-    assert BitAllocationConfig(avg_bits=6).for_target(cpu).accuracy_levels == (0, 4)
-    assert BitAllocationConfig(avg_bits=6).for_target(None).accuracy_levels == (0, 4)
+    assert BitAllocationConfig(avg_bits=6).for_target(cpu).accuracy_levels == cpu_levels
+    assert BitAllocationConfig(avg_bits=6).for_target(None).accuracy_levels == cpu_levels
     assert BitAllocationConfig(avg_bits=6).for_target(cuda).accuracy_levels == (0,)
     assert BitAllocationConfig(avg_bits=6, accuracy_level=4).for_target(cpu).accuracy_levels == (0,)
     assert BitAllocationConfig(mode="uniform", bits=8).for_target(cpu).accuracy_levels == (0,)
@@ -87,7 +91,8 @@ def test_accuracy_levels_are_offered_by_default_on_cpu_budgets_only(monkeypatch)
     model = _two_layer()
     default = BitAllocationPass(BitAllocationConfig(avg_bits=6, block_size=32, dynamic_int8=False, output_checks=0),
                                 _ctx(model))(model)
-    assert {k for k in default.summary["formats_offered"] if "acc" in k} == {"nbits4-b32-asym-acc4", "nbits8-b32-asym-acc4"}
+    assert {k for k in default.summary["formats_offered"] if "acc" in k} == (
+        {"nbits4-b32-asym-acc4", "nbits8-b32-asym-acc4"} if cpu_levels == (0, 4) else set())
     model = _two_layer()
     only0 = BitAllocationPass(BitAllocationConfig(avg_bits=6, block_size=32, dynamic_int8=False, output_checks=0,
                                                   accuracy_levels=(0,)), _ctx(model))(model)
@@ -155,10 +160,10 @@ def test_size_budget_breaks_ties_for_speed(monkeypatch):
     new = BitAllocationPass(BitAllocationConfig(size_budget_bytes=budget, block_size=32, dynamic_int8=False,
                                                 output_checks=0, accuracy_levels=(0, 4)), _ctx(m_new))(m_new)
     assert [r["format"] for r in new.records] == ["nbits8-b32-asym-acc4"] * 2 and _levels(m_new) == [4, 4]
-    m_default = _two_layer()  # the default on cpu offers both levels
+    m_default = _two_layer()  # the default on cpu: level 0 alone (config.CPU_BUDGET_LEVELS)
     default = BitAllocationPass(BitAllocationConfig(size_budget_bytes=budget, block_size=32, dynamic_int8=False,
                                                     output_checks=0), _ctx(m_default))(m_default)
-    assert [r["format"] for r in default.records] == ["nbits8-b32-asym-acc4"] * 2 and _levels(m_default) == [4, 4]
+    assert [r["format"] for r in default.records] == ["nbits8-b32-asym"] * 2 and _levels(m_default) == [0, 0]
     slack = BitAllocationConfig(avg_bits=4).speed_slack
     assert new.summary["objective"] <= old.summary["objective"] + slack ** 2 * sum(r["importance"] for r in new.records)
     # A slack of 0 keeps the least error.
