@@ -238,6 +238,9 @@ def render_markdown(r: dict) -> str:
               "| prompt bytes | method | probe layers | accuracy | choice ms (median) |", "|---|---|---|---|---|"]  # fmt: skip
     for v in ret["variants"].values():
         lines.append(f"| {v['prompt_bytes']} | {v['method']} | {v['probe_layers']} | {v['accuracy']:.3f} | {v['choice_ms_median']:.2f} |")
+    if "byte_unigram_nb" in ret:
+        lines += ["", "Model-free reference on the same prompts (how far apart the domains are at this length): naive Bayes over byte frequencies of "
+                  "the same calibration windows, accuracy " + ", ".join(f"{v:.3f} at {k} bytes" for k, v in ret["byte_unigram_nb"].items()) + "."]  # fmt: skip
     for length in ret["prompt_bytes"]:
         best = max((v for v in ret["variants"].values() if v["prompt_bytes"] == length), key=lambda v: v["accuracy"])
         lines += ["", f"Confusion at {length} bytes, {best['method']} / {best['probe_layers']} layers (rows: the prompt's domain; correct of {ret['prompts_per_domain']}): "
@@ -336,13 +339,25 @@ def _retrieval(path: Path, calib: dict, splits: dict, out: Path, prompts: int = 
             "method": method, "probe_layers": depth, "prompt_bytes": length, "accuracy": correct / (prompts * len(confusion)), "confusion": confusion,
             "choice_ms_median": 1000 * float(np.median(seconds)),
         }  # fmt: skip
+    baseline = {length: _byte_baseline(calib, splits, prompts, length) for length in prompt_lengths}
     return {
-        "variants": variants, "prompt_bytes": list(prompt_lengths), "prompts_per_domain": prompts, "store_bytes": manifest["store_bytes"],
+        "variants": variants, "byte_unigram_nb": baseline, "prompt_bytes": list(prompt_lengths), "prompts_per_domain": prompts, "store_bytes": manifest["store_bytes"],
         "weights_bytes": {g: v["store_bytes_referenced"] + v["file_bytes"] for g, v in manifest["graphs"].items()},
         "kept": {t: v["kept"] for t, v in manifest["tasks"].items()},
         "ort_fixed": _footprint(_identity_graph(out / "identity.onnx")), "full": _footprint(out / "full.onnx"),
         "tasks": {d: _footprint(out / f"task_{d}.onnx") for d in list(tasks)[:2]},
     }  # fmt: skip
+
+
+def _byte_baseline(calib: dict, splits: dict, prompts: int, length: int) -> float:
+    """Accuracy of a model-free reference on the same prompts: naive Bayes over byte frequencies of each domain's calibration windows."""
+    tables = {d: np.log((np.bincount(c.reshape(-1), minlength=256) + 0.5) / (c.size + 128.0)) for d, c in calib.items()}
+    correct = 0
+    for i, (d, (_, held)) in enumerate(splits.items()):
+        windows = moe_train.held_out_windows(held, prompts, length)
+        scores = np.stack([tables[t][windows].sum(axis=1) for t in tables], axis=1)
+        correct += int((scores.argmax(axis=1) == i).sum())
+    return correct / (prompts * len(splits))
 
 
 def _identity_graph(path: Path) -> Path:
