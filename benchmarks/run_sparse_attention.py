@@ -63,6 +63,38 @@ def fused_gqa() -> onnx.ModelProto:
     return onnx.parser.parse_model(text)
 
 
+def fused_gqa_decode() -> onnx.ModelProto:
+    """com.microsoft.GroupQueryAttention for one new token over a cache (past/present not shared)."""
+    text = f"""<ir_version: 10, opset_import: ["" : 17, "com.microsoft" : 1]>
+    g (float[1, 1, {HQ * D}] q, float[1, 1, {HKV * D}] k, float[1, 1, {HKV * D}] v, float[1, {HKV}, P, {D}] pk, float[1, {HKV}, P, {D}] pv, int32[1] seqlens_k, int32 total) => (float[1, 1, {HQ * D}] y) {{
+        y, ok, ov = com.microsoft.GroupQueryAttention <num_heads = {HQ}, kv_num_heads = {HKV}, scale = {D ** -0.5}> (q, k, v, pk, pv, seqlens_k, total)
+    }}"""
+    return onnx.parser.parse_model(text)
+
+
+def decode_step(lengths: list[int], runs: int, threads: int) -> dict:
+    """One decode step's attention (one query over a cache of T keys): fused dense GQA vs the kernel op (selection included)."""
+    out = {}
+    for t in lengths:
+        rng = np.random.default_rng(0)
+        q = rng.standard_normal((1, HQ, 1, D)).astype(np.float32)
+        k = rng.standard_normal((1, HKV, t, D)).astype(np.float32)
+        v = rng.standard_normal((1, HKV, t, D)).astype(np.float32)
+        flat = {"q": q.reshape(1, 1, -1), "k": k[:, :, -1:].transpose(0, 2, 1, 3).reshape(1, 1, -1),
+                "v": v[:, :, -1:].transpose(0, 2, 1, 3).reshape(1, 1, -1), "pk": k[:, :, :-1].copy(), "pv": v[:, :, :-1].copy(),
+                "seqlens_k": np.array([t - 1], np.int32), "total": np.array(t, np.int32)}  # fmt: skip
+        models = {"fused dense GQA": fused_gqa_decode()}
+        for keep in (0.125, 0.25, 1.0):
+            models[f"kernel {keep:.1%}"] = ir.serde.serialize_model(op_model(HQ, HKV, D, block=BLOCK, keep=keep, min_len=0))
+        feeds = {name: flat if name.startswith("fused") else {"q": q, "k": k, "v": v} for name in models}
+        timed = measure_side_by_side(models, feeds, warmup=3, runs=runs, threads=threads)
+        base = timed["fused dense GQA"].p50_ms
+        out[t] = {name: {"p50_ms": r.p50_ms, "ratio_to_fused": r.p50_ms / base} for name, r in timed.items()}
+        for name, r in out[t].items():
+            logger.info("  [decode step] %5d %-18s %8.3f ms  x%.3f", t, name, r["p50_ms"], r["ratio_to_fused"])
+    return out
+
+
 def plain() -> onnx.ModelProto:
     """MatMul-Softmax-MatMul with repeat_kv and a causal mask, as optimum exports it."""
     g = HQ // HKV
@@ -375,6 +407,7 @@ def main() -> None:
     parser.add_argument("--no-portable", action="store_true", help="whole model: kernel rows only")
     parser.add_argument("--no-input", action="store_true", help="whole model: leave the input model out (its 4k prefill is slow and large)")
     parser.add_argument("--forms", default=None, help="whole model: only these sparse forms (comma-separated label prefixes)")
+    parser.add_argument("--decode-step", action="store_true", help="also one decode step's attention at --lengths cache lengths")
     parser.add_argument("--decode", action="store_true", help="also SmolLM2 decode tokens/s with a KV cache (recipe smollm2_kv)")
     parser.add_argument("--decode-context", type=int, default=4096)
     parser.add_argument("--decode-tokens", type=int, default=32)
@@ -411,6 +444,7 @@ def main() -> None:
                       for name, r in timed.items()}  # fmt: skip
         for name, r in results[s].items():
             logger.info("  %-28s %9.2f ms  x%.3f", name, r["p50_ms"], r["ratio_to_fused"])
+    step = decode_step([int(x) for x in args.lengths.split(",")], max(args.runs, 20), args.threads) if args.decode_step else None
     before_after = None
     if args.before_library:
         before_after = compare_libraries(args.before_library, [int(x) for x in args.lengths.split(",")], args.runs, args.threads)
@@ -428,7 +462,8 @@ def main() -> None:
     previous = json.loads(out.read_text()) if out.exists() else {}
     parts = {}
     for key, value, runs in (("attention", results, args.runs), ("before_after", before_after, args.runs),
-                             ("whole_model", whole, args.model_runs), ("decode", dec, args.decode_rounds)):  # fmt: skip
+                             ("whole_model", whole, args.model_runs), ("decode", dec, args.decode_rounds),
+                             ("decode_step", step, max(args.runs, 20))):  # fmt: skip
         old = previous.get(key)
         if key == "attention" and old is None and previous.get("results"):  # the file's older one-meta layout
             old = {"meta": previous["meta"], "data": previous["results"]}
@@ -463,6 +498,15 @@ def render(parts: dict) -> list[str]:
         for name in next(iter(results.values())):
             cells = [f"{results[s][name]['p50_ms']:.1f} ({results[s][name]['ratio_to_fused']:.2f})" for s in results]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    ds = parts.get("decode_step")
+    if ds:
+        steps, meta = ds["data"], ds["meta"]
+        lines += ["", "One decode step's attention (one new query over a cache of T keys, SmolLM2's shapes): fused dense "
+                  "`com.microsoft.GroupQueryAttention` with past/present (not shared) against the kernel op, whose selection "
+                  "(Quest bound over per-block key min/max) is included. " + _header(meta, f"p50 of {meta['runs']} interleaved runs"), "",
+                  "| form | " + " | ".join(f"T = {t}: p50 ms (ratio)" for t in steps) + " |", "|---|" + "---|" * len(steps)]
+        for name in next(iter(steps.values())):
+            lines.append(f"| {name} | " + " | ".join(f"{steps[t][name]['p50_ms']:.2f} ({steps[t][name]['ratio_to_fused']:.2f})" for t in steps) + " |")
     ba = parts.get("before_after")
     if ba:
         before_after, meta = ba["data"], ba["meta"]
@@ -477,6 +521,7 @@ def render(parts: dict) -> list[str]:
     if wm:
         whole, meta = wm["data"], wm["meta"]
         fused = FUSED in whole["forms"]
+        has_input = any(r.get("speedup_vs_input") is not None for r in whole["forms"].values())
         lines += ["", f"### SmolLM2-135M whole-model prefill at {whole['length']} tokens", "",
                   _header(meta, f"p50 of {meta['runs']} interleaved runs") + f"  WikiText-2 valid perplexity on {whole['length']}-token "
                   f"windows over its first {whole['ppl_tokens']} tokens; calibrated allocations are measured on the window right after "
@@ -485,13 +530,13 @@ def render(parts: dict) -> list[str]:
                      f"`com.microsoft.GroupQueryAttention` ({whole.get('fused_layers')} layers; `fuse_dense_gqa` in the script)."
                      if fused else "The fused-dense baseline was not built in this run: speed-ups are against the input model."),
                   "",
-                  "| form | prefill p50 ms | speed-up vs input | " + ("speed-up vs fused dense | " if fused else "")
-                  + "peak MB | perplexity | vs dense |", "|---|---|---|" + ("---|" if fused else "") + "---|---|---|"]  # fmt: skip
+                  "| form | prefill p50 ms | " + ("speed-up vs input | " if has_input else "") + ("speed-up vs fused dense | " if fused else "")
+                  + "peak MB | perplexity | vs dense |", "|---|---|" + ("---|" if has_input else "") + ("---|" if fused else "") + "---|---|---|"]  # fmt: skip
         for name, r in whole["forms"].items():
             ratio = f" {r['speedup_vs_fused']:.2f} |" if fused else ""
-            delta = r.get("perplexity_vs_dense")
-            vs_input = "" if r.get("speedup_vs_input") is None else f"{r['speedup_vs_input']:.2f}"
-            lines.append(f"| {name} | {r['p50_ms']:.0f} | {vs_input} |{ratio} {r['peak_mb']:.0f} | "
+            delta = r.get("perplexity_vs_dense", r.get("perplexity_vs_input"))
+            vs_input = (" " + ("" if r.get("speedup_vs_input") is None else f"{r['speedup_vs_input']:.2f}") + " |") if has_input else ""
+            lines.append(f"| {name} | {r['p50_ms']:.0f} |{vs_input}{ratio} {r['peak_mb']:.0f} | "
                          f"{r['perplexity']:.3f} | {'' if delta is None else f'{delta:+.1%}'} |")  # fmt: skip
         for label, recs in whole["allocations"].items():
             if any("measured" in r for r in recs):
