@@ -85,6 +85,8 @@ PEERS = {
 }
 #: peers whose size an edgeprune row is compiled to, most wanted first (the issue's bars)
 EDGEPRUNE_AT = ("genai-int4", "llama-q4_k_m", "llama-q8_0", "llama-q4_0", "ort-dyn-int8", "nncf-int4-g64-awq-se")
+#: llama.cpp's extra buffer types (AMX, repacked layouts): off, see LlamaRunner
+LLAMA_EXTRA_BUFTS = False
 LLAMA_FTYPES = {"llama-q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "llama-q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
                 "llama-q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 
@@ -215,12 +217,51 @@ def _untie_head(proto):
     return proto
 
 
+def _pack_zero_points(path: Path) -> int:
+    """Pack NNCF's 4-bit MatMulNBits zero points two per byte, as ONNX Runtime 1.32 requires.
+
+    NNCF 3.4 writes one uint8 per block ([N, n_blocks]); ORT 1.32 refuses that at session
+    creation ("zero_points initializer shape {576,9} does not match attribute-derived shape
+    [2880] or [576,5]").  Block b's zero point goes to byte b // 2, low nibble first.  Returns
+    the number of tensors packed (0 when the file already fits).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    inits = {t.name: t for t in proto.graph.initializer}
+    packed = 0
+    for node in proto.graph.node:
+        if node.op_type != "MatMulNBits" or len(node.input) < 4 or node.input[3] not in inits:
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        tensor = inits[node.input[3]]
+        zp = numpy_helper.to_array(tensor)
+        blocks = -(-attrs["K"] // attrs["block_size"])
+        if attrs.get("bits") != 4 or zp.dtype != np.uint8 or zp.shape != (attrs["N"], blocks):
+            continue
+        if blocks % 2:
+            zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=1)
+        new = (zp[:, 0::2] & 0x0F) | ((zp[:, 1::2] & 0x0F) << 4)
+        tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new.astype(np.uint8)), tensor.name))
+        packed += 1
+    if packed:
+        tmp = path.with_name(path.name + ".tmp")
+        onnx.save(proto, str(tmp))
+        tmp.replace(path)
+    return packed
+
+
 def build_peer(key: str, work: Path, fp32: Path, calib: Path) -> Path:
     """Write peer ``key`` under ``work/key`` (reused when its done.json exists); return its model file."""
     folder = work / key
     done = folder / "done.json"
     if done.is_file():
-        return folder / json.loads(done.read_text())["model"]
+        record = json.loads(done.read_text())
+        if key.startswith("nncf-") and "zero_points_packed" not in record["build"]:  # built before the repack existed
+            record["build"]["zero_points_packed"] = _pack_zero_points(folder / record["model"])
+            done.write_text(json.dumps(record, indent=1))
+        return folder / record["model"]
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     start = time.perf_counter()
@@ -265,9 +306,11 @@ def build_peer(key: str, work: Path, fp32: Path, calib: Path) -> Path:
         compressed = nncf.compress_weights(proto, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=64, **kwargs)
         model = folder / "model.onnx"
         onnx.save(compressed, str(model), save_as_external_data=compressed.ByteSize() > 2**31 - 1)
+        info_packed = _pack_zero_points(model)
         info = {"tool": "nncf.compress_weights", "mode": "INT4_ASYM", "group_size": 64, "ratio": 1.0,
                 "awq": "awq" in key, "scale_estimation": "awq" in key,
-                "input": "fp32 with the tied LM head's Transpose folded into its own initializer (NNCF fails on the Transpose)"}
+                "input": "fp32 with the tied LM head's Transpose folded into its own initializer (NNCF fails on the Transpose)",
+                "zero_points_packed": info_packed}
     elif key == "gguf-f32":
         script = _llama_convert_script(work)
         model = folder / "model-f32.gguf"
@@ -383,7 +426,22 @@ class LlamaRunner:
     """llama-cpp-python's Llama: ``eval`` of the prompt, then one token at a time (argmax of the logits)."""
 
     def __init__(self, path: Path, threads: int, n_ctx: int = 512, logits_all: bool = False):
+        import llama_cpp.llama_cpp as low
         from llama_cpp import Llama
+
+        # The -march=native build's AMX kernels die with SIGILL (tileloadd) on this VM although the CPU
+        # lists amx_int8; llama.cpp only uses them through its extra buffer types, which Llama() does
+        # not expose, so they are switched off here (that also turns off its repacked CPU layouts).
+        if not getattr(low.llama_model_default_params, "_no_extra_bufts", False):
+            default = low.llama_model_default_params
+
+            def no_extra_bufts():
+                params = default()
+                params.use_extra_bufts = LLAMA_EXTRA_BUFTS
+                return params
+
+            no_extra_bufts._no_extra_bufts = True
+            low.llama_model_default_params = no_extra_bufts
 
         self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
                          n_threads_batch=threads, logits_all=logits_all, verbose=False)
@@ -413,8 +471,16 @@ class LlamaRunner:
         return np.array(self.llm.scores[: len(ids)])
 
 
+#: llama.cpp's thread count (--llama-threads): its OpenMP workers meet at spinning barriers, and on this
+#: overloaded 2-core VM 2 threads collapsed in a trial (prefill about 5x, decode over 10x slower than 1 thread),
+#: so it runs 1 thread unless told otherwise
+LLAMA_THREADS = {"n": 1}
+
+
 def make_runner(kind: str, path: Path, threads: int):
-    return {"onnx": OnnxRunner, "genai": GenaiRunner, "gguf": LlamaRunner}[kind](path, threads)
+    if kind == "gguf":
+        return LlamaRunner(path, LLAMA_THREADS["n"])
+    return {"onnx": OnnxRunner, "genai": GenaiRunner}[kind](path, threads)
 
 
 # ------------------------------------------------------------------------------------ measures
@@ -433,7 +499,7 @@ def perplexity(kind: str, path: Path, tokenizer: Path, threads: int, max_tokens:
     from edgeprune.fidelity import token_nll
 
     ids = scored_ids(tokenizer, max_tokens)
-    window_logits = LlamaRunner(path, threads, n_ctx=PPL_CONTEXT, logits_all=True).window_logits if kind == "gguf" \
+    window_logits = LlamaRunner(path, LLAMA_THREADS["n"], n_ctx=PPL_CONTEXT, logits_all=True).window_logits if kind == "gguf" \
         else _genai_window_logits(path, threads)
     total, count = 0.0, 0
     for begin in range(0, len(ids), PPL_CONTEXT):  # non-overlapping windows: each scores its last context - 1
@@ -449,8 +515,9 @@ def perplexity(kind: str, path: Path, tokenizer: Path, threads: int, max_tokens:
 def _genai_window_logits(path: Path, threads: int):
     """A genai-built model's logits for one window, prefilled from an empty cache through ORT.
 
-    The builder leaves the cache's head size symbolic (``kv_cache_dim``), so edgeprune's
-    ``wikitext_perplexity`` cannot build the empty cache; the head size comes from genai_config.json.
+    The builder declares the cache's head size as a symbol (``kv_cache_dim``); this takes it from
+    genai_config.json, as genai itself does, so the peer's figure does not depend on edgeprune's
+    cache handling (edgeprune's ``wikitext_perplexity`` gave the same value on genai-int4).
     """
     from edgeprune.runtime.session import make_session
 
@@ -511,11 +578,17 @@ def peak_memory(kind: str, path: Path, threads: int, prompt: list[int], new_toke
 def generation_rounds(rows: dict[str, tuple[str, Path]], prompt: list[int], new_tokens: int, threads: int,
                       warmup: int, rounds: int) -> dict[str, dict]:
     """Every row's runner open in one process; greedy generations interleaved round by round (order rotated)."""
-    runners = {}
+    runners, failed = {}, {}
     for key, (kind, path) in rows.items():
-        runners[key] = make_runner(kind, path, threads)
-        for _ in range(warmup):
-            runners[key].run(prompt, new_tokens)
+        try:
+            runners[key] = make_runner(kind, path, threads)
+            for _ in range(warmup):
+                runners[key].run(prompt, new_tokens)
+        except Exception as exc:
+            logger.exception("%s does not run", key)
+            runners.pop(key, None)
+            failed[key] = {"generation_error": f"{type(exc).__name__}: {exc}"}
+            continue
         logger.info("warm: %s", key)
     names = list(runners)
     prefill = {n: [] for n in names}
@@ -531,7 +604,7 @@ def generation_rounds(rows: dict[str, tuple[str, Path]], prompt: list[int], new_
         logger.info("round %d/%d done", r + 1, rounds)
     runners.clear()
     gc.collect()
-    return {n: {"prefill_ms": statistics.median(prefill[n]) * 1e3, "prefill_ms_all": [round(x * 1e3, 2) for x in prefill[n]],
+    return failed | {n: {"prefill_ms": statistics.median(prefill[n]) * 1e3, "prefill_ms_all": [round(x * 1e3, 2) for x in prefill[n]],
                 "decode_tokens_per_s": (new_tokens - 1) / statistics.median(decode[n]), "tokens": tokens[n]} for n in names}
 
 
@@ -559,7 +632,7 @@ def render(res: dict) -> str:
         *[f"- run {i + 1}: `{r['command']}`; date {r['date']}; load average (1/5/15 min) at start {r['load_average_start']}, "
           f"at end {r['load_average_end']}" for i, r in enumerate(res["runs"])],
         (f"- machine: {res['machine']['cpu']}, {res['machine']['cpu_count']} cpus shared with other jobs "
-        f"({s['threads']} threads per runtime): speed ratios come from one interleaved run and still move with the load"),
+        f"({s['threads']} threads per runtime; llama.cpp {s.get('llama_threads')}: see the note): speed ratios come from one interleaved run and still move with the load"),
         f"- versions: {', '.join(f'{k} {v}' for k, v in res['versions'].items())}",
         (f"- perplexity: WikiText-2 valid, first {s['ppl_tokens']} tokens, {s['ppl_tokens'] // s['ppl_context']} windows "
         f"of {s['ppl_context']}, each a prefill from an empty cache; llama.cpp gets the same token ids"),
@@ -600,10 +673,21 @@ def render(res: dict) -> str:
         ("- onnxruntime-genai is 0.15.2: the model builder of 0.18 imports transformers 5 classes, and the export stack "
         "here is transformers 4.57; genai 0.15's session options take no config entries, so its ORT threads keep "
         "spinning on (the rounds pause 0.2 s between runs so an idle pool does not eat into the next row)"),
+        ("- llama.cpp: the build's AMX kernels (`-march=native`) die with SIGILL on this VM, so its extra buffer types "
+         "are off (no AMX, no repacked layouts); with 2 threads its spinning OpenMP barriers collapsed on this overloaded "
+         "machine (a trial run: prefill about 5x slower and decode over 10x slower than with 1 thread), so it runs "
+         "the thread count given above: its speed here is a lower bound, not llama.cpp at its best. Q4_K_M on this "
+         "model (rows of 576, not a multiple of 256) falls back to Q5_0 / Q8_0 for most tensors"),
         ("- NNCF rows: NNCF 3.4's ONNX backend fails on optimum's tied LM head (`MatMul(x, Transpose(embed_tokens))`: "
         "no initializer named `model.embed_tokens.weight_transposed`), so its input has that Transpose folded into an "
         "initializer; the file then holds the embedding table twice (NNCF keeps both in its int8 backup format)"),
     ]
+    for r in res["rows"]:
+        for what in ("perplexity_error", "generation_error"):
+            if r.get(what):
+                lines.append(f"- {r['row']}: {what.split('_')[0]} failed: {' '.join(str(r[what]).split())[:400]}")
+        if (r.get("memory") or {}).get("error"):
+            lines.append(f"- {r['row']}: the peak-memory process failed: {' '.join(r['memory']['error'].split())[-300:]}")
     notes = res.get("notes") or []
     if notes:
         lines += [f"- {n}" for n in notes] + [""]
@@ -620,6 +704,7 @@ def main(argv=None) -> int:
     ap.add_argument("--edgeprune-at", default=",".join(EDGEPRUNE_AT), help="peers whose size edgeprune is compiled to")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--llama-threads", type=int, default=1, help="llama.cpp threads (see LLAMA_THREADS)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -630,6 +715,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-max-samples", type=int, default=32,
                     help="calibration windows edgeprune compile uses (64 x 256 tokens was OOM-killed at 7 GB RSS here)")
     ap.add_argument("--build-only", action="store_true", help="build every model, measure nothing")
+    ap.add_argument("--ppl-only", action="store_true", help="measure (and cache) the rows' perplexity, nothing else")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of the existing llm_peers.json that this run does not measure (each keeps its own run's fp32)")
@@ -640,6 +726,7 @@ def main(argv=None) -> int:
         p = json.loads(args.memory_child)
         print(json.dumps(memory_child(p["kind"], Path(p["path"]), p["threads"], p["prompt"], p["new_tokens"])))
         return 0
+    LLAMA_THREADS["n"] = args.llama_threads
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     for ours in ("run_llm_peers", "edgeprune"):
         logging.getLogger(ours).setLevel(logging.INFO)
@@ -655,7 +742,7 @@ def main(argv=None) -> int:
     calib = args.work / "calibration.npz"
     calibration = write_calibration(tokenizer, calib, args.calib_windows, args.calib_length)
     wanted = [k for k in args.rows.split(",") if k]
-    if "fp32" not in wanted:  # every run measures its speed ratios against fp32 in the same rounds
+    if "fp32" not in wanted and not args.ppl_only:  # every run measures its speed ratios against fp32 in the same rounds
         wanted.insert(0, "fp32")
     rows: dict[str, dict] = {}
     for key in wanted:
@@ -691,7 +778,22 @@ def main(argv=None) -> int:
         print(json.dumps(rows, indent=1, default=str))
         return 0
     ok = {k: r for k, r in rows.items() if not r.get("error")}
+    path = args.out / "llm_peers.json"
+    before = json.loads(path.read_text()) if args.merge and path.exists() else {"rows": [], "setup": {}}
+    earlier = {r["row"]: r for r in before["rows"]}
     for key, r in ok.items():
+        e = earlier.get(key, {})
+        tokens = e.get("ppl_tokens", before["setup"].get("ppl_tokens"))
+        r["ppl_tokens"] = args.ppl_tokens
+        if e.get("perplexity") and (e.get("path"), e.get("size_bytes"), tokens) == (r["path"], r["size_bytes"], args.ppl_tokens):
+            r |= {"perplexity": e["perplexity"], "perplexity_date": e.get("perplexity_date", e.get("run"))}
+            continue  # the same file and tokens: the metric is deterministic
+        # A perplexity measured by --ppl-only (e.g. in parallel with the builds) for this very file is reused.
+        cache = args.work / key / f"ppl-{args.ppl_tokens}.json"
+        cached = json.loads(cache.read_text()) if cache.is_file() else {}
+        if cached.get("size_bytes") == r["size_bytes"] and cached.get("path") == r["path"]:
+            r |= {k: cached[k] for k in ("perplexity", "perplexity_seconds", "perplexity_date")}
+            continue
         start = time.perf_counter()
         try:
             r["perplexity"] = perplexity(r["kind"], Path(r["path"]), tokenizer, args.threads, args.ppl_tokens)
@@ -699,7 +801,13 @@ def main(argv=None) -> int:
             logger.exception("%s perplexity failed", key)
             r["perplexity_error"] = f"{type(exc).__name__}: {exc}"
         r["perplexity_seconds"] = round(time.perf_counter() - start, 1)
+        r["perplexity_date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        if "perplexity" in r:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps({k: r[k] for k in ("path", "size_bytes", "perplexity", "perplexity_seconds", "perplexity_date")}))
         logger.info("%s: ppl %s, %.1f MB", key, r.get("perplexity"), r["size_bytes"] / 1e6)
+    if args.ppl_only:
+        return 0
     prompt = prompt_ids(tokenizer, args.prompt_tokens)
     if not args.no_memory:
         for key, r in ok.items():
@@ -710,6 +818,9 @@ def main(argv=None) -> int:
     ref = gen.get("fp32")
     for key, g in gen.items():
         r = ok[key]
+        if "generation_error" in g:
+            r |= g
+            continue
         r |= {k: g[k] for k in ("prefill_ms", "prefill_ms_all", "decode_tokens_per_s", "tokens")}
         if ref:
             r["prefill_speed_vs_fp32"] = ref["prefill_ms"] / g["prefill_ms"]
@@ -723,7 +834,6 @@ def main(argv=None) -> int:
            "load_average_start": [round(x, 2) for x in load_start], "load_average_end": [round(x, 2) for x in os.getloadavg()],
            "rows": list(rows)}
     runs = [run]
-    path = args.out / "llm_peers.json"
     if args.merge and path.exists():  # rows measured by an earlier run stay, each with its own run's fp32 figures
         old = json.loads(path.read_text())
         kept = {r["row"]: r for r in old["rows"]}
@@ -744,7 +854,7 @@ def main(argv=None) -> int:
         "schema": 1, "runs": runs, "machine": __import__("run_baselines").machine(),
         "versions": {d: _version(d) for d in ("onnxruntime", "onnxruntime-genai", "nncf", "llama-cpp-python", "onnx",
                                               "transformers", "optimum", "torch")},
-        "setup": {"threads": args.threads, "rounds": args.rounds, "warmup": args.warmup, "prompt_tokens": args.prompt_tokens,
+        "setup": {"threads": args.threads, "llama_threads": args.llama_threads, "rounds": args.rounds, "warmup": args.warmup, "prompt_tokens": args.prompt_tokens,
                   "new_tokens": args.new_tokens, "ppl_context": PPL_CONTEXT, "ppl_tokens": args.ppl_tokens},
         "calibration": calibration, "rows": list(rows.values()), "notes": notes,
     }  # fmt: skip
