@@ -688,6 +688,12 @@ def render(res: dict) -> str:
                 lines.append(f"- {r['row']}: {what.split('_')[0]} failed: {' '.join(str(r[what]).split())[:400]}")
         if (r.get("memory") or {}).get("error"):
             lines.append(f"- {r['row']}: the peak-memory process failed: {' '.join(r['memory']['error'].split())[-300:]}")
+    if not any(r["row"].startswith("edgeprune@") for r in res["rows"]):
+        tried = res.get("edgeprune_attempts") or {}
+        lines.append("- edgeprune rows: none measured yet" + ("; compiles tried: " + "; ".join(
+            f"{k} (budget {a.get('budget'):,} bytes, --max-samples {a.get('max_samples')}): "
+            f"{'ok' if a.get('ok') else 'failed, ' + ' '.join(str(a.get('stderr_tail') or 'rc ' + str(a.get('rc'))).split())[-160:]}"
+            for k, a in tried.items()) if tried else ""))
     notes = res.get("notes") or []
     if notes:
         lines += [f"- {n}" for n in notes] + [""]
@@ -857,6 +863,7 @@ def main(argv=None) -> int:
         "setup": {"threads": args.threads, "llama_threads": args.llama_threads, "rounds": args.rounds, "warmup": args.warmup, "prompt_tokens": args.prompt_tokens,
                   "new_tokens": args.new_tokens, "ppl_context": PPL_CONTEXT, "ppl_tokens": args.ppl_tokens},
         "calibration": calibration, "rows": list(rows.values()), "notes": notes,
+        "edgeprune_attempts": {d.parent.name: json.loads(d.read_text()) for d in sorted(args.work.glob("edgeprune@*/done.json"))},
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1, default=str) + "\n")
