@@ -42,6 +42,8 @@ OPS = (DYNAMIC, DYNAMIC_MASKED)
 MIN_OPSET = 13
 _BIG = "1e30"
 
+#: Both bodies: shapes, the query block (the block, or the whole query when shorter: a decode step) and the
+#: keys padded to whole blocks.
 _COMMON = """
     i0 = Constant <value = int64[1] {0}> ()
     i1 = Constant <value = int64[1] {1}> ()
@@ -61,6 +63,13 @@ _COMMON = """
     d = Slice (qs, i3, i4)
     hkv = Slice (ks, i1, i2)
     skv = Slice (ks, i2, i3)
+    qblk = Min (blk, sl)
+    blkm1 = Sub (blk, i1)
+    skvp = Add (skv, blkm1)
+    nbk = Div (skvp, blk)
+    kplen = Mul (nbk, blk)
+    kpadn = Sub (kplen, skv)
+    kpads = Concat <axis = 0> (i0, i0, i0, i0, i0, i0, kpadn, i0)
 """
 
 _BLOCK_BODY = """
@@ -70,19 +79,12 @@ _BLOCK_BODY = """
     hsel = Slice (is, i1, i2)
     nb = Slice (is, i2, i3)
     kk = Slice (is, i3, i4)
-    qblk = Min (blk, sl)
     qblk_s = Squeeze (qblk)
     past = Sub (skv, sl)
     past_s = Squeeze (past)
     qplen = Mul (nb, qblk)
     qpadn = Sub (qplen, sl)
     qpads = Concat <axis = 0> (i0, i0, i0, i0, i0, i0, qpadn, i0)
-    blkm1 = Sub (blk, i1)
-    skvp = Add (skv, blkm1)
-    nbk = Div (skvp, blk)
-    kplen = Mul (nbk, blk)
-    kpadn = Sub (kplen, skv)
-    kpads = Concat <axis = 0> (i0, i0, i0, i0, i0, i0, kpadn, i0)
     qp = Pad (q, qpads)
     kp = Pad (k, kpads)
     vp = Pad (v, kpads)
@@ -164,19 +166,12 @@ _DYNAMIC_BODY = """
     pg_s = Constant <value_int: int = @per_group> ()
     big = Constant <value = float {%(big)s}> ()
     neg = Constant <value = float {-%(big)s}> ()
-    blkm1 = Sub (blk, i1)
-    qblk = Min (blk, sl)
     qblkm1 = Sub (qblk, i1)
     slp = Add (sl, qblkm1)
     nb = Div (slp, qblk)
     qplen = Mul (nb, qblk)
     qpadn = Sub (qplen, sl)
     qpads = Concat <axis = 0> (i0, i0, i0, i0, i0, i0, qpadn, i0)
-    skvp = Add (skv, blkm1)
-    nbk = Div (skvp, blk)
-    kplen = Mul (nbk, blk)
-    kpadn = Sub (kplen, skv)
-    kpads = Concat <axis = 0> (i0, i0, i0, i0, i0, i0, kpadn, i0)
     qp = Pad (q, qpads)%(mask_keys)s
     kp = Pad (ksel, kpads)
     qbshape = Concat <axis = 0> (b, hq, nb, qblk, d)
