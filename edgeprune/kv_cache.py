@@ -158,8 +158,8 @@ def empty_cache(entries: Sequence[CacheEntry], batch: int) -> dict[str, np.ndarr
     for e in entries:
         if e.heads is None or e.head_dim is None:
             raise BadInputError(
-                f"cache input {e.past!r} has no fixed head count and head size, so an empty cache cannot be built: "
-                "re-export the model with static kv_heads and head_dim (optimum and onnxruntime-genai do)."
+                f"cache input {e.past!r} has no fixed head count and head size, and no GroupQueryAttention reads it to tell "
+                "them, so an empty cache cannot be built: re-export the model with static kv_heads and head_dim (optimum does)."
             )
         feeds[e.past] = np.zeros((batch, e.heads, 0, e.head_dim), dtype=e.dtype)
     return feeds
