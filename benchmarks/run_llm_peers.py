@@ -65,6 +65,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_md import BENCHMARKS_MD, update_section
 
+from edgeprune.runtime.generation import same_prefix
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results"
 logger = logging.getLogger("run_llm_peers")
@@ -608,15 +610,6 @@ def generation_rounds(rows: dict[str, tuple[str, Path]], prompt: list[int], new_
                 "decode_tokens_per_s": (new_tokens - 1) / statistics.median(decode[n]), "tokens": tokens[n]} for n in names}
 
 
-def _same_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 # ------------------------------------------------------------------------------------ report
 
 
@@ -830,7 +823,7 @@ def main(argv=None) -> int:
         r |= {k: g[k] for k in ("prefill_ms", "prefill_ms_all", "decode_tokens_per_s", "tokens")}
         if ref:
             r["prefill_speed_vs_fp32"] = ref["prefill_ms"] / g["prefill_ms"]
-            r["greedy_match_fp32"] = _same_prefix(ref["tokens"], g["tokens"])
+            r["greedy_match_fp32"] = same_prefix(ref["tokens"], g["tokens"])
     for r in ok.values():
         r["run"] = date
         if ref:
