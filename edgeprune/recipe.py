@@ -67,8 +67,9 @@ def recipe_from_flags(*, prune: dict[str, Any] | None = None, bits: dict[str, An
 
     Pruning is followed by another cleanup, which re-infers the shapes the pruned widths changed
     and folds what pruning left constant; bit allocation follows, on the final widths.  Sparse
-    attention comes last: cleanup inlines model-local functions, which would dissolve its op; attention
-    fusion after it takes the blocks it left dense.
+    attention comes last: cleanup inlines model-local functions, which would dissolve its op.  Attention
+    fusion comes before bit allocation, which reads the head counts off float projections (quantized
+    ones are not recognised as linears); the sparse pass then takes the fused blocks it can carry.
     MoE expert removal comes first (with its own cleanup): it leaves whole experts dead, and the
     passes after it should see only the experts that remain.
     """
@@ -79,12 +80,12 @@ def recipe_from_flags(*, prune: dict[str, Any] | None = None, bits: dict[str, An
         passes += [PassSpec("moe", dict(moe)), PassSpec("cleanup")]
     if prune is not None:
         passes += [PassSpec("prune", dict(prune)), PassSpec("cleanup")]
+    if fuse_attention:
+        passes.append(PassSpec("fuse_attention"))
     if bits is not None:
         passes.append(PassSpec("bits", dict(bits)))
     if sparse_attention is not None:
         passes.append(PassSpec("sparse_attention", dict(sparse_attention)))
-    if fuse_attention:
-        passes.append(PassSpec("fuse_attention"))
     recipe = Recipe(passes, source="command line")
     build_passes(recipe)  # bad options fail before any work
     return recipe

@@ -61,13 +61,15 @@ def _mask_input(model: ir.Model) -> ir.Value | None:
     return None
 
 
-def _reason(softmax: ir.Node) -> str:
+def _reason(softmax: ir.Node, analyzed: bool) -> str:
     """Why a Softmax-centred block stays unfused (the common failures, in the rules' check order)."""
     add = softmax.inputs[0].producer() if softmax.inputs[0] is not None else None
     if add is None or add.op_type != "Add":
         return "no additive mask: not causal self-attention (left unfused)"
     if not any(rules.is_causal(v) for v in add.inputs if v is not None):
         return "the attention mask is not causal (encoder or cross-attention): left unfused"
+    if not analyzed:
+        return "no attention block with head counts found here (quantized projections are not read as linears): left unfused"
     return "the attention subgraph is not in a form the rules match: left unfused"
 
 
@@ -80,7 +82,7 @@ class FusedAttentionPass(EdgePass):
     def call(self, model: ir.Model) -> EdgePassResult:
         blocks = {b.softmax: b for b in analyze(model).attention_blocks if b.op_type == "subgraph" and b.softmax}
         softmaxes = [n for n in model.graph if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]
-        reasons = {n.name: _reason(n) for n in softmaxes}
+        reasons = {n.name: _reason(n, n.name in blocks) for n in softmaxes}
         mask_input = _mask_input(model)
         made: list[tuple[ir.Value, ir.Value, ir.Value, ir.Value, bool]] = []
 

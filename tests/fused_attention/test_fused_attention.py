@@ -130,3 +130,23 @@ def test_compile_fuse_attention_verifies_and_decodes_the_same(with_past, tmp_pat
     assert report["passes"][1]["summary"] == {"fused": 2, "unfused": 0, "with_cache": 2}
     assert report["generation"]["same_tokens"] == 64
     assert report["verification"]["outputs"][0]["perplexity_ratio"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_fuse_attention_runs_before_bits_and_still_fuses(with_past, tmp_path):
+    import json
+
+    from edgeprune.cli import main
+
+    assert main(["compile", str(with_past), "-o", str(tmp_path / "out"), "--fuse-attention", "--bits", "8", "--max-samples", "8", "--json"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [p["name"] for p in report["recipe"]["passes"]] == ["cleanup", "fuse_attention", "bits"]
+    assert report["passes"][1]["summary"] == {"fused": 2, "unfused": 0, "with_cache": 2}
+
+
+def test_after_quantization_the_reason_says_why(with_past, tmp_path):
+    from edgeprune.cli import main
+
+    assert main(["compile", str(with_past), "-o", str(tmp_path / "q"), "--bits", "8", "--max-samples", "8", "--json"]) == 0
+    result = FusedAttentionPass()(ir.load(tmp_path / "q" / "model.onnx"))
+    assert {r["reason"] for r in result.records} == {
+        "no attention block with head counts found here (quantized projections are not read as linears): left unfused"}
