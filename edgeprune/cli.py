@@ -118,7 +118,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--gptq", is_flag=True, help="Also offer GPTQ rounding for 4/2-bit weights: better when --calib is the deployment data, worse off-domain.")
 @click.option("--sparse-attention", "sparse_keep", type=float, help="Dynamic block-sparse attention for causal self-attention: share of key blocks each query block keeps, in (0, 1].")
 @click.option("--sparse-block", type=int, default=64, show_default=True, help="With --sparse-attention: block size in tokens.")
-@click.option("--sparse-select", type=click.Choice(["group", "head"]), default="group", show_default=True, help="With --sparse-attention: choose blocks per KV group or per query head.")
+@click.option("--sparse-select", type=click.Choice(["group", "head"]), default="head", show_default=True, help="With --sparse-attention: choose blocks per query head (the default: +1.4 % perplexity calibrated at 25 % on SmolLM2) or once per KV group (about 15 % faster, +3.0 %).")
 @click.option("--sparse-min-len", type=int, default=1024, show_default=True, help="With --sparse-attention: shorter sequences take the dense path inside the op.")
 @click.option("--sparse-allocation", type=click.Choice(["uniform", "calibrated"]), default="uniform", show_default=True, help="With --sparse-attention: every layer keeps KEEP, or KEEP is the mean and each layer's share comes from calibration measurements (weak layers stay denser).")
 @click.option("--fuse-attention", is_flag=True, help="Causal self-attention (optimum's form, with or without a KV cache) becomes ONNX Runtime's fused com.microsoft.GroupQueryAttention (before --bits); --sparse-attention then makes the blocks it can carry sparse.")

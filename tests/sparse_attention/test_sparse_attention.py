@@ -267,7 +267,7 @@ def test_pass_rewrites_the_with_past_form_and_equals_the_numpy_block_mask(s, pas
     rewritten = _with_outputs(ir.serde.serialize_model(model), [node.outputs[0].name])
     feeds = _past_feeds(s, past)
     q, k, v = ort.InferenceSession(_with_outputs(proto, ["qt", "kt", "vt"]).SerializeToString()).run(["qt", "kt", "vt"], feeds)
-    index = reference.select_blocks(q, k, 4, 0.25, per_group=True)
+    index = reference.select_blocks(q, k, 4, 0.25, per_group=False)  # the default selection: per query head
     assert index.shape[-1] < -(-(past + s) // 4)
     expected = reference.block_sparse_attention(q, k, v, index, 4, HD**-0.5)
     got = make_session(rewritten, threads=1).run([node.outputs[0].name], feeds)[0]
