@@ -195,6 +195,7 @@ def compile_model(
 
     with progress.stage("analyze structures"):
         structures = analyze(reference)
+    reference_cache = kv_cache.model_cache(reference)  # the interface every candidate must keep
     input_checker_error = checker_error(reference)  # an input the checker already refuses is held to ORT instead
     with progress.stage(f"reference outputs on {len(holdout)} held-back samples"):
         reference_outputs = run_batches(model_io.to_proto(reference), holdout_batches, threads=opts.threads)
@@ -214,7 +215,7 @@ def compile_model(
         with progress.stage("copy the model for the passes"):
             candidate = model_io.load_model(model_path)
         pass_records, pass_results = _run_passes(candidate, passes, ctx)
-        kv_cache.check_kept(kv_cache.model_cache(reference), kv_cache.model_cache(candidate))
+        kv_cache.check_kept(reference_cache, kv_cache.model_cache(candidate))
         with progress.stage("verify: checker, ORT load, fidelity on held-back rows"):
             verification: Verification = verify(candidate, holdout_batches, reference_outputs, threads=opts.threads,
                                                 input_checker_error=input_checker_error)
@@ -239,7 +240,7 @@ def compile_model(
     with progress.stage(f"latency on {target.name}, side by side with the input"):
         latency = measure_pair(reference, candidate, feed, target, threads=opts.threads, runs=opts.latency_runs)
     generation = None
-    if kv_cache.model_cache(reference) and latency.get("measured"):
+    if reference_cache and latency.get("measured"):
         with progress.stage(f"greedy generation ({DECODE_TOKENS} new tokens) on {target.name}, side by side with the input"):
             generation = measure_generation_pair(reference, candidate, feed, target, threads=opts.threads)
     profiles = None

@@ -60,9 +60,9 @@ class Verification:
 _SET_ASIDE = "edgeprune.checker_skip"  # a domain the checker does not know, so it skips the node
 
 
-def checker_error(model: ir.Model) -> str | None:
-    """The first line of onnx.checker's complaint about ``model``, or None when it passes."""
-    proto = model_io.to_proto(model)
+def checker_error(model: ir.Model, proto: onnx.ModelProto | None = None) -> str | None:
+    """The first line of onnx.checker's complaint about ``model`` (serialized as ``proto`` when given), or None when it passes."""
+    proto = model_io.to_proto(model) if proto is None else proto
     try:
         if proto.ByteSize() <= model_io.PROTOBUF_LIMIT:
             onnx.checker.check_model(proto)
@@ -82,7 +82,8 @@ def check_model(model: ir.Model, input_error: str | None = None) -> onnx.ModelPr
     way (onnxruntime-genai's models use ORT's SimplifiedLayerNormalization in the ONNX domain, which
     the checker does not know) is held to ORT loading and running it instead.
     """
-    error = checker_error(model)
+    proto = model_io.to_proto(model)  # serialized once: the checker and ORT both read it
+    error = checker_error(model, proto)
     unknown = re.match(r"No Op registered for (\S+) with domain_version", input_error or "")
     if error is not None and error == input_error and unknown:  # check the rest: the input's unknown op set aside
         probe = ir.from_proto(model_io.to_proto(model))
@@ -93,7 +94,7 @@ def check_model(model: ir.Model, input_error: str | None = None) -> onnx.ModelPr
         error = checker_error(probe)
     if error is not None:
         raise VerificationError(f"the compiled model fails onnx.checker ({error}); nothing was written. Please report this.")
-    return model_io.to_proto(model)
+    return proto
 
 
 def verify(

@@ -106,8 +106,6 @@ def _load_tokenizer(tokenizer_path: str | os.PathLike):
 def _feeds(session, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Keep the arrays the session declares as inputs; fail clearly on one we cannot provide."""
     feeds = {}
-    batch = next(iter(arrays.values())).shape[0]
-    arrays = {**kv_cache.empty_cache(kv_cache.session_cache(session), batch), **arrays}  # a KV-cache model: prefill from scratch
     for spec in session.get_inputs():
         if spec.name not in arrays:
             raise BadInputError(
@@ -254,6 +252,7 @@ def wikitext_perplexity(
         ids = ids[:max_tokens]
     if len(ids) < 2:
         raise CalibrationDataError("the WikiText-2 text gave fewer than 2 tokens: check the file and max_tokens.")
+    empty_cache = kv_cache.empty_cache(kv_cache.session_cache(session), 1)  # a KV-cache model: each window a prefill from scratch
     total, count, scored_until = 0.0, 0, 1  # token 0 is never predicted
     for begin in range(0, len(ids) - 1, stride):
         end = min(begin + context, len(ids))
@@ -265,6 +264,7 @@ def wikitext_perplexity(
             "input_ids": window,
             "attention_mask": np.ones_like(window),
             "position_ids": np.arange(end - begin, dtype=np.int64)[None, :],
+            **empty_cache,
         }
         logits = session.run(["logits"] if _has_output(session, "logits") else None, _feeds(session, arrays))[0][0]
         # logits[t] predicts token begin + t + 1
