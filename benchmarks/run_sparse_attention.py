@@ -138,13 +138,13 @@ def fuse_dense_gqa(model: ir.Model, hq: int, hkv: int, d: int) -> int:
     """The fair whole-model baseline: each causal attention block the pass matches becomes ORT's fused
     dense ``com.microsoft.GroupQueryAttention`` (no past, causal), with the layout transposes around it.
 
-    Uses the pass's own patterns (rules.py), so exactly the blocks the sparse op replaces are fused."""
+    Uses the pass's own patterns (analysis.attention_patterns), so exactly the blocks the sparse op replaces are fused."""
     from onnxscript.rewriter.pattern import MatchResult, RewriteRule, RewriteRuleSet
 
-    from edgeprune.passes.sparse_attention import rules
+    from edgeprune.analysis import attention_patterns as patterns
 
     def check(context, q, k, v, cq, ck, mask, probs, **_):
-        ok = rules._scalar(cq) is not None and rules._scalar(ck) is not None and rules.is_causal(mask)
+        ok = patterns.score_scale(cq, ck) is not None and patterns.is_causal(mask)
         return MatchResult() if ok else MatchResult().fail("not a causal block with a constant scale")
 
     def rewrite(op, q, k, v, cq, ck, probs, **_):
@@ -156,14 +156,13 @@ def fuse_dense_gqa(model: ir.Model, hq: int, hkv: int, d: int) -> int:
         batch = op.Shape(q, start=0, end=1)
         seqlens = op.Cast(op.Expand(op.Sub(total, one), batch), to=ir.DataType.INT32)
         total_s = op.Cast(op.Squeeze(total), to=ir.DataType.INT32)
-        scale = float(np.float32(rules._scalar(cq)) * np.float32(rules._scalar(ck)))
+        scale = patterns.score_scale(cq, ck)
         y, _, _ = op.GroupQueryAttention(qf, kf, vf, None, None, seqlens, total_s, _domain="com.microsoft",
                                          num_heads=hq, kv_num_heads=hkv, scale=scale, _outputs=3)  # fmt: skip
         heads = op.Constant(value=ir.tensor(np.array([0, 0, hq, d], np.int64)))
         return op.Transpose(op.Reshape(y, heads), perm=perm)
 
-    rule_set = RewriteRuleSet([RewriteRule(rules._guarded_pattern, rewrite, check, remove_nodes=False),
-                               RewriteRule(rules._plain_pattern, rewrite, check, remove_nodes=False)])  # fmt: skip
+    rule_set = RewriteRuleSet([RewriteRule(p, rewrite, check, remove_nodes=False) for _, p in patterns.PATTERNS])
     count = rule_set.apply_to_model(model)
     model.opset_imports.setdefault("com.microsoft", 1)
     ir.passes.common.RemoveUnusedNodesPass()(model)

@@ -5,7 +5,8 @@ in graph order.  Each structure kind has one module with its record and its find
 producers and consumers on the main graph: ``linears`` (the constant-weight MatMul/Gemm every
 other structure is built from), ``ffn`` (FFN blocks and the table of ops allowed inside them),
 ``attention``, ``conv``, ``embeddings`` and ``moe``; ``graph`` holds the read-only helpers they
-share.  Only the main graph is analysed; structures inside subgraphs and functions are not reported.
+share.  ``attention_patterns`` holds the rewriter patterns of exported causal attention that the
+attention-replacing passes (sparse_attention, fuse_attention) match on the same blocks.  Only the main graph is analysed; structures inside subgraphs and functions are not reported.
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ import onnx_ir.passes.common
 from onnxscript.rewriter.pattern import MatchResult, RewriteRule, RewriteRuleSet
 
 from edgeprune.analysis import analyze
+from edgeprune.analysis import attention_patterns as patterns
 from edgeprune.passes.base import EdgePass, EdgePassResult
-from edgeprune.passes.sparse_attention import rules
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +63,9 @@ def _mask_input(model: ir.Model) -> ir.Value | None:
 
 def _reason(softmax: ir.Node, analyzed: bool) -> str:
     """Why a Softmax-centred block stays unfused (the common failures, in the rules' check order)."""
-    add = softmax.inputs[0].producer() if softmax.inputs[0] is not None else None
-    if add is None or add.op_type != "Add":
-        return "no additive mask: not causal self-attention (left unfused)"
-    if not any(rules.is_causal(v) for v in add.inputs if v is not None):
-        return "the attention mask is not causal (encoder or cross-attention): left unfused"
+    reason = patterns.not_causal_reason(softmax, "left unfused")
+    if reason is not None:
+        return reason
     if not analyzed:
         return "no attention block with head counts found here (quantized projections are not read as linears): left unfused"
     return "the attention subgraph is not in a form the rules match: left unfused"
@@ -88,9 +86,9 @@ class FusedAttentionPass(EdgePass):
 
         def check(context, q, k, v, cq, ck, mask, probs, **_) -> MatchResult:
             result = MatchResult()
-            if not rules.is_causal(mask):
+            if not patterns.is_causal(mask):
                 return result.fail("not causal")
-            if rules._scalar(cq) is None or rules._scalar(ck) is None:
+            if patterns.score_scale(cq, ck) is None:
                 return result.fail("the score scale is not a constant scalar")
             block = blocks.get(probs.producer().name)
             if block is None or not (block.num_heads and block.num_kv_heads and block.head_dim):
@@ -116,7 +114,7 @@ class FusedAttentionPass(EdgePass):
                 total = op.Squeeze(op.Shape(k, start=2, end=3))
                 lengths = op.Expand(total, op.Shape(q, start=0, end=1))
             seqlens = op.Cast(op.Sub(lengths, one), to=ir.DataType.INT32)
-            scale = float(np.float32(rules._scalar(cq)) * np.float32(rules._scalar(ck)))
+            scale = patterns.score_scale(cq, ck)
             y, present_k, present_v = op.GroupQueryAttention(
                 qf, kf, vf, past_k, past_v, seqlens, op.Cast(total, to=ir.DataType.INT32), _domain=MS_DOMAIN,
                 num_heads=hq, kv_num_heads=hkv, scale=scale, _outputs=3,
@@ -125,10 +123,8 @@ class FusedAttentionPass(EdgePass):
             heads = op.Constant(value=ir.tensor(np.array([0, 0, hq, d], np.int64)))
             return op.Transpose(op.Reshape(y, heads), perm=_PERM)
 
-        rule_set = RewriteRuleSet([
-            RewriteRule(rules._guarded_pattern, rewrite, check, name="FuseAttentionGuarded", remove_nodes=False),
-            RewriteRule(rules._plain_pattern, rewrite, check, name="FuseAttention", remove_nodes=False),
-        ])  # fmt: skip
+        rule_set = RewriteRuleSet([RewriteRule(pattern, rewrite, check, name=f"FuseAttention{suffix}", remove_nodes=False)
+                                   for suffix, pattern in patterns.PATTERNS])  # fmt: skip
         count = rule_set.apply_to_model(model) if blocks else 0
         if count:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
