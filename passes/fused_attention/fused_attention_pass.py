@@ -6,7 +6,8 @@ NaN guard, context).  On a CPU each op costs a dispatch, which dominates a decod
 and the unfused form materializes the repeated K/V and the full score matrix.  ORT's contrib
 ``GroupQueryAttention`` does the same computation in one kernel (the form onnxruntime-genai's builder
 emits).  Rotary embedding stays where it was (GQA's ``do_rotary`` is off); GQA reads the un-repeated
-K/V heads.
+K/V heads.  Multi-head attention (as many KV heads as query heads), which transformers exports without
+repeat_kv, becomes GQA with ``kv_num_heads == num_heads``.
 
 With a KV cache (``text-generation-with-past``: K = Concat(past_key_values.N.key, new)), the past
 tensors become GQA's ``past_key``/``past_value`` and GQA's ``present_key``/``present_value`` become the
@@ -22,6 +23,7 @@ of a decoder (then the total length comes from K) or when the block is not causa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any, ClassVar
 
@@ -84,7 +86,7 @@ class FusedAttentionPass(EdgePass):
         mask_input = _mask_input(model)
         made: list[tuple[ir.Value, ir.Value, ir.Value, ir.Value, bool]] = []
 
-        def check(context, q, k, v, cq, ck, mask, probs, **_) -> MatchResult:
+        def check(context, q, k, v, cq, ck, mask, probs, *, repeated: bool, **_) -> MatchResult:
             result = MatchResult()
             if not patterns.is_causal(mask):
                 return result.fail("not causal")
@@ -94,6 +96,8 @@ class FusedAttentionPass(EdgePass):
             if block is None or not (block.num_heads and block.num_kv_heads and block.head_dim):
                 reasons[probs.producer().name] = "head counts not found by the analysis: left unfused"
                 return result.fail("no head counts")
+            if not repeated and block.num_kv_heads != block.num_heads:  # k is a GQA block's repeated k_rep
+                return result.fail("KV heads differ from query heads and K/V are not repeated here")
             if (_past_and_new(k)[0] is None) != (_past_and_new(v)[0] is None):
                 reasons[probs.producer().name] = "only one of K and V reads a cache input: left unfused"
                 return result.fail("mixed cache")
@@ -123,8 +127,10 @@ class FusedAttentionPass(EdgePass):
             heads = op.Constant(value=ir.tensor(np.array([0, 0, hq, d], np.int64)))
             return op.Transpose(op.Reshape(y, heads), perm=_PERM)
 
-        rule_set = RewriteRuleSet([RewriteRule(pattern, rewrite, check, name=f"FuseAttention{suffix}", remove_nodes=False)
-                                   for suffix, pattern in patterns.PATTERNS])  # fmt: skip
+        rule_set = RewriteRuleSet([
+            RewriteRule(pattern, rewrite, functools.partial(check, repeated=repeated), name=f"FuseAttention{suffix}", remove_nodes=False)
+            for repeated, forms in ((True, patterns.PATTERNS), (False, patterns.UNREPEATED_PATTERNS)) for suffix, pattern in forms
+        ])  # fmt: skip
         count = rule_set.apply_to_model(model) if blocks else 0
         if count:
             model.opset_imports.setdefault(MS_DOMAIN, 1)

@@ -98,11 +98,59 @@ def test_without_cache(tmp_path):
     np.testing.assert_allclose(b.run(None, _feeds(b, ids, mask))[0][real], a.run(None, _feeds(a, ids, mask))[0][real], rtol=1e-5, atol=1e-5)
 
 
-def test_multi_head_without_repeat_stays_unfused_with_the_reason(tmp_path):
-    """transformers skips repeat_kv when every query head has its own KV head: not the matched form (yet)."""
-    result = _fuse(_export(tmp_path, "text-generation-with-past", heads=4, kv_heads=4), tmp_path / "fused.onnx")
-    assert not result.modified
-    assert [r["reason"] for r in result.records] == ["the attention subgraph is not in a form the rules match: left unfused"] * 2
+@pytest.fixture(scope="module")
+def multi_head_with_past(tmp_path_factory):
+    """transformers skips repeat_kv when every query head has its own KV head: the unrepeated form."""
+    from tiny_models import tiny_llama_with_past
+
+    return tiny_llama_with_past(tmp_path_factory.mktemp("mha_past"), heads=4, kv_heads=4)
+
+
+def _gqa_heads(path) -> list[tuple[int, int]]:
+    return [(n.attributes.get_int("num_heads"), n.attributes.get_int("kv_num_heads"))
+            for n in ir.load(path).graph if n.op_type == "GroupQueryAttention"]  # fmt: skip
+
+
+def test_multi_head_with_past_is_fused_and_decodes_the_same(multi_head_with_past, tmp_path):
+    assert not any(n.op_type == "Expand" and "self_attn" in (n.name or "") for n in ir.load(multi_head_with_past).graph)
+    result = _fuse(multi_head_with_past, tmp_path / "fused.onnx")
+    assert result.summary == {"fused": 2, "unfused": 0, "with_cache": 2}
+    assert _gqa_heads(tmp_path / "fused.onnx") == [(4, 4), (4, 4)]
+    fused = ir.load(tmp_path / "fused.onnx")
+    assert not [n for n in fused.graph if n.op_type == "Softmax"]
+    assert [v.name for v in fused.graph.outputs] == [v.name for v in ir.load(multi_head_with_past).graph.outputs]
+    a, b = ort.InferenceSession(str(multi_head_with_past)), ort.InferenceSession(str(tmp_path / "fused.onnx"))
+    ids, mask = _right_padded_batch()
+    ref, got = a.run(None, _feeds(a, ids, mask)), b.run(None, _feeds(b, ids, mask))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(got[0][real], ref[0][real], rtol=1e-5, atol=1e-5)
+    for r, g in zip(ref[1:], got[1:]):
+        np.testing.assert_allclose(g[0], r[0], rtol=1e-5, atol=1e-5)
+    prompt = np.random.default_rng(3).integers(0, 96, 20).tolist()
+    runs = measure_generation({"in": str(multi_head_with_past), "fused": str(tmp_path / "fused.onnx")}, prompt,
+                              new_tokens=12, rounds=1, warmup=0)  # fmt: skip
+    assert len(set(runs["in"].tokens)) > 1
+    assert runs["fused"].tokens == runs["in"].tokens
+
+
+def test_multi_head_without_cache_is_fused_and_equal(tmp_path):
+    path = _export(tmp_path, "text-generation", heads=4, kv_heads=4)
+    result = _fuse(path, tmp_path / "fused.onnx")
+    assert result.summary == {"fused": 2, "unfused": 0, "with_cache": 0}
+    assert _gqa_heads(tmp_path / "fused.onnx") == [(4, 4), (4, 4)]
+    a, b = ort.InferenceSession(str(path)), ort.InferenceSession(str(tmp_path / "fused.onnx"))
+    ids, mask = _right_padded_batch()
+    real = mask.astype(bool)
+    np.testing.assert_allclose(b.run(None, _feeds(b, ids, mask))[0][real], a.run(None, _feeds(a, ids, mask))[0][real], rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_query_blocks_are_not_read_as_unrepeated(with_past, monkeypatch):
+    """GQA's repeated K/V also fit the unrepeated pattern: with only that rule, a GQA block must stay unfused."""
+    from edgeprune.analysis import attention_patterns
+
+    monkeypatch.setattr(attention_patterns, "PATTERNS", ())
+    result = FusedAttentionPass()(ir.load(with_past))
+    assert not result.modified and result.summary["fused"] == 0
 
 
 def test_encoder_attention_stays_unfused_with_the_reason():
