@@ -134,41 +134,6 @@ def plain() -> onnx.ModelProto:
     return onnx.parser.parse_model(text)
 
 
-def fuse_dense_gqa(model: ir.Model, hq: int, hkv: int, d: int) -> int:
-    """The fair whole-model baseline: each causal attention block the pass matches becomes ORT's fused
-    dense ``com.microsoft.GroupQueryAttention`` (no past, causal), with the layout transposes around it.
-
-    Uses the pass's own patterns (analysis.attention_patterns), so exactly the blocks the sparse op replaces are fused."""
-    from onnxscript.rewriter.pattern import MatchResult, RewriteRule, RewriteRuleSet
-
-    from edgeprune.analysis import attention_patterns as patterns
-
-    def check(context, q, k, v, cq, ck, mask, probs, **_):
-        ok = patterns.score_scale(cq, ck) is not None and patterns.is_causal(mask)
-        return MatchResult() if ok else MatchResult().fail("not a causal block with a constant scale")
-
-    def rewrite(op, q, k, v, cq, ck, probs, **_):
-        perm = [0, 2, 1, 3]
-        flat = op.Constant(value=ir.tensor(np.array([0, 0, -1], np.int64)))
-        qf, kf, vf = (op.Reshape(op.Transpose(x, perm=perm), flat) for x in (q, k, v))
-        one = op.Constant(value=ir.tensor(np.array([1], np.int64)))
-        total = op.Shape(k, start=2, end=3)
-        batch = op.Shape(q, start=0, end=1)
-        seqlens = op.Cast(op.Expand(op.Sub(total, one), batch), to=ir.DataType.INT32)
-        total_s = op.Cast(op.Squeeze(total), to=ir.DataType.INT32)
-        scale = patterns.score_scale(cq, ck)
-        y, _, _ = op.GroupQueryAttention(qf, kf, vf, None, None, seqlens, total_s, _domain="com.microsoft",
-                                         num_heads=hq, kv_num_heads=hkv, scale=scale, _outputs=3)  # fmt: skip
-        heads = op.Constant(value=ir.tensor(np.array([0, 0, hq, d], np.int64)))
-        return op.Transpose(op.Reshape(y, heads), perm=perm)
-
-    rule_set = RewriteRuleSet([RewriteRule(p, rewrite, check, remove_nodes=False) for _, p in patterns.PATTERNS])
-    count = rule_set.apply_to_model(model)
-    model.opset_imports.setdefault("com.microsoft", 1)
-    ir.passes.common.RemoveUnusedNodesPass()(model)
-    return count
-
-
 def portable_only(model: ir.Model) -> ir.Model:
     """The same op with both functions renamed, so no kernel claims them: ORT inlines the function bodies."""
     names = {op: op + "Portable" for op in (functions.BLOCK, functions.DYNAMIC, functions.BLOCK_MASKED, functions.DYNAMIC_MASKED)}
@@ -233,6 +198,7 @@ def whole_model(length: int, ppl_tokens: int, runs: int, threads: int, budget: f
     from edgeprune.context import CompileContext
     from edgeprune.models import build
     from edgeprune.models.tasks import wikitext_perplexity, wikitext_tokens
+    from edgeprune.passes.fused_attention import FusedAttentionConfig, FusedAttentionPass
     from edgeprune.passes.sparse_attention import SparseAttentionConfig, SparseAttentionPass
     from edgeprune.runtime.targets import get_target
 
@@ -244,8 +210,8 @@ def whole_model(length: int, ppl_tokens: int, runs: int, threads: int, budget: f
     calib_feed = {"input_ids": window, "attention_mask": np.ones_like(window), "position_ids": np.arange(length, dtype=np.int64)[None, :]}
     calib = CalibrationSet([calib_feed], "wikitext-2 valid window after the scored tokens")
     context = CompileContext(target=get_target("cpu"), calibration=calib, holdout=calib, threads=threads)
-    fused = ir.load(str(artifact.model_path))
-    fused_count = fuse_dense_gqa(fused, HQ, HKV, D)
+    fused = ir.load(str(artifact.model_path))  # the fair baseline: ORT's fused dense GQA, from the fuse_attention pass
+    fused_count = FusedAttentionPass(FusedAttentionConfig())(fused).summary["fused"]
     models, records = ({INPUT: ir.load(str(artifact.model_path))} if with_input else {}), {}
     models[FUSED] = fused
     forms = {"12.5%": SparseAttentionConfig(keep=0.125, min_len=0), "25%": SparseAttentionConfig(keep=0.25, min_len=0),
@@ -535,7 +501,7 @@ def render(parts: dict) -> list[str]:
                   f"windows over its first {whole['ppl_tokens']} tokens; calibrated allocations are measured on the window right after "
                   "the scored tokens.  Portable rows reuse the kernel row's perplexity (the two paths agree to 1e-4). "
                   + ("The fair baseline is the same model with each of its attention blocks fused into ORT's dense "
-                     f"`com.microsoft.GroupQueryAttention` ({whole.get('fused_layers')} layers; `fuse_dense_gqa` in the script)."
+                     f"`com.microsoft.GroupQueryAttention` ({whole.get('fused_layers')} layers; the `fuse_attention` pass)."
                      if fused else "The fused-dense baseline was not built in this run: speed-ups are against the input model."),
                   "",
                   "| form | prefill p50 ms | " + ("speed-up vs input | " if has_input else "") + ("speed-up vs fused dense | " if fused else "")
