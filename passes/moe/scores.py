@@ -9,8 +9,14 @@ and top-k set ``S_t`` (as the graph selects it):
 - ``tcess`` (PreMoe's task-conditioned expected selection score): mean of ``p_t[e] * [e in S_t]``,
   the probability mass the task really routes to ``e``;
 - ``easy`` (EASY-EP's output-aware score): mean of ``g_t[e] * ||E_e(x_t)||``, with ``g`` the
-  routing weight applied in the graph; read off the contribution tensor in the loop form,
-  recomputed in numpy from the stacked weights for a fused ``com.microsoft.MoE``.
+  routing weight applied in the graph (0 on tokens that did not select ``e``); read off the
+  contribution tensor in the loop form; in the dense form (every expert on every token) off the
+  stacked expert-output tensor [E, T, H] the graph already computes (the last expert-stacked node's
+  output), weighted by the top-k routing weights; recomputed in numpy from the stacked weights for a
+  fused ``com.microsoft.MoE`` in float (relu/silu/identity, interleaved swiglu), and for
+  ``com.microsoft.QMoE`` (or another MoE variant) by ORT's own kernel: the node alone in a small
+  session with k = 1 and logits that route the expert's selected tokens to it with weight 1, so the
+  dequantisation (bits, block size, zero points) is the kernel's, not a copy of it.
 
 The per-channel moments of ``edgeprune.stats`` cannot express a top-k selection, so this module
 keeps its own accumulators but runs the same way (one session with extra outputs, one run per
@@ -25,7 +31,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from edgeprune.analysis.graph import attr, constant
+from edgeprune.analysis.graph import attr, constant, node_name
 from edgeprune.analysis.moe import MoELayer
 from edgeprune.calibration import CalibrationSet
 from edgeprune.errors import BadInputError
@@ -78,9 +84,14 @@ class _Layer:
         self.tcess = np.zeros(self.e)
         self.easy = np.zeros(self.e)
         self.fused = _FusedExperts(layer, model) if layer.form == "fused" else None
-        self.has_easy = layer.form == "loop" and all(x.contribution for x in layer.experts) or (
-            self.fused is not None and self.fused.supported
-        )
+        if self.fused is not None and not self.fused.supported:
+            self.fused = _KernelExperts(layer, model)
+        self.dense_output = _dense_expert_output(layer, model) if layer.form == "dense" else None
+        self.has_easy = (
+            layer.form == "loop" and all(x.contribution for x in layer.experts)
+            or self.fused is not None and self.fused.supported
+            or self.dense_output is not None
+        )  # fmt: skip
 
     def fetches(self) -> list[str]:
         names = [self.layer.router.output]
@@ -88,6 +99,8 @@ class _Layer:
             names += [x.contribution for x in self.layer.experts]
         if self.fused is not None and self.fused.supported:
             names.append(self.fused.input)
+        if self.dense_output is not None:
+            names.append(self.dense_output)
         return names
 
     def add(self, got: dict[str, np.ndarray], keep_rows: np.ndarray | None) -> None:
@@ -112,11 +125,24 @@ class _Layer:
                 if rows is not None and contrib.shape[0] == rows.shape[0]:
                     contrib = contrib[rows]
                 self.easy[x.index] += np.linalg.norm(contrib, axis=1).sum()
+            return
+        weights = probs * selected
+        if self.layer.normalize:
+            weights = weights / np.maximum(weights.sum(axis=1, keepdims=True), 1e-30)
+        if self.dense_output is not None:
+            out = got[self.dense_output]
+            tokens = logits.shape[0]
+            if out.shape[0] != self.e or not tokens or out.size % (self.e * tokens):
+                logger.info("MoE layer %d: no EASY scores, expert outputs %s have shape %s, not [%d, %d, hidden]",
+                            self.layer.layer, self.dense_output, list(out.shape), self.e, tokens)  # fmt: skip
+                self.has_easy = False
+                return
+            norms = np.linalg.norm(out.astype(np.float64).reshape(self.e, tokens, -1), axis=2).T  # [T, E]
+            if rows is not None:
+                norms = norms[rows]
+            self.easy += (weights * norms).sum(axis=0)
         else:
-            x = got[self.fused.input].reshape(-1, self.fused.hidden).astype(np.float64)
-            weights = probs * selected
-            if self.layer.normalize:
-                weights = weights / np.maximum(weights.sum(axis=1, keepdims=True), 1e-30)
+            x = got[self.fused.input].reshape(-1, self.fused.hidden)
             x = x[rows] if rows is not None and x.shape[0] == rows.shape[0] else x
             for e in range(self.e):
                 hit = selected[:, e]
@@ -172,6 +198,67 @@ class _FusedExperts:
         elif self.activation == "relu":
             h = np.maximum(h, 0.0)
         return h @ self.fc2[e].T + (self.b2[e] if self.b2 is not None else 0.0)
+
+
+def _dense_expert_output(layer: MoELayer, model: ir.Model) -> str | None:
+    """The dense form's stacked expert-output value [E, T, H]: the output of the last expert-stacked node in graph order
+    (the down projection's bias Add, or its MatMul), every expert's output on every token before the routing weights."""
+    stacked = {node for node, _ in layer.stacked}
+    last = None
+    for node in model.graph:
+        if node_name(node) in stacked:
+            last = node
+    return None if last is None else last.outputs[0].name
+
+
+class _KernelExperts:
+    """The experts of a com.microsoft.MoE/QMoE node evaluated by ORT's kernel itself: the node alone (its constant
+    weights, scales, biases, zero points), k = 1, and logits of 0 for the expert and -1e4 for the others, so each token
+    goes to that one expert with routing weight 1 (softmax, renormalised or not) and the output is the expert's own."""
+
+    def __init__(self, layer: MoELayer, model: ir.Model):
+        node = next(n for n in model.graph if node_name(n) == layer.node)
+        self.input = node.inputs[0].name
+        self.e = layer.num_experts
+        self.session = None
+        self.supported = False
+        dtype = node.inputs[0].dtype
+        constants = [None if v is None else constant(v) for v in node.inputs]
+        if dtype is None or any(v is not None and c is None for v, c in zip(node.inputs[2:], constants[2:])):
+            return  # a non-constant extra input (e.g. router_weights) changes the aggregation: no stand-alone expert
+        at = 5 if node.op_type == "QMoE" else 4
+        fc2 = constants[at] if len(constants) > at else None
+        if constants[2] is None or fc2 is None:
+            return
+        self.hidden = int(fc2.shape[1])  # fc2 weights are [E, hidden, inter (packed)] in both ops
+        self.np_dtype = dtype.numpy()
+        graph_inputs = [
+            ir.Value(name="x", shape=ir.Shape(["tokens", self.hidden]), type=ir.TensorType(dtype)),
+            ir.Value(name="logits", shape=ir.Shape(["tokens", self.e]), type=ir.TensorType(dtype)),
+        ]
+        initializers, args = [], list(graph_inputs)
+        for i, (value, tensor) in enumerate(zip(node.inputs[2:], constants[2:]), start=2):
+            if value is None:
+                args.append(None)
+                continue
+            v = ir.Value(name=f"in{i}", shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+            initializers.append(v)
+            args.append(v)
+        attributes = [a for name, a in node.attributes.items() if name not in ("k", "use_sparse_mixer")] + [ir.AttrInt64("k", 1)]
+        alone = ir.Node(node.domain, node.op_type, args, attributes=attributes, num_outputs=1, name="expert")
+        alone.outputs[0].name = "y"
+        graph = ir.Graph(graph_inputs, alone.outputs, nodes=[alone], initializers=initializers, opset_imports=dict(model.opset_imports), name="expert")
+        try:
+            self.session = make_session(ir.Model(graph, ir_version=model.ir_version), "cpu", threads=1)
+        except Exception as exc:  # noqa: BLE001 -- an op variant the CPU EP cannot run: no EASY score for this layer
+            logger.info("MoE layer %d: EASY scores unavailable, ORT cannot run %s alone (%s)", layer.layer, layer.node, exc)
+            return
+        self.supported = True
+
+    def expert(self, e: int, x: np.ndarray) -> np.ndarray:
+        logits = np.full((x.shape[0], self.e), -1e4, dtype=self.np_dtype)
+        logits[:, e] = 0
+        return self.session.run(None, {"x": np.ascontiguousarray(x, dtype=self.np_dtype), "logits": logits})[0].astype(np.float64)
 
 
 def collect_router_stats(

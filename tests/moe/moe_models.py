@@ -206,3 +206,42 @@ def qmoe_model(block, keep=None) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["tokens", router.shape[0]])], inits,
     )  # fmt: skip
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+
+
+def _int4_blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric block-wise int4 as QMoE stores it: codes offset by 8, two per byte (low nibble first), one scale per block."""
+    n, k = w.shape
+    blocks = w.reshape(n, k // block, block)
+    scale = np.maximum(np.abs(blocks).max(axis=-1), 1e-8) / 7.0
+    q = (np.clip(np.round(blocks / scale[..., None]), -8, 7) + 8).astype(np.uint8).reshape(n, k)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8), scale.astype(np.float32)
+
+
+def qmoe_int4_model(block, block_size: int = 16) -> onnx.ModelProto:
+    """One Mixtral block as router MatMul -> com.microsoft.QMoE with int4 weights and block-wise scales."""
+    router = block.gate.weight.detach().numpy().T.astype(np.float32)
+    fc1, s1, fc2, s2 = [], [], [], []
+    for expert in block.experts:
+        w1, w3 = expert.w1.weight.detach().numpy(), expert.w3.weight.detach().numpy()
+        fused = np.empty((2 * w1.shape[0], w1.shape[1]), dtype=np.float32)
+        fused[0::2], fused[1::2] = w1, w3
+        q, s = _int4_blocks(fused, block_size)
+        fc1.append(q), s1.append(s)
+        q, s = _int4_blocks(expert.w2.weight.detach().numpy(), block_size)
+        fc2.append(q), s2.append(s)
+    arrays = {"router.weight": router, "fc1": np.stack(fc1), "fc1_scales": np.stack(s1), "fc2": np.stack(fc2), "fc2_scales": np.stack(s2)}
+    inits = [onnx.numpy_helper.from_array(a, name) for name, a in arrays.items()]
+    nodes = [
+        helper.make_node("MatMul", ["x", "router.weight"], ["logits"], name="router"),
+        helper.make_node(
+            "QMoE", ["x", "logits", "fc1", "fc1_scales", "", "fc2", "fc2_scales"], ["y"], name="qmoe", domain="com.microsoft",
+            k=block.top_k, expert_weight_bits=4, block_size=block_size, activation_type="swiglu", swiglu_fusion=1,
+            activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=1,
+        ),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "qmoe_int4",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["tokens", router.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["tokens", router.shape[0]])], inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
