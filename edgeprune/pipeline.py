@@ -20,6 +20,7 @@ import pathlib
 import time
 from typing import Any
 
+import onnx
 import onnx_ir as ir
 
 import edgeprune
@@ -96,12 +97,20 @@ def _model_facts(model: ir.Model, path: pathlib.Path | None = None) -> dict[str,
     return facts
 
 
-def _run_passes(model: ir.Model, passes: list[EdgePass], ctx: CompileContext) -> tuple[list[dict[str, Any]], list[EdgePassResult]]:
-    """Run the passes in order on ``model``: (a report record per pass, each pass's result for back-off)."""
+def _run_passes(model: ir.Model, passes: list[EdgePass], ctx: CompileContext, start: int = 0,
+                snapshots: dict[int, onnx.ModelProto] | None = None) -> tuple[list[dict[str, Any]], list[EdgePassResult]]:
+    """Run ``passes[start:]`` in order on ``model``: (a report record per pass, each pass's result for back-off).
+
+    ``snapshots`` receives the model as it enters each later pass, so a back-off that relaxes pass i
+    restarts from there instead of re-running the unchanged passes before it (cleanup alone takes
+    90 s on SmolLM2)."""
     records, results = [], []
-    for stage, p in enumerate(passes):
+    for stage in range(start, len(passes)):
+        p = passes[stage]
+        if snapshots is not None and stage > start:
+            snapshots[stage] = model_io.to_proto(model)
         ctx.stage = stage
-        start = time.perf_counter()
+        began = time.perf_counter()
         with ctx.progress.stage(f"pass {p.name}"):
             result = p(model)
         if not isinstance(result, EdgePassResult):
@@ -112,7 +121,7 @@ def _run_passes(model: ir.Model, passes: list[EdgePass], ctx: CompileContext) ->
                 "name": p.name,
                 "config": p.config_dict(),
                 "modified": result.modified,
-                "seconds": round(time.perf_counter() - start, 3),
+                "seconds": round(time.perf_counter() - began, 3),
                 "summary": result.summary,
                 "records": result.records,
             }
@@ -211,10 +220,13 @@ def compile_model(
         p.context = ctx
 
     backoff: list[dict[str, Any]] = []
+    snapshots: dict[int, onnx.ModelProto] = {}  # the model entering pass i, for back-offs that relax pass i
+    start, pass_records, pass_results = 0, [], []
     while True:
         with progress.stage("copy the model for the passes"):
-            candidate = model_io.load_model(model_path)
-        pass_records, pass_results = _run_passes(candidate, passes, ctx)
+            candidate = model_io.load_model(model_path) if start == 0 else ir.from_proto(snapshots[start])
+        records, results = _run_passes(candidate, passes, ctx, start, snapshots)
+        pass_records, pass_results = pass_records[:start] + records, pass_results[:start] + results
         kv_cache.check_kept(reference_cache, kv_cache.model_cache(candidate))
         with progress.stage("verify: checker, ORT load, fidelity on held-back rows"):
             verification: Verification = verify(candidate, holdout_batches, reference_outputs, threads=opts.threads,
@@ -232,6 +244,8 @@ def compile_model(
             raise error
         passes, relaxed_stage, what = relaxed
         ctx.invalidate_stats(after_stage=relaxed_stage)  # passes before it see the same model again
+        start = relaxed_stage if relaxed_stage in snapshots else 0  # the passes before it are unchanged
+        snapshots = {i: m for i, m in snapshots.items() if i <= start}
         backoff[-1]["relaxed"] = what
         logger.warning("fidelity under the %s (%s); backing off %s", "--max-drop budget" if opts.max_drop is not None else "default floor",
                        "; ".join(fl.describe(f) for fl, f in missed), what)

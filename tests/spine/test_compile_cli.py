@@ -394,3 +394,29 @@ def test_error_sentences_keep_their_bracketed_shapes(tmp_path, capsys):
         "model expects rank 2 [N, 4]: reshape it (axis 0 is the sample axis)."
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_backoff_restarts_at_the_relaxed_pass(mlp, tmp_path, capsys, noise_pass, monkeypatch):
+    """A back-off re-runs only the relaxed pass and those after it: the passes before it see the same model."""
+    from edgeprune.passes.cleanup import CleanupPass
+
+    calls = []
+    original = CleanupPass.call
+
+    def counting(self, model):
+        calls.append(len(list(model.graph)))
+        return original(self, model)
+
+    monkeypatch.setattr(CleanupPass, "call", counting)
+    model, calib = mlp
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[passes]]\nname = "cleanup"\n[[passes]]\nname = "test-noise"\n[passes.options]\nnoise = 0.5\n')
+    code, stdout, stderr = _run(capsys, "compile", model, "-o", tmp_path / "out", "--calib", calib, "--recipe", recipe,
+                                "--max-drop", "0.001", "--json")
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    assert len(report["backoff"]) >= 1
+    assert len(calls) == 1, "cleanup's input is the same at every attempt: it runs once"
+    assert [p["name"] for p in report["passes"]] == ["cleanup", "test-noise"]
+    assert report["passes"][0]["summary"]["nodes_before"] == calls[0]
+    assert report["verification"]["drop"] <= 0.001
