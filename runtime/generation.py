@@ -7,7 +7,12 @@ hold on a busy machine.  Each step feeds the previous step's ``present.*`` outpu
 ``past_key_values.*`` through IOBinding, without copying the cache into numpy.
 
 One round: a prefill of the prompt (which yields the first new token), then ``new_tokens - 1``
-decode steps of one token each.  Decode speed is those steps over their time.
+decode steps of one token each.  Decode speed is those steps over their time.  ``prefill_chunk``
+reads the prompt in steps of that many tokens through the cache, as an app does with a long prompt:
+a one-shot prefill holds the whole [heads, T, T] score tensors and [T, vocab] logits at once (a
+4k-token prompt was OOM-killed on a shared machine), and the chunks give the same greedy tokens.
+
+``Generator`` is the single-model API: ``Generator.open(model).generate(prompt, new_tokens)``.
 """
 
 from __future__ import annotations
@@ -43,16 +48,28 @@ class GenerationResult:
     threads: int | None
     peak_memory_mb: float | None
     tokens: list[int]
+    prefill_chunk: int | None = None  # None: the prompt in one step
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-class _Generator:
-    """One session plus the names it needs; ``run`` is one greedy generation."""
+def _check_chunk(prefill_chunk: int | None) -> int | None:
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+        raise BadInputError(f"prefill_chunk must be a positive number of tokens or None (one shot), got {prefill_chunk!r}.")
+    return prefill_chunk
 
-    def __init__(self, session):
+
+class Generator:
+    """Greedy generation on one KV-cache decoder session (the cache reused through IOBinding).
+
+    ``prefill_chunk=None`` reads the prompt in one step; an int reads it in steps of that many
+    tokens, each attending to the cache of the ones before (bounded memory for long prompts).
+    """
+
+    def __init__(self, session, *, prefill_chunk: int | None = None):
         self.session = session
+        self.prefill_chunk = _check_chunk(prefill_chunk)
         self.cache = kv_cache.session_cache(session)
         if not self.cache:
             raise BadInputError(
@@ -69,6 +86,11 @@ class _Generator:
         self.inputs = [n for n in _STEP_INPUTS if n in names]
         self.logits = session.get_outputs()[0].name
         self.device = "cpu"
+
+    @classmethod
+    def open(cls, model, target="cpu", *, threads: int | None = None, prefill_chunk: int | None = None) -> Generator:
+        """A generator on a new session for ``model`` (a path, ``onnx_ir.Model`` or ``onnx.ModelProto``)."""
+        return cls(make_session(model, resolve_target(target), threads=threads), prefill_chunk=prefill_chunk)
 
     def _step(self, ids: np.ndarray, past_len: int, past) -> tuple[np.ndarray, list]:
         binding = self.session.io_binding()
@@ -89,20 +111,33 @@ class _Generator:
         outputs = binding.get_outputs()
         return outputs[0].numpy()[0, -1], outputs[1:]
 
-    def run(self, prompt: np.ndarray, new_tokens: int) -> tuple[list[int], float, float]:
-        """(generated ids, prefill seconds, decode seconds) of one greedy generation."""
+    def run(self, prompt: Sequence[int] | np.ndarray, new_tokens: int) -> tuple[list[int], float, float]:
+        """(generated ids, prefill seconds, decode seconds) of one greedy generation of ``new_tokens`` (>= 1)."""
         import onnxruntime as ort
 
+        ids = np.asarray(prompt, dtype=np.int64).reshape(-1)
+        if ids.size == 0 or new_tokens < 1:
+            raise BadInputError(f"generation needs a non-empty prompt and new_tokens >= 1, got {ids.size} tokens and {new_tokens}.")
+        chunk = self.prefill_chunk or ids.size
         past = [ort.OrtValue.ortvalue_from_numpy(a) for a in kv_cache.empty_cache(self.cache, 1).values()]
         start = time.perf_counter()
-        logits, past = self._step(prompt[None, :], 0, past)
+        for c in range(0, ids.size, chunk):
+            logits, past = self._step(ids[None, c : c + chunk], c, past)
         prefill = time.perf_counter() - start
         tokens = [int(np.argmax(logits))]
         start = time.perf_counter()
         for _ in range(new_tokens - 1):
-            logits, past = self._step(np.array([[tokens[-1]]], dtype=np.int64), len(prompt) + len(tokens) - 1, past)
+            logits, past = self._step(np.array([[tokens[-1]]], dtype=np.int64), ids.size + len(tokens) - 1, past)
             tokens.append(int(np.argmax(logits)))
         return tokens, prefill, time.perf_counter() - start
+
+    def generate(self, prompt: Sequence[int] | np.ndarray, new_tokens: int) -> list[int]:
+        """The greedy continuation of ``prompt``: ``new_tokens`` ids."""
+        return self.run(prompt, new_tokens)[0]
+
+
+#: the former private name (benchmarks/run_llm_peers.py imports it); use ``Generator``
+_Generator = Generator
 
 
 def measure_generation(
@@ -114,13 +149,16 @@ def measure_generation(
     rounds: int = 3,
     warmup: int = 1,
     threads: int | None = None,
+    prefill_chunk: int | None = None,
 ) -> dict[str, GenerationResult]:
     """Greedy generation of ``new_tokens`` after ``prompt`` on each model, interleaved round by round.
 
+    ``prefill_chunk`` prefills in steps of that many tokens through the cache (None: one shot).
     Peak memory per model is the growth while its session is created and its warm-up
     generations run (the cache at full length included), on top of the sessions already open.
     """
     _check_counts(warmup, rounds)
+    _check_chunk(prefill_chunk)
     if new_tokens < 2:
         raise BadInputError(f"new_tokens must be >= 2 (one from the prefill, the rest decoded), got {new_tokens}.")
     ids = np.asarray(prompt, dtype=np.int64).reshape(-1)
@@ -137,7 +175,7 @@ def measure_generation(
         for name in names:
             sources[name] = _prepare_file(models[name])
             rss = _reset_peak()
-            generators[name] = _Generator(make_session(sources[name], target, threads=threads))
+            generators[name] = Generator(make_session(sources[name], target, threads=threads), prefill_chunk=prefill_chunk)
             for _ in range(warmup):
                 generators[name].run(ids, new_tokens)
             peaks[name] = _peak_since(rss)
@@ -158,7 +196,7 @@ def measure_generation(
         results[name] = GenerationResult(
             prompt_tokens=int(ids.size), new_tokens=new_tokens, prefill_ms=statistics.median(prefill[name]) * 1e3,
             decode_ms_per_token=per_token * 1e3, decode_tokens_per_s=1.0 / per_token, rounds=rounds, threads=threads,
-            peak_memory_mb=peaks[name], tokens=tokens[name],
+            peak_memory_mb=peaks[name], tokens=tokens[name], prefill_chunk=prefill_chunk,
         )  # fmt: skip
     return results
 
