@@ -252,59 +252,18 @@ def whole_model(length: int, ppl_tokens: int, runs: int, threads: int, budget: f
     return out
 
 
-class _Decoder:
-    """One session driven as an app drives a KV-cache decoder: chunked prefill, then one token per step,
-    each step's ``present.*`` fed back as ``past_key_values.*`` through IOBinding (no copy into numpy)."""
-
-    def __init__(self, model, threads: int):
-        from edgeprune.runtime.session import make_session
-
-        self.session = make_session(model, threads=threads)
-        names = [i.name for i in self.session.get_inputs()]
-        self.past = [n for n in names if n.startswith("past_key_values.")]
-        self.present = [n.replace("past_key_values.", "present.", 1) for n in self.past]
-        self.shapes = {i.name: i.shape for i in self.session.get_inputs()}
-        self.logits = self.session.get_outputs()[0].name
-
-    def _step(self, ids: np.ndarray, past_len: int, past: list) -> tuple[np.ndarray, list]:
-        binding = self.session.io_binding()
-        n = ids.shape[1]
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", np.ones((1, past_len + n), np.int64))
-        binding.bind_cpu_input("position_ids", np.arange(past_len, past_len + n, dtype=np.int64)[None, :])
-        for name, value in zip(self.past, past):
-            binding.bind_ortvalue_input(name, value)
-        for name in [self.logits, *self.present]:
-            binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        return outputs[0].numpy()[0, -1], outputs[1:]
-
-    def run(self, prompt: np.ndarray, new_tokens: int, chunk: int) -> tuple[list[int], float, float]:
-        empty = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, self.shapes[n][1], 0, self.shapes[n][3]), np.float32)) for n in self.past]
-        start, past = time.perf_counter(), empty
-        for c in range(0, len(prompt), chunk):
-            logits, past = self._step(prompt[None, c : c + chunk], c, past)
-        prefill = time.perf_counter() - start
-        tokens = [int(np.argmax(logits))]
-        start = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            logits, past = self._step(np.array([[tokens[-1]]], np.int64), len(prompt) + len(tokens) - 1, past)
-            tokens.append(int(np.argmax(logits)))
-        return tokens, prefill, time.perf_counter() - start
-
-
 def decode(context: int, new_tokens: int, rounds: int, threads: int, keeps: list[float], cache: str | None = None,
            portable: bool = False, chunk: int = 512) -> dict:
     """SmolLM2 with a KV cache (recipe smollm2_kv): prefill of ``context`` WikiText-2 tokens in ``chunk``-token
     steps, then ``new_tokens`` decoded one at a time with the cache fed back, input vs sparse, interleaved.
 
-    Chunked prefill rather than ``runtime.generation.measure_generation``'s one-shot prompt: the input
-    model's 4k one-shot prefill (plain attention, [9, 4096, 4096] score tensors kept in its arena) took
+    Chunked prefill (``runtime.generation.Generator``'s ``prefill_chunk``) rather than a one-shot prompt: the
+    input model's 4k one-shot prefill (plain attention, [9, 4096, 4096] score tensors kept in its arena) took
     this process past 6-12 GB and the OOM killer ended it three times on this shared machine."""
     from edgeprune.models import build
     from edgeprune.models.tasks import wikitext_tokens
     from edgeprune.passes.sparse_attention import SparseAttentionConfig, SparseAttentionPass
+    from edgeprune.runtime.generation import Generator
 
     artifact = build("smollm2_kv", cache=cache, measure=False)
     prompt = np.asarray(wikitext_tokens(artifact.tokenizer_path), np.int64)[:context]
@@ -326,16 +285,16 @@ def decode(context: int, new_tokens: int, rounds: int, threads: int, keeps: list
                 new_tokens, rounds)  # fmt: skip
     decoders = {}
     for name in list(models):  # each graph is dropped once its session holds the weights (memory)
-        decoders[name] = _Decoder(models.pop(name), threads)
+        decoders[name] = Generator.open(models.pop(name), threads=threads, prefill_chunk=chunk)
         gc.collect()
     names = list(decoders)
     times = {n: {"prefill": [], "decode": []} for n in names}
     tokens = {}
     for name in names:  # warm-up
-        decoders[name].run(prompt, 2, chunk)
+        decoders[name].run(prompt, 2)
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            tokens[name], p, d = decoders[name].run(prompt, new_tokens, chunk)
+            tokens[name], p, d = decoders[name].run(prompt, new_tokens)
             times[name]["prefill"].append(p)
             times[name]["decode"].append(d)
     out = {"context": int(len(prompt)), "new_tokens": new_tokens, "rounds": rounds, "chunk": chunk, "forms": {}}
