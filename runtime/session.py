@@ -234,16 +234,99 @@ def make_session(
     return session
 
 
-def uses_kernel_ops(source: ModelSource) -> bool:
-    """Whether the model names an op of edgeprune's kernel library (a byte search: no second parse)."""
-    needles = [op.encode() for op in kernels.KERNEL_OPS]
-    if isinstance(source.ort_input, bytes):
-        return any(n in source.ort_input for n in needles)
+def uses_kernel_ops(model: "ModelSource | bytes | ir.Model | onnx.ModelProto | str | os.PathLike") -> bool:
+    """Whether a node of the graph, a subgraph or a model-local function calls an op of edgeprune's kernel library.
+
+    Reads the serialized model ORT is given (bytes, or the file through mmap) field by field and skips
+    every field but the nodes by its length, so the cost is in the number of nodes, not the weights'
+    bytes, and nothing is parsed a second time.  Unreadable data answers False (ORT then says why).
+    """
+    if isinstance(model, (ir.Model, onnx.ModelProto)):
+        model = prepare_model(model)
+    data = model.ort_input if isinstance(model, ModelSource) else model
+    if isinstance(data, bytes):
+        return _calls_kernel_ops(data)
     try:
-        with open(source.ort_input, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return any(mm.find(n) >= 0 for n in needles)
+        with open(data, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return _calls_kernel_ops(mm)
     except (OSError, ValueError):
         return False
+
+
+# Protobuf field numbers (onnx.proto) on the path from the model to its nodes' op types.
+_MODEL_GRAPH, _MODEL_FUNCTIONS = 7, 25
+_GRAPH_NODE = 1
+_FUNCTION_NODE = 7
+_NODE_OP_TYPE, _NODE_ATTRIBUTE, _NODE_DOMAIN = 4, 5, 7
+_ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS = 6, 11
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("malformed varint")
+
+
+def _messages(buf, start: int, end: int):
+    """(field number, start, end) of each length-delimited field of the message in buf[start:end]; others skipped."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        wire = key & 7
+        if wire == 0:
+            _, pos = _varint(buf, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            if pos + length > end:
+                raise ValueError("truncated field")
+            yield key >> 3, pos, pos + length
+            pos += length
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+
+
+def _graph_calls(buf, start: int, end: int, field: int, ops: set[bytes], domain: bytes) -> bool:
+    """Whether a node (field ``field`` of this GraphProto/FunctionProto), or one in its subgraphs, is (domain, op in ops)."""
+    for number, a, b in _messages(buf, start, end):
+        if number != field:
+            continue
+        op_type, node_domain, graphs = b"", b"", []
+        for n, c, d in _messages(buf, a, b):
+            if n == _NODE_OP_TYPE:
+                op_type = bytes(buf[c:d])
+            elif n == _NODE_DOMAIN:
+                node_domain = bytes(buf[c:d])
+            elif n == _NODE_ATTRIBUTE:
+                graphs += [(e, f) for m, e, f in _messages(buf, c, d) if m in (_ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS)]
+        if node_domain == domain and op_type in ops:
+            return True
+        if any(_graph_calls(buf, e, f, _GRAPH_NODE, ops, domain) for e, f in graphs):
+            return True
+    return False
+
+
+def _calls_kernel_ops(buf) -> bool:
+    ops, domain = {op.encode() for op in kernels.KERNEL_OPS}, kernels.DOMAIN.encode()
+    try:
+        for number, a, b in _messages(buf, 0, len(buf)):
+            if number == _MODEL_GRAPH and _graph_calls(buf, a, b, _GRAPH_NODE, ops, domain):
+                return True
+            if number == _MODEL_FUNCTIONS and _graph_calls(buf, a, b, _FUNCTION_NODE, ops, domain):
+                return True
+    except (IndexError, ValueError):
+        return False
+    return False
 
 
 def register_kernels(so: onnxruntime.SessionOptions) -> bool:
