@@ -119,6 +119,8 @@ class BitAllocationPass(EdgePass):
         if (c.latency_bounded or c.speed_ties) and c.mode == "auto":
             rows, shared, latency_info = latency.with_latency(model, units, rows, c, ctx)
         bud = solve.budget(c, units, other_bytes, rows, latency_info)
+        if bud.get("note"):
+            notes.append(bud["note"])
         summary["latency"] = latency_info or None
         if bud.get("noop"):
             notes.append(bud["noop"])

@@ -8,16 +8,14 @@ import dataclasses
 from edgeprune.errors import BadInputError
 
 
-# The accuracy levels a budget on the CPU EP offers unless told.  (0, 4) switches the speed tie-break on:
-# measured 2026-11-30 (2 shared cores, load ~11), SmolLM2 --avg-bits 8 (136.5 MB) then ran 2.68x fp32 prefill
-# but at perplexity 21.77 vs fp32 19.50 (+11.6 %: the tie-break took dynamic int8 for 135 of 211 MatMuls,
-# whose activation error the noise model underestimates on SmolLM2); level 0 alone gave 19.82 at 0.52x in
-# BENCHMARKS' 2026-11-26 run (another machine).  Without dynamic int8 (levels 0 and 4, size budget = ORT int8's
-# 137.34 MB) it wrote 137.33 MB at 1.07x fp32 prefill and perplexity 21.26 (+9.0 %): the allowance
-# speed_slack^2 * sum(importance) itself is too loose for SmolLM2, not only dynamic int8's error model.  MiniLM at ORT int8's size: 1.67x fp32 with (0, 4) vs 0.57x
-# with (0,), STS-B 0.8675 / 0.8673 (BENCHMARKS, 2026-11-30 09:03).  So (0,) until the tie-break is shown
-# to keep an LLM's perplexity.
-CPU_BUDGET_LEVELS: tuple[int, ...] = (0,)
+# The accuracy levels a budget on the CPU EP offers unless told: both, each option with its own error, and the
+# formats' speed governed by the latency bound (``no_slower``), not by a slack on the error.  One 576x1536 MatMul
+# as ORT's quantizers write it, timed interleaved against fp32 on the 2-core Xeon (AMX, 2 threads, 2026-11-30): 8-bit at
+# level 0 runs 0.03x of fp32 at 128 tokens and 0.15x at 1 token; at level 4 0.97x / 1.7x; 4-bit 0.6-0.95x / 2.3-3.6x;
+# dynamic int8 3.8x / 2.1x.  The earlier default (0,) let a size budget buy accuracy with the slowest format:
+# SmolLM2 at 137 MB decoded at 0.14x of fp32.  The speed tie-break with a slack (speed_slack 0.05) took dynamic
+# int8 for most of SmolLM2 and lost 9-12 % perplexity, so its default slack is 0 (exact ties only).
+CPU_BUDGET_LEVELS: tuple[int, ...] = (0, 4)
 
 
 @dataclasses.dataclass
@@ -54,19 +52,29 @@ class BitAllocationConfig:
     level 0 (fp32) on x86.  Offering more than one level also makes a size budget break near-ties
     for speed (``speed_slack``), so it times the formats.  None (the default): ``CPU_BUDGET_LEVELS`` for a
     budget (mode ``auto``) on the CPU execution provider without an ``accuracy_level``, else (0,)."""
-    speed_slack: float = 0.05
+    speed_slack: float = 0.0
     """With several ``accuracy_levels``: after the least-error choice within the budgets, take the
     fastest choice (by the microbenchmarks, any offered format) whose objective exceeds it by at most
     ``speed_slack^2 * sum(importance)``: as if each node's relative output error grew by up to
-    ``speed_slack`` in quadrature (level 4's int8 activations model at 0.5-2 % per node).  0: only exact
-    ties.  MiniLM at ORT int8's size: 0.02 ran 0.95x of fp32, 0.05 1.65x (all dynamic int8), STS-B
-    0.8677 / 0.8662 (fp32 0.8672, ORT int8 0.8658)."""
+    ``speed_slack`` in quadrature (level 4's int8 activations model at 0.5-2 % per node).  0 (the default):
+    only exact ties.  MiniLM at ORT int8's size: 0.02 ran 0.95x of fp32, 0.05 1.65x (all dynamic int8), STS-B
+    0.8677 / 0.8662 (fp32 0.8672, ORT int8 0.8658); on SmolLM2 0.05 cost 9-12 % perplexity."""
+    no_slower: bool = True
+    """A size budget alone (mode ``auto``, CPU execution provider): also bound the prefill latency to the
+    float model's (``latency_budget_ratio`` 1.0, predicted by the microbenchmarks and checked by measurement
+    like an explicit budget), so the size budget does not buy accuracy with formats slower than float.
+    Where nothing within the size budget is predicted that fast, the least-error choice is kept with a note."""
+    latency_implicit: bool = False
+    """Set by :meth:`for_target` when ``latency_budget_ratio`` comes from ``no_slower``, not from the user."""
     gptq: bool = False
     """Offer GPTQ rounding (``edgeprune.passes.bits.gptq``: same grid and bytes, less output error on data like the
     calibration rows) for 2/4-bit MatMul weights.  Opt-in: it fits the calibration domain; SmolLM2
     calibrated on Tiny Shakespeare and scored on WikiText-2 does worse with it (uniform 4-bit b64:
     perplexity 28.8 vs 27.5 round-to-nearest), though its layer errors drop 50 % on held-back
     Shakespeare.  Use it when the calibration data is the deployment data."""
+    mse_rounding: bool = False
+    """Also offer 2/4-bit MatMulNBits on a searched grid (scales and integer zero points chosen per block to
+    minimise the weight's squared error; same format and bytes as ORT's round-to-nearest)."""
     dynamic_int8: bool = True
     """Offer dynamic int8 (quantize_dynamic: activations quantized too) where the target runs it."""
     solver: str = "auto"
@@ -120,12 +128,16 @@ class BitAllocationConfig:
         return (self.block_size,) if isinstance(self.block_size, int) else tuple(self.block_size)
 
     def for_target(self, target) -> BitAllocationConfig:
-        """This config with ``accuracy_levels`` settled for ``target`` (None: the default, see the field)."""
-        if self.accuracy_levels is not None:
-            return self
+        """This config settled for ``target``: ``accuracy_levels`` (None: the default, see the field) and
+        ``no_slower``'s latency bound."""
         cpu = target is None or target.provider == "CPUExecutionProvider"
-        budget = cpu and self.mode == "auto" and self.accuracy_level is None
-        return dataclasses.replace(self, accuracy_levels=CPU_BUDGET_LEVELS if budget else (0,))
+        settled = self
+        if self.accuracy_levels is None:
+            budget = cpu and self.mode == "auto" and self.accuracy_level is None
+            settled = dataclasses.replace(self, accuracy_levels=CPU_BUDGET_LEVELS if budget else (0,))
+        if cpu and self.mode == "auto" and self.no_slower and self.size_bounded and not self.latency_bounded:
+            settled = dataclasses.replace(settled, latency_budget_ratio=1.0, latency_implicit=True)
+        return settled
 
     @property
     def levels(self) -> tuple[int, ...]:

@@ -134,17 +134,23 @@ def budget(c: BitAllocationConfig, units: list[Unit], other_bytes: int, rows, la
         ms = c.latency_budget_ms if c.latency_budget_ms is not None else c.latency_budget_ratio * latency_info["float_ms"]
         out["latency"] = ms - rest
         what = f"{ms:.1f} ms" if c.latency_budget_ratio is None else f"{c.latency_budget_ratio:g} x the float model's {latency_info['float_ms']:.1f} ms = {ms:.1f} ms"
+        if c.latency_implicit:
+            what += ", no slower than float (implied by the size budget: no_slower)"
         texts.append(f"latency {what} (model outside the units: {rest:.1f} ms)")
-        if ms < lat_floor * (1 - LATENCY_FLOOR_SLACK):
+        if ms < lat_floor * (1 - LATENCY_FLOOR_SLACK) and c.latency_implicit:
+            del out["latency"], texts[-1]
+            out["note"] = (f"no choice is predicted as fast as the float model ({lat_floor:.1f} ms at the fastest vs "
+                           f"{ms:.1f} ms): the size budget alone decides")
+        elif ms < lat_floor * (1 - LATENCY_FLOOR_SLACK):
             raise BadInputError(
                 f"the latency budget {what} is below the fastest model the offered formats "
                 f"allow (about {lat_floor:.1f} ms by the microbenchmarks): raise the budget."
             )
-        if ms >= latency_info["float_ms"]:
+        if ms >= latency_info["float_ms"] and not c.latency_implicit:
             noop.append(f"the latency budget {what} is at or above the float model's "
                         f"{latency_info['float_ms']:.1f} ms")
     out["text"] = "; ".join(texts)
-    if len(noop) == c.size_bounded + c.latency_bounded:
+    if len(noop) == c.size_bounded + (c.latency_bounded and not c.latency_implicit):
         out["noop"] = " and ".join(noop) + ": nothing to do"
     return out
 
@@ -249,6 +255,11 @@ def choose(c: BitAllocationConfig, units: list[Unit], rows, shared, bud: dict, n
         choice = [uniform_choice(c, u) for u in units]
         return knapsack.Solution(choice, *knapsack.totals(rows, choice), method="uniform", feasible=True)
     sol = knapsack.solve(rows, size_budget=bud.get("size"), latency_budget=bud.get("latency"), shared=shared, method=c.solver)
+    if not sol.feasible and bud.get("latency") is not None and c.latency_implicit:  # the size budget alone decides
+        notes.append("nothing within the size budget is predicted as fast as the float model: the least-error choice "
+                     "is kept and its latency measured")
+        del bud["latency"]
+        sol = knapsack.solve(rows, size_budget=bud.get("size"), shared=shared, method=c.solver)
     if not sol.feasible and bud.get("latency") is not None:
         quick = fastest(rows, shared, bud.get("size"), c.solver)
         if quick.feasible:  # just below the predicted floor: let the measurement decide

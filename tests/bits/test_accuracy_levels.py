@@ -154,23 +154,37 @@ def test_size_budget_breaks_ties_for_speed(monkeypatch):
     _fake_latencies(monkeypatch)
     m_old, m_new = _two_layer(), _two_layer()
     budget = 12_000  # room for 8 bits on both (2 x 4.6 kB), not for float (2 x 16 kB)
-    old = BitAllocationPass(BitAllocationConfig(size_budget_bytes=budget, block_size=32, dynamic_int8=False,
-                                                output_checks=0, accuracy_levels=(0,)), _ctx(m_old))(m_old)
+    common = dict(size_budget_bytes=budget, block_size=32, dynamic_int8=False, output_checks=0, no_slower=False)
+    old = BitAllocationPass(BitAllocationConfig(**common, accuracy_levels=(0,)), _ctx(m_old))(m_old)
     assert [r["format"] for r in old.records] == ["nbits8-b32-asym"] * 2 and _levels(m_old) == [0, 0]
-    new = BitAllocationPass(BitAllocationConfig(size_budget_bytes=budget, block_size=32, dynamic_int8=False,
-                                                output_checks=0, accuracy_levels=(0, 4)), _ctx(m_new))(m_new)
+    new = BitAllocationPass(BitAllocationConfig(**common, accuracy_levels=(0, 4), speed_slack=0.05), _ctx(m_new))(m_new)
     assert [r["format"] for r in new.records] == ["nbits8-b32-asym-acc4"] * 2 and _levels(m_new) == [4, 4]
-    m_default = _two_layer()  # the default on cpu: level 0 alone (config.CPU_BUDGET_LEVELS)
-    default = BitAllocationPass(BitAllocationConfig(size_budget_bytes=budget, block_size=32, dynamic_int8=False,
-                                                    output_checks=0), _ctx(m_default))(m_default)
-    assert [r["format"] for r in default.records] == ["nbits8-b32-asym"] * 2 and _levels(m_default) == [0, 0]
-    slack = BitAllocationConfig(avg_bits=4).speed_slack
-    assert new.summary["objective"] <= old.summary["objective"] + slack ** 2 * sum(r["importance"] for r in new.records)
-    # A slack of 0 keeps the least error.
+    assert new.summary["objective"] <= old.summary["objective"] + 0.05 ** 2 * sum(r["importance"] for r in new.records)
+    # The default slack (0) keeps the least error.
     m0 = _two_layer()
-    strict = BitAllocationPass(BitAllocationConfig(size_budget_bytes=budget, block_size=32, dynamic_int8=False,
-                                                   output_checks=0, accuracy_levels=(0, 4), speed_slack=0.0), _ctx(m0))(m0)
+    strict = BitAllocationPass(BitAllocationConfig(**common, accuracy_levels=(0, 4)), _ctx(m0))(m0)
     assert [r["format"] for r in strict.records] == ["nbits8-b32-asym"] * 2
+
+
+def test_size_budget_alone_is_no_slower_than_float(monkeypatch):
+    """On the CPU EP a size budget alone also bounds the predicted latency to the float model's: the least-error
+    choice that the microbenchmarks time as fast as float, not the slow level-0 8-bit one; ``no_slower=False`` and
+    an explicit latency budget leave it out."""
+    _fake_latencies(monkeypatch)
+    budget = 12_000
+    cfg = BitAllocationConfig(size_budget_bytes=budget, block_size=32, dynamic_int8=False, output_checks=0)
+    settled = cfg.for_target(get_target("cpu"))
+    assert (settled.latency_budget_ratio, settled.latency_implicit, settled.accuracy_levels) == (1.0, True, (0, 4))
+    assert cfg.for_target(get_target("cuda")).latency_budget_ratio is None
+    off = BitAllocationConfig(size_budget_bytes=budget, no_slower=False).for_target(get_target("cpu"))
+    assert off.latency_budget_ratio is None and not off.latency_implicit
+    told = BitAllocationConfig(size_budget_bytes=budget, latency_budget_ratio=0.8).for_target(get_target("cpu"))
+    assert (told.latency_budget_ratio, told.latency_implicit) == (0.8, False)
+    m = _two_layer()
+    result = BitAllocationPass(cfg, _ctx(m))(m)
+    assert [r["format"] for r in result.records] == ["nbits8-b32-asym-acc4"] * 2 and _levels(m) == [4, 4]
+    assert result.summary["budget"].endswith("no slower than float (implied by the size budget: no_slower) "
+                                             f"(model outside the units: {result.summary['latency']['rest_ms']:.1f} ms)")
 
 
 # --------------------------------------------------------------------------- exact budgets
