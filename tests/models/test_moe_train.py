@@ -46,3 +46,39 @@ def test_lr_factor_warms_up_then_decays_to_a_tenth():
     assert moe_train.lr_factor(14, 4, steps=14) == pytest.approx(0.1)
     assert moe_train.lr_factor(500, 4, elapsed_share=0.5) == pytest.approx(0.55)
     assert moe_train.lr_factor(500, 4, elapsed_share=1.7) == pytest.approx(0.1)
+
+
+def test_global_balance_loss_counts_frequencies_over_the_recent_batches():
+    torch = pytest.importorskip("torch")
+    uniform = [torch.zeros(6, 4, requires_grad=True)]  # every expert equally likely; top-2 of ties
+    recent: list = []
+    loss = moe_train.global_balance_loss(uniform, 2, recent)
+    assert len(recent) == 1 and float(loss) == pytest.approx(4 * float((recent[0][0][0] / 6 * 0.25).sum()))
+    # a batch that routes everything to experts 0 and 1 is penalised less when earlier batches used experts 2 and 3
+    skewed = torch.tensor([[5.0, 5.0, 0.0, 0.0]] * 6, requires_grad=True)
+    alone = moe_train.global_balance_loss([skewed], 2, [])
+    other = torch.tensor([[0.0, 0.0, 5.0, 5.0]] * 6)
+    history: list = []
+    moe_train.global_balance_loss([other], 2, history)
+    pooled = moe_train.global_balance_loss([skewed], 2, history)
+    assert len(history) == 2 and float(pooled) < float(alone)
+    # pooled over both batches every expert is used alike, so nothing pushes this batch off its experts; alone it is pushed
+    pooled.backward()
+    assert float(skewed.grad.abs().sum()) == pytest.approx(0.0, abs=1e-9)
+    alone.backward()
+    assert float(skewed.grad[:, :2].sum()) > 0 > float(skewed.grad[:, 2:].sum())
+
+
+def test_train_refuses_an_unknown_recipe(tmp_path):
+    with pytest.raises(BadInputError, match="batches must be one of"):
+        moe_train.train(tmp_path, steps=1, batches="shuffled")
+
+
+def test_sequence_mi_loss_rewards_sequences_that_keep_to_their_own_experts():
+    torch = pytest.importorskip("torch")
+    uniform = torch.zeros(2 * 3, 4)  # 2 sequences of 3 tokens, 4 experts
+    assert float(moe_train.sequence_mi_loss([uniform], 2)) == pytest.approx(0.0, abs=1e-6)
+    apart = torch.tensor([[30.0, 0, 0, 0]] * 3 + [[0, 30.0, 0, 0]] * 3)  # each sequence on its own expert
+    assert float(moe_train.sequence_mi_loss([apart], 2)) == pytest.approx(-np.log(2), abs=1e-6)
+    same = torch.tensor([[30.0, 0, 0, 0]] * 6)  # concentrated but on one expert for both: no information, loss 0
+    assert float(moe_train.sequence_mi_loss([same], 2)) == pytest.approx(0.0, abs=1e-6)
