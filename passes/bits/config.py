@@ -8,14 +8,15 @@ import dataclasses
 from edgeprune.errors import BadInputError
 
 
-# The accuracy levels a budget on the CPU EP offers unless told: both, each option with its own error, and the
-# formats' speed governed by the latency bound (``no_slower``), not by a slack on the error.  One 576x1536 MatMul
-# as ORT's quantizers write it, timed interleaved against fp32 on the 2-core Xeon (AMX, 2 threads, 2026-11-30): 8-bit at
-# level 0 runs 0.03x of fp32 at 128 tokens and 0.15x at 1 token; at level 4 0.97x / 1.7x; 4-bit 0.6-0.95x / 2.3-3.6x;
-# dynamic int8 3.8x / 2.1x.  The earlier default (0,) let a size budget buy accuracy with the slowest format:
-# SmolLM2 at 137 MB decoded at 0.14x of fp32.  The speed tie-break with a slack (speed_slack 0.05) took dynamic
-# int8 for most of SmolLM2 and lost 9-12 % perplexity, so its default slack is 0 (exact ties only).
-CPU_BUDGET_LEVELS: tuple[int, ...] = (0, 4)
+# The accuracy levels a budget on the CPU EP offers unless told: level 4 (int8 activations per block), each option
+# with its own error, plus level 0 when 2 bits are offered (no int8-compute kernel for 2 bits).  One 576x1536 MatMul
+# as ORT's quantizers write it, timed interleaved against fp32 on the 2-core Xeon (AMX, 2 threads, 2026-11-30), at
+# 1 token / 128 tokens: 8-bit level 0 0.15x / 0.03x, level 4 1.7x / 0.97x; 4-bit level 0 2.3x / 0.95x, level 4
+# 3.1-3.6x / 0.6-0.95x; dynamic int8 2.1x / 3.8x.  SmolLM2 at 137 MB with levels (0, 4) (and the no_slower bound,
+# which sees prefill only) took level-0 8-bit for 121 MatMuls and decoded at 0.38x of fp32; with level 4 alone it
+# decoded at 2.06x.  Level 0 alone (the default before) decoded 8-bit at 0.14x.  The speed tie-break with a
+# slack (speed_slack 0.05) took dynamic int8 for most of SmolLM2 and lost 9-12 % perplexity: its default slack is 0.
+CPU_BUDGET_LEVELS: tuple[int, ...] = (4,)
 
 
 @dataclasses.dataclass
@@ -50,8 +51,8 @@ class BitAllocationConfig:
     quantized to int8 per weight block at run time: on ORT 1.32's CPU kernel 8-bit runs faster than
     an fp32 MatMul, level 0 slower).  Levels 1-3 are refused: that kernel computes them exactly as
     level 0 (fp32) on x86.  Offering more than one level also makes a size budget break near-ties
-    for speed (``speed_slack``), so it times the formats.  None (the default): ``CPU_BUDGET_LEVELS`` for a
-    budget (mode ``auto``) on the CPU execution provider without an ``accuracy_level``, else (0,)."""
+    for speed (``speed_slack``), so it times the formats.  None (the default): ``CPU_BUDGET_LEVELS`` (plus 0 when 2 bits are
+    offered) for a budget (mode ``auto``) on the CPU execution provider without an ``accuracy_level``, else (0,)."""
     speed_slack: float = 0.0
     """With several ``accuracy_levels``: after the least-error choice within the budgets, take the
     fastest choice (by the microbenchmarks, any offered format) whose objective exceeds it by at most
@@ -134,7 +135,8 @@ class BitAllocationConfig:
         settled = self
         if self.accuracy_levels is None:
             budget = cpu and self.mode == "auto" and self.accuracy_level is None
-            settled = dataclasses.replace(self, accuracy_levels=CPU_BUDGET_LEVELS if budget else (0,))
+            levels = tuple(sorted(set(CPU_BUDGET_LEVELS) | ({0} if 2 in self.bit_options else set())))
+            settled = dataclasses.replace(self, accuracy_levels=levels if budget else (0,))
         if cpu and self.mode == "auto" and self.no_slower and self.size_bounded and not self.latency_bounded:
             settled = dataclasses.replace(settled, latency_budget_ratio=1.0, latency_implicit=True)
         return settled

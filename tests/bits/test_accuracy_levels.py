@@ -174,7 +174,9 @@ def test_size_budget_alone_is_no_slower_than_float(monkeypatch):
     budget = 12_000
     cfg = BitAllocationConfig(size_budget_bytes=budget, block_size=32, dynamic_int8=False, output_checks=0)
     settled = cfg.for_target(get_target("cpu"))
-    assert (settled.latency_budget_ratio, settled.latency_implicit, settled.accuracy_levels) == (1.0, True, (0, 4))
+    assert (settled.latency_budget_ratio, settled.latency_implicit, settled.accuracy_levels) == (1.0, True, (4,))
+    two = BitAllocationConfig(size_budget_bytes=budget, bit_options=(2, 4)).for_target(get_target("cpu"))
+    assert two.accuracy_levels == (0, 4)  # 2 bits has no level-4 kernel
     assert cfg.for_target(get_target("cuda")).latency_budget_ratio is None
     off = BitAllocationConfig(size_budget_bytes=budget, no_slower=False).for_target(get_target("cpu"))
     assert off.latency_budget_ratio is None and not off.latency_implicit

@@ -62,7 +62,8 @@ def _by_layer(result) -> dict:
 
 def test_more_sensitive_layer_gets_more_bits():
     model = _two_layer()
-    cfg = BitAllocationConfig(avg_bits=7.3, bit_options=(4, 8), block_size=32, dynamic_int8=False, output_checks=2)
+    cfg = BitAllocationConfig(avg_bits=7.3, bit_options=(4, 8), block_size=32, dynamic_int8=False, output_checks=2,
+                              accuracy_levels=(0,))
     result = BitAllocationPass(cfg, _ctx(model))(model)
     recs = _by_layer(result)
     assert result.modified
@@ -133,7 +134,8 @@ def test_tight_budget_shares_the_tied_table_at_eight_bits():
     """Below two 8-bit copies of the table, sharing one 8-bit copy beats any 4-bit choice."""
     model = _tied()
     table = 96 * 64 * 4
-    cfg = BitAllocationConfig(size_budget_bytes=int(table * 0.32), bit_options=(4, 8), block_size=32, dynamic_int8=False)
+    cfg = BitAllocationConfig(size_budget_bytes=int(table * 0.32), bit_options=(4, 8), block_size=32, dynamic_int8=False,
+                              accuracy_levels=(0,), no_slower=False)
     result = BitAllocationPass(cfg, _ctx(model))(model)
     assert [r["format"] for r in result.records] == ["tied8-b32-asym", "nbits8-b32-asym"]
     assert result.records[0]["bits"] == result.records[1]["bits"] > 8

@@ -137,8 +137,7 @@ def test_cpu_matmul_formats_are_unchanged():
     """Transformer MatMuls keep their cpu formats: dynamic int8 and MatMulNBits, no static QDQ."""
     model, ctx = _mixed_float()
     result = BitAllocationPass(BitAllocationConfig(avg_bits=6, bit_options=(4, 8), block_size=32), ctx)(model)
-    assert result.summary["formats_offered"] == ["float", "int8-dyn", "nbits4-b32-asym", "nbits4-b32-asym-acc4",
-                                                 "nbits8-b32-asym", "nbits8-b32-asym-acc4"]
+    assert result.summary["formats_offered"] == ["float", "int8-dyn", "nbits4-b32-asym-acc4", "nbits8-b32-asym-acc4"]
 
 
 # --------------------------------------------------------------------------- defect 7: already quantized, budget floor
