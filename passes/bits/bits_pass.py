@@ -171,8 +171,13 @@ class BitAllocationPass(EdgePass):
                 break
             unit_budget = min(unit_budget, sol.size) - (written - budget)
             tighter = dict(bud, size=unit_budget)
+            fits = unit_budget >= knapsack.floor(rows)
             nxt = knapsack.solve(rows, size_budget=unit_budget, latency_budget=bud.get("latency"), shared=shared,
-                                 method=c.solver) if unit_budget >= knapsack.floor(rows) else None
+                                 method=c.solver) if fits else None
+            if fits and not nxt.feasible and bud.get("latency") is not None:  # the file bounds first: the fastest choice
+                nxt = solve.fastest(rows, shared, unit_budget, c.solver)    # that fits (the report measures its latency)
+                notes.append("the written size left no choice within the latency budget: the fastest choice that fits "
+                             "the size is emitted")
             if nxt is None or not nxt.feasible:
                 break
             if c.speed_ties:

@@ -278,3 +278,37 @@ def test_compile_writes_no_more_than_the_size_budget(tmp_path):
         bits = next(p for p in report["passes"] if p["name"] == "bits")["summary"]
         assert report["size"]["candidate_bytes"] == bits["written_bytes"] == file_size(out / "model.onnx") <= budget
         assert bits["predicted_bytes"] > 0
+
+
+def test_written_size_overshoot_under_a_latency_budget_takes_the_fastest_choice_that_fits(monkeypatch):
+    """When the file overshoots and nothing smaller meets the latency budget, the size (a hard bound on the file)
+    wins: the fastest choice that fits is emitted with a note, instead of refusing a budget that can be met."""
+    from edgeprune.passes.bits import bits_pass
+
+    def table(units, target, **_):  # 8-bit level 4 fast, 4-bit level 4 slow: a smaller file means a slower model
+        out = {}
+        for u in units:
+            for p in u.parts:
+                out[("dql", p.input)] = 0.1
+                for o in p.options:
+                    out[(p.node, o.key)] = 1.0 if o.kind == "keep" else 0.6 if o.bits == 8 else 2.0
+        return out
+
+    monkeypatch.setattr(microbench, "unit_latencies", table)
+    monkeypatch.setattr(microbench, "model_latency", lambda model, context, units, table, tokens: (2.2, 2.0))
+    real, calls = bits_pass.written_bytes, []
+
+    def overshoot_once(model):  # the first emit writes 3 kB more than predicted (as graph bytes might)
+        calls.append(1)
+        return real(model) + (3_000 if len(calls) == 2 else 0)  # call 1 measures the graph before quantizing
+
+    monkeypatch.setattr(bits_pass, "written_bytes", overshoot_once)
+    model = _two_layer()
+    cfg = BitAllocationConfig(size_budget_bytes=12_000, latency_budget_ratio=0.65, block_size=32, dynamic_int8=False,
+                              output_checks=0, latency_checks=1)
+    result = BitAllocationPass(cfg, _ctx(model))(model)
+    # The least latency within 8.3 kB left after the overshoot: one 8-bit node (0.6 ms), the other 4-bit.
+    assert [r["format"] for r in result.records] == ["nbits8-b32-asym-acc4", "nbits4-b32-asym-acc4"]
+    assert "the written size left no choice within the latency budget: the fastest choice that fits the size is emitted" \
+        in result.summary["notes"]
+    assert result.summary["written_bytes"] <= 12_000
