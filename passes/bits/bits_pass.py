@@ -174,8 +174,11 @@ class BitAllocationPass(EdgePass):
             fits = unit_budget >= knapsack.floor(rows)
             nxt = knapsack.solve(rows, size_budget=unit_budget, latency_budget=bud.get("latency"), shared=shared,
                                  method=c.solver) if fits else None
-            if fits and not nxt.feasible and bud.get("latency") is not None:  # the file bounds first: the fastest choice
-                nxt = solve.fastest(rows, shared, unit_budget, c.solver)    # that fits (the report measures its latency)
+            if fits and not nxt.feasible and c.latency_implicit:  # an implied bound gives way: the least error that fits
+                nxt = knapsack.solve(rows, size_budget=unit_budget, shared=shared, method=c.solver)
+                notes.append("the written size left no choice as fast as float: the least-error choice that fits is emitted")
+            elif fits and not nxt.feasible and bud.get("latency") is not None:  # the file bounds first: the fastest
+                nxt = solve.fastest(rows, shared, unit_budget, c.solver)  # choice that fits (the report measures it)
                 notes.append("the written size left no choice within the latency budget: the fastest choice that fits "
                              "the size is emitted")
             if nxt is None or not nxt.feasible:
