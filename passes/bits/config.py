@@ -73,9 +73,14 @@ class BitAllocationConfig:
     calibrated on Tiny Shakespeare and scored on WikiText-2 does worse with it (uniform 4-bit b64:
     perplexity 28.8 vs 27.5 round-to-nearest), though its layer errors drop 50 % on held-back
     Shakespeare.  Use it when the calibration data is the deployment data."""
-    mse_rounding: bool = False
-    """Also offer 2/4-bit MatMulNBits on a searched grid (scales and integer zero points chosen per block to
-    minimise the weight's squared error; same format and bytes as ORT's round-to-nearest)."""
+    mse_rounding: bool | str | tuple[str, ...] = False
+    """Also offer 2/4-bit MatMulNBits on a searched grid (``edgeprune.passes.bits.rounding``: each block's scale
+    and integer zero point chosen for the least squared weight error; same format, bytes and kernel as ORT's
+    round-to-nearest, never more weight error), each with its own measured error: ``"mse"`` (or True) weighs
+    every weight alike (data-free), ``"wmse"`` by its input feature's energy on the calibration rows (the
+    Gram's diagonal), or both.  SmolLM2, every linear at 4-bit b32 asym, WikiText-2 perplexity (float 19.50):
+    ORT's rounding 25.84, mse 23.86, wmse calibrated on Tiny Shakespeare 21.89; b32 sym 25.00 / 26.85 /
+    22.09 (the data-free search lowers every layer's weight error, not always its output error)."""
     dynamic_int8: bool = True
     """Offer dynamic int8 (quantize_dynamic: activations quantized too) where the target runs it."""
     solver: str = "auto"
@@ -103,6 +108,12 @@ class BitAllocationConfig:
 
     def __post_init__(self):
         self.bit_options = tuple(int(b) for b in self.bit_options)
+        r = self.mse_rounding
+        if r is not False and r is not None:
+            r = ("mse",) if r is True else (r,) if isinstance(r, str) else tuple(dict.fromkeys(r))
+            if any(x not in ("mse", "wmse") for x in r):
+                raise BadInputError(f"mse_rounding must be true, 'mse', 'wmse' or both, not {self.mse_rounding!r}")
+            self.mse_rounding = r or False
         blocks = (self.block_size,) if isinstance(self.block_size, int) else tuple(self.block_size)
         if not blocks or any(b < 16 or b & (b - 1) for b in blocks):
             raise BadInputError(f"block sizes must be powers of two >= 16, not {self.block_size!r}")

@@ -20,6 +20,8 @@ The plan maps node names to :class:`edgeprune.passes.bits.sensitivity.Option`.  
    a ``gptq`` node goes through the same run as ``nbits`` nodes of its bits and block;
 4. load the result back with ``edgeprune.model_io.load_model``; the packed codes of each ``gptq``
    node are replaced by GPTQ's (``edgeprune.passes.bits.gptq``: same grid, so ORT's scales and zero points stay);
+   an ``nbits`` node with a searched rounding (``mse``, ``wmse``: ``edgeprune.passes.bits.rounding``) gets
+   its codes, scales and zero points in the same initializers, before any tied lookup reads them;
 5. a ``gather-tied`` lookup becomes a GatherBlockQuantized over the tied head's MatMulNBits
    initializers (:func:`_tie_lookups`: no tool shares one packed table between the two ops).
 """
@@ -221,7 +223,8 @@ def emit(model: ir.Model, plan: dict[str, Option], *, accuracy_level: int | None
          calibration: list[dict] | None = None) -> tuple[ir.Model, dict]:
     """Quantize ``model`` (not changed) per ``plan`` with ORT's tools; return the new model and a log.
 
-    ``grams`` (node name -> ``X^T X`` of its input) is needed only for the plan's ``gptq`` nodes,
+    ``grams`` (node name -> ``X^T X`` of its input) is needed only for the plan's ``gptq`` nodes and
+    ``wmse``-rounded ones (for those its diagonal, [K], is enough),
     ``calibration`` (feed dicts) only for its ``qdq`` nodes.
     """
     work = ir.from_proto(model_io.to_proto(model))
@@ -233,9 +236,14 @@ def emit(model: ir.Model, plan: dict[str, Option], *, accuracy_level: int | None
         model_io.save_model(work, path)
         gptq_weights = {n.name: (n.outputs[0].name, n.inputs[1].const_value.numpy()) for n in work.graph
                         if plan.get(n.name) is not None and plan[n.name].kind == "gptq"}
+        searched = {n.name: (n.outputs[0].name, n.inputs[1].const_value.numpy()) for n in work.graph
+                    if plan.get(n.name) is not None and plan[n.name].kind == "nbits" and plan[n.name].rounding != "rtn"}
         missing = sorted(set(gptq_weights) - set(grams or {}))
         if missing:
             raise ValueError(f"GPTQ needs the Gram of each node's input; none for {missing[:3]}")
+        missing = sorted(n for n in searched if plan[n].rounding == "wmse" and n not in (grams or {}))
+        if missing:
+            raise ValueError(f"wmse rounding needs the Gram (or its diagonal) of each node's input; none for {missing[:3]}")
         for bits in sorted({o.bits for o in plan.values() if o.kind == "qdq"}):
             if not calibration:
                 raise ValueError("static QDQ needs calibration rows for its activation ranges")
@@ -261,6 +269,8 @@ def emit(model: ir.Model, plan: dict[str, Option], *, accuracy_level: int | None
         out = pathlib.Path(tmp) / "out.onnx"
         onnx.save(proto, str(out), save_as_external_data=proto.ByteSize() > model_io.EXTERNAL_DATA_THRESHOLD)
         result = model_io.load_model(out)
+        if searched:  # before tying: a tied lookup reads the head's (searched) table
+            log["searched_grids"] = _searched_grids(result, plan, searched, grams or {})
         if tied:
             log["tied_lookups"] = _tie_lookups(result, tied)
         if gptq_weights:
@@ -288,6 +298,37 @@ def _gptq_codes(model: ir.Model, plan: dict[str, Option], weights: dict, grams: 
             raise RuntimeError(f"{name}: ORT's grid changed under the GPTQ codes")
         packed = gptq.pack(gptq.gptq_codes(w, grams[name], scales, zeros, o.bits, o.block), o.bits, o.block)
         b.const_value = ir.tensor(packed.reshape(b.const_value.shape.numpy()), name=b.name)
+    return len(weights)
+
+
+def _searched_grids(model: ir.Model, plan: dict[str, Option], weights: dict, grams: dict) -> int:
+    """Write each searched node's codes, scales and zero points (``edgeprune.passes.bits.rounding``: ``mse``,
+    or ``wmse`` with the diagonal of ``grams[node]``) into the MatMulNBits ORT's tool made for it: same
+    shapes, dtypes and packing, so the same bytes."""
+    from edgeprune.passes.bits import gptq, rounding
+
+    produced = {o.name: n for n in model.graph for o in n.outputs}
+    for name, (out, w) in weights.items():
+        o, mnb = plan[name], produced[out]
+        if mnb.op_type != "MatMulNBits":
+            raise RuntimeError(f"{name}: ORT wrote {mnb.op_type}, not MatMulNBits, under the searched grid")
+        codes, scales, zeros = rounding.search_grid(w, o.bits, o.block, o.symmetric,
+                                                    rounding.row_weights(o.rounding, grams.get(name)))
+        b, s = mnb.inputs[1], mnb.inputs[2]
+        stored = s.const_value.numpy()
+        if stored.size != scales.size or stored.dtype != np.float32:
+            raise RuntimeError(f"{name}: ORT's scales are {stored.dtype}{list(stored.shape)}, not float32 x {scales.size}")
+        b.const_value = ir.tensor(gptq.pack(codes, o.bits, o.block).reshape(b.const_value.shape.numpy()), name=b.name)
+        s.const_value = ir.tensor(scales.reshape(stored.shape), name=s.name)
+        zp = mnb.inputs[3] if len(mnb.inputs) > 3 else None
+        if o.symmetric:
+            if zp is not None:
+                raise RuntimeError(f"{name}: a symmetric MatMulNBits with zero points")
+            continue
+        packed = rounding.pack_zero_points(zeros, o.bits)
+        if zp is None or zp.const_value is None or zp.const_value.size != packed.size:
+            raise RuntimeError(f"{name}: ORT's zero points do not have the packed layout [N, ceil(k_blocks * bits / 8)]")
+        zp.const_value = ir.tensor(packed.reshape(zp.const_value.shape.numpy()), name=zp.name)
     return len(weights)
 
 

@@ -211,8 +211,9 @@ def _activation_noise(p: Part, o: Option, q: np.ndarray, st, stats) -> float:
 
 
 def simulate(p: Part, o: Option, stats) -> np.ndarray:
-    """``p``'s weight after quantize-dequantize in ``o``'s format (GPTQ rounds against the input's Gram)."""
-    gram = stats[p.input].gram if o.kind == "gptq" else None
+    """``p``'s weight after quantize-dequantize in ``o``'s format (GPTQ rounds against the input's Gram,
+    ``wmse`` weighs by its diagonal)."""
+    gram = stats[p.input].gram if o.kind == "gptq" or o.rounding == "wmse" else None
     return sensitivity.simulate(o, p.weight, gram=gram)
 
 

@@ -52,6 +52,12 @@ class Option:
     ``accuracy_level`` (``nbits``/``gptq`` only): the MatMulNBits ``accuracy_level`` the node is emitted
     with; 0 leaves it to the pass's ``accuracy_level`` (ORT's default), 4 quantizes the activation to
     int8 per block of ``block`` along K at run time (:func:`block_int8_activation`), faster on CPU.
+
+    ``rounding`` (``nbits``, and the ``gather-tied`` lookups sharing its table): ``rtn``, ORT's own
+    grid and round-to-nearest; ``mse``, the same format and bytes with each block's scale and integer
+    zero point searched for the least weight error (``edgeprune.passes.bits.rounding``, data-free);
+    ``wmse``, the same search with each weight's error weighted by its input's energy (the diagonal
+    of the node input's Gram: needs the Gram, like ``gptq``; not for a tied lookup).
     """
 
     kind: str
@@ -59,6 +65,7 @@ class Option:
     block: int = 0
     symmetric: bool = True
     accuracy_level: int = 0
+    rounding: str = "rtn"
 
     @property
     def key(self) -> str:
@@ -72,7 +79,8 @@ class Option:
             return f"qdq-a{self.bits}w8"
         prefix = {"nbits": "nbits", "gptq": "gptq", "gather-nbits": "gather", "gather-tied": "tied"}[self.kind]
         acc = f"-acc{self.accuracy_level}" if self.accuracy_level else ""
-        return f"{prefix}{self.bits}-b{self.block}-{'sym' if self.symmetric else 'asym'}{acc}"
+        rnd = f"-{self.rounding}" if self.rounding != "rtn" else ""
+        return f"{prefix}{self.bits}-b{self.block}-{'sym' if self.symmetric else 'asym'}{acc}{rnd}"
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "key": self.key}
@@ -127,7 +135,7 @@ def simulate(option: Option, weight: np.ndarray, gram: np.ndarray | None = None)
     if option.kind == KEEP:
         return w
     if option.kind == "nbits":
-        return nbits_dequant(w, option.bits, option.block, option.symmetric)
+        return _nbits_dequant_as(w, option, gram)
     if option.kind == "gptq":
         if gram is None:
             raise ValueError("GPTQ rounding needs the Gram matrix of the node's input")
@@ -135,7 +143,7 @@ def simulate(option: Option, weight: np.ndarray, gram: np.ndarray | None = None)
     if option.kind == "gather-nbits":
         return gather_dequant(w, option.bits, option.block, option.symmetric)
     if option.kind == "gather-tied":  # the head's [dim, vocab] weight is the table transposed
-        return np.ascontiguousarray(nbits_dequant(np.ascontiguousarray(w.T), option.bits, option.block, option.symmetric).T)
+        return np.ascontiguousarray(_nbits_dequant_as(np.ascontiguousarray(w.T), option).T)
     if option.kind in ("int8-dynamic", "qdq"):  # both: ORT's symmetric int8 per output channel
         return int8_channel_dequant(w, axis=1)
     if option.kind == "int8-gather":
@@ -189,6 +197,16 @@ def nbits_dequant(w: np.ndarray, bits: int, block: int, symmetric: bool) -> np.n
 
     q, scales, zero = _nbits_quantize(w, bits, block, symmetric)
     return gptq.dequant(q.reshape(q.shape[0], -1), scales, zero, w.shape[0], block)
+
+
+def _nbits_dequant_as(w: np.ndarray, option: Option, gram: np.ndarray | None = None) -> np.ndarray:
+    """MatMulNBits round trip of a [K, N] weight with ``option``'s rounding (ORT's, or a searched grid)."""
+    if option.rounding == "rtn":
+        return nbits_dequant(w, option.bits, option.block, option.symmetric)
+    from edgeprune.passes.bits import rounding
+
+    return rounding.search_dequant(w, option.bits, option.block, option.symmetric,
+                                   rounding.row_weights(option.rounding, gram))
 
 
 def gptq_dequant(w: np.ndarray, gram: np.ndarray, bits: int, block: int, symmetric: bool) -> np.ndarray:

@@ -18,6 +18,7 @@ from edgeprune.passes.bits.sensitivity import KEEP, Option
 
 NBITS_TOOL_BITS = (2, 4, 8)  # what ORT 1.32's MatMulNBitsQuantizer writes (it asserts bits in [2, 4, 8])
 QDQ_BITS = (8, 16)  # activation widths of static QDQ (int8 weights either way)
+SEARCH_BITS = (2, 4)  # widths offered with searched grids (``mse_rounding``): 8-bit's RTN error is already ~0.5 %
 # Fast mode quantizes an embedding table from this size up (vocabularies): position and token-type
 # tables are small, and 4-bit costs MiniLM's output cosine more there than the bytes are worth.
 FAST_MIN_TABLE_BYTES = 1 << 20
@@ -126,12 +127,26 @@ def _mm_options(c: BitAllocationConfig, kinds: set[str]) -> list[Option]:
     opts += [Option("qdq", b) for b in QDQ_BITS if f"qdq{b}" in kinds]
     if "nbits" in kinds:
         # Accuracy level 4 only for 4/8 bits: ORT 1.32's CPU int8-compute kernel covers those widths.
-        opts += [Option("nbits", b, blk, c.symmetric, a) for a in c.levels for b in c.bit_options
+        nbits = [Option("nbits", b, blk, c.symmetric, a) for a in c.levels for b in c.bit_options
                  if b in NBITS_TOOL_BITS and (a == 0 or b in (4, 8)) for blk in c.blocks]
+        for o in nbits:  # the searched grids first, so uniform mode takes one when offered
+            if o.bits in SEARCH_BITS:
+                opts += [dataclasses.replace(o, rounding=r) for r in searched_roundings(c)]
+            opts.append(o)
         if c.gptq:
             opts += [Option("gptq", b, blk, c.symmetric, a) for a in c.levels for b in c.bit_options
                      if b in (2, 4) and (a == 0 or b == 4) for blk in c.blocks]
     return opts
+
+
+def searched_roundings(c: BitAllocationConfig) -> tuple[str, ...]:
+    """The searched grids ``c.mse_rounding`` asks for: False none, True ``mse``, else the names given."""
+    r = c.mse_rounding
+    if r is False or r is None:
+        return ()
+    if r is True:
+        return ("mse",)
+    return (r,) if isinstance(r, str) else tuple(r)
 
 
 def _gather_options(c: BitAllocationConfig, kinds: set[str], table: np.ndarray) -> list[Option]:
@@ -195,10 +210,14 @@ def build(model: ir.Model, structures, c: BitAllocationConfig, kinds: dict[str, 
             lin = lin_by_node[emb.tied_with]
             head = Part(lin.node, "MatMul", np.ascontiguousarray(table.T) if lin.transposed else table,
                         lin.input, _mm_options(c, kinds), output=lin.output)
+            # wmse last: uniform mode takes a tied pair's first head option, which the lookup must be able to share.
+            head.options.sort(key=lambda o: o.rounding == "wmse")
             if lin.transposed:  # the head's [dim, vocab] blocks run along dim: the table's rows
                 # One lookup per stored format: the head's accuracy level does not change its table.
+                # A lookup's error is weighed by token counts, not the head's input: no ``wmse`` table to share.
                 part.options += list(dict.fromkeys(dataclasses.replace(o, kind="gather-tied", accuracy_level=0)
-                                                   for o in head.options if o.kind == "nbits" and emb.dim % o.block == 0))
+                                                   for o in head.options if o.kind == "nbits" and emb.dim % o.block == 0
+                                                   and o.rounding != "wmse"))
             units.append(Unit([part, head], tied_bytes=table.nbytes))
         else:
             units.append(Unit([part]))
@@ -212,8 +231,8 @@ def build(model: ir.Model, structures, c: BitAllocationConfig, kinds: dict[str, 
         first_reader[("Conv", conv.weight)] = part
         units.append(Unit([part]))
     for part in first_reader.values():
-        if part.readers:  # GPTQ rounds for one input's statistics; a shared weight has several
-            part.options = [o for o in part.options if o.kind != "gptq"]
+        if part.readers:  # GPTQ and wmse round for one input's statistics; a shared weight has several
+            part.options = [o for o in part.options if o.kind != "gptq" and o.rounding != "wmse"]
     # What is left alone, and why.
     found = {n for u in units for p in u.parts for n in (p.node, *p.readers)}
     quantized = quantized_weights(model)
