@@ -280,9 +280,14 @@ def test_compile_writes_no_more_than_the_size_budget(tmp_path):
         assert bits["predicted_bytes"] > 0
 
 
-def test_written_size_overshoot_under_a_latency_budget_takes_the_fastest_choice_that_fits(monkeypatch):
+@pytest.mark.parametrize("latency, note", [
+    (0.65, "the written size left no choice within the latency budget: the fastest choice that fits the size is emitted"),
+    (None, "the written size left no choice as fast as float: the least-error choice that fits is emitted"),
+])
+def test_written_size_overshoot_under_a_latency_budget_takes_the_fastest_choice_that_fits(latency, note, monkeypatch):
     """When the file overshoots and nothing smaller meets the latency budget, the size (a hard bound on the file)
-    wins: the fastest choice that fits is emitted with a note, instead of refusing a budget that can be met."""
+    wins: the fastest choice that fits is emitted with a note, instead of refusing a budget that can be met; under
+    the bound a size budget only implies (no_slower), the least-error choice that fits."""
     from edgeprune.passes.bits import bits_pass
 
     def table(units, target, **_):  # 8-bit level 4 fast, 4-bit level 4 slow: a smaller file means a slower model
@@ -304,11 +309,10 @@ def test_written_size_overshoot_under_a_latency_budget_takes_the_fastest_choice_
 
     monkeypatch.setattr(bits_pass, "written_bytes", overshoot_once)
     model = _two_layer()
-    cfg = BitAllocationConfig(size_budget_bytes=12_000, latency_budget_ratio=0.65, block_size=32, dynamic_int8=False,
+    cfg = BitAllocationConfig(size_budget_bytes=12_000, latency_budget_ratio=latency, block_size=32, dynamic_int8=False,
                               output_checks=0, latency_checks=1)
     result = BitAllocationPass(cfg, _ctx(model))(model)
     # The least latency within 8.3 kB left after the overshoot: one 8-bit node (0.6 ms), the other 4-bit.
     assert [r["format"] for r in result.records] == ["nbits8-b32-asym-acc4", "nbits4-b32-asym-acc4"]
-    assert "the written size left no choice within the latency budget: the fastest choice that fits the size is emitted" \
-        in result.summary["notes"]
+    assert note in result.summary["notes"]
     assert result.summary["written_bytes"] <= 12_000
