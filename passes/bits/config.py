@@ -79,7 +79,7 @@ class BitAllocationConfig:
     round-to-nearest, never more weight error), each with its own measured error: ``"mse"`` (or True) weighs
     every weight alike (data-free), ``"wmse"`` by its input feature's energy on the calibration rows (the
     Gram's diagonal), or both.  SmolLM2, every linear at 4-bit b32 asym, WikiText-2 perplexity (float 19.50):
-    ORT's rounding 25.84, mse 23.86, wmse calibrated on Tiny Shakespeare 21.89; b32 sym 25.00 / 26.85 /
+    ORT's rounding 25.84, mse 23.86, wmse calibrated on Tiny Shakespeare 21.93; b32 sym 25.00 / 26.85 /
     22.09 (the data-free search lowers every layer's weight error, not always its output error)."""
     dynamic_int8: bool = True
     """Offer dynamic int8 (quantize_dynamic: activations quantized too) where the target runs it."""

@@ -23,14 +23,17 @@ least-squares scale for every integer zero point has a closed form from five sum
 (s, z) per block is refined by a few rounds of re-rounding + refit (each kept only if it lowers the
 error) and finally compared with ORT's own codes, block by block, so the result is never worse
 than ORT's round-to-nearest on the weighted error.  Vectorised over blocks: SmolLM2's 49152 x 576
-head takes ~10 s on one busy core, a 576 x 1536 linear ~0.3 s.
+head took 24 s at nice 19 on 2 cores at load ~4 (ORT's quantizer 2.7 s there), a 576 x 1536 linear
+~0.5 s; the whole model added ~60-120 s to emit (each weight is searched once per process: cached).
 
 Measured on SmolLM2-135M (its weights come from a Q4_1 GGUF, so they sit on a 4-bit grid with
 float minima), every linear and the head at 4-bit b32 asym, WikiText-2 perplexity over the first
 4096 tokens (float 19.50): ORT's rounding 25.84, ``mse`` 23.86, ``wmse`` calibrated on Tiny
-Shakespeare 21.89 (on other WikiText-2 rows 21.32); at 4-bit b32 sym 25.00 / 26.85 / 22.09: the
-data-free search lowers the weight error of every layer (~17 %) but not always the output error,
-the weighted one lowered it on every layer in both domains.
+Shakespeare 21.93 (on other WikiText-2 rows 21.34); at 4-bit b32 sym 25.00 / 26.85 / 22.09 (wmse
+undampened).  Per layer (relative output error over ORT's, 211 linears, 2048 rows per domain): ``mse``
+lowers every weight error (x0.83) but the output error only on average (x0.88, 9 layers worse in
+each domain); ``wmse`` calibrated on Shakespeare gives x0.72 on held-back WikiText-2 rows (1 layer
+worse, by 2.7 %), calibrated on WikiText-2 x0.72 on Shakespeare (none worse).
 
 Symmetric blocks (no zero points stored: ``z = 2^(bits-1)``) search the scale alone, of either sign
 (ORT's own symmetric scale is negative when the block's largest magnitude is negative).
@@ -51,8 +54,8 @@ ALPHAS = {2: (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3), 4: (1.0, 0.9, 0.8, 0.7, 0
 SPANS = {2: 2, 4: 10, 8: 255}
 #: Where a shrunk window sits: at ORT's zero point, and/or centred on the block.
 PLACEMENTS = ("ort", "centre")
-#: Re-round + refit rounds after the candidate search.
-REFINE = 3
+#: Re-round + refit rounds after the candidate search (a second and third changed SmolLM2's errors by < 1e-5).
+REFINE = 1
 #: Blocks per vectorised chunk (bounds the temporaries: ~chunk * block * 4 bytes each).
 CHUNK = 1 << 12
 
