@@ -249,7 +249,8 @@ class BitAllocationPass(EdgePass):
         from edgeprune.passes.bits.emit import emit
 
         with measure.stage(self.context, "emit through ORT's quantizers"):
-            grams = {p.node: stats[p.input].gram for u in units for p in u.parts if plan[p.node].kind == "gptq"}
+            grams = {p.node: stats[p.input].gram for u in units for p in u.parts
+                     if plan[p.node].kind == "gptq" or plan[p.node].rounding == "wmse"}
             rows = self.context.calibration.samples if any(o.kind == "qdq" for o in plan.values()) else None
             return emit(model, plan, accuracy_level=self.config.accuracy_level, grams=grams, calibration=rows)
 

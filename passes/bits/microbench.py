@@ -131,10 +131,10 @@ def _time_group(models: dict[str, tuple[ir.Model, dict]], target, threads) -> di
 def _timed_as(o):
     """The option whose model is timed for ``o``: GPTQ changes the codes, not the format (MatMulNBits);
     a tied lookup is a GatherBlockQuantized like a 4-bit table's (the tool writes 4-bit tables only)."""
-    if o.kind == "gptq":
-        return dataclasses.replace(o, kind="nbits")
+    if o.kind in ("gptq", "nbits"):  # GPTQ and searched grids: same format, bytes and kernel as ORT's rounding
+        return dataclasses.replace(o, kind="nbits", rounding="rtn")
     if o.kind == "gather-tied":
-        return dataclasses.replace(o, kind="gather-nbits", bits=4, accuracy_level=0)
+        return dataclasses.replace(o, kind="gather-nbits", bits=4, accuracy_level=0, rounding="rtn")
     return o
 
 
