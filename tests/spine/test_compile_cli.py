@@ -358,6 +358,16 @@ def test_backoff_reuses_calibration_statistics(mlp, tmp_path, capsys, monkeypatc
     assert len(calls) == 1, "the prune pass's input is the same at every attempt: one statistics run"
 
 
+def test_rounding_flag_offers_the_searched_grid(mlp, tmp_path, capsys):
+    model, calib = mlp
+    code, stdout, stderr = _run(capsys, "compile", model, "-o", tmp_path / "out", "--calib", calib, "--bits", "4",
+                                "--block-size", "32", "--rounding", "wmse", "--json")
+    assert code == 0, stderr
+    bits = json.loads(stdout)["passes"][-1]
+    assert bits["config"]["mse_rounding"] == ["wmse"]
+    assert {r["format"] for r in bits["records"]} == {"nbits4-b32-asym-wmse"}
+
+
 def test_bits_flags_build_the_recipe(mlp, tmp_path, capsys):
     model, calib = mlp
     code, stdout, stderr = _run(capsys, "compile", model, "-o", tmp_path / "out", "--calib", calib, "--prune", "0.25", "--round-to", "1",
@@ -373,8 +383,9 @@ def test_bits_flags_build_the_recipe(mlp, tmp_path, capsys):
 @pytest.mark.parametrize("args, error", [
     (["--bits", "auto"], "Error: --bits auto needs a budget: --size-budget, --avg-bits or --latency-budget."),
     (["--bits", "3"], "Error: --bits takes auto, 8, 4 or 2, got '3'."),
-    (["--avg-bits", "4.5"], "Error: --size-budget, --avg-bits, --latency-budget and --gptq go with --bits."),
-    (["--gptq"], "Error: --size-budget, --avg-bits, --latency-budget and --gptq go with --bits."),
+    (["--avg-bits", "4.5"], "Error: --size-budget, --avg-bits, --latency-budget, --gptq and --rounding go with --bits."),
+    (["--gptq"], "Error: --size-budget, --avg-bits, --latency-budget, --gptq and --rounding go with --bits."),
+    (["--rounding", "wmse"], "Error: --size-budget, --avg-bits, --latency-budget, --gptq and --rounding go with --bits."),
     (["--bits", "auto", "--size-budget", "lots"], "error: size 'lots' is not a size: write e.g. 137MB, 90MiB or a number of bytes."),
     (["--bits", "auto", "--latency-budget", "fast"], "Error: --latency-budget takes milliseconds (150) or a ratio (0.8x), got 'fast'."),
 ])
