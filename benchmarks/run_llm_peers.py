@@ -13,7 +13,8 @@ package, whose only weights are a Q4_1 GGUF that transformers dequantizes to fp3
 - ``llama-q8_0`` / ``llama-q4_k_m`` / ``llama-q4_0``: llama.cpp through llama-cpp-python, quantized with
   ``llama_cpp.llama_model_quantize`` from an F32 GGUF made by the ``convert_hf_to_gguf.py`` of the vendored
   llama.cpp in the llama-cpp-python sdist of the installed version;
-- ``edgeprune@<peer>``: ``edgeprune compile fp32 --bits auto --size-budget <the peer's bytes>``.
+- ``edgeprune@<peer>``: ``edgeprune compile fp32 --bits auto --size-budget <the peer's bytes>``;
+  ``edgeprune+wmse@<peer>`` the same with ``--rounding wmse`` (``--edgeprune-rounding``).
 
 Columns: size (bytes of the model files: ``.onnx`` plus external data, or the ``.gguf``, which also
 carries its tokenizer), WikiText-2 perplexity (the first 4096 tokens of ``../shared/data`` valid.txt
@@ -344,10 +345,16 @@ def build_peer(key: str, work: Path, fp32: Path, calib: Path) -> Path:
 MAX_DROP = "1"
 
 
+def edgeprune_key(peer: str, rounding: str | None) -> str:
+    """The row (and work folder) of edgeprune at ``peer``'s size: ``edgeprune@peer``, ``edgeprune+wmse@peer``."""
+    return f"edgeprune{'+' + rounding if rounding else ''}@{peer}"
+
+
 def build_edgeprune(peer: str, budget: int, work: Path, fp32: Path, calib: Path, threads: int, timeout: int,
-                    max_samples: int) -> tuple[Path | None, dict]:
-    """``edgeprune compile --bits auto --size-budget`` at a peer's size; a floor refusal is kept as the row's note."""
-    folder = work / f"edgeprune@{peer}"
+                    max_samples: int, rounding: str | None = None) -> tuple[Path | None, dict]:
+    """``edgeprune compile --bits auto --size-budget`` at a peer's size (``--rounding`` too when given); a floor
+    refusal is kept as the row's note."""
+    folder = work / edgeprune_key(peer, rounding)
     done = folder / "done.json"
     if done.is_file():
         info = json.loads(done.read_text())
@@ -360,7 +367,7 @@ def build_edgeprune(peer: str, budget: int, work: Path, fp32: Path, calib: Path,
     # size budget past it, so the row accepts what the size allows and the table's perplexity judges it.
     cmd = [str(exe), "compile", str(fp32), "-o", str(folder / "out"), "--bits", "auto", "--size-budget", str(budget),
            "--calib", str(calib), "--max-samples", str(max_samples), "--threads", str(threads), "--max-drop", MAX_DROP,
-           "--json"]
+           "--json"] + (["--rounding", rounding] if rounding else [])
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
@@ -369,7 +376,8 @@ def build_edgeprune(peer: str, budget: int, work: Path, fp32: Path, calib: Path,
         rc, out, err = None, "", f"timed out after {timeout} s"
     info = {"budget": budget, "max_samples": max_samples, "max_drop": MAX_DROP, "rc": rc, "seconds": round(time.perf_counter() - start, 1),
             "command": "edgeprune compile <fp32> -o <out> --bits auto --size-budget "
-                       f"{budget} --calib <calib.npz> --max-samples {max_samples} --threads {threads} --max-drop {MAX_DROP} --json"}
+                       f"{budget} --calib <calib.npz> --max-samples {max_samples} --threads {threads} --max-drop {MAX_DROP} --json"
+                       + (f" --rounding {rounding}" if rounding else "")}
     try:
         summary = json.loads(out)
         info["summary"] = {k: summary[k] for k in ("sizes", "fidelity", "passes", "notes", "size", "warnings") if k in summary}
@@ -687,7 +695,7 @@ def render(res: dict) -> str:
                 lines.append(f"- {r['row']}: {what.split('_')[0]} failed: {' '.join(str(r[what]).split())[:400]}")
         if (r.get("memory") or {}).get("error"):
             lines.append(f"- {r['row']}: the peak-memory process failed: {' '.join(r['memory']['error'].split())[-300:]}")
-    if not any(r["row"].startswith("edgeprune@") for r in res["rows"]):
+    if not any(r["row"].startswith("edgeprune") for r in res["rows"]):
         tried = res.get("edgeprune_attempts") or {}
         lines.append("- edgeprune rows: none measured yet" + ("; compiles tried: " + "; ".join(
             f"{k} (budget {a.get('budget'):,} bytes, --max-samples {a.get('max_samples')}): "
@@ -707,6 +715,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "edgeprune" / "llm_peers")
     ap.add_argument("--rows", default=",".join(PEERS), help="peer rows to run (comma-separated)")
     ap.add_argument("--edgeprune-at", default=",".join(EDGEPRUNE_AT), help="peers whose size edgeprune is compiled to")
+    ap.add_argument("--edgeprune-rounding", choices=["mse", "wmse"], help="edgeprune rows also pass --rounding (rows edgeprune+R@peer)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--llama-threads", type=int, default=1, help="llama.cpp threads (see LLAMA_THREADS)")
@@ -763,15 +772,16 @@ def main(argv=None) -> int:
             row["error"] = f"{type(exc).__name__}: {exc}"
         rows[key] = row
     for peer in [k for k in args.edgeprune_at.split(",") if k]:
-        key = f"edgeprune@{peer}"
+        key = edgeprune_key(peer, args.edgeprune_rounding)
         budget = rows.get(peer, {}).get("size_bytes")
-        row = {"row": key, "label": f"edgeprune --bits auto at {peer}'s size", "kind": "onnx", "budget_bytes": budget}
+        flags = f" --rounding {args.edgeprune_rounding}" if args.edgeprune_rounding else ""
+        row = {"row": key, "label": f"edgeprune --bits auto{flags} at {peer}'s size", "kind": "onnx", "budget_bytes": budget}
         if budget is None:
             row["error"] = f"no {peer} row to take the size from"
         else:
             logger.info("compiling %s (budget %d bytes)", key, budget)
             path, info = build_edgeprune(peer, budget, args.work, fp32, calib, args.threads, args.compile_timeout,
-                                         args.compile_max_samples)
+                                         args.compile_max_samples, args.edgeprune_rounding)
             row["build"] = info
             if path is None:
                 last = (info.get("stderr_tail") or "").strip().splitlines()[-1:] or ["(no message; rc -9 is a kill, e.g. out of memory)"]
@@ -845,13 +855,13 @@ def main(argv=None) -> int:
         for key, r in rows.items():
             if not r.get("error") or key not in kept or kept[key].get("error"):
                 kept[key] = r
-        order = list(PEERS) + [f"edgeprune@{p}" for p in EDGEPRUNE_AT]
+        order = list(PEERS) + [edgeprune_key(p, r) for r in (None, "mse", "wmse") for p in EDGEPRUNE_AT]
         rows = {k: kept[k] for k in sorted(kept, key=lambda k: order.index(k) if k in order else len(order))}
         runs = old.get("runs", []) + [run]
     notes = []
     for key, r in rows.items():
         b = r.get("build") or {}
-        if key.startswith("edgeprune@") and r.get("size_bytes") and r.get("budget_bytes"):
+        if key.startswith("edgeprune") and r.get("size_bytes") and r.get("budget_bytes"):
             over = r["size_bytes"] - r["budget_bytes"]
             notes.append(f"{key}: budget {r['budget_bytes']:,} bytes, written {r['size_bytes']:,} "
                          f"({'over by ' + format(over, ',') if over > 0 else 'within'}); compile {b.get('seconds')} s")
@@ -862,7 +872,7 @@ def main(argv=None) -> int:
         "setup": {"threads": args.threads, "llama_threads": args.llama_threads, "rounds": args.rounds, "warmup": args.warmup, "prompt_tokens": args.prompt_tokens,
                   "new_tokens": args.new_tokens, "ppl_context": PPL_CONTEXT, "ppl_tokens": args.ppl_tokens},
         "calibration": calibration, "rows": list(rows.values()), "notes": notes,
-        "edgeprune_attempts": {d.parent.name: json.loads(d.read_text()) for d in sorted(args.work.glob("edgeprune@*/done.json"))},
+        "edgeprune_attempts": {d.parent.name: json.loads(d.read_text()) for d in sorted(args.work.glob("edgeprune*@*/done.json"))},
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1, default=str) + "\n")
