@@ -345,9 +345,20 @@ def build_peer(key: str, work: Path, fp32: Path, calib: Path) -> Path:
 MAX_DROP = "1"
 
 
+def slim_passes(passes: list[dict]) -> list[dict]:
+    """A compile report's passes without their per-node records (the compile folder's report.json keeps those)."""
+    return [{k: p.get(k) for k in ("name", "config", "modified", "seconds")} for p in passes]
+
+
 def edgeprune_key(peer: str, rounding: str | None) -> str:
     """The row (and work folder) of edgeprune at ``peer``'s size: ``edgeprune@peer``, ``edgeprune+wmse@peer``."""
     return f"edgeprune{'+' + rounding if rounding else ''}@{peer}"
+
+
+def _slim_attempt(info: dict) -> dict:
+    if "summary" in info and "passes" in info["summary"]:
+        info["summary"]["passes"] = slim_passes(info["summary"]["passes"])
+    return info
 
 
 def build_edgeprune(peer: str, budget: int, work: Path, fp32: Path, calib: Path, threads: int, timeout: int,
@@ -380,7 +391,8 @@ def build_edgeprune(peer: str, budget: int, work: Path, fp32: Path, calib: Path,
                        + (f" --rounding {rounding}" if rounding else "")}
     try:
         summary = json.loads(out)
-        info["summary"] = {k: summary[k] for k in ("sizes", "fidelity", "passes", "notes", "size", "warnings") if k in summary}
+        info["summary"] = {k: summary[k] for k in ("sizes", "fidelity", "notes", "size", "warnings") if k in summary}
+        info["summary"]["passes"] = slim_passes(summary.get("passes", []))
     except (json.JSONDecodeError, TypeError):
         info["stdout_tail"] = out[-2000:]
     info["ok"] = rc == 0 and (folder / "out" / "model.onnx").is_file()
@@ -872,7 +884,8 @@ def main(argv=None) -> int:
         "setup": {"threads": args.threads, "llama_threads": args.llama_threads, "rounds": args.rounds, "warmup": args.warmup, "prompt_tokens": args.prompt_tokens,
                   "new_tokens": args.new_tokens, "ppl_context": PPL_CONTEXT, "ppl_tokens": args.ppl_tokens},
         "calibration": calibration, "rows": list(rows.values()), "notes": notes,
-        "edgeprune_attempts": {d.parent.name: json.loads(d.read_text()) for d in sorted(args.work.glob("edgeprune*@*/done.json"))},
+        "edgeprune_attempts": {d.parent.name: _slim_attempt(json.loads(d.read_text()))
+                               for d in sorted(args.work.glob("edgeprune*@*/done.json"))},
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1, default=str) + "\n")
