@@ -119,15 +119,20 @@ def test_levels_without_a_cpu_kernel_are_refused(levels):
         BitAllocationConfig(avg_bits=4, accuracy_levels=(0, 4), accuracy_level=4)
 
 
-def _fake_latencies(monkeypatch):
-    """Microbenchmarks as on a CPU where level 4 is fast: float 1.0 ms, level-0 MatMulNBits 2.0, level 4 0.6."""
+def _level4_fast(o) -> float:
+    return 1.0 if o.kind == "keep" else 0.6 if o.accuracy_level == 4 else 2.0
+
+
+def _fake_latencies(monkeypatch, ms=_level4_fast):
+    """Microbenchmarks ``ms(option)`` per node (default: as on a CPU where level 4 is fast: float 1.0 ms,
+    level-0 MatMulNBits 2.0, level 4 0.6), 0.1 ms per DynamicQuantizeLinear."""
     def table(units, target, **_):
         out = {}
         for u in units:
             for p in u.parts:
                 out[("dql", p.input)] = 0.1
                 for o in p.options:
-                    out[(p.node, o.key)] = 1.0 if o.kind == "keep" else 0.6 if o.accuracy_level == 4 else 2.0
+                    out[(p.node, o.key)] = ms(o)
         return out
 
     monkeypatch.setattr(microbench, "unit_latencies", table)
@@ -290,17 +295,8 @@ def test_written_size_overshoot_under_a_latency_budget_takes_the_fastest_choice_
     the bound a size budget only implies (no_slower), the least-error choice that fits."""
     from edgeprune.passes.bits import bits_pass
 
-    def table(units, target, **_):  # 8-bit level 4 fast, 4-bit level 4 slow: a smaller file means a slower model
-        out = {}
-        for u in units:
-            for p in u.parts:
-                out[("dql", p.input)] = 0.1
-                for o in p.options:
-                    out[(p.node, o.key)] = 1.0 if o.kind == "keep" else 0.6 if o.bits == 8 else 2.0
-        return out
-
-    monkeypatch.setattr(microbench, "unit_latencies", table)
-    monkeypatch.setattr(microbench, "model_latency", lambda model, context, units, table, tokens: (2.2, 2.0))
+    # 8-bit level 4 fast, 4-bit level 4 slow: a smaller file means a slower model.
+    _fake_latencies(monkeypatch, lambda o: 1.0 if o.kind == "keep" else 0.6 if o.bits == 8 else 2.0)
     real, calls = bits_pass.written_bytes, []
 
     def overshoot_once(model):  # the first emit writes 3 kB more than predicted (as graph bytes might)
