@@ -159,8 +159,9 @@ class BitAllocationConfig:
 
     @property
     def speed_ties(self) -> bool:
-        """Whether the solver breaks near-ties for speed (several accuracy levels offered, auto mode)."""
-        return self.mode == "auto" and len(self.levels) > 1
+        """Whether the solver breaks near-ties for speed (several accuracy levels offered, auto mode, a slack): with
+        no slack only the solver's tolerance separates "ties", and timings would make the choice vary run to run."""
+        return self.mode == "auto" and len(self.levels) > 1 and self.speed_slack > 0
 
     @property
     def latency_bounded(self) -> bool:
