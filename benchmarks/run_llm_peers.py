@@ -370,7 +370,7 @@ def build_edgeprune(peer: str, budget: int, work: Path, fp32: Path, calib: Path,
     if done.is_file():
         info = json.loads(done.read_text())
         if (info.get("budget"), info.get("max_samples"), info.get("max_drop")) == (budget, max_samples, MAX_DROP):
-            return (folder / "out" / "model.onnx" if info.get("ok") else None), info
+            return (folder / "out" / "model.onnx" if info.get("ok") else None), _slim_attempt(info)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     exe = Path(sys.executable).with_name("edgeprune")
