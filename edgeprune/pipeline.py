@@ -101,14 +101,14 @@ def _run_passes(model: ir.Model, passes: list[EdgePass], ctx: CompileContext, st
                 snapshots: dict[int, onnx.ModelProto] | None = None) -> tuple[list[dict[str, Any]], list[EdgePassResult]]:
     """Run ``passes[start:]`` in order on ``model``: (a report record per pass, each pass's result for back-off).
 
-    ``snapshots`` receives the model as it enters each later pass, so a back-off that relaxes pass i
+    ``snapshots`` receives the model as it enters each later pass that can back off, so a back-off that relaxes pass i
     restarts from there instead of re-running the unchanged passes before it (cleanup alone takes
     90 s on SmolLM2)."""
     records, results = [], []
     for stage in range(start, len(passes)):
         p = passes[stage]
-        if snapshots is not None and stage > start:
-            snapshots[stage] = model_io.to_proto(model)
+        if snapshots is not None and stage > start and type(p).relaxed is not EdgePass.relaxed:
+            snapshots[stage] = model_io.to_proto(model)  # only a pass that can back off restarts a run
         ctx.stage = stage
         began = time.perf_counter()
         with ctx.progress.stage(f"pass {p.name}"):

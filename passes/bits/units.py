@@ -131,22 +131,12 @@ def _mm_options(c: BitAllocationConfig, kinds: set[str]) -> list[Option]:
                  if b in NBITS_TOOL_BITS and (a == 0 or b in (4, 8)) for blk in c.blocks]
         for o in nbits:  # the searched grids first, so uniform mode takes one when offered
             if o.bits in SEARCH_BITS:
-                opts += [dataclasses.replace(o, rounding=r) for r in searched_roundings(c)]
+                opts += [dataclasses.replace(o, rounding=r) for r in c.mse_rounding or ()]  # normalised by the config
             opts.append(o)
         if c.gptq:
             opts += [Option("gptq", b, blk, c.symmetric, a) for a in c.levels for b in c.bit_options
                      if b in (2, 4) and (a == 0 or b == 4) for blk in c.blocks]
     return opts
-
-
-def searched_roundings(c: BitAllocationConfig) -> tuple[str, ...]:
-    """The searched grids ``c.mse_rounding`` asks for: False none, True ``mse``, else the names given."""
-    r = c.mse_rounding
-    if r is False or r is None:
-        return ()
-    if r is True:
-        return ("mse",)
-    return (r,) if isinstance(r, str) else tuple(r)
 
 
 def _gather_options(c: BitAllocationConfig, kinds: set[str], table: np.ndarray) -> list[Option]:
