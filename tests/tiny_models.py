@@ -187,3 +187,19 @@ def genai_style_decoder(folder: pathlib.Path, seed: int = 0) -> pathlib.Path:
     folder.mkdir(parents=True, exist_ok=True)
     onnx.save(model, folder / "model.onnx")
     return folder / "model.onnx"
+
+
+def tied_embedding_head(table: np.ndarray) -> ir.Model:
+    """ids [2, 5] -> Gather(E) -> h -> MatMul(h, Transpose(E)) -> logits: a tied embedding and LM head over ``table`` [V, dim]."""
+    vocab, dim = table.shape
+    ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([2, 5]))
+    e = ir.Value(name="E", const_value=ir.tensor(np.asarray(table, dtype=np.float32)))
+    h = ir.Value(name="h", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 5, dim]))
+    et = ir.Value(name="E_t")
+    y = ir.Value(name="y", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 5, vocab]))
+    nodes = [
+        ir.Node("", "Gather", [e, ids], outputs=[h], name="emb"),
+        ir.Node("", "Transpose", [e], outputs=[et], attributes=[ir.AttrInt64s("perm", [1, 0])], name="tr"),
+        ir.Node("", "MatMul", [h, et], outputs=[y], name="head"),
+    ]
+    return ir.Model(ir.Graph([ids], [y, h], nodes=nodes, initializers=[e], opset_imports={"": 17}), ir_version=8)

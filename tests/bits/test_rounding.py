@@ -14,6 +14,8 @@ from edgeprune.passes.bits import sensitivity as S
 from edgeprune.passes.bits.emit import emit
 from edgeprune.passes.bits.sensitivity import Option
 
+from tiny_models import tied_embedding_head
+
 
 def _weight(k=200, n=48, seed=0) -> np.ndarray:
     """Heavy-tailed columns with a few outliers, as in transformer weights; K=200 pads the last block."""
@@ -152,18 +154,7 @@ def test_emitted_node_at_accuracy_level_4():
 
 
 def _tied_toy(seed=0) -> ir.Model:
-    rng = np.random.default_rng(seed)
-    ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([2, 5]))
-    e = ir.Value(name="E", const_value=ir.tensor((rng.standard_t(4, (V, 64)) * 0.05).astype(np.float32)))
-    h = ir.Value(name="h", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 5, 64]))
-    et = ir.Value(name="E_t")
-    y = ir.Value(name="y", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 5, V]))
-    nodes = [
-        ir.Node("", "Gather", [e, ids], outputs=[h], name="emb"),
-        ir.Node("", "Transpose", [e], outputs=[et], attributes=[ir.AttrInt64s("perm", [1, 0])], name="tr"),
-        ir.Node("", "MatMul", [h, et], outputs=[y], name="head"),
-    ]
-    return ir.Model(ir.Graph([ids], [y, h], nodes=nodes, initializers=[e], opset_imports={"": 17}), ir_version=8)
+    return tied_embedding_head((np.random.default_rng(seed).standard_t(4, (V, 64)) * 0.05).astype(np.float32))
 
 
 @pytest.mark.parametrize("bits,sym", [(4, False), (4, True), (2, False)])

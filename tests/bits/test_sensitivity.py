@@ -12,6 +12,8 @@ from edgeprune.model_io import model_bytes, to_proto
 from edgeprune.passes.bits.emit import emit
 from edgeprune.passes.bits.sensitivity import KEEP, Option
 
+from tiny_models import tied_embedding_head
+
 K, N, V = 72, 40, 30  # K not a multiple of the block: exercises padding
 
 
@@ -135,19 +137,7 @@ def test_proxies():
 
 def _tied_toy(seed=0) -> ir.Model:
     """ids -> Gather(E) -> h -> MatMul(h, Transpose(E)) -> logits: a tied embedding and LM head."""
-    rng = np.random.default_rng(seed)
-    ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([2, 5]))
-    e = ir.Value(name="E", const_value=ir.tensor(rng.standard_normal((V, 64)).astype(np.float32)))
-    h = ir.Value(name="h", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 5, 64]))
-    et = ir.Value(name="E_t")
-    y = ir.Value(name="y", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 5, V]))
-    nodes = [
-        ir.Node("", "Gather", [e, ids], outputs=[h], name="emb"),
-        ir.Node("", "Transpose", [e], outputs=[et], attributes=[ir.AttrInt64s("perm", [1, 0])], name="tr"),
-        ir.Node("", "MatMul", [h, et], outputs=[y], name="head"),
-    ]
-    graph = ir.Graph([ids], [y, h], nodes=nodes, initializers=[e], opset_imports={"": 17})
-    return ir.Model(graph, ir_version=8)
+    return tied_embedding_head(np.random.default_rng(seed).standard_normal((V, 64)).astype(np.float32))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
