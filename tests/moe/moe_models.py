@@ -176,9 +176,11 @@ def _int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q.astype(np.uint8), scale.astype(np.float32)
 
 
-def qmoe_model(block, keep=None) -> onnx.ModelProto:
-    """One Mixtral block as router MatMul -> com.microsoft.QMoE (int8, per-row scales); ``keep`` builds it from those experts only."""
+def qmoe_model(block, keep=None, bits: int = 8, block_size: int = 16) -> onnx.ModelProto:
+    """One Mixtral block as router MatMul -> com.microsoft.QMoE: int8 with per-row scales, or ``bits=4`` with
+    block-wise scales of ``block_size``; ``keep`` builds it from those experts only."""
     keep = list(range(len(block.experts))) if keep is None else [int(i) for i in keep]
+    quantize = _int8_rows if bits == 8 else (lambda w: _int4_blocks(w, block_size))
     router = block.gate.weight.detach().numpy()[keep].T.astype(np.float32)
     fc1, s1, fc2, s2 = [], [], [], []
     for e in keep:
@@ -186,22 +188,23 @@ def qmoe_model(block, keep=None) -> onnx.ModelProto:
         w1, w3 = expert.w1.weight.detach().numpy(), expert.w3.weight.detach().numpy()
         fused = np.empty((2 * w1.shape[0], w1.shape[1]), dtype=np.float32)
         fused[0::2], fused[1::2] = w1, w3
-        q, s = _int8_rows(fused)
-        fc1.append(q), s1.append(s)
-        q, s = _int8_rows(expert.w2.weight.detach().numpy())
-        fc2.append(q), s2.append(s)
+        q, sc = quantize(fused)
+        fc1.append(q), s1.append(sc)
+        q, sc = quantize(expert.w2.weight.detach().numpy())
+        fc2.append(q), s2.append(sc)
     arrays = {"router.weight": router, "fc1": np.stack(fc1), "fc1_scales": np.stack(s1), "fc2": np.stack(fc2), "fc2_scales": np.stack(s2)}
     inits = [onnx.numpy_helper.from_array(a, name) for name, a in arrays.items()]
+    blocked = {} if bits == 8 else {"block_size": block_size}
     nodes = [
         helper.make_node("MatMul", ["x", "router.weight"], ["logits"], name="router"),
         helper.make_node(
             "QMoE", ["x", "logits", "fc1", "fc1_scales", "", "fc2", "fc2_scales"], ["y"], name="qmoe", domain="com.microsoft",
-            k=block.top_k, expert_weight_bits=8, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
-            activation_beta=0.0, normalize_routing_weights=1,
+            k=block.top_k, expert_weight_bits=bits, **blocked, activation_type="swiglu", swiglu_fusion=1,
+            activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=1,
         ),
     ]  # fmt: skip
     graph = helper.make_graph(
-        nodes, "qmoe",
+        nodes, "qmoe" if bits == 8 else "qmoe_int4",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["tokens", router.shape[0]])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["tokens", router.shape[0]])], inits,
     )  # fmt: skip
@@ -219,29 +222,4 @@ def _int4_blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
 
 def qmoe_int4_model(block, block_size: int = 16) -> onnx.ModelProto:
     """One Mixtral block as router MatMul -> com.microsoft.QMoE with int4 weights and block-wise scales."""
-    router = block.gate.weight.detach().numpy().T.astype(np.float32)
-    fc1, s1, fc2, s2 = [], [], [], []
-    for expert in block.experts:
-        w1, w3 = expert.w1.weight.detach().numpy(), expert.w3.weight.detach().numpy()
-        fused = np.empty((2 * w1.shape[0], w1.shape[1]), dtype=np.float32)
-        fused[0::2], fused[1::2] = w1, w3
-        q, s = _int4_blocks(fused, block_size)
-        fc1.append(q), s1.append(s)
-        q, s = _int4_blocks(expert.w2.weight.detach().numpy(), block_size)
-        fc2.append(q), s2.append(s)
-    arrays = {"router.weight": router, "fc1": np.stack(fc1), "fc1_scales": np.stack(s1), "fc2": np.stack(fc2), "fc2_scales": np.stack(s2)}
-    inits = [onnx.numpy_helper.from_array(a, name) for name, a in arrays.items()]
-    nodes = [
-        helper.make_node("MatMul", ["x", "router.weight"], ["logits"], name="router"),
-        helper.make_node(
-            "QMoE", ["x", "logits", "fc1", "fc1_scales", "", "fc2", "fc2_scales"], ["y"], name="qmoe", domain="com.microsoft",
-            k=block.top_k, expert_weight_bits=4, block_size=block_size, activation_type="swiglu", swiglu_fusion=1,
-            activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=1,
-        ),
-    ]  # fmt: skip
-    graph = helper.make_graph(
-        nodes, "qmoe_int4",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["tokens", router.shape[0]])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["tokens", router.shape[0]])], inits,
-    )  # fmt: skip
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+    return qmoe_model(block, bits=4, block_size=block_size)
