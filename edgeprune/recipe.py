@@ -62,7 +62,7 @@ def default_recipe(target: str = "cpu") -> Recipe:
 
 def recipe_from_flags(*, prune: dict[str, Any] | None = None, bits: dict[str, Any] | None = None,
                       sparse_attention: dict[str, Any] | None = None, moe: dict[str, Any] | None = None,
-                      fuse_attention: bool = False) -> Recipe:
+                      fuse_attention: bool = False, smooth: dict[str, Any] | None = None) -> Recipe:
     """The recipe the CLI's pass flags describe: cleanup, then each requested pass.
 
     Pruning is followed by another cleanup, which re-infers the shapes the pruned widths changed
@@ -70,6 +70,7 @@ def recipe_from_flags(*, prune: dict[str, Any] | None = None, bits: dict[str, An
     attention comes last: cleanup inlines model-local functions, which would dissolve its op.  Attention
     fusion comes before bit allocation, which reads the head counts off float projections (quantized
     ones are not recognised as linears); the sparse pass then takes the fused blocks it can carry.
+    Smoothing goes right before bit allocation, which measures its formats on the smoothed weights.
     MoE expert removal comes first (with its own cleanup): it leaves whole experts dead, and the
     passes after it should see only the experts that remain.
     """
@@ -82,6 +83,8 @@ def recipe_from_flags(*, prune: dict[str, Any] | None = None, bits: dict[str, An
         passes += [PassSpec("prune", dict(prune)), PassSpec("cleanup")]
     if fuse_attention:
         passes.append(PassSpec("fuse_attention"))
+    if smooth is not None:
+        passes.append(PassSpec("smooth", dict(smooth)))
     if bits is not None:
         passes.append(PassSpec("bits", dict(bits)))
     if sparse_attention is not None:
