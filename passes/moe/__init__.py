@@ -1,7 +1,7 @@
-"""MoE expert pruning: router statistics, expert scores (TCESS, EASY-EP, frequency), global allocation, physical removal.
+"""MoE expert pruning: router statistics, expert scores (TCESS, EASY-EP, frequency) or a loss search, global allocation, physical removal.
 
 ``moe_pass`` drives it (one task, the union of several tasks, or a replayed choice); ``scores`` streams the router
-statistics and holds the metrics, ``remove`` takes experts out of each graph form (loop, dense, fused).  The
+statistics and holds the metrics, ``search`` chooses by calibration loss (``loss``), ``remove`` takes experts out of each graph form (loop, dense, fused).  The
 retrieval bundle built on the pass's per-task choices lives in ``edgeprune.runtime.moe``.  The pass is imported on first use, so ``scores.METRICS``
 (the CLI's ``--moe-metric`` choices) loads without it.
 """

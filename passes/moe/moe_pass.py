@@ -32,6 +32,8 @@ from edgeprune.model_io import param_count
 from edgeprune.passes.base import EdgePass, EdgePassResult
 from edgeprune.passes.moe import remove
 from edgeprune.passes.moe.scores import METRICS, RouterStats, collect_router_stats, score
+from edgeprune.passes.moe.search import METRIC as LOSS_METRIC
+from edgeprune.passes.moe.search import loss_search
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,8 @@ class MoEConfig:
     keep: float | int = 1.0
     """A float in (0, 1]: share of all experts kept; an int >= 1: experts kept per layer."""
     metric: str = "tcess"
-    """tcess (PreMoe), easy (EASY-EP, gate weight x expert-output norm) or frequency."""
+    """tcess (PreMoe), easy (EASY-EP, gate weight x expert-output norm), frequency, or loss (drop the experts whose removal
+    costs the calibration loss least, measured round by round: ``search``)."""
     allocation: str = "global"
     """global (one ranking of per-layer score shares) or uniform (same count per layer)."""
     min_keep: int = 1
@@ -168,19 +171,33 @@ class MoEExpertPruningPass(EdgePass):
         if cfg.keep == 1.0 and not isinstance(cfg.keep, int):
             return EdgePassResult(model, modified=False, summary={"keep": 1.0, "note": "keep 1.0: no expert removed"})
         stats = self.router_stats(model, layers)
-        scores = [score(s, cfg.metric) for s in stats]
-        keeps = allocate(scores, cfg.keep, cfg.allocation, cfg.min_keep)
+        keeps, scores, search = self._choose(model, layers, stats, self.context.calibration, "")
         details = [_stats_fields(s, values) for s, values in zip(stats, scores)]
-        return self._remove(model, layers, keeps, details, {"calibration_tokens": stats[0].tokens if stats else 0})
+        return self._remove(model, layers, keeps, details, {"calibration_tokens": stats[0].tokens if stats else 0, **search})
+
+    def _choose(self, model: ir.Model, layers: list[MoELayer], stats: list[RouterStats], calib, label: str) -> tuple[list[np.ndarray], list, dict]:
+        """(kept experts per layer, the score per expert the choice rests on, summary fields) under the config's metric."""
+        cfg = self.config
+        if cfg.metric != LOSS_METRIC:
+            scores = [score(s, cfg.metric) for s in stats]
+            return allocate(scores, cfg.keep, cfg.allocation, cfg.min_keep), scores, {}
+        with self.context.progress.stage(f"loss search over {sum(m.num_experts for m in layers)} experts{label}"):
+            found = loss_search(model, layers, calib, cfg.keep, cfg.allocation, cfg.min_keep, threads=self.context.threads)
+        fields = {"search": {"objective": found.objective, "calibration_loss_full": found.loss_full, "calibration_loss_kept": found.loss_kept,
+                             "evaluations": found.evaluations, "rounds": found.rounds}}  # fmt: skip
+        return found.keeps, found.first_costs, fields
 
     def _for_tasks(self, model: ir.Model, layers: list[MoELayer]) -> EdgePassResult:
         """Each task's experts on its own rows; the model keeps their union, the records each task's choice and routing."""
         cfg = self.config
         by_task: dict[str, tuple[list[RouterStats], list[np.ndarray]]] = {}
+        searches: dict[str, dict | None] = {}
         for name, calib in self._task_calibrations(model).items():
             with self.context.progress.stage(f"router statistics of task {name} ({len(calib)} rows)"):
                 stats = collect_router_stats(model, layers, calib, threads=self.context.threads)
-            by_task[name] = (stats, allocate([score(s, cfg.metric) for s in stats], cfg.keep, cfg.allocation, cfg.min_keep))
+            kept, _, search = self._choose(model, layers, stats, calib, f" for task {name}")
+            by_task[name] = (stats, kept)
+            searches[name] = search.get("search")
         keeps = [np.unique(np.concatenate([kept[i] for _, kept in by_task.values()])) for i in range(len(layers))]
         details = [
             {
@@ -192,7 +209,8 @@ class MoEExpertPruningPass(EdgePass):
         ]  # fmt: skip
         total = sum(m.num_experts for m in layers)
         tasks = {
-            t: {"experts": int(sum(len(k) for k in kept)), "kept_per_layer": [len(k) for k in kept], "calibration_tokens": stats[0].tokens}
+            t: {"experts": int(sum(len(k) for k in kept)), "kept_per_layer": [len(k) for k in kept], "calibration_tokens": stats[0].tokens,
+                **({"search": searches[t]} if searches.get(t) else {})}
             for t, (stats, kept) in by_task.items()
         }  # fmt: skip
         result = self._remove(model, layers, keeps, details, {"tasks": tasks, "union": True})
@@ -265,7 +283,7 @@ def _record(layer: MoELayer, keep: np.ndarray, k: int | None) -> dict:
 
 def _stats_fields(stats: RouterStats, values: np.ndarray) -> dict:
     """A layer's scores and routing on the calibration data (frequency: the routing histogram, top-k so it sums to k)."""
-    return {"scores": [float(v) for v in values], "frequency": stats.frequency.tolist(), "tcess": stats.tcess.tolist(), "tokens": stats.tokens}
+    return {"scores": [None if v is None else float(v) for v in values], "frequency": stats.frequency.tolist(), "tcess": stats.tcess.tolist(), "tokens": stats.tokens}
 
 
 def _replayed(experts: list[list[int]], layers: list[MoELayer]) -> list[np.ndarray]:

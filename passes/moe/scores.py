@@ -40,7 +40,9 @@ from edgeprune.stats import _with_outputs
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("tcess", "easy", "frequency")
+METRICS = ("tcess", "easy", "frequency", "loss")
+#: Metrics that are a per-expert statistic of the routing (``loss`` is a search over the model's outputs: ``search``).
+STATISTICS = ("tcess", "easy", "frequency")
 
 
 @dataclasses.dataclass
@@ -64,6 +66,8 @@ def score(stats: RouterStats, metric: str) -> np.ndarray:
     """One importance value per expert (higher keeps)."""
     if metric not in METRICS:
         raise BadInputError(f"unknown MoE metric {metric!r}: choose one of {', '.join(METRICS)}.")
+    if metric not in STATISTICS:
+        raise BadInputError(f"MoE metric {metric!r} is a search over the model's outputs, not a per-expert routing statistic: the moe pass runs it (edgeprune.passes.moe.search).")
     values = getattr(stats, metric)
     if values is None:
         raise BadInputError(

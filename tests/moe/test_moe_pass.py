@@ -222,7 +222,7 @@ def test_no_calibration_data_and_no_moe_layers_are_refused(mixtral_loop_onnx):
         ({"keep": 1.5}, "moe keep as a fraction must be in (0, 1], got 1.5: e.g. keep = 0.5 keeps half the experts."),
         ({"keep": 0}, "moe keep as a count must be >= 1 expert per layer, got 0."),
         ({"keep": "half"}, "moe keep must be a number, got 'half': e.g. keep = 0.5 keeps half the experts, keep = 4 keeps 4 per layer."),
-        ({"metric": "gini"}, "unknown moe metric 'gini': choose one of tcess, easy, frequency."),
+        ({"metric": "gini"}, "unknown moe metric 'gini': choose one of tcess, easy, frequency, loss."),
         ({"allocation": "floor"}, "unknown moe allocation 'floor': choose one of global, uniform."),
     ],
 )
