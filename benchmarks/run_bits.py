@@ -1,7 +1,7 @@
 """Measure the bit-allocation pass against ONNX Runtime's own quantizers, side by side in one run.
 
 Per model: compile the fp32 export with ``BitAllocationPass`` at several budgets (average bits,
-whole-model size, prefill latency), then measure the task metric, file size and latency of every
+whole-model size, prefill latency), after the ``smooth`` pass as ``compile --bits`` runs it on the CPU, then measure the task metric, file size and latency of every
 variant together with fp32 and ORT's quantizers (latency interleaved in one
 ``measure_side_by_side`` run).  ORT baselines are re-quantized here with
 ``benchmarks/run_baselines.quantize`` (same settings); their task metric is re-measured too.
@@ -67,20 +67,24 @@ def minilm_calibration(model, tokenizer: Path, samples: int):
 
 
 def run_pass(fp32_path: Path, ctx, options: dict, dst: Path) -> dict:
-    """The bits pass on the fp32 model; with a ``prune`` entry, structured pruning (+ cleanup) first.
+    """The bits pass on the fp32 model; with a ``prune`` entry, structured pruning (+ cleanup) first; before bits
+    the ``smooth`` pass at the CLI's CPU default strength (an entry ``smooth``: another alpha, 0 for none).
 
     A pruned model gets its own context: its tensors keep their names but change width, so the
-    statistics cached for the unpruned model do not apply.
+    statistics cached for the unpruned model do not apply.  Each pass gets its own statistics stage, as in a
+    compile (bits must not reuse the ranges smoothing measured before it rescaled them).
     """
     import dataclasses
 
     from edgeprune import model_io
     from edgeprune.passes.bits.bits_pass import BitAllocationPass
+    from edgeprune.passes.smooth import SmoothConfig, SmoothPass
 
     model = model_io.load_model(fp32_path)
     start = time.perf_counter()
     options = dict(options)
     prune = options.pop("prune", None)
+    alpha = options.pop("smooth", SmoothConfig().alpha)
     if prune is not None:
         from edgeprune.passes.cleanup import CleanupPass
         from edgeprune.passes.prune.prune_pass import PruneConfig, StructuredPruningPass
@@ -90,6 +94,10 @@ def run_pass(fp32_path: Path, ctx, options: dict, dst: Path) -> dict:
         CleanupPass()(model)
         ctx = dataclasses.replace(ctx)
         ctx.invalidate_stats()
+    if alpha:
+        ctx.stage = 0
+        SmoothPass(SmoothConfig(alpha=alpha), ctx)(model)
+    ctx.stage = 1
     result = BitAllocationPass.from_options(options, ctx)(model)
     seconds = time.perf_counter() - start
     model_io.save_model(model, dst)
@@ -159,6 +167,7 @@ def bench(name: str, args, work: Path) -> dict:
                                                   "speed_slack": 0.05}
         configs["bits-lat0.55"] = {"latency_budget_ratio": 0.55}
         configs["bits-size+lat0.55"] = {"size_budget_bytes": int(ort_int8), "latency_budget_ratio": 0.55}
+        configs["bits-size+lat0.55-nosmooth"] = {"size_budget_bytes": int(ort_int8), "latency_budget_ratio": 0.55, "smooth": 0}
         # The issue's bar: ORT per-channel int8's size and latency; its latency ratio measured here first.
         pair = measure_side_by_side({"fp32": str(fp32), "ort": str(paths["ort-dyn-int8-pc"])}, feeds, "cpu",
                                     warmup=2, runs=args.runs, threads=args.threads)

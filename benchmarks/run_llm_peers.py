@@ -14,7 +14,8 @@ package, whose only weights are a Q4_1 GGUF that transformers dequantizes to fp3
   ``llama_cpp.llama_model_quantize`` from an F32 GGUF made by the ``convert_hf_to_gguf.py`` of the vendored
   llama.cpp in the llama-cpp-python sdist of the installed version;
 - ``edgeprune@<peer>``: ``edgeprune compile fp32 --bits auto --size-budget <the peer's bytes>``;
-  ``edgeprune+wmse@<peer>`` the same with ``--rounding wmse`` (``--edgeprune-rounding``).
+  ``edgeprune+wmse@<peer>`` the same with ``--rounding wmse`` (``--edgeprune-rounding``), ``+smooth0.7`` with
+  ``--smooth 0.7`` (``--edgeprune-smooth``); ``--edgeprune-at`` also takes a size (``edgeprune@100MB``).
 
 Columns: size (bytes of the model files: ``.onnx`` plus external data, or the ``.gguf``, which also
 carries its tokenizer), WikiText-2 perplexity (the first 4096 tokens of ``../shared/data`` valid.txt
@@ -66,6 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_md import BENCHMARKS_MD, update_section
 
+from edgeprune.recipe import parse_size
 from edgeprune.runtime.generation import same_prefix
 
 REPO = Path(__file__).resolve().parents[1]
@@ -350,9 +352,16 @@ def slim_passes(passes: list[dict]) -> list[dict]:
     return [{k: p.get(k) for k in ("name", "config", "modified", "seconds")} for p in passes]
 
 
-def edgeprune_key(peer: str, rounding: str | None) -> str:
-    """The row (and work folder) of edgeprune at ``peer``'s size: ``edgeprune@peer``, ``edgeprune+wmse@peer``."""
-    return f"edgeprune{'+' + rounding if rounding else ''}@{peer}"
+def edgeprune_flags(rounding: str | None, smooth: float | None) -> list[str]:
+    """The compile flags an edgeprune row adds to ``--bits auto --size-budget``."""
+    return (["--rounding", rounding] if rounding else []) + (["--smooth", f"{smooth:g}"] if smooth else [])
+
+
+def edgeprune_key(peer: str, flags: list[str]) -> str:
+    """The row (and work folder) of edgeprune at ``peer``'s size (or a size such as ``100MB``):
+    ``edgeprune@peer``, ``edgeprune+wmse@peer``, ``edgeprune+wmse+smooth0.7@peer``."""
+    tags = "".join(f"+{flags[i + 1]}" if flags[i] == "--rounding" else f"+smooth{flags[i + 1]}" for i in range(0, len(flags), 2))
+    return f"edgeprune{tags}@{peer}"
 
 
 def _slim_attempt(info: dict) -> dict:
@@ -362,10 +371,11 @@ def _slim_attempt(info: dict) -> dict:
 
 
 def build_edgeprune(peer: str, budget: int, work: Path, fp32: Path, calib: Path, threads: int, timeout: int,
-                    max_samples: int, rounding: str | None = None) -> tuple[Path | None, dict]:
-    """``edgeprune compile --bits auto --size-budget`` at a peer's size (``--rounding`` too when given); a floor
-    refusal is kept as the row's note."""
-    folder = work / edgeprune_key(peer, rounding)
+                    max_samples: int, flags: list[str] = ()) -> tuple[Path | None, dict]:
+    """``edgeprune compile --bits auto --size-budget`` at a peer's size (plus ``flags``: ``edgeprune_flags``); a
+    floor refusal is kept as the row's note."""
+    flags = list(flags)
+    folder = work / edgeprune_key(peer, flags)
     done = folder / "done.json"
     if done.is_file():
         info = json.loads(done.read_text())
@@ -378,7 +388,7 @@ def build_edgeprune(peer: str, budget: int, work: Path, fp32: Path, calib: Path,
     # size budget past it, so the row accepts what the size allows and the table's perplexity judges it.
     cmd = [str(exe), "compile", str(fp32), "-o", str(folder / "out"), "--bits", "auto", "--size-budget", str(budget),
            "--calib", str(calib), "--max-samples", str(max_samples), "--threads", str(threads), "--max-drop", MAX_DROP,
-           "--json"] + (["--rounding", rounding] if rounding else [])
+           "--json"] + flags
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
@@ -388,7 +398,7 @@ def build_edgeprune(peer: str, budget: int, work: Path, fp32: Path, calib: Path,
     info = {"budget": budget, "max_samples": max_samples, "max_drop": MAX_DROP, "rc": rc, "seconds": round(time.perf_counter() - start, 1),
             "command": "edgeprune compile <fp32> -o <out> --bits auto --size-budget "
                        f"{budget} --calib <calib.npz> --max-samples {max_samples} --threads {threads} --max-drop {MAX_DROP} --json"
-                       + (f" --rounding {rounding}" if rounding else "")}
+                       + "".join(f" {f}" for f in flags)}
     try:
         summary = json.loads(out)
         info["summary"] = {k: summary[k] for k in ("sizes", "fidelity", "notes", "size", "warnings") if k in summary}
@@ -728,6 +738,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default=",".join(PEERS), help="peer rows to run (comma-separated)")
     ap.add_argument("--edgeprune-at", default=",".join(EDGEPRUNE_AT), help="peers whose size edgeprune is compiled to")
     ap.add_argument("--edgeprune-rounding", choices=["mse", "wmse"], help="edgeprune rows also pass --rounding (rows edgeprune+R@peer)")
+    ap.add_argument("--edgeprune-smooth", type=float, help="edgeprune rows also pass --smooth ALPHA (rows edgeprune+smoothALPHA@peer)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--llama-threads", type=int, default=1, help="llama.cpp threads (see LLAMA_THREADS)")
@@ -783,17 +794,21 @@ def main(argv=None) -> int:
             logger.exception("%s failed to build", key)
             row["error"] = f"{type(exc).__name__}: {exc}"
         rows[key] = row
+    flags = edgeprune_flags(args.edgeprune_rounding, args.edgeprune_smooth)
     for peer in [k for k in args.edgeprune_at.split(",") if k]:
-        key = edgeprune_key(peer, args.edgeprune_rounding)
-        budget = rows.get(peer, {}).get("size_bytes")
-        flags = f" --rounding {args.edgeprune_rounding}" if args.edgeprune_rounding else ""
-        row = {"row": key, "label": f"edgeprune --bits auto{flags} at {peer}'s size", "kind": "onnx", "budget_bytes": budget}
+        key = edgeprune_key(peer, flags)
+        if peer in PEERS:
+            budget, at = rows.get(peer, {}).get("size_bytes"), f"{peer}'s size"
+        else:
+            budget, at = parse_size(peer), f"{parse_size(peer) / 1e6:g} MB"
+        row = {"row": key, "label": f"edgeprune --bits auto{''.join(' ' + f for f in flags)} at {at}", "kind": "onnx",
+               "budget_bytes": budget}
         if budget is None:
             row["error"] = f"no {peer} row to take the size from"
         else:
             logger.info("compiling %s (budget %d bytes)", key, budget)
             path, info = build_edgeprune(peer, budget, args.work, fp32, calib, args.threads, args.compile_timeout,
-                                         args.compile_max_samples, args.edgeprune_rounding)
+                                         args.compile_max_samples, flags)
             row["build"] = info
             if path is None:
                 last = (info.get("stderr_tail") or "").strip().splitlines()[-1:] or ["(no message; rc -9 is a kill, e.g. out of memory)"]
@@ -867,8 +882,10 @@ def main(argv=None) -> int:
         for key, r in rows.items():
             if not r.get("error") or key not in kept or kept[key].get("error"):
                 kept[key] = r
-        order = list(PEERS) + [edgeprune_key(p, r) for r in (None, "mse", "wmse") for p in EDGEPRUNE_AT]
-        rows = {k: kept[k] for k in sorted(kept, key=lambda k: order.index(k) if k in order else len(order))}
+        order = list(PEERS)  # then edgeprune rows, grouped by their flags, in the order they were first measured
+        variant = lambda k: k.split("@")[0]  # noqa: E731
+        firsts = list(dict.fromkeys(variant(k) for k in kept if k not in order))
+        rows = {k: kept[k] for k in sorted(kept, key=lambda k: order.index(k) if k in order else len(order) + firsts.index(variant(k)))}
         runs = old.get("runs", []) + [run]
     notes = []
     for key, r in rows.items():

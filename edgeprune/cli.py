@@ -117,7 +117,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--block-size", default="32,64,128", show_default=True, help="Block size(s) of 4/2-bit blocked formats.")
 @click.option("--gptq", is_flag=True, help="Also offer GPTQ rounding for 4/2-bit weights: better when --calib is the deployment data, worse off-domain.")
 @click.option("--rounding", type=click.Choice(["mse", "wmse"]), help="Also offer 4/2-bit weights on a searched grid (same format and bytes): mse (data-free) or wmse (weighted by --calib's input energy; SmolLM2 all 4-bit: perplexity 21.9 vs ORT's rounding 25.8).")
-@click.option("--smooth", type=float, help="Before --bits: move activation outliers into the weights (SmoothQuant, exact in float) with this strength in (0, 1), e.g. 0.7; makes dynamic int8 accurate on transformers (SmolLM2 all dynamic int8: WikiText-2 perplexity 28.9 -> 19.9, fp32 18.5).")
+@click.option("--smooth", type=float, help="With --bits: strength in (0, 1) of moving activation outliers into the weights first (SmoothQuant, exact in float; on the cpu target 0.7 unless given, 0 turns it off): dynamic int8 and accuracy-level-4 MatMulNBits quantize activations (SmolLM2 all dynamic int8: WikiText-2 perplexity 28.9 -> 19.9, fp32 18.5).")
 @click.option("--sparse-attention", "sparse_keep", type=float, help="Dynamic block-sparse attention for causal self-attention: share of key blocks each query block keeps, in (0, 1].")
 @click.option("--sparse-block", type=int, default=64, show_default=True, help="With --sparse-attention: block size in tokens.")
 @click.option("--sparse-select", type=click.Choice(["group", "head"]), default="head", show_default=True, help="With --sparse-attention: choose blocks per query head (the default: +1.4 % perplexity calibrated at 25 % on SmolLM2) or once per KV group (about 15 % faster, +3.0 %).")
@@ -149,10 +149,8 @@ def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example,
             bits["gptq"] = True
         if rounding is not None:
             bits["mse_rounding"] = rounding
-    elif any(v is not None for v in (size_budget, avg_bits, latency_budget, rounding)) or gptq:
-        raise click.UsageError("--size-budget, --avg-bits, --latency-budget, --gptq and --rounding go with --bits.")
-    if smooth is not None and bits is None:
-        raise click.UsageError("--smooth prepares weights for quantization: it goes with --bits.")
+    elif any(v is not None for v in (size_budget, avg_bits, latency_budget, rounding, smooth)) or gptq:
+        raise click.UsageError("--size-budget, --avg-bits, --latency-budget, --gptq, --rounding and --smooth go with --bits.")
     sparse = None
     if sparse_keep is not None:
         sparse = {"keep": sparse_keep, "block": sparse_block, "select": sparse_select, "min_len": sparse_min_len,
@@ -166,7 +164,7 @@ def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example,
         if recipe is not None:
             raise click.UsageError("give either --recipe or --prune/--bits, not both: put the passes in the recipe.")
         recipe = recipe_from_flags(prune=prune, bits=bits, sparse_attention=sparse, moe=moe, fuse_attention=fuse_attention,
-                                   smooth=None if smooth is None else {"alpha": smooth})
+                                   smooth=None if smooth is None else {"alpha": smooth}, target=target)
 
     if example:
         if model is not None:

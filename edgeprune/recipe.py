@@ -47,6 +47,9 @@ def build_passes(recipe: Recipe, context: CompileContext | None = None) -> list[
 
 #: Targets whose fast formats the default recipe's bit allocation (mode ``fast``) has been measured on.
 FAST_BITS_TARGETS = ("cpu",)
+#: Targets where ``--bits`` smooths activations first (``smooth`` pass) unless told not to: the CPU EP quantizes
+#: activations at run time (dynamic int8, MatMulNBits accuracy level 4), which outlier channels ruin.
+SMOOTH_TARGETS = ("cpu",)
 
 
 def default_recipe(target: str = "cpu") -> Recipe:
@@ -62,7 +65,7 @@ def default_recipe(target: str = "cpu") -> Recipe:
 
 def recipe_from_flags(*, prune: dict[str, Any] | None = None, bits: dict[str, Any] | None = None,
                       sparse_attention: dict[str, Any] | None = None, moe: dict[str, Any] | None = None,
-                      fuse_attention: bool = False, smooth: dict[str, Any] | None = None) -> Recipe:
+                      fuse_attention: bool = False, smooth: dict[str, Any] | None = None, target: str = "cpu") -> Recipe:
     """The recipe the CLI's pass flags describe: cleanup, then each requested pass.
 
     Pruning is followed by another cleanup, which re-infers the shapes the pruned widths changed
@@ -70,7 +73,9 @@ def recipe_from_flags(*, prune: dict[str, Any] | None = None, bits: dict[str, An
     attention comes last: cleanup inlines model-local functions, which would dissolve its op.  Attention
     fusion comes before bit allocation, which reads the head counts off float projections (quantized
     ones are not recognised as linears); the sparse pass then takes the fused blocks it can carry.
-    Smoothing goes right before bit allocation, which measures its formats on the smoothed weights.
+    Smoothing goes right before bit allocation, which measures its formats on the smoothed weights; with
+    ``bits`` on a ``SMOOTH_TARGETS`` target it runs at its default strength unless ``smooth`` says otherwise
+    (``{"alpha": 0}``: off).
     MoE expert removal comes first (with its own cleanup): it leaves whole experts dead, and the
     passes after it should see only the experts that remain.
     """
@@ -83,7 +88,9 @@ def recipe_from_flags(*, prune: dict[str, Any] | None = None, bits: dict[str, An
         passes += [PassSpec("prune", dict(prune)), PassSpec("cleanup")]
     if fuse_attention:
         passes.append(PassSpec("fuse_attention"))
-    if smooth is not None:
+    if smooth is None and bits is not None and str(target).strip().lower() in SMOOTH_TARGETS:
+        smooth = {}
+    if smooth is not None and smooth.get("alpha") != 0:
         passes.append(PassSpec("smooth", dict(smooth)))
     if bits is not None:
         passes.append(PassSpec("bits", dict(bits)))

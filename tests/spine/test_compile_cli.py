@@ -374,18 +374,42 @@ def test_bits_flags_build_the_recipe(mlp, tmp_path, capsys):
                                 "--bits", "4", "--block-size", "32", "--gptq", "--json")
     assert code == 0, stderr
     report = json.loads(stdout)
-    assert [p["name"] for p in report["passes"]] == ["cleanup", "prune", "cleanup", "bits"]
-    config = report["passes"][3]["config"]
+    assert [p["name"] for p in report["passes"]] == ["cleanup", "prune", "cleanup", "smooth", "bits"]  # smooth: the cpu default
+    config = report["passes"][4]["config"]
     assert config["mode"] == "uniform" and config["bits"] == 4 and config["gptq"] is True
-    assert {r["format"] for r in report["passes"][3]["records"]} == {"gptq4-b32-asym"}
+    assert {r["format"] for r in report["passes"][4]["records"]} == {"gptq4-b32-asym"}
+
+
+def test_smooth_flag_runs_before_bits(mlp, tmp_path, capsys):
+    model, calib = mlp
+    code, stdout, stderr = _run(capsys, "compile", model, "-o", tmp_path / "out", "--calib", calib, "--bits", "8",
+                                "--smooth", "0.6", "--json")
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    assert [(p["name"], p["config"].get("alpha")) for p in report["passes"]] == [("cleanup", None), ("smooth", 0.6), ("bits", None)]
+
+
+@pytest.mark.parametrize("target, smooth, passes", [
+    ("cpu", None, ["cleanup", "smooth", "bits"]),
+    ("cpu", {"alpha": 0}, ["cleanup", "bits"]),
+    ("cuda", None, ["cleanup", "bits"]),
+    ("cuda", {"alpha": 0.5}, ["cleanup", "smooth", "bits"]),
+])
+def test_bits_smooths_first_on_the_cpu_unless_told(target, smooth, passes):
+    from edgeprune.recipe import recipe_from_flags
+
+    recipe = recipe_from_flags(bits={"mode": "uniform", "bits": 8}, smooth=smooth, target=target)
+    assert [p.name for p in recipe.passes] == passes
 
 
 @pytest.mark.parametrize("args, error", [
     (["--bits", "auto"], "Error: --bits auto needs a budget: --size-budget, --avg-bits or --latency-budget."),
     (["--bits", "3"], "Error: --bits takes auto, 8, 4 or 2, got '3'."),
-    (["--avg-bits", "4.5"], "Error: --size-budget, --avg-bits, --latency-budget, --gptq and --rounding go with --bits."),
-    (["--gptq"], "Error: --size-budget, --avg-bits, --latency-budget, --gptq and --rounding go with --bits."),
-    (["--rounding", "wmse"], "Error: --size-budget, --avg-bits, --latency-budget, --gptq and --rounding go with --bits."),
+    (["--avg-bits", "4.5"], "Error: --size-budget, --avg-bits, --latency-budget, --gptq, --rounding and --smooth go with --bits."),
+    (["--gptq"], "Error: --size-budget, --avg-bits, --latency-budget, --gptq, --rounding and --smooth go with --bits."),
+    (["--rounding", "wmse"], "Error: --size-budget, --avg-bits, --latency-budget, --gptq, --rounding and --smooth go with --bits."),
+    (["--smooth", "0.7"], "Error: --size-budget, --avg-bits, --latency-budget, --gptq, --rounding and --smooth go with --bits."),
+    (["--bits", "8", "--smooth", "1"], "error: smooth alpha must be a number in (0, 1), not 1.0: e.g. --smooth 0.7."),
     (["--bits", "auto", "--size-budget", "lots"], "error: size 'lots' is not a size: write e.g. 137MB, 90MiB or a number of bytes."),
     (["--bits", "auto", "--latency-budget", "fast"], "Error: --latency-budget takes milliseconds (150) or a ratio (0.8x), got 'fast'."),
 ])
