@@ -1,11 +1,14 @@
 """MoE expert pruning on the project's trained MoE: per-domain perplexity at 75/50/25 % experts kept.
 
-Three ways to choose the experts, at the same count: task-specific (TCESS on the domain's own
-training windows), task-agnostic (TCESS on windows of all domains) and the frequency baseline
-(selection frequency on the domain's windows).  Perplexity (bytes) is measured in ONNX Runtime on
+Four ways to choose the experts, at the same count: task-specific (the ``loss`` metric, the
+experts whose removal costs the domain's own training windows' next-token loss least, searched
+round by round), the same with TCESS (PreMoe's routing score), task-agnostic (``loss`` on windows
+of all domains) and the frequency baseline (selection frequency on the domain's windows).  Perplexity (bytes) is measured in ONNX Runtime on
 each domain's held-out windows, for the pruned loop-form ONNX graph; in-domain is the domain the
 experts were chosen for, out-of-domain the mean over the other domains.  Union rows keep the experts
-either of two domains needs (each at the row's share).  Also: routing histograms per domain (held-out
+either of two domains needs (each at the row's share).  Also: the full model's perplexity on the
+calibration (training) windows beside the held-out ones, and, for chat and encyclopedic, the 50 %
+choice of ``loss`` and frequency on other draws of calibration windows; routing histograms per domain (held-out
 windows), retrieval accuracy on held-out prompts for each retrieval method and probe depth, and the
 footprint (resident memory, load time, 1-token latency) of the full and the retrieved task graphs,
 beside ORT's fixed cost and, for scale, the same bundle built on a wider random-init copy of the
@@ -45,6 +48,10 @@ logger = logging.getLogger(__name__)
 
 KEEPS = (0.75, 0.5, 0.25)
 CALIB_WINDOWS = 24
+#: Task-specific choice (the headline), the task-agnostic one on all domains' windows, the frequency baseline, and TCESS.
+TASK_METRIC = "loss"
+#: Domains whose 50 % choice is repeated on other draws of calibration windows, and the draws' seeds.
+DRAW_DOMAINS, DRAW_SEEDS = ("chat", "encyclopedic"), (1, 2, 3)
 EVAL_WINDOWS = 32
 PROMPT_BYTES = (32, 64)
 UNION_PAIRS = (("code", "math"), ("chat", "shakespeare"), ("scripture", "encyclopedic"))
@@ -109,16 +116,18 @@ def main(argv: list[str] | None = None) -> dict:
         path = export_moe(model, Path(tmp) / "onnx")
         full = _session(load_model(path))
         base = {d: _perplexity(full, w) for d, w in held.items()}
+        calib_ppl = {d: _perplexity(full, w) for d, w in calib.items()}
         rows = []
         agnostic_cache = {}
         for keep in KEEPS:
             t = time.time()
-            agnostic_cache[keep] = _prune(path, _feeds(mixed), keep, "tcess")
+            agnostic_cache[keep] = _prune(path, _feeds(mixed), keep, TASK_METRIC)
             for domain in held:
                 for method, (pruned, kept) in {
-                    "task-specific (tcess)": _prune(path, _feeds(calib[domain]), keep, "tcess"),
-                    "task-agnostic (tcess, all domains)": agnostic_cache[keep],
-                    "frequency (domain)": _prune(path, _feeds(calib[domain]), keep, "frequency"),
+                    METHOD_ORDER[0]: _prune(path, _feeds(calib[domain]), keep, TASK_METRIC),
+                    METHOD_ORDER[1]: agnostic_cache[keep],
+                    METHOD_ORDER[2]: _prune(path, _feeds(calib[domain]), keep, "frequency"),
+                    METHOD_ORDER[3]: _prune(path, _feeds(calib[domain]), keep, "tcess"),
                 }.items():
                     session = _session(pruned)
                     ppl = {d: _perplexity(session, w) for d, w in held.items()}
@@ -129,16 +138,17 @@ def main(argv: list[str] | None = None) -> dict:
                         "out_of_domain_ratio_mean": float(np.mean(other)),
                     })  # fmt: skip
             for pair in UNION_PAIRS:
-                kept_a, kept_b = ([r["kept"] for r in rows if r["keep"] == keep and r["domain"] == d and r["method"] == "task-specific (tcess)"][0] for d in pair)
+                kept_a, kept_b = ([r["kept"] for r in rows if r["keep"] == keep and r["domain"] == d and r["method"] == METHOD_ORDER[0]][0] for d in pair)
                 union = [sorted(set(a) | set(b)) for a, b in zip(kept_a, kept_b)]
                 session = _session(_replay(path, union))
                 ppl = {d: _perplexity(session, held[d]) for d in pair}
                 rows.append({
-                    "keep": keep, "domain": "+".join(pair), "method": "union of 2 tasks (tcess)", "kept_per_layer": [len(k) for k in union],
+                    "keep": keep, "domain": "+".join(pair), "method": f"union of 2 tasks ({TASK_METRIC})", "kept_per_layer": [len(k) for k in union],
                     "kept": union, "in_domain_ratio_per_task": {d: ppl[d] / base[d] for d in pair},
                     "in_domain_ratio": float(np.mean([ppl[d] / base[d] for d in pair])), "experts": int(sum(map(len, union))),
                 })  # fmt: skip
             logger.info("keep %.2f done in %.0f s", keep, time.time() - t)
+        draws = _draws(path, splits, held, base)
         histograms = _histograms(path, held)
         retrieval = _retrieval(path, calib, splits, Path(tmp) / "bundle")
         retrieval["scale"] = _scale_footprint(retrieval["kept"], Path(tmp) / "scale")
@@ -146,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         "weights": args.weights, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": round(time.time() - started),
         "load_average_1min": os.getloadavg()[0], "onnxruntime": ort.__version__, "cpus": os.cpu_count(),
         "card": json.loads((Path(args.weights) / "card.json").read_text()),
-        "full_perplexity": base, "rows": rows, "retrieval": retrieval, **histograms,
+        "full_perplexity": base, "calibration_perplexity": calib_ppl, "draws": draws, "rows": rows, "retrieval": retrieval, **histograms,
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
@@ -155,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         update_section(BENCHMARKS_MD, "moe", render_markdown(result))
     for keep in KEEPS:
-        for method in ("task-specific (tcess)", "task-agnostic (tcess, all domains)", "frequency (domain)"):
+        for method in METHOD_ORDER:
             sel = [r for r in rows if r["keep"] == keep and r["method"] == method]
             logger.info("keep %.2f %-36s in-domain ppl ratio mean %.3f (max %.3f), out-of-domain %.3f", keep, method,
                         np.mean([r["in_domain_ratio"] for r in sel]), max(r["in_domain_ratio"] for r in sel),
@@ -171,7 +181,22 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-METHOD_ORDER = ("task-specific (tcess)", "task-agnostic (tcess, all domains)", "frequency (domain)")
+METHOD_ORDER = (f"task-specific ({TASK_METRIC})", f"task-agnostic ({TASK_METRIC}, all domains)", "frequency (domain)", "task-specific (tcess)")
+
+
+def _draws(path: Path, splits: dict, held: dict, base: dict) -> dict:
+    """For DRAW_DOMAINS: in-domain ratio at 50 % of the task metric's and frequency's choice on other draws of calibration windows."""
+    out = {}
+    for domain in DRAW_DOMAINS:
+        train = splits[domain][0]
+        out[domain] = {}
+        for seed in DRAW_SEEDS:
+            starts = np.random.default_rng(seed).integers(0, len(train) - moe_train.SEQ_LEN - 1, CALIB_WINDOWS)
+            windows = np.stack([train[s : s + moe_train.SEQ_LEN] for s in starts])
+            for metric in (TASK_METRIC, "frequency"):
+                pruned, _ = _prune(path, _feeds(windows), 0.5, metric)
+                out[domain].setdefault(metric, []).append(_perplexity(_session(pruned), held[domain]) / base[domain])
+    return out
 
 
 def render_markdown(r: dict) -> str:
@@ -213,7 +238,7 @@ def render_markdown(r: dict) -> str:
             lines.append(f"| {keep:.0%} | {method} | {np.mean(ratios):.3f} ({max(ratios):.3f}) | {sum(x <= 1.1 for x in ratios)}/{len(sel)} | "
                          f"{np.mean([x['out_of_domain_ratio_mean'] for x in sel]):.3f} |")  # fmt: skip
     for keep in keeps:
-        lines += ["", f"Per domain at {keep:.0%} kept (in-domain ratio; task-specific / task-agnostic / frequency): " + "; ".join(
+        lines += ["", f"Per domain at {keep:.0%} kept (in-domain ratio; " + " / ".join(METHOD_ORDER) + "): " + "; ".join(
             f"{d} " + " / ".join(f"{next(x['in_domain_ratio'] for x in r['rows'] if x['keep'] == keep and x['domain'] == d and x['method'] == m):.3f}" for m in METHOD_ORDER)
             for d in doms) + "."]  # fmt: skip
     union = [x for x in r["rows"] if x["method"].startswith("union")]
@@ -224,6 +249,13 @@ def render_markdown(r: dict) -> str:
         for x in union:
             lines.append(f"| {x['keep']:.0%} | {x['domain']} | {x['experts']} ({x['experts'] / total:.0%}) | "
                          + ", ".join(f"{d} {v:.3f}" for d, v in x["in_domain_ratio_per_task"].items()) + " |")  # fmt: skip
+    if "calibration_perplexity" in r:
+        lines += ["", "The calibration windows are training windows: the full model's perplexity on them vs on the held-out windows, "
+                  + ", ".join(f"{d} {r['calibration_perplexity'][d]:.2f} vs {r['full_perplexity'][d]:.2f}" for d in doms)
+                  + " (the wider the gap, the less a choice fitted to the calibration windows says about held-out text)."]  # fmt: skip
+    if r.get("draws"):
+        lines += ["", f"Other draws of {CALIB_WINDOWS} calibration windows (seeds {', '.join(map(str, DRAW_SEEDS))}), in-domain ratio at 50 %: "
+                  + "; ".join(f"{d}: " + ", ".join(f"{m} " + " / ".join(f"{v:.3f}" for v in vals) for m, vals in by.items()) for d, by in r["draws"].items()) + "."]  # fmt: skip
     half = [x for x in r["rows"] if x["keep"] == 0.5]
     lines += _done_when(r, half)
     lines += ["", f"**Retrieval** (bundle at 50 % experts per domain; {ret['prompts_per_domain']} held-out prompts per domain and length, "
@@ -240,13 +272,14 @@ def render_markdown(r: dict) -> str:
         lines += ["", f"Confusion at {length} bytes, {best['method']} / {best['probe_layers']} layers (rows: the prompt's domain; correct of {ret['prompts_per_domain']}): "
                   + "; ".join(f"{d} {best['confusion'][d][d]}" + (" (else " + ", ".join(f"{t} {c}" for t, c in best["confusion"][d].items() if t != d and c) + ")"
                               if any(c for t, c in best["confusion"][d].items() if t != d) else "") for d in doms) + "."]  # fmt: skip
-    lines += ["", "| graph | weight bytes read (store refs + file) | resident memory gained at load + 1 token | load s | 1-token ms (no KV cache) |", "|---|---|---|---|---|"]
+    lines += ["", "| graph | weight bytes read (store refs + file) | resident memory gained at load + 1 token | of it anonymous | load s | 1-token ms (no KV cache) |", "|---|---|---|---|---|---|"]
     full = ret["full"]
 
     def row(name, fp, weights, ref, ref_weights):
         share = f" ({weights / ref_weights:.1%})" if weights is not None else ""
+        anon = f"{fp['anon_delta_kib'] / 1024:.1f} MiB" if "anon_delta_kib" in fp else ""
         return (f"| {name} | {'' if weights is None else f'{weights:,}'}{share} | {fp['rss_delta_kib'] / 1024:.1f} MiB ({fp['rss_delta_kib'] / ref['rss_delta_kib']:.0%}) | "
-                f"{fp['load_seconds']:.3f} | {1000 * fp['one_token_seconds']:.2f} |")  # fmt: skip
+                f"{anon} | {fp['load_seconds']:.3f} | {1000 * fp['one_token_seconds']:.2f} |")  # fmt: skip
 
     wb = ret["weights_bytes"]
     lines.append(row("ORT session on an Identity graph (fixed cost)", ret["ort_fixed"], None, full, 1))
@@ -261,6 +294,8 @@ def render_markdown(r: dict) -> str:
             lines.append(row(f"scale copy: task {t}'s experts", fp, swb[f"task_{t}.onnx"], sc["full"], swb["full.onnx"]))
     lines += ["", f"The store holds every weight once ({ret['store_bytes']:,} bytes, 4 KiB-aligned); a task graph references only its experts and the "
               "shared weights. Medians of 3 fresh processes, 2 threads. Resident-memory percentages are of the full graph in the same block; "
+              "anonymous = the part not backed by a file (weights ORT copied out of the store, MLAS's prepacked weight copies, session and graph state; "
+              "the rest is mostly the ORT library's own pages, alike for every graph); "
               f"the scale copy is the same architecture with {', '.join(f'{k} {v}' for k, v in sc['config'].items())} (random init: memory does "
               "not depend on the weights' values), bundled with the trained tasks' expert choices.", "",
               "Tiny random-init graphs (`pytest tests/moe`): pruning the experts no calibration token selects reproduces the loop-form Mixtral's logits "
@@ -268,7 +303,8 @@ def render_markdown(r: dict) -> str:
               "gpt-oss dense form equal torch with the same experts removed within 1e-4, pruned `com.microsoft.MoE` within 1e-5; pruned int8 `QMoE` "
               "equals the QMoE built from the kept experts bit for bit; `compile --moe-tasks` task graphs equal torch with that task's experts "
               "removed within 1e-4, and replaying a choice (`experts=`) gives the measured run's outputs exactly; EASY-EP scores in the gpt-oss dense form "
-              "and in int8 (per-row) and int4 (block-16) `QMoE` match numpy references within 1e-4."]  # fmt: skip
+              "and in int8 (per-row) and int4 (block-16) `QMoE` match numpy references within 1e-4; the `loss` metric's masked routers "
+              "equal removing those experts within 2e-5, and its search keeps exactly the experts a greedy reference over torch (experts removed, NLL in numpy) keeps."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -315,9 +351,9 @@ def _histograms(path: Path, held: dict) -> dict:
 
 _RSS = """
 import sys, time, numpy as np, onnxruntime as ort
-def rss():
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:"))
-base = rss()
+def rss(key="VmRSS:"):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
+base, anon = rss(), rss("RssAnon:")
 options = ort.SessionOptions(); options.intra_op_num_threads = 2
 t = time.perf_counter(); s = ort.InferenceSession(sys.argv[1], options); load = time.perf_counter() - t
 ids = np.zeros((1, 1), np.int64)
@@ -327,7 +363,7 @@ t = time.perf_counter()
 for _ in range(20):
     s.run(None, feed)
 per_token = (time.perf_counter() - t) / 20
-print(base, rss(), load, per_token)
+print(base, rss(), load, per_token, rss("RssAnon:") - anon)
 """
 
 
@@ -336,9 +372,9 @@ def _footprint(path: Path) -> dict:
     runs = []
     for _ in range(3):
         out = subprocess.run([sys.executable, "-c", _RSS, str(path)], capture_output=True, text=True, check=True).stdout.split()
-        runs.append((int(out[1]) - int(out[0]), float(out[2]), float(out[3])))
-    rss, load, token = (sorted(x)[1] for x in zip(*runs))  # medians of 3
-    return {"rss_delta_kib": rss, "load_seconds": load, "one_token_seconds": token, "decode_tokens_per_s_no_cache": 1.0 / token}
+        runs.append((int(out[1]) - int(out[0]), float(out[2]), float(out[3]), int(out[4])))
+    rss, load, token, anon = (sorted(x)[1] for x in zip(*runs))  # medians of 3
+    return {"rss_delta_kib": rss, "anon_delta_kib": anon, "load_seconds": load, "one_token_seconds": token, "decode_tokens_per_s_no_cache": 1.0 / token}
 
 
 def _retrieval(path: Path, calib: dict, splits: dict, out: Path, prompts: int = 20, prompt_lengths: tuple = PROMPT_BYTES) -> dict:
@@ -346,7 +382,7 @@ def _retrieval(path: Path, calib: dict, splits: dict, out: Path, prompts: int = 
     held-out windows) pick a task, with each retrieval method, probe depth and prompt length."""
     tasks = {d: CalibrationSet(_feeds(c), d) for d, c in calib.items()}
     layers = len(analyze(load_model(path)).moe_layers)
-    manifest = build_bundle(path, tasks, out, keep=0.5, metric="tcess", probe_layers=layers)
+    manifest = build_bundle(path, tasks, out, keep=0.5, metric=TASK_METRIC, probe_layers=layers)
     variants = {}
     for method, depth, length in [(m, d, n) for n in prompt_lengths for m in METHODS for d in sorted({1, 2, layers})]:
         prompts_by_domain = {d: _feeds(moe_train.held_out_windows(held, prompts, length)) for d, (_, held) in splits.items()}
