@@ -44,8 +44,12 @@ STORE = "store.bin"
 _ALIGN = 4096
 
 
-def _options(threads: int | None) -> ort.SessionOptions:
+def _options(threads: int | None, prepacking: bool = True) -> ort.SessionOptions:
     options = ort.SessionOptions()
+    if not prepacking:
+        # MLAS otherwise copies each MatMul weight into a packed buffer and drops the store's mapped pages; without the copy
+        # the weights stay file-backed pages of the store, read only where a token's experts run (slower prefill, BENCHMARKS.md)
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -95,10 +99,14 @@ class RetrievalSession:
 
     ``method``: ``routing-nb`` (default where the bundle stores routing histograms): the task under which the
     prompt's per-token expert selections in the probe layers are most likely; ``tcess-l1``: the task whose mean
-    signature (TCESS per expert) is nearest in L1.  ``layers`` uses only the first probe layers.
+    signature (TCESS per expert) is nearest in L1.  ``layers`` uses only the first probe layers.  ``prepacking=False``
+    turns off ORT's weight prepacking in the task sessions: less resident memory (the weights stay mapped from the
+    store instead of copied), slower prefill; the default keeps ORT's.
     """
 
-    def __init__(self, bundle: str | Path, *, threads: int | None = None, method: str | None = None, layers: int | None = None):
+    def __init__(
+        self, bundle: str | Path, *, threads: int | None = None, method: str | None = None, layers: int | None = None, prepacking: bool = True
+    ):
         self.bundle = Path(bundle)
         path = self.bundle / "manifest.json"
         if not path.is_file():
@@ -115,6 +123,7 @@ class RetrievalSession:
         probe_layers = len(self.manifest["probe"]["routers"])
         self.layers = probe_layers if layers is None else max(1, min(int(layers), probe_layers))
         self.threads = threads
+        self.prepacking = bool(prepacking)
         self._sessions: dict[str, ort.InferenceSession] = {}
         self.last_choice_seconds: float | None = None
         self.last_scores: dict[str, float] = {}
@@ -125,7 +134,7 @@ class RetrievalSession:
 
     def _session(self, filename: str) -> ort.InferenceSession:
         if filename not in self._sessions:
-            self._sessions[filename] = ort.InferenceSession(str(self.bundle / filename), _options(self.threads))
+            self._sessions[filename] = ort.InferenceSession(str(self.bundle / filename), _options(self.threads, self.prepacking))
         return self._sessions[filename]
 
     def _feed(self, session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -118,3 +119,32 @@ def test_a_compile_without_tasks_has_no_bundle_to_write(tmp_path):
         bundle_from_report("model.onnx", {"records": [{"kept": [0, 1]}]}, tmp_path / "b")
     assert str(err.value) == "the compile's moe pass ran without tasks, so there are no task patterns to bundle: pass --moe-tasks."
     assert not (tmp_path / "b").exists()
+
+
+def _store_mappings(store) -> int:
+    with open("/proc/self/maps") as maps:
+        return sum(line.rstrip().endswith(str(store)) for line in maps)
+
+
+def test_prepacking_off_keeps_the_outputs_and_maps_the_store(bundle):
+    """prepacking=False: the same logits; ORT keeps the task's weights as pages mapped from store.bin instead of packed copies."""
+    from edgeprune.runtime.moe import _options
+
+    out, _ = bundle
+    feed = _prompts(np.random.default_rng(5), 0, 8, 1)[0]
+    store = (out / "store.bin").resolve()
+    linux = Path("/proc/self/maps").exists()
+    count = (lambda: _store_mappings(store)) if linux else (lambda: 0)  # noqa: E731
+    start = count()
+    packed = RetrievalSession(out, threads=1)
+    task, want = packed.run(feed)
+    after_packed = count()
+    mapped = RetrievalSession(out, threads=1, prepacking=False)
+    got_task, got = mapped.run(feed, task)
+    assert got_task == task
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5, rtol=0)
+    if linux:  # the unpacked weights are served from the mapped store: more of it stays mapped than for the packed session
+        assert count() - after_packed > after_packed - start
+    assert _options(1, prepacking=False).get_session_config_entry("session.disable_prepacking") == "1"
+    with pytest.raises(RuntimeError):  # the default leaves ORT's own setting alone
+        _options(1).get_session_config_entry("session.disable_prepacking")
