@@ -292,6 +292,25 @@ def render_markdown(r: dict) -> str:
         lines.append(row(f"scale copy ({sc['parameters']:,} params, random init): full", sc["full"], swb["full.onnx"], sc["full"], swb["full.onnx"]))
         for t, fp in sc["tasks"].items():
             lines.append(row(f"scale copy: task {t}'s experts", fp, swb[f"task_{t}.onnx"], sc["full"], swb["full.onnx"]))
+    for label, block in (("trained", ret.get("prepacking")), ("scale copy", (sc or {}).get("prepacking"))):
+        if not block:
+            continue
+        (task, t), full_pp = [(n, v) for n, v in block.items() if n != "full"][0], block["full"]
+
+        def ratio(setting, key):
+            return t[setting][key] / full_pp[setting][key]
+
+        lines += ["", f"ORT's weight prepacking, {label} graphs (fresh processes alternating, medians of 3): resident memory full / {task} after load + 1 token "
+                  + "; ".join(f"{s.replace('_', ' ')} {full_pp[s]['rss_delta_kib'] / 1024:.1f} / {t[s]['rss_delta_kib'] / 1024:.1f} MiB ({ratio(s, 'rss_delta_kib'):.0%})"
+                              for s in ("default", "no_prepacking"))
+                  + ", after a further 64-token prefill "
+                  + "; ".join(f"{s.replace('_', ' ')} {full_pp[s]['rss_delta_after_prefill_kib'] / 1024:.1f} / {t[s]['rss_delta_after_prefill_kib'] / 1024:.1f} MiB "
+                              f"({ratio(s, 'rss_delta_after_prefill_kib'):.0%})" for s in ("default", "no_prepacking"))
+                  + f"; with prepacking off a 64-token prefill takes {full_pp['no_prepacking']['prefill_64_seconds'] / full_pp['default']['prefill_64_seconds']:.2f}x "
+                  f"(full) and {t['no_prepacking']['prefill_64_seconds'] / t['default']['prefill_64_seconds']:.2f}x ({task}) the time, one token "
+                  f"{full_pp['no_prepacking']['one_token_seconds'] / full_pp['default']['one_token_seconds']:.2f}x and "
+                  f"{t['no_prepacking']['one_token_seconds'] / t['default']['one_token_seconds']:.2f}x (without prepacking the weights stay pages mapped from "
+                  "the store, resident only where a token's experts ran, so the full graph's figure grows with the experts its tokens reach)."]  # fmt: skip
     lines += ["", f"The store holds every weight once ({ret['store_bytes']:,} bytes, 4 KiB-aligned); a task graph references only its experts and the "
               "shared weights. Medians of 3 fresh processes, 2 threads. Resident-memory percentages are of the full graph in the same block; "
               "anonymous = the part not backed by a file (weights ORT copied out of the store, MLAS's prepacked weight copies, session and graph state; "
@@ -355,6 +374,8 @@ def rss(key="VmRSS:"):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
 base, anon = rss(), rss("RssAnon:")
 options = ort.SessionOptions(); options.intra_op_num_threads = 2
+for key, value in (a.split("=", 1) for a in sys.argv[2:]):
+    options.add_session_config_entry(key, value)
 t = time.perf_counter(); s = ort.InferenceSession(sys.argv[1], options); load = time.perf_counter() - t
 ids = np.zeros((1, 1), np.int64)
 feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": ids}
@@ -363,18 +384,48 @@ t = time.perf_counter()
 for _ in range(20):
     s.run(None, feed)
 per_token = (time.perf_counter() - t) / 20
-print(base, rss(), load, per_token, rss("RssAnon:") - anon)
+after = rss(), rss("RssAnon:") - anon
+ids = (np.arange(64, dtype=np.int64) * 37 % 256)[None]  # 64 different bytes, so the prefill reaches many experts
+feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(64, dtype=np.int64)[None]}
+s.run(None, feed)
+t = time.perf_counter()
+for _ in range(10):
+    s.run(None, feed)
+prefill = (time.perf_counter() - t) / 10
+print(base, after[0], load, per_token, after[1], prefill, rss() - base)
 """
 
 
-def _footprint(path: Path) -> dict:
-    """Resident memory (KiB, VmRSS) a fresh process gains by loading ``path`` and running one token; load time; 1-token latency."""
-    runs = []
-    for _ in range(3):
-        out = subprocess.run([sys.executable, "-c", _RSS, str(path)], capture_output=True, text=True, check=True).stdout.split()
-        runs.append((int(out[1]) - int(out[0]), float(out[2]), float(out[3]), int(out[4])))
-    rss, load, token, anon = (sorted(x)[1] for x in zip(*runs))  # medians of 3
-    return {"rss_delta_kib": rss, "anon_delta_kib": anon, "load_seconds": load, "one_token_seconds": token, "decode_tokens_per_s_no_cache": 1.0 / token}
+def _footprint(path: Path, config: tuple[str, ...] = ()) -> dict:
+    """Resident memory (KiB, VmRSS) a fresh process gains by loading ``path`` and running one token; load time; 1-token latency;
+    then a 64-token prefill's latency.  ``config``: ORT session config entries (``key=value``)."""
+    runs = [_footprint_run(path, config) for _ in range(3)]
+    return _median(runs)
+
+
+def _footprint_run(path: Path, config: tuple[str, ...] = ()) -> tuple:
+    out = subprocess.run([sys.executable, "-c", _RSS, str(path), *config], capture_output=True, text=True, check=True).stdout.split()
+    return int(out[1]) - int(out[0]), float(out[2]), float(out[3]), int(out[4]), float(out[5]), int(out[6])
+
+
+def _median(runs: list[tuple]) -> dict:
+    rss, load, token, anon, prefill, rss_prefill = (sorted(x)[len(x) // 2] for x in zip(*runs))
+    return {"rss_delta_kib": rss, "anon_delta_kib": anon, "load_seconds": load, "one_token_seconds": token, "decode_tokens_per_s_no_cache": 1.0 / token,
+            "prefill_64_seconds": prefill, "rss_delta_after_prefill_kib": rss_prefill}  # fmt: skip
+
+
+#: ORT's weight prepacking (MLAS keeps a packed copy of each MatMul weight): the setting that changes resident memory most.
+NO_PREPACK = ("session.disable_prepacking=1",)
+
+
+def _prepacking(paths: dict[str, Path], rounds: int = 3) -> dict:
+    """Each graph with ORT's defaults and with prepacking off, fresh processes alternating (medians of ``rounds``)."""
+    runs = {name: {"default": [], "no_prepacking": []} for name in paths}
+    for _ in range(rounds):
+        for name, path in paths.items():
+            runs[name]["default"].append(_footprint_run(path))
+            runs[name]["no_prepacking"].append(_footprint_run(path, NO_PREPACK))
+    return {name: {k: _median(v) for k, v in by.items()} for name, by in runs.items()}
 
 
 def _retrieval(path: Path, calib: dict, splits: dict, out: Path, prompts: int = 20, prompt_lengths: tuple = PROMPT_BYTES) -> dict:
@@ -406,6 +457,7 @@ def _retrieval(path: Path, calib: dict, splits: dict, out: Path, prompts: int = 
         "kept": {t: v["kept"] for t, v in manifest["tasks"].items()},
         "ort_fixed": _footprint(_identity_graph(out / "identity.onnx")), "full": _footprint(out / "full.onnx"),
         "tasks": {d: _footprint(out / f"task_{d}.onnx") for d in list(tasks)[:2]},
+        "prepacking": _prepacking({"full": out / "full.onnx", f"task {next(iter(tasks))}": out / f"task_{next(iter(tasks))}.onnx"}),
     }  # fmt: skip
 
 
@@ -445,6 +497,7 @@ def _scale_footprint(kept: dict, out: Path) -> dict:
     zeros = [[0.0] * config.num_local_experts for _ in range(layers)]
     manifest = write_bundle(path, {t: kept[t] for t in tasks}, {t: zeros for t in tasks}, out / "bundle", probe_layers=1)
     return {
+        "prepacking": _prepacking({"full": out / "bundle" / "full.onnx", f"task {tasks[0]}": out / "bundle" / f"task_{tasks[0]}.onnx"}),
         "config": SCALE, "parameters": int(sum(p.numel() for p in MixtralForCausalLM(config).parameters())),
         "weights_bytes": {g: v["store_bytes_referenced"] + v["file_bytes"] for g, v in manifest["graphs"].items()},
         "full": _footprint(out / "bundle" / "full.onnx"), "tasks": {t: _footprint(out / "bundle" / f"task_{t}.onnx") for t in tasks},
