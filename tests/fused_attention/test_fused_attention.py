@@ -187,7 +187,7 @@ def test_fuse_attention_runs_before_bits_and_still_fuses(with_past, tmp_path):
 
     assert main(["compile", str(with_past), "-o", str(tmp_path / "out"), "--fuse-attention", "--bits", "8", "--max-samples", "8", "--json"]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert [p["name"] for p in report["recipe"]["passes"]] == ["cleanup", "fuse_attention", "bits"]
+    assert [p["name"] for p in report["recipe"]["passes"]] == ["cleanup", "fuse_attention", "smooth", "bits"]  # smooth: cpu default
     assert report["passes"][1]["summary"] == {"fused": 2, "unfused": 0, "with_cache": 2}
 
 
