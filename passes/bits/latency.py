@@ -78,11 +78,6 @@ def meet(model, units: list[Unit], rows, shared, bud: dict, info: dict[str, Any]
                              method=c.solver)
         if not nxt.feasible and c.latency_implicit:  # a bound the user did not ask for never trades accuracy away
             break
-        free = bud.get("free_error")
-        if c.latency_implicit and free is not None and nxt.error > (1 + solve.IMPLIED_PRICE) * free + 1e-12:
-            notes.append(f"the measured model is {ratio:.2f}x the float model's time; a faster choice would raise the "
-                         f"predicted error beyond {solve.IMPLIED_PRICE:.0%} over the least-error one: kept as it is")
-            break
         if not nxt.feasible:  # the microbenchmarks see nothing faster: take the fastest choice the size allows
             fastest = True
             nxt = solve.fastest(rows, shared, bud.get("size"), c.solver)

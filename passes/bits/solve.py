@@ -22,13 +22,6 @@ CURVE_POINTS = 12
 LATENCY_FLOOR_SLACK = 0.15
 
 
-# An implied bound (``no_slower``) is kept only while it costs at most this share of predicted error over the
-# least-error choice of the same size: "faster than float unless accuracy forbids it".  SmolLM2 (smoothed, wmse
-# rounding) at 100 MB: the bound raised the predicted error by 23 % (112 dynamic int8 nodes, 4-bit blocks of 64-128
-# for speed) and WikiText-2 perplexity from 22.20 to 23.14 (fp32 19.50), for prefill 0.99x instead of 1.24x float's.
-IMPLIED_PRICE = 0.10
-
-
 # Fast mode takes dynamic int8 for a MatMul only where the microbenchmarks time it this much faster
 # than float (its DynamicQuantizeLinear included): a tie is noise, and float is exact.
 FAST_MARGIN = 0.1
@@ -267,16 +260,6 @@ def choose(c: BitAllocationConfig, units: list[Unit], rows, shared, bud: dict, n
                      "is kept and its latency measured")
         del bud["latency"]
         sol = knapsack.solve(rows, size_budget=bud.get("size"), shared=shared, method=c.solver)
-    if sol.feasible and bud.get("latency") is not None and c.latency_implicit:
-        free = knapsack.solve(rows, size_budget=bud.get("size"), shared=shared, method=c.solver)
-        bud["free_error"] = free.error if free.feasible else None  # what a re-solve after a measured miss may cost
-        if free.feasible and sol.error > (1 + IMPLIED_PRICE) * free.error + 1e-12:
-            notes.append(f"being no slower than the float model would raise the predicted error by "
-                         f"{sol.error / max(free.error, 1e-30) - 1:.0%} (more than {IMPLIED_PRICE:.0%}): the least-error "
-                         f"choice within the size budget is kept, predicted {free.latency / max(sol.latency, 1e-30):.2f}x "
-                         "the bounded choice's time in the quantizable nodes")
-            del bud["latency"]
-            sol = free
     if not sol.feasible and bud.get("latency") is not None:
         quick = fastest(rows, shared, bud.get("size"), c.solver)
         if quick.feasible:  # just below the predicted floor: let the measurement decide

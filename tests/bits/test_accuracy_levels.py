@@ -312,23 +312,3 @@ def test_written_size_overshoot_under_a_latency_budget_takes_the_fastest_choice_
     assert [r["format"] for r in result.records] == ["nbits8-b32-asym-acc4", "nbits4-b32-asym-acc4"]
     assert note in result.summary["notes"]
     assert result.summary["written_bytes"] <= 12_000
-
-
-@pytest.mark.parametrize("fast_error, kept_bound", [(1.0, False), (0.105, True)])
-def test_implied_bound_gives_way_when_it_costs_accuracy(fast_error, kept_bound):
-    """"Faster than float unless accuracy forbids it": the no_slower bound stands while it raises the predicted
-    error by at most ``IMPLIED_PRICE`` over the least-error choice of the same size, else that choice is kept."""
-    from edgeprune.passes.bits import knapsack, solve
-
-    # per unit: float (exact, big, 10 ms), a fast lossy format (5 ms), a slow accurate one (12 ms) of the same size
-    rows = [[knapsack.Item(0.0, 100, 10.0), knapsack.Item(fast_error, 50, 5.0), knapsack.Item(0.1, 50, 12.0)]] * 2
-    c = BitAllocationConfig(size_budget_bytes=100, latency_budget_ratio=1.0, latency_implicit=True)
-    bud, notes = {"size": 100, "latency": 20.0, "floor_text": "floor"}, []
-    sol = solve.choose(c, [], rows, [], bud, notes)
-    if kept_bound:  # one fast, one accurate: 17 ms, error 0.205 (+2.5 %)
-        assert sorted(sol.choice) == [1, 2] and bud["latency"] == 20.0 and notes == []
-    else:  # both accurate: 24 ms, error 0.2 against 1.1 within the bound
-        assert sol.choice == [2, 2] and "latency" not in bud
-        assert notes == ["being no slower than the float model would raise the predicted error by 450% (more than 10%): "
-                         "the least-error choice within the size budget is kept, predicted 1.41x the bounded choice's "
-                         "time in the quantizable nodes"]
