@@ -91,7 +91,7 @@ def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return out
 
 
-def _next_token_nll(logits: np.ndarray, input_ids: np.ndarray, mask: np.ndarray | None) -> tuple[float, int]:
+def next_token_nll(logits: np.ndarray, input_ids: np.ndarray, mask: np.ndarray | None) -> tuple[float, int]:
     """Sum of next-token NLL and the count of predicted tokens; padded positions are skipped."""
     total, count = 0.0, 0
     for b in range(logits.shape[0]):
@@ -180,7 +180,7 @@ def compare_outputs(
             if is_lm_logits(name, rank) and "input_ids" in feed:
                 mask = feed.get("attention_mask")
                 for key, out in (("ref", r), ("cand", c)):
-                    s, n = _next_token_nll(out, np.asarray(feed["input_ids"]), mask)
+                    s, n = next_token_nll(out, np.asarray(feed["input_ids"]), mask)
                     nll[key][0] += s
                     nll[key][1] += n
         cos_all = np.concatenate(cos)

@@ -33,7 +33,7 @@ import onnx_ir as ir
 from edgeprune.analysis.moe import MoELayer
 from edgeprune.calibration import CalibrationSet
 from edgeprune.errors import BadInputError
-from edgeprune.fidelity import _next_token_nll, is_lm_logits
+from edgeprune.fidelity import next_token_nll, is_lm_logits
 from edgeprune.model_io import to_proto
 from edgeprune.runtime.session import make_session, run_outputs
 
@@ -125,7 +125,7 @@ class Objective:
             for feed in self.feeds:
                 (logits,) = self._run(kept, feed)
                 mask = feed.get("attention_mask")
-                t, c = _next_token_nll(logits, feed["input_ids"], mask if mask is not None and mask.ndim == 2 else None)
+                t, c = next_token_nll(logits, feed["input_ids"], mask if mask is not None and mask.ndim == 2 else None)
                 total, count = total + t, count + c
             return total / max(count, 1)
         err = ref = 0.0

@@ -41,10 +41,6 @@ class Group:
     kind: str
     """``gamma`` (a Mul by a constant), ``norm`` (a normalization's scale/bias) or ``gated`` (an up projection's columns)."""
 
-    @property
-    def channels(self) -> int:
-        return int(constant(self.consumers[0].inputs[1]).shape[0])
-
 
 def _own_initializer(value: ir.Value | None, graph: ir.Graph) -> bool:
     """A constant initializer only one node reads (so it can be rewritten in place)."""

@@ -96,7 +96,6 @@ class SmoothPass(EdgePass):
     def call(self, model: ir.Model) -> EdgePassResult:
         if self.context is None:
             raise BadInputError("smoothing reads activation ranges from calibration data: run it inside a compile (with --calib).")
-        self._graph = model.graph
         groups, skipped = find_groups(model)
         if not groups:
             return EdgePassResult(model, False, records=skipped, summary={"groups": 0, "alpha": self.config.alpha,
@@ -104,7 +103,7 @@ class SmoothPass(EdgePass):
         stats = self.context.stats(model, [StatsRequest(g.activation.name) for g in groups])
         records = []
         for group in groups:
-            records.append(self._smooth(group, stats[group.activation.name].absmax))
+            records.append(self._smooth(model.graph, group, stats[group.activation.name].absmax))
         summary = {
             "alpha": self.config.alpha,
             "groups": len(groups),
@@ -115,15 +114,15 @@ class SmoothPass(EdgePass):
         }
         return EdgePassResult(model, True, records=records + skipped, summary=summary)
 
-    def _smooth(self, group: Group, act_absmax: np.ndarray) -> dict:
+    def _smooth(self, graph: ir.Graph, group: Group, act_absmax: np.ndarray) -> dict:
         weights = [constant(n.inputs[1]).numpy() for n in group.consumers]
         s = smoothing_scales(act_absmax, weights, self.config.alpha)
         for index, axis in group.absorb:
             if group.kind == "gated":  # the up projection's weight columns
                 up = group.producer.inputs[index].producer()
-                _divide(self._graph, up, 1, axis, s)
+                _divide(graph, up, 1, axis, s)
             else:
-                _divide(self._graph, group.producer, index, axis, s)
+                _divide(graph, group.producer, index, axis, s)
         for node in group.consumers:
             _multiply_rows(node, s)
         after = np.asarray(act_absmax, dtype=np.float64) / s
