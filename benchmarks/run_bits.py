@@ -122,6 +122,7 @@ def bench(name: str, args, work: Path) -> dict:
     from edgeprune.models import build
     from edgeprune.runtime.latency import measure_latency, measure_side_by_side
     from edgeprune.runtime.targets import get_target
+    from edgeprune.verify import run_batches
 
     art = build(name, measure=False)
     fp32 = art.model_path
@@ -133,8 +134,10 @@ def bench(name: str, args, work: Path) -> dict:
         calib = minilm_calibration(reference, art.tokenizer_path, args.calib_samples)
         feeds = rb.text_feeds(fp32, rb.latency_ids(art.tokenizer_path, 128, special=True))
     stats_rows, holdout = calib.split(0.25)
-    ctx = CompileContext(target=get_target("cpu"), calibration=stats_rows, holdout=holdout,
-                         threads=args.threads)
+    holdout_batches = list(holdout.batches(8))  # as compile does: passes may check candidates end to end
+    ctx = CompileContext(target=get_target("cpu"), calibration=stats_rows, holdout=holdout, threads=args.threads,
+                         holdout_batches=holdout_batches,
+                         reference_outputs=run_batches(reference, holdout_batches, threads=args.threads))
     paths = {"fp32": fp32}
     for v in rb.MODEL_VARIANTS[name][1:]:
         paths[v] = rb.quantize(v, fp32, work / f"{v}.onnx")

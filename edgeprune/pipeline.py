@@ -215,6 +215,8 @@ def compile_model(
         holdout=holdout,
         threads=opts.threads,
         progress=progress,
+        holdout_batches=holdout_batches,
+        reference_outputs=reference_outputs,
     )
     for p in passes:
         p.context = ctx

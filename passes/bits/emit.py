@@ -275,11 +275,47 @@ def emit(model: ir.Model, plan: dict[str, Option], *, accuracy_level: int | None
             log["tied_lookups"] = _tie_lookups(result, tied)
         if gptq_weights:
             log["gptq_nodes"] = _gptq_codes(result, plan, gptq_weights, grams)
+        if any(o.fp16_scales for o in plan.values()):  # last: every step above writes float32 scales
+            log["fp16_scales"] = _fp16_scales(result, {n.name for n in model.graph if n.op_type in _BLOCK_OPS})
         # Pull every weight into memory before the folder goes away.
         for v in result.graph.initializers.values():
             if v.const_value is not None and not isinstance(v.const_value, ir.Tensor):
                 v.const_value = ir.tensor(v.const_value.numpy())
     return result, log
+
+
+_BLOCK_OPS = ("MatMulNBits", "GatherBlockQuantized")
+
+
+def _fp16_scales(model: ir.Model, before: set[str]) -> dict[str, int]:
+    """Store the block scales of the MatMulNBits / GatherBlockQuantized nodes this emit made as float16 behind a
+    Cast (a tied lookup shares its head's, converted once).  ORT constant-folds the Cast at load, so the kernel
+    reads the same float32 scales ``sensitivity.stored_scales`` simulates; scales float16 cannot hold stay float32."""
+    from edgeprune.passes.bits.sensitivity import fp16_scales
+
+    done = kept = 0
+    for node in list(model.graph):
+        if node.op_type not in _BLOCK_OPS or node.name in before:
+            continue
+        v = node.inputs[2]
+        if v is None or v.const_value is None or v.name not in model.graph.initializers or v.dtype != ir.DataType.FLOAT:
+            continue
+        f16 = fp16_scales(v.const_value.numpy())
+        if f16 is None:
+            kept += 1
+            continue
+        name = v.name
+        half = ir.Value(name=f"{name}_fp16", const_value=ir.tensor(f16))
+        model.graph.register_initializer(half)
+        first = next(n for n in model.graph if any(i is v for i in n.inputs))
+        cast = ir.Node("", "Cast", [half], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT)], name=f"{name}_cast")
+        model.graph.insert_before(first, cast)
+        v.replace_all_uses_with(cast.outputs[0])
+        del model.graph.initializers[name]
+        cast.outputs[0].name = name
+        cast.outputs[0].dtype, cast.outputs[0].shape = ir.DataType.FLOAT, v.shape
+        done += 1
+    return {"converted": done, "kept_float32": kept}
 
 
 def _gptq_codes(model: ir.Model, plan: dict[str, Option], weights: dict, grams: dict[str, np.ndarray]) -> int:

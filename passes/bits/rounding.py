@@ -230,12 +230,15 @@ def row_weights(rounding: str, gram: np.ndarray | None) -> np.ndarray | None:
     return np.ascontiguousarray(d + DAMP * float(d.mean()), dtype=np.float32)
 
 
-def search_dequant(w: np.ndarray, bits: int, block: int, symmetric: bool, weights: np.ndarray | None = None) -> np.ndarray:
-    """[K, N] float32 weight MatMulNBits computes with after :func:`search_grid` (exactly what emit writes)."""
+def search_dequant(w: np.ndarray, bits: int, block: int, symmetric: bool, weights: np.ndarray | None = None,
+                   fp16: bool = False) -> np.ndarray:
+    """[K, N] float32 weight MatMulNBits computes with after :func:`search_grid` (exactly what emit writes;
+    ``fp16``: with the scales stored as float16)."""
     from edgeprune.passes.bits import gptq
+    from edgeprune.passes.bits.sensitivity import stored_scales
 
     codes, scales, zeros = search_grid(w, bits, block, symmetric, weights)
-    return gptq.dequant(codes, scales, zeros, w.shape[0], block)
+    return gptq.dequant(codes, stored_scales(scales, fp16), zeros, w.shape[0], block)
 
 
 def pack_zero_points(zeros: np.ndarray, bits: int) -> np.ndarray:

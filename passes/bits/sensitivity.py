@@ -58,6 +58,10 @@ class Option:
     zero point searched for the least weight error (``edgeprune.passes.bits.rounding``, data-free);
     ``wmse``, the same search with each weight's error weighted by its input's energy (the diagonal
     of the node input's Gram: needs the Gram, like ``gptq``; not for a tied lookup).
+
+    ``fp16_scales`` (block-wise kinds): the file stores the block scales as float16 behind a Cast,
+    which ORT folds at load (the kernel then sees the float32 scales it always did); the codes stay
+    those of the float32 grid.  Not part of ``key``: one pass offers it for every option or none.
     """
 
     kind: str
@@ -66,6 +70,7 @@ class Option:
     symmetric: bool = True
     accuracy_level: int = 0
     rounding: str = "rtn"
+    fp16_scales: bool = False
 
     @property
     def key(self) -> str:
@@ -107,6 +112,8 @@ def option_bytes(option: Option, shape: tuple[int, int], float_bytes: int = 4) -
     if option.kind == "gather-tied":
         return 3 * 8  # the head's MatMulNBits initializers (counted there) + the int64 shape of their Reshape
     bits, block = option.bits, option.block
+    if option.fp16_scales:
+        float_bytes = 2
     if option.kind in ("nbits", "gptq"):  # [N, k_blocks, blob] + scales [N, k_blocks] + zp [N, ceil(k_blocks*bits/8)]
         k_blocks = -(-rows // block)
         blob = -(-block * bits // 8)
@@ -139,9 +146,9 @@ def simulate(option: Option, weight: np.ndarray, gram: np.ndarray | None = None)
     if option.kind == "gptq":
         if gram is None:
             raise ValueError("GPTQ rounding needs the Gram matrix of the node's input")
-        return gptq_dequant(w, gram, option.bits, option.block, option.symmetric)
+        return gptq_dequant(w, gram, option.bits, option.block, option.symmetric, option.fp16_scales)
     if option.kind == "gather-nbits":
-        return gather_dequant(w, option.bits, option.block, option.symmetric)
+        return gather_dequant(w, option.bits, option.block, option.symmetric, option.fp16_scales)
     if option.kind == "gather-tied":  # the head's [dim, vocab] weight is the table transposed
         return np.ascontiguousarray(_nbits_dequant_as(np.ascontiguousarray(w.T), option).T)
     if option.kind in ("int8-dynamic", "qdq"):  # both: ORT's symmetric int8 per output channel
@@ -185,39 +192,60 @@ def _nbits_quantize(w: np.ndarray, bits: int, block: int, symmetric: bool):
     return q, scales, zero
 
 
+#: float16's smallest normal number: a smaller scale would lose relative precision as a subnormal.
+FP16_TINY = float(np.finfo(np.float16).tiny)
+
+
+def fp16_scales(scales: np.ndarray) -> np.ndarray | None:
+    """``scales`` as float16 when they survive it (finite, every nonzero one at least ``FP16_TINY``), else None:
+    emit then keeps that node's scales float32, and the simulators use what emit stores (``stored_scales``)."""
+    f16 = scales.astype(np.float16)
+    a = np.abs(scales)
+    if not np.isfinite(f16).all() or ((a > 0) & (a < FP16_TINY)).any():
+        return None
+    return f16
+
+
+def stored_scales(scales: np.ndarray, fp16: bool) -> np.ndarray:
+    """The float32 scales the kernel computes with when the file stores them as float16 (if they survive it)."""
+    f16 = fp16_scales(scales) if fp16 else None
+    return scales if f16 is None else f16.astype(np.float32)
+
+
 def nbits_grid(w: np.ndarray, bits: int, block: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
     """(scales, zero points), each [N, k_blocks], of ORT's MatMulNBits quantizer for a [K, N] weight."""
     _, scales, zero = _nbits_quantize(w, bits, block, symmetric)
     return scales, zero
 
 
-def nbits_dequant(w: np.ndarray, bits: int, block: int, symmetric: bool) -> np.ndarray:
-    """MatMulNBits round trip of a [K, N] weight, using ORT's own C++ quantizer."""
+def nbits_dequant(w: np.ndarray, bits: int, block: int, symmetric: bool, fp16: bool = False) -> np.ndarray:
+    """MatMulNBits round trip of a [K, N] weight, using ORT's own C++ quantizer (``fp16``: scales stored as float16)."""
     from edgeprune.passes.bits import gptq
 
     q, scales, zero = _nbits_quantize(w, bits, block, symmetric)
-    return gptq.dequant(q.reshape(q.shape[0], -1), scales, zero, w.shape[0], block)
+    return gptq.dequant(q.reshape(q.shape[0], -1), stored_scales(scales, fp16), zero, w.shape[0], block)
 
 
 def _nbits_dequant_as(w: np.ndarray, option: Option, gram: np.ndarray | None = None) -> np.ndarray:
     """MatMulNBits round trip of a [K, N] weight with ``option``'s rounding (ORT's, or a searched grid)."""
     if option.rounding == "rtn":
-        return nbits_dequant(w, option.bits, option.block, option.symmetric)
+        return nbits_dequant(w, option.bits, option.block, option.symmetric, option.fp16_scales)
     from edgeprune.passes.bits import rounding
 
     return rounding.search_dequant(w, option.bits, option.block, option.symmetric,
-                                   rounding.row_weights(option.rounding, gram))
+                                   rounding.row_weights(option.rounding, gram), fp16=option.fp16_scales)
 
 
-def gptq_dequant(w: np.ndarray, gram: np.ndarray, bits: int, block: int, symmetric: bool) -> np.ndarray:
+def gptq_dequant(w: np.ndarray, gram: np.ndarray, bits: int, block: int, symmetric: bool, fp16: bool = False) -> np.ndarray:
     """MatMulNBits weight after GPTQ rounding on ORT's grid (``edgeprune.passes.bits.gptq``), as a [K, N] float."""
     from edgeprune.passes.bits import gptq
 
     scales, zero = nbits_grid(w, bits, block, symmetric)
-    return gptq.dequant(gptq.gptq_codes(w, gram, scales, zero, bits, block), scales, zero, w.shape[0], block)
+    codes = gptq.gptq_codes(w, gram, scales, zero, bits, block)
+    return gptq.dequant(codes, stored_scales(scales, fp16), zero, w.shape[0], block)
 
 
-def gather_dequant(table: np.ndarray, bits: int, block: int, symmetric: bool) -> np.ndarray:
+def gather_dequant(table: np.ndarray, bits: int, block: int, symmetric: bool, fp16: bool = False) -> np.ndarray:
     """GatherBlockQuantized round trip of a [vocab, dim] table (quantize_axis 1), via ORT's numpy code."""
     if bits != 4:
         raise ValueError("ORT's quantizer writes GatherBlockQuantized with 4 bits only")
@@ -233,7 +261,7 @@ def gather_dequant(table: np.ndarray, bits: int, block: int, symmetric: bool) ->
     else:
         zero = _unpack(zp, 4, rows * d_blocks).reshape(rows, d_blocks).astype(np.float32)
         zero = np.repeat(zero, block, axis=1)[:, :cols]
-    scale = np.repeat(scales.reshape(rows, d_blocks), block, axis=1)[:, :cols]
+    scale = np.repeat(stored_scales(scales.reshape(rows, d_blocks), fp16), block, axis=1)[:, :cols]
     return ((q.astype(np.float32) - zero) * scale).astype(np.float32)
 
 

@@ -127,14 +127,14 @@ def _mm_options(c: BitAllocationConfig, kinds: set[str]) -> list[Option]:
     opts += [Option("qdq", b) for b in QDQ_BITS if f"qdq{b}" in kinds]
     if "nbits" in kinds:
         # Accuracy level 4 only for 4/8 bits: ORT 1.32's CPU int8-compute kernel covers those widths.
-        nbits = [Option("nbits", b, blk, c.symmetric, a) for a in c.levels for b in c.bit_options
+        nbits = [Option("nbits", b, blk, c.symmetric, a, fp16_scales=c.fp16_scales) for a in c.levels for b in c.bit_options
                  if b in NBITS_TOOL_BITS and (a == 0 or b in (4, 8)) for blk in c.blocks]
         for o in nbits:  # the searched grids first, so uniform mode takes one when offered
             if o.bits in SEARCH_BITS:
                 opts += [dataclasses.replace(o, rounding=r) for r in c.mse_rounding or ()]  # normalised by the config
             opts.append(o)
         if c.gptq:
-            opts += [Option("gptq", b, blk, c.symmetric, a) for a in c.levels for b in c.bit_options
+            opts += [Option("gptq", b, blk, c.symmetric, a, fp16_scales=c.fp16_scales) for a in c.levels for b in c.bit_options
                      if b in (2, 4) and (a == 0 or b == 4) for blk in c.blocks]
     return opts
 
@@ -144,11 +144,11 @@ def _gather_options(c: BitAllocationConfig, kinds: set[str], table: np.ndarray) 
     if c.mode == "fast":  # 4-bit vocabularies: a lookup is no slower, and the table 6-7x smaller
         blk = c.blocks[0]
         ok = "nbits" in kinds and dim % blk == 0 and table.nbytes >= FAST_MIN_TABLE_BYTES
-        return opts + ([Option("gather-nbits", 4, blk, c.symmetric)] if ok else [])
+        return opts + ([Option("gather-nbits", 4, blk, c.symmetric, fp16_scales=c.fp16_scales)] if ok else [])
     if "int8-dynamic" in kinds and 8 in c.bit_options:
         opts.append(Option("int8-gather", 8))
     if "nbits" in kinds and 4 in c.bit_options:
-        opts += [Option("gather-nbits", 4, blk, c.symmetric) for blk in c.blocks if dim % blk == 0]
+        opts += [Option("gather-nbits", 4, blk, c.symmetric, fp16_scales=c.fp16_scales) for blk in c.blocks if dim % blk == 0]
     return opts
 
 

@@ -312,3 +312,80 @@ def test_written_size_overshoot_under_a_latency_budget_takes_the_fastest_choice_
     assert [r["format"] for r in result.records] == ["nbits8-b32-asym-acc4", "nbits4-b32-asym-acc4"]
     assert note in result.summary["notes"]
     assert result.summary["written_bytes"] <= 12_000
+
+
+# --------------------------------------------------------------------------- the implied bound, checked end to end
+
+
+class _FloorByFormat(CompileContext):
+    """A context whose held-back check says "below the floor" for any model holding a 4-bit MatMulNBits (and, with
+    ``all_miss``, for every model): the decision logic of the implied-bound check, apart from any real error."""
+
+    all_miss: bool = False
+    checked: list = []
+
+    def held_back_fidelity(self, model):
+        from edgeprune.fidelity import OutputFidelity
+
+        four = any(n.op_type == "MatMulNBits" and n.attributes["bits"].value == 4 for n in model.graph)
+        self.checked.append("4-bit" if four else "other")
+        cosine = 0.95 if four or self.all_miss else 0.999
+        return [OutputFidelity("y", 12, cosine, cosine, 0.1, 0.1)]
+
+
+@pytest.mark.parametrize("all_miss", [False, True])
+def test_the_implied_bound_gives_way_only_where_it_alone_breaks_the_floor(all_miss, monkeypatch, tmp_path):
+    """A size budget's implied "no slower than float" holds unless the model it chose misses the default fidelity
+    floor on the held-back rows while the least-error choice of the same size holds it: then that one is emitted.
+    Where both miss, the faster choice stays (the budget costs the accuracy, not the bound)."""
+    # 8-bit slower than float, 4-bit faster: the bound forces 4-bit; 12 kB fits 8-bit for both.
+    _fake_latencies(monkeypatch, lambda o: 1.0 if o.kind == "keep" else 1.5 if o.bits == 8 else 0.6)
+    model = _two_layer()
+    ctx = _FloorByFormat(**vars(_ctx(model)))
+    ctx.all_miss, ctx.checked = all_miss, []
+    cfg = BitAllocationConfig(size_budget_bytes=12_000, block_size=32, dynamic_int8=False, output_checks=0, latency_checks=1)
+    result = BitAllocationPass(cfg, ctx)(model)
+    check = result.summary["implied_bound_check"]
+    assert ctx.checked == ["4-bit", "other"]
+    assert check["bounded"] == [{"output": "y", "measure": "cosine mean", "limit": 0.99, "value": 0.95, "ok": False}]
+    if all_miss:
+        assert [r["format"] for r in result.records] == ["nbits4-b32-asym-acc4"] * 2
+        assert "no slower than float (the size budget's implied bound) costs accuracy here, but without it the model " \
+               "misses the default floor too (y cosine mean 0.9500 < 0.99 vs y cosine mean 0.9500 < 0.99): the faster " \
+               "choice is kept" in result.summary["notes"]
+        assert "replaced" not in check
+    else:
+        assert [r["format"] for r in result.records] == ["nbits8-b32-asym-acc4"] * 2
+        assert "no slower than float (the size budget's implied bound) gave way: with it the held-back y cosine mean " \
+               "0.9500 < 0.99; the least-error choice of the same size holds the default floor" in result.summary["notes"]
+        assert check["replaced"] is True and check["unbounded"] == "holds the default floor"
+    assert _levels(model) == [4, 4] and result.summary["written_bytes"] <= 12_000
+    save_model(model, tmp_path / "m.onnx")
+    assert result.summary["written_bytes"] == file_size(tmp_path / "m.onnx")
+
+
+def test_the_implied_bound_is_not_checked_further_where_it_holds_the_floor(monkeypatch):
+    _fake_latencies(monkeypatch, lambda o: 1.0 if o.kind == "keep" else 1.5 if o.bits == 8 else 0.6)
+    model = _two_layer()
+    ctx = _FloorByFormat(**vars(_ctx(model)))
+    ctx.checked = []
+    monkeypatch.setattr(_FloorByFormat, "held_back_fidelity", lambda self, m: ctx.checked.append(1) or [])
+    cfg = BitAllocationConfig(size_budget_bytes=12_000, block_size=32, dynamic_int8=False, output_checks=0, latency_checks=1)
+    result = BitAllocationPass(cfg, ctx)(model)
+    assert ctx.checked == [1] and result.summary["implied_bound_check"] == {"bounded": "holds the default floor"}
+    assert [r["format"] for r in result.records] == ["nbits4-b32-asym-acc4"] * 2
+
+
+def test_held_back_fidelity_compares_with_the_compile_input():
+    """The context's end-to-end check: the input itself scores cosine 1 on the held-back rows, a changed model less."""
+    from edgeprune.verify import run_batches
+
+    model = _two_layer()
+    ctx = _ctx(model)
+    assert ctx.held_back_fidelity(model) is None  # no reference outside a compile
+    ctx.holdout_batches = list(ctx.holdout.batches(4))
+    ctx.reference_outputs = run_batches(model, ctx.holdout_batches)
+    same = ctx.held_back_fidelity(model)
+    assert [(f.name, f.cosine_mean, f.max_abs_error) for f in same] == [("y", 1.0, 0.0)]
+    other = _two_layer(seed=1)
+    assert ctx.held_back_fidelity(other)[0].cosine_mean < 0.5

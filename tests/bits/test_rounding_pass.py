@@ -38,7 +38,7 @@ def test_uniform_4bit_takes_the_searched_grid_for_head_and_tied_lookup():
         result = BitAllocationPass(cfg, _ctx(model))(model)
         suffix = "-mse" if rounding else ""
         assert [r["format"] for r in result.records] == [f"tied4-b32-asym{suffix}", f"nbits4-b32-asym{suffix}"]
-        assert sorted(n.op_type for n in model.graph) == ["GatherBlockQuantized", "MatMulNBits", "Reshape", "Tanh"]
+        assert sorted(n.op_type for n in model.graph) == ["Cast", "GatherBlockQuantized", "MatMulNBits", "Reshape", "Tanh"]
         assert model_bytes(model) == result.summary["unit_bytes"] + result.summary["other_bytes"]
         outs[rounding], errs[rounding] = _run(model, feeds), result.records[1]["rel_error"]
         assert np.linalg.norm(outs[rounding] - before) / np.linalg.norm(before) < 0.15
@@ -68,4 +68,4 @@ def test_auto_with_wmse_emits_its_grid():
                               mse_rounding=("wmse",))
     result = BitAllocationPass(cfg, _ctx(model))(model)
     assert [r["format"] for r in result.records] == ["nbits4-b32-asym-wmse"] * 2  # less error, same bytes
-    assert {n.op_type for n in model.graph} == {"MatMulNBits", "Relu"}
+    assert {n.op_type for n in model.graph} == {"Cast", "MatMulNBits", "Relu"}

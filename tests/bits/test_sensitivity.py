@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
@@ -205,3 +207,61 @@ def test_static_qdq_emission_matches_simulated_weights(bits):
     assert model_bytes(out) == model_bytes(model) - w.nbytes + S.option_bytes(plan["mm"], w.shape)
     with pytest.raises(ValueError, match="calibration rows"):
         emit(model, plan)
+
+
+@pytest.mark.parametrize("kind, bits, sym, rounding", [("nbits", 4, False, "rtn"), ("nbits", 8, True, "rtn"), ("nbits", 2, False, "rtn"),
+                                                     ("nbits", 4, False, "wmse"), ("gptq", 4, False, "rtn")])
+def test_fp16_scales_are_what_the_kernel_computes_with_and_what_the_file_holds(kind, bits, sym, rounding):
+    """Scales stored as float16 behind a Cast: ORT's outputs equal the simulation with the scales rounded through
+    float16 (and differ from the float32-scale model's), and the bytes are the predicted ones."""
+    model = _toy()
+    e = model.graph.initializers["E"].const_value.numpy()
+    w = model.graph.initializers["W"].const_value.numpy()
+    gram = (e.T @ e).astype(np.float64)
+    plan = {"mm": Option(kind, bits, 32, sym, rounding=rounding, fp16_scales=True)}
+    if bits == 4:
+        plan["emb"] = Option("gather-nbits", 4, 32, sym, fp16_scales=True)
+    out, log = emit(model, plan, grams={"mm": gram})
+    assert log["fp16_scales"] == {"converted": len(plan), "kept_float32": 0}
+    assert sorted(n.op_type for n in out.graph).count("Cast") == len(plan)
+    y, h = _run(out, IDS)
+    e_sim = S.simulate(plan["emb"], e) if bits == 4 else e
+    np.testing.assert_array_equal(h, e_sim[IDS["ids"]])
+    np.testing.assert_allclose(y, h @ S.simulate(plan["mm"], w, gram=gram), rtol=1e-5, atol=1e-5)
+    fp32 = {k: dataclasses.replace(o, fp16_scales=False) for k, o in plan.items()}
+    y32 = _run(emit(model, fp32, grams={"mm": gram})[0], IDS)[0]
+    assert not np.array_equal(y, y32)  # the float16 rounding is real, and simulated
+    expected = S.option_bytes(plan["mm"], w.shape) + (S.option_bytes(plan["emb"], e.shape) if bits == 4 else e.nbytes)
+    assert model_bytes(out) == expected
+    k_blocks = -(-w.shape[0] // 32)
+    saved = {k: S.option_bytes(fp32[k], shape) - S.option_bytes(plan[k], shape) for k, shape in (("mm", w.shape), ("emb", e.shape)) if k in plan}
+    assert saved == {"mm": 2 * N * k_blocks, **({"emb": 2 * V * 2} if bits == 4 else {})}  # 2 bytes per block scale
+
+
+def test_tied_lookup_shares_its_heads_fp16_scales():
+    model = _tied_toy()
+    e = model.graph.initializers["E"].const_value.numpy()
+    plan = {"head": Option("nbits", 4, 32, False, fp16_scales=True), "emb": Option("gather-tied", 4, 32, False, fp16_scales=True)}
+    out, log = emit(model, plan)
+    assert log["fp16_scales"] == {"converted": 1, "kept_float32": 0}
+    gbq = next(n for n in out.graph if n.op_type == "GatherBlockQuantized")
+    mnb = next(n for n in out.graph if n.op_type == "MatMulNBits")
+    assert gbq.inputs[2] is mnb.inputs[2] and mnb.inputs[2].producer().op_type == "Cast"
+    y, h = _run(out, IDS)
+    e_sim = S.simulate(plan["emb"], e)
+    np.testing.assert_array_equal(h, e_sim[IDS["ids"]])
+    np.testing.assert_allclose(y, h @ S.simulate(plan["head"], e.T).astype(np.float32), rtol=1e-5, atol=1e-5)
+    assert model_bytes(out) == S.option_bytes(plan["head"], e.T.shape) + S.option_bytes(plan["emb"], e.shape)
+
+
+def test_scales_float16_cannot_hold_stay_float32():
+    """A weight so small its block scales would be float16 subnormals keeps float32 scales, in the file and the simulation."""
+    model = _toy()
+    w = model.graph.initializers["W"].const_value.numpy() * np.float32(1e-5)
+    model.graph.initializers["W"].const_value = ir.tensor(w)
+    plan = {"mm": Option("nbits", 4, 32, False, fp16_scales=True)}
+    out, log = emit(model, plan)
+    assert log["fp16_scales"] == {"converted": 0, "kept_float32": 1}
+    np.testing.assert_array_equal(S.simulate(plan["mm"], w), S.simulate(Option("nbits", 4, 32, False), w))
+    y, h = _run(out, IDS)
+    np.testing.assert_allclose(y, h @ S.simulate(plan["mm"], w), rtol=1e-5, atol=1e-9)

@@ -223,11 +223,11 @@ def test_fast_mode_leaves_a_partly_quantized_model_alone(monkeypatch):
 
 @pytest.mark.parametrize("config, sentence", [
     ({"size_budget_bytes": 1000},
-     ("the size budget 1.0 kB is below the smallest model the offered formats allow, 5.0 kB written (graph included) "
-      "(4.63 bits per weight over the quantizable nodes): raise --size-budget to at least 5.0 kB.")),
+     ("the size budget 1.0 kB is below the smallest model the offered formats allow, 4.8 kB written (graph included) "
+      "(4.38 bits per weight over the quantizable nodes): raise --size-budget to at least 4.8 kB.")),
     ({"avg_bits": 1.0},
-     ("the average of 1 bits per weight is below the smallest model the offered formats allow, 4.8 kB of weights "
-      "(4.63 bits per weight over the quantizable nodes): raise --avg-bits to at least 4.63.")),
+     ("the average of 1 bits per weight is below the smallest model the offered formats allow, 4.5 kB of weights "
+      "(4.38 bits per weight over the quantizable nodes): raise --avg-bits to at least 4.38.")),
 ])
 def test_budget_below_the_floor_is_refused_before_measuring(config, sentence, monkeypatch):
     """The floor comes from shapes alone: no statistics, no errors, and no negative size in the sentence."""
@@ -262,8 +262,8 @@ def test_size_budget_below_the_floor_through_the_cli(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and not (tmp_path / "out").exists()
     assert err.splitlines()[-1] == (
-        "error: the size budget 1.0 kB is below the smallest model the offered formats allow, 5.1 kB written (graph included) "
-        "(4.63 bits per weight over the quantizable nodes): raise --size-budget to at least 5.1 kB.")
+        "error: the size budget 1.0 kB is below the smallest model the offered formats allow, 4.8 kB written (graph included) "
+        "(4.38 bits per weight over the quantizable nodes): raise --size-budget to at least 4.8 kB.")
 
 
 # --------------------------------------------------------------------------- the default recipe: fast mode

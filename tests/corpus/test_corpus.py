@@ -52,8 +52,8 @@ REFUSED = {
     ("depthwise", "auto6"): (2, _AVG_BITS.format(kb="0.9", bits="13.67")),
     ("neg_dims", "auto6"): (2, _AVG_BITS.format(kb="0.9", bits="13.67")),
     ("grouped", "auto6"): (2, _AVG_BITS.format(kb="1.5", bits="9.60")),
-    ("fixed_height", "auto6"): (2, _AVG_BITS.format(kb="0.7", bits="6.33")),
-    ("nhwc", "auto6"): (2, _AVG_BITS.format(kb="3.2", bits="8.58")),
+    ("fixed_height", "auto6"): (2, _AVG_BITS.format(kb="0.6", bits="6.16")),
+    ("nhwc", "auto6"): (2, _AVG_BITS.format(kb="3.2", bits="8.55")),
     ("shared_conv", "auto6"): (2, _AVG_BITS.format(kb="0.8", bits="9.06")),
     ("grouped", "prune0.1"): (2, _NOTHING_PRUNABLE.format(why="3 groups left out (1 x grouped Conv node mixes channels "
                                                               "in groups; 1 x grouped Conv node produces channels in "
