@@ -119,6 +119,10 @@ class Generator:
         self.inputs = [n for n in _STEP_INPUTS if n in names]
         self.logits = session.get_outputs()[0].name
         self.device = "cpu"
+        logits = session.get_outputs()[0]
+        vocab = logits.shape[-1] if logits.shape else None
+        self.vocab = vocab if isinstance(vocab, int) and vocab > 0 and logits.type == "tensor(float)" and len(logits.shape) == 3 else None
+        self._bound = None  # (cache buffers, the IOBinding that has them bound as past and present)
         self.share_buffer = _gqa_owns_the_cache(session, self.cache) if share_buffer in (None, True) else False
         if share_buffer and not self.share_buffer:
             raise BadInputError(
@@ -133,26 +137,42 @@ class Generator:
         return cls(make_session(model, resolve_target(target), threads=threads), prefill_chunk=prefill_chunk, share_buffer=share_buffer)
 
     def _step(self, ids: np.ndarray, past_len: int, past) -> tuple[np.ndarray, list]:
-        binding = self.session.io_binding()
+        import onnxruntime as ort
+
         n = ids.shape[1]
         arrays = {
             "input_ids": ids,
             "attention_mask": np.ones((1, past_len + n), dtype=np.int64),
             "position_ids": np.arange(past_len, past_len + n, dtype=np.int64)[None, :],
         }
+        if self.share_buffer:  # the cache is bound once per generation: GQA writes the new rows in place
+            if self._bound is None or self._bound[0] is not past:
+                binding = self.session.io_binding()
+                binding.bind_output(self.logits, self.device)  # first: get_outputs() lists outputs in binding order
+                for entry, value in zip(self.cache, past):
+                    binding.bind_ortvalue_input(entry.past, value)
+                    binding.bind_ortvalue_output(entry.present, value)
+                self._bound = (past, binding)
+            binding = self._bound[1]
+        else:
+            binding = self.session.io_binding()
+            binding.bind_output(self.logits, self.device)  # first: get_outputs() lists outputs in binding order
+            for entry, value in zip(self.cache, past):
+                binding.bind_ortvalue_input(entry.past, value)
+                binding.bind_output(entry.present, self.device)
         for name in self.inputs:
             binding.bind_cpu_input(name, arrays[name])
-        for entry, value in zip(self.cache, past):
-            binding.bind_ortvalue_input(entry.past, value)
-        binding.bind_output(self.logits, self.device)
-        for entry, value in zip(self.cache, past):
-            if self.share_buffer:  # GQA writes the new rows into the buffer it reads the past from
-                binding.bind_ortvalue_output(entry.present, value)
-            else:
-                binding.bind_output(entry.present, self.device)
+        logits = None
+        if self.vocab is not None:  # ORT writes the logits into our array: no copy out, no wrapper per output
+            logits = np.empty((1, n, self.vocab), dtype=np.float32)
+            binding.bind_ortvalue_output(self.logits, ort.OrtValue.ortvalue_from_numpy(logits))
+        else:
+            binding.bind_output(self.logits, self.device)
         self.session.run_with_iobinding(binding)
+        if self.share_buffer:
+            return (logits if logits is not None else binding.get_outputs()[0].numpy())[0, -1], past
         outputs = binding.get_outputs()
-        return outputs[0].numpy()[0, -1], (past if self.share_buffer else outputs[1:])
+        return (logits if logits is not None else outputs[0].numpy())[0, -1], outputs[1:]
 
     def run(self, prompt: Sequence[int] | np.ndarray, new_tokens: int) -> tuple[list[int], float, float]:
         """(generated ids, prefill seconds, decode seconds) of one greedy generation of ``new_tokens`` (>= 1)."""

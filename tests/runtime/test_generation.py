@@ -139,3 +139,14 @@ def test_shared_buffer_on_a_genai_builder_model(tmp_path):
     assert shared.share_buffer
     prompt = np.random.default_rng(2).integers(0, 48, 9).tolist()
     assert shared.generate(prompt, 10) == plain.generate(prompt, 10)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_logits_read_back_without_a_static_vocabulary(decoder, fused_decoder, fused):
+    """The logits are written into a preallocated array when the vocabulary size is fixed; else read back."""
+    path = fused_decoder if fused else decoder
+    fast = Generator.open(path)
+    assert fast.vocab == 96
+    slow = Generator.open(path)
+    slow.vocab = None
+    assert slow.generate(PROMPT, 10) == fast.generate(PROMPT, 10)
