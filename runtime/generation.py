@@ -51,10 +51,7 @@ def _gqa_owns_the_cache(session, cache: Sequence[kv_cache.CacheEntry]) -> bool:
         return False
     import onnx
 
-    try:
-        graph = onnx.load(path, load_external_data=False).graph
-    except Exception:  # an unreadable file: keep the plain cache
-        return False
+    graph = onnx.load(path, load_external_data=False).graph  # the file the session was just made from
     producers = {out: (node, i) for node in graph.node for i, out in enumerate(node.output) if out}
     for entry in cache:
         node, index = producers.get(entry.present, (None, None))

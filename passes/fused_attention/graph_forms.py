@@ -121,13 +121,10 @@ def _table(value: ir.Value | None) -> ir.Value | None:
         if node.op_type == "Concat" and len(node.inputs) == 2 and node.inputs[0] is node.inputs[1] \
                 and node.attributes.get_int("axis", 0) in (-1, 2):
             return table
-        if node.op_type in _ELEMENTWISE_TAIL:
-            node_value = node.inputs[0]
-        elif node.op_type in ("Mul", "Div") and len(node.inputs) == 2 and ir.convenience.get_const_tensor(node.inputs[1]) is not None \
-                and ir.convenience.get_const_tensor(node.inputs[1]).size == 1:
-            node_value = node.inputs[0]
-        else:
+        scale = ir.convenience.get_const_tensor(node.inputs[1]) if node.op_type in ("Mul", "Div") and len(node.inputs) == 2 else None
+        if node.op_type not in _ELEMENTWISE_TAIL and (scale is None or scale.size != 1):  # Mul/Div by a constant scalar pass
             return None
+        node_value = node.inputs[0]
     return None
 
 
@@ -189,7 +186,9 @@ def position_tables(op, tables: tuple[ir.Value, ir.Value], positions: int, head_
     """(cos_cache, sin_cache, position input): [positions, head_dim / 2] rows of the model's own cos/sin tables,
     from a copy of their subgraph that reads positions 0..positions-1 instead of the position input."""
     nodes, source = table_inputs(tables)
-    int64 = lambda *a: op.Constant(value=ir.tensor(np.array(*a, dtype=np.int64)))  # noqa: E731
+    def int64(value):
+        return op.Constant(value=ir.tensor(np.array(value, dtype=np.int64)))
+
     arange = op.Unsqueeze(op.Range(int64(0), int64(positions), int64(1)), int64([0]))
     if source.dtype != ir.DataType.INT64:
         arange = op.Cast(arange, to=source.dtype)
