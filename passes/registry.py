@@ -24,6 +24,7 @@ _BUILTIN = {
     "sparse_attention": "edgeprune.passes.sparse_attention:SparseAttentionPass",
     "moe": "edgeprune.passes.moe:MoEExpertPruningPass",
     "fuse_attention": "edgeprune.passes.fused_attention:FusedAttentionPass",
+    "fuse_norms": "edgeprune.passes.fused_attention:FusedNormsPass",
     "smooth": "edgeprune.passes.smooth:SmoothPass",
 }
 

@@ -13,6 +13,13 @@ a one-shot prefill holds the whole [heads, T, T] score tensors and [T, vocab] lo
 4k-token prompt was OOM-killed on a shared machine), and the chunks give the same greedy tokens.
 
 ``Generator`` is the single-model API: ``Generator.open(model).generate(prompt, new_tokens)``.
+
+When every ``present.*`` output comes straight from a ``com.microsoft.GroupQueryAttention`` that reads the
+matching ``past_key_values.*`` input (``fuse_attention``'s models, onnxruntime-genai's), the generator gives
+each cache tensor one buffer of the generation's full length and binds it as both the past input and the
+present output, as onnxruntime-genai does (``past_present_share_buffer``): GQA then writes the new keys and
+values in place and reads the valid length from ``attention_mask``, instead of copying the whole cache into
+a newly allocated present tensor at every step.  The tokens and logits are the same either way.
 """
 
 from __future__ import annotations
@@ -33,6 +40,26 @@ from edgeprune.runtime.session import make_session
 from edgeprune.runtime.targets import resolve_target
 
 _STEP_INPUTS = ("input_ids", "attention_mask", "position_ids")
+_MS_DOMAIN = "com.microsoft"
+
+
+def _gqa_owns_the_cache(session, cache: Sequence[kv_cache.CacheEntry]) -> bool:
+    """Whether every present output is a GroupQueryAttention's present_key/value over the matching past input,
+    the total length coming from ``attention_mask`` (then one buffer can serve as both, see the module doc)."""
+    path = getattr(session, "_model_path", None)
+    if not path or "attention_mask" not in {i.name for i in session.get_inputs()}:
+        return False
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph  # the file the session was just made from
+    producers = {out: (node, i) for node in graph.node for i, out in enumerate(node.output) if out}
+    for entry in cache:
+        node, index = producers.get(entry.present, (None, None))
+        if node is None or node.op_type != "GroupQueryAttention" or node.domain != _MS_DOMAIN or index not in (1, 2):
+            return False
+        if len(node.input) <= index + 2 or node.input[index + 2] != entry.past:  # present_key <- past_key (input 3), value 4
+            return False
+    return bool(cache)
 
 
 @dataclass
@@ -65,9 +92,12 @@ class Generator:
 
     ``prefill_chunk=None`` reads the prompt in one step; an int reads it in steps of that many
     tokens, each attending to the cache of the ones before (bounded memory for long prompts).
+    ``share_buffer`` (default: where the model allows it, see the module doc) keeps each cache tensor in one
+    buffer of the generation's length, bound as both past input and present output; False always feeds the
+    previous step's present outputs back.
     """
 
-    def __init__(self, session, *, prefill_chunk: int | None = None):
+    def __init__(self, session, *, prefill_chunk: int | None = None, share_buffer: bool | None = None):
         self.session = session
         self.prefill_chunk = _check_chunk(prefill_chunk)
         self.cache = kv_cache.session_cache(session)
@@ -86,30 +116,60 @@ class Generator:
         self.inputs = [n for n in _STEP_INPUTS if n in names]
         self.logits = session.get_outputs()[0].name
         self.device = "cpu"
+        logits = session.get_outputs()[0]
+        vocab = logits.shape[-1] if logits.shape else None
+        self.vocab = vocab if isinstance(vocab, int) and vocab > 0 and logits.type == "tensor(float)" and len(logits.shape) == 3 else None
+        self._bound = None  # (cache buffers, the IOBinding that has them bound as past and present)
+        self.share_buffer = _gqa_owns_the_cache(session, self.cache) if share_buffer in (None, True) else False
+        if share_buffer and not self.share_buffer:
+            raise BadInputError(
+                "share_buffer=True needs every present.* output to come from a com.microsoft.GroupQueryAttention over the "
+                "matching past input and an attention_mask input (compile with --fuse-attention); use share_buffer=None."
+            )
 
     @classmethod
-    def open(cls, model, target="cpu", *, threads: int | None = None, prefill_chunk: int | None = None) -> Generator:
+    def open(cls, model, target="cpu", *, threads: int | None = None, prefill_chunk: int | None = None,
+             share_buffer: bool | None = None) -> Generator:
         """A generator on a new session for ``model`` (a path, ``onnx_ir.Model`` or ``onnx.ModelProto``)."""
-        return cls(make_session(model, resolve_target(target), threads=threads), prefill_chunk=prefill_chunk)
+        return cls(make_session(model, resolve_target(target), threads=threads), prefill_chunk=prefill_chunk, share_buffer=share_buffer)
 
     def _step(self, ids: np.ndarray, past_len: int, past) -> tuple[np.ndarray, list]:
-        binding = self.session.io_binding()
+        import onnxruntime as ort
+
         n = ids.shape[1]
         arrays = {
             "input_ids": ids,
             "attention_mask": np.ones((1, past_len + n), dtype=np.int64),
             "position_ids": np.arange(past_len, past_len + n, dtype=np.int64)[None, :],
         }
+        if self.share_buffer:  # the cache is bound once per generation: GQA writes the new rows in place
+            if self._bound is None or self._bound[0] is not past:
+                binding = self.session.io_binding()
+                binding.bind_output(self.logits, self.device)  # first: get_outputs() lists outputs in binding order
+                for entry, value in zip(self.cache, past):
+                    binding.bind_ortvalue_input(entry.past, value)
+                    binding.bind_ortvalue_output(entry.present, value)
+                self._bound = (past, binding)
+            binding = self._bound[1]
+        else:
+            binding = self.session.io_binding()
+            binding.bind_output(self.logits, self.device)  # first: get_outputs() lists outputs in binding order
+            for entry, value in zip(self.cache, past):
+                binding.bind_ortvalue_input(entry.past, value)
+                binding.bind_output(entry.present, self.device)
         for name in self.inputs:
             binding.bind_cpu_input(name, arrays[name])
-        for entry, value in zip(self.cache, past):
-            binding.bind_ortvalue_input(entry.past, value)
-        binding.bind_output(self.logits, self.device)
-        for entry in self.cache:
-            binding.bind_output(entry.present, self.device)
+        logits = None
+        if self.vocab is not None:  # ORT writes the logits into our array: no copy out, no wrapper per output
+            logits = np.empty((1, n, self.vocab), dtype=np.float32)
+            binding.bind_ortvalue_output(self.logits, ort.OrtValue.ortvalue_from_numpy(logits))
+        else:
+            binding.bind_output(self.logits, self.device)
         self.session.run_with_iobinding(binding)
+        if self.share_buffer:
+            return (logits if logits is not None else binding.get_outputs()[0].numpy())[0, -1], past
         outputs = binding.get_outputs()
-        return outputs[0].numpy()[0, -1], outputs[1:]
+        return (logits if logits is not None else outputs[0].numpy())[0, -1], outputs[1:]
 
     def run(self, prompt: Sequence[int] | np.ndarray, new_tokens: int) -> tuple[list[int], float, float]:
         """(generated ids, prefill seconds, decode seconds) of one greedy generation of ``new_tokens`` (>= 1)."""
@@ -119,7 +179,11 @@ class Generator:
         if ids.size == 0 or new_tokens < 1:
             raise BadInputError(f"generation needs a non-empty prompt and new_tokens >= 1, got {ids.size} tokens and {new_tokens}.")
         chunk = self.prefill_chunk or ids.size
-        past = [ort.OrtValue.ortvalue_from_numpy(a) for a in kv_cache.empty_cache(self.cache, 1).values()]
+        empty = kv_cache.empty_cache(self.cache, 1)
+        if self.share_buffer:  # one zeroed buffer per cache tensor, as long as the whole generation
+            length = ids.size + new_tokens
+            empty = {name: np.zeros((1, a.shape[1], length, a.shape[3]), dtype=a.dtype) for name, a in empty.items()}
+        past = [ort.OrtValue.ortvalue_from_numpy(a) for a in empty.values()]
         start = time.perf_counter()
         for c in range(0, ids.size, chunk):
             logits, past = self._step(ids[None, c : c + chunk], c, past)

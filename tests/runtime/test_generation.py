@@ -70,3 +70,83 @@ def test_bad_prefill_chunk_is_refused(decoder, chunk):
         Generator.open(decoder, prefill_chunk=chunk)
     with pytest.raises(BadInputError, match=r"prefill_chunk must be a positive number of tokens or None"):
         measure_generation({"m": str(decoder)}, PROMPT, new_tokens=2, rounds=1, warmup=0, prefill_chunk=chunk)
+
+
+# ----------------------------------------------------------------------------- one cache buffer for past and present
+
+
+@pytest.fixture(scope="module")
+def fused_decoder(decoder, tmp_path_factory):
+    """The decoder with its attention fused into GroupQueryAttention (present.* are GQA outputs)."""
+    import onnx_ir as ir
+
+    from edgeprune.passes.fused_attention import FusedAttentionPass
+
+    path = tmp_path_factory.mktemp("gen_fused") / "fused.onnx"
+    ir.save(FusedAttentionPass()(ir.load(decoder)).model, path)
+    return path
+
+
+class _RecordingGenerator(Generator):
+    """Keeps every step's last-position logits."""
+
+    def _step(self, ids, past_len, past):
+        logits, present = super()._step(ids, past_len, past)
+        self.seen = getattr(self, "seen", []) + [logits.copy()]
+        return logits, present
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 6])
+def test_shared_buffer_gives_the_same_logits_and_tokens(fused_decoder, chunk):
+    plain = _RecordingGenerator(Generator.open(fused_decoder).session, prefill_chunk=chunk, share_buffer=False)
+    shared = _RecordingGenerator(Generator.open(fused_decoder).session, prefill_chunk=chunk)
+    assert shared.share_buffer and not plain.share_buffer
+    tokens = shared.generate(PROMPT, 12)
+    assert tokens == plain.generate(PROMPT, 12) and len(set(tokens)) > 1
+    assert len(shared.seen) == len(plain.seen)
+    for a, b in zip(shared.seen, plain.seen):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_shared_buffer_writes_in_place(fused_decoder):
+    """The step hands back the very buffers it was given (GQA wrote into them), not new present tensors."""
+    import onnxruntime as ort
+
+    from edgeprune import kv_cache
+
+    gen = Generator.open(fused_decoder)
+    past = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, e.heads, 10, e.head_dim), np.float32)) for e in gen.cache]
+    _, present = gen._step(np.array([[5, 6, 7]]), 0, past)
+    assert present is past
+    keys = present[0].numpy()
+    assert np.abs(keys[0, :, :3]).min() > 0 and not keys[0, :, 3:].any()  # three rows written, the rest untouched
+    assert kv_cache.session_cache(gen.session) == gen.cache
+
+
+def test_shared_buffer_is_only_used_where_gqa_owns_the_cache(decoder, fused_decoder):
+    assert not Generator.open(decoder).share_buffer  # optimum's Concat cache: present is a new tensor
+    with pytest.raises(BadInputError, match="share_buffer=True needs every present"):
+        Generator.open(decoder, share_buffer=True)
+    assert Generator.open(fused_decoder, share_buffer=True).share_buffer
+
+
+def test_shared_buffer_on_a_genai_builder_model(tmp_path):
+    """onnxruntime-genai's form (rotary inside GQA, no position_ids input): the same tokens either way."""
+    from tiny_models import genai_style_decoder
+
+    path = genai_style_decoder(tmp_path)
+    shared, plain = Generator.open(path), Generator.open(path, share_buffer=False)
+    assert shared.share_buffer
+    prompt = np.random.default_rng(2).integers(0, 48, 9).tolist()
+    assert shared.generate(prompt, 10) == plain.generate(prompt, 10)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_logits_read_back_without_a_static_vocabulary(decoder, fused_decoder, fused):
+    """The logits are written into a preallocated array when the vocabulary size is fixed; else read back."""
+    path = fused_decoder if fused else decoder
+    fast = Generator.open(path)
+    assert fast.vocab == 96
+    slow = Generator.open(path)
+    slow.vocab = None
+    assert slow.generate(PROMPT, 10) == fast.generate(PROMPT, 10)
