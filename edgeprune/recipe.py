@@ -72,7 +72,9 @@ def recipe_from_flags(*, prune: dict[str, Any] | None = None, bits: dict[str, An
     and folds what pruning left constant; bit allocation follows, on the final widths.  Sparse
     attention comes last: cleanup inlines model-local functions, which would dissolve its op.  Attention
     fusion comes before bit allocation, which reads the head counts off float projections (quantized
-    ones are not recognised as linears); the sparse pass then takes the fused blocks it can carry.
+    ones are not recognised as linears); the sparse pass then takes the fused blocks it can carry (with rotary left
+    outside them).  With attention fused, the residual Add + RMSNorm pairs are fused too (``fuse_norms``), after
+    smoothing and bit allocation, which scale and read the plain norm.
     Smoothing goes right before bit allocation, which measures its formats on the smoothed weights; with
     ``bits`` on a ``SMOOTH_TARGETS`` target it runs at its default strength unless ``smooth`` says otherwise
     (``{"alpha": 0}``: off).
@@ -86,14 +88,16 @@ def recipe_from_flags(*, prune: dict[str, Any] | None = None, bits: dict[str, An
         passes += [PassSpec("moe", dict(moe)), PassSpec("cleanup")]
     if prune is not None:
         passes += [PassSpec("prune", dict(prune)), PassSpec("cleanup")]
-    if fuse_attention:
-        passes.append(PassSpec("fuse_attention"))
+    if fuse_attention:  # the sparse pass reads rotary outside the fused op
+        passes.append(PassSpec("fuse_attention", {"rotary": False} if sparse_attention is not None else {}))
     if smooth is None and bits is not None and str(target).strip().lower() in SMOOTH_TARGETS:
         smooth = {}
     if smooth is not None and smooth.get("alpha") != 0:
         passes.append(PassSpec("smooth", dict(smooth)))
     if bits is not None:
         passes.append(PassSpec("bits", dict(bits)))
+    if fuse_attention:  # after smooth and bits, which scale and read the plain norms
+        passes.append(PassSpec("fuse_norms"))
     if sparse_attention is not None:
         passes.append(PassSpec("sparse_attention", dict(sparse_attention)))
     recipe = Recipe(passes, source="command line")

@@ -175,7 +175,7 @@ def test_compile_fuse_attention_verifies_and_decodes_the_same(with_past, tmp_pat
 
     assert main(["compile", str(with_past), "-o", str(tmp_path / "out"), "--fuse-attention", "--max-samples", "8", "--json"]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert [p["name"] for p in report["recipe"]["passes"]] == ["cleanup", "fuse_attention"]
+    assert [p["name"] for p in report["recipe"]["passes"]] == ["cleanup", "fuse_attention", "fuse_norms"]
     assert report["passes"][1]["summary"] == {"fused": 2, "unfused": 0, "with_cache": 2, "rotary_inside": 0}
     assert report["generation"]["same_tokens"] == 64
     assert report["verification"]["outputs"][0]["perplexity_ratio"] == pytest.approx(1.0, abs=1e-5)
@@ -188,7 +188,7 @@ def test_fuse_attention_runs_before_bits_and_still_fuses(with_past, tmp_path):
 
     assert main(["compile", str(with_past), "-o", str(tmp_path / "out"), "--fuse-attention", "--bits", "8", "--max-samples", "8", "--json"]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert [p["name"] for p in report["recipe"]["passes"]] == ["cleanup", "fuse_attention", "smooth", "bits"]  # smooth: cpu default
+    assert [p["name"] for p in report["recipe"]["passes"]] == ["cleanup", "fuse_attention", "smooth", "bits", "fuse_norms"]  # smooth: cpu default
     assert report["passes"][1]["summary"] == {"fused": 2, "unfused": 0, "with_cache": 2, "rotary_inside": 0}
 
 
