@@ -49,15 +49,15 @@ def _gqa_owns_the_cache(session, cache: Sequence[kv_cache.CacheEntry]) -> bool:
     path = getattr(session, "_model_path", None)
     if not path or "attention_mask" not in {i.name for i in session.get_inputs()}:
         return False
-    import onnx
+    from edgeprune.runtime.session import graph_nodes
 
-    graph = onnx.load(path, load_external_data=False).graph  # the file the session was just made from
-    producers = {out: (node, i) for node in graph.node for i, out in enumerate(node.output) if out}
+    # The file the session was just made from, its nodes only: loading the proto would hold the weights twice.
+    producers = {out: (node, i) for node in graph_nodes(path) for i, out in enumerate(node[3]) if out}
     for entry in cache:
-        node, index = producers.get(entry.present, (None, None))
-        if node is None or node.op_type != "GroupQueryAttention" or node.domain != _MS_DOMAIN or index not in (1, 2):
+        (domain, op_type, inputs, _), index = producers.get(entry.present, (("", "", [], []), None))
+        if op_type != "GroupQueryAttention" or domain != _MS_DOMAIN or index not in (1, 2):
             return False
-        if len(node.input) <= index + 2 or node.input[index + 2] != entry.past:  # present_key <- past_key (input 3), value 4
+        if len(inputs) <= index + 2 or inputs[index + 2] != entry.past:  # present_key <- past_key (input 3), value 4
             return False
     return bool(cache)
 

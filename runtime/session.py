@@ -253,11 +253,31 @@ def uses_kernel_ops(model: "ModelSource | bytes | ir.Model | onnx.ModelProto | s
         return False
 
 
+def graph_nodes(path: str | os.PathLike) -> list[tuple[str, str, list[str], list[str]]]:
+    """(domain, op type, inputs, outputs) of each node of the model file's main graph, read like
+    :func:`uses_kernel_ops` (through mmap, every other field skipped by its length): a caller that
+    wants the wiring of a big model does not pay for loading its weights."""
+    nodes = []
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        for number, a, b in _messages(mm, 0, len(mm)):
+            if number != _MODEL_GRAPH:
+                continue
+            for field, c, d in _messages(mm, a, b):
+                if field != _GRAPH_NODE:
+                    continue
+                node = {_NODE_INPUT: [], _NODE_OUTPUT: [], _NODE_OP_TYPE: [], _NODE_DOMAIN: []}
+                for n, e, f in _messages(mm, c, d):
+                    if n in node:
+                        node[n].append(bytes(mm[e:f]).decode())
+                nodes.append(("".join(node[_NODE_DOMAIN]), "".join(node[_NODE_OP_TYPE]), node[_NODE_INPUT], node[_NODE_OUTPUT]))
+    return nodes
+
+
 # Protobuf field numbers (onnx.proto) on the path from the model to its nodes' op types.
 _MODEL_GRAPH, _MODEL_FUNCTIONS = 7, 25
 _GRAPH_NODE = 1
 _FUNCTION_NODE = 7
-_NODE_OP_TYPE, _NODE_ATTRIBUTE, _NODE_DOMAIN = 4, 5, 7
+_NODE_INPUT, _NODE_OUTPUT, _NODE_OP_TYPE, _NODE_ATTRIBUTE, _NODE_DOMAIN = 1, 2, 4, 5, 7
 _ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS = 6, 11
 
 

@@ -310,3 +310,24 @@ def test_compare_profiles_finds_removed_op(feeds):
     assert relu["b_ms"] == 0 and relu["delta_ms"] < 0 and relu["ratio"] == 0 and relu["b_calls"] == 0
     deltas = [abs(r["delta_ms"]) for r in rows]
     assert deltas == sorted(deltas, reverse=True)
+
+
+def test_graph_nodes_reads_the_wiring_without_the_weights(tmp_path):
+    """The node list read field by field through mmap equals onnx's parse of the same file."""
+    import onnx
+
+    from edgeprune.runtime.session import graph_nodes
+
+    proto = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>
+        g (float[2, 4] x) => (float[2, 4] y, float[2, 4] z) {
+            h = MatMul(x, W)
+            y = com.microsoft.FusedGelu(h)
+            z = Add(h, y)
+        }
+        """)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.ones((4, 4), np.float32), "W"))
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    assert graph_nodes(path) == [("", "MatMul", ["x", "W"], ["h"]), ("com.microsoft", "FusedGelu", ["h"], ["y"]),
+                                 ("", "Add", ["h", "y"], ["z"])]
