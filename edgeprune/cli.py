@@ -113,6 +113,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--size-budget", help="With --bits auto: weight size of the output, e.g. 137MB.")
 @click.option("--avg-bits", type=float, help="With --bits auto: average bits per weight, e.g. 4.5.")
 @click.option("--latency-budget", help="With --bits auto: prefill latency on the target, in ms (e.g. 150) or relative to the float model (e.g. 0.8x).")
+@click.option("--allow-slower", is_flag=True, help="With --bits auto and a size budget alone: take the least-error mix within it even where it runs slower than the float model (on the cpu target a size budget also bounds prefill latency to the float model's unless this is given).")
 @click.option("--bit-options", default="4,8", show_default=True, help="Bit widths to choose from besides float (2 and 16 also exist).")
 @click.option("--block-size", default="32,64,128", show_default=True, help="Block size(s) of 4/2-bit blocked formats.")
 @click.option("--gptq", is_flag=True, help="Also offer GPTQ rounding for 4/2-bit weights: better when --calib is the deployment data, worse off-domain.")
@@ -133,7 +134,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @common_json
 def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example, force, max_samples, seed,
                 prune_ratio, prune_metric, allocation, round_to, refit, no_compensate, prune_units,
-                bits_mode, size_budget, avg_bits, latency_budget, bit_options, block_size, gptq, rounding, smooth,
+                bits_mode, size_budget, avg_bits, latency_budget, allow_slower, bit_options, block_size, gptq, rounding, smooth,
                 sparse_keep, sparse_block, sparse_select, sparse_min_len, sparse_allocation, fuse_attention, moe_keep, moe_metric, moe_tasks, package_target, fix_shapes, threads, as_json):
     """Compile MODEL into OUT: model.onnx plus report.json, report.md and report.html."""
     from edgeprune.pipeline import CompileOptions, compile_model
@@ -145,12 +146,17 @@ def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example,
                  "refit": refit, "compensate": not no_compensate, "units": prune_units}  # fmt: skip
     if bits_mode is not None:
         bits = _bits_options(bits_mode, size_budget, avg_bits, latency_budget, bit_options, block_size)
+        if allow_slower:
+            if bits["mode"] != "auto" or latency_budget is not None or (size_budget is None and avg_bits is None):
+                raise click.UsageError("--allow-slower lifts the speed bound a size budget implies: it goes with --bits auto "
+                                       "and --size-budget or --avg-bits, without --latency-budget.")
+            bits["no_slower"] = False
         if gptq:
             bits["gptq"] = True
         if rounding is not None:
             bits["mse_rounding"] = rounding
-    elif any(v is not None for v in (size_budget, avg_bits, latency_budget, rounding, smooth)) or gptq:
-        raise click.UsageError("--size-budget, --avg-bits, --latency-budget, --gptq, --rounding and --smooth go with --bits.")
+    elif any(v is not None for v in (size_budget, avg_bits, latency_budget, rounding, smooth)) or gptq or allow_slower:
+        raise click.UsageError("--size-budget, --avg-bits, --latency-budget, --allow-slower, --gptq, --rounding and --smooth go with --bits.")
     sparse = None
     if sparse_keep is not None:
         sparse = {"keep": sparse_keep, "block": sparse_block, "select": sparse_select, "min_len": sparse_min_len,

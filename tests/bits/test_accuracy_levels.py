@@ -285,6 +285,30 @@ def test_compile_writes_no_more_than_the_size_budget(tmp_path):
         assert bits["predicted_bytes"] > 0
 
 
+@pytest.mark.parametrize("allow_slower", [False, True])
+def test_allow_slower_lifts_the_size_budgets_implied_speed_bound(allow_slower, tmp_path, capsys, monkeypatch):
+    """``--allow-slower``: a size budget alone chooses for accuracy, with no speed bound and no clock."""
+    import json
+
+    from edgeprune.cli import main
+
+    _fake_latencies(monkeypatch)
+    path = tmp_path / "m.onnx"
+    onnx.save(to_proto(_two_layer()), path)
+    assert main(["compile", str(path), "-o", str(tmp_path / "out"), "--bits", "auto", "--size-budget", "12000B", "--json",
+                 *(["--allow-slower"] if allow_slower else [])]) == 0
+    bits = next(p for p in json.loads(capsys.readouterr().out)["passes"] if p["name"] == "bits")
+    assert bits["config"]["no_slower"] is not allow_slower
+    size = "12.0 kB of weights (11.7 kB for the quantizable nodes)"
+    if allow_slower:
+        assert (bits["summary"]["budget"], bits["summary"]["latency"]) == (size, None)
+    else:
+        lat = bits["summary"]["latency"]
+        assert bits["summary"]["budget"] == (f"{size}; latency 1 x the float model's {lat['float_ms']:.1f} ms = "
+                                             f"{lat['float_ms']:.1f} ms, no slower than float (implied by the size budget: "
+                                             f"no_slower) (model outside the units: {lat['rest_ms']:.1f} ms)")
+
+
 @pytest.mark.parametrize("latency, note", [
     (0.65, "the written size left no choice within the latency budget: the fastest choice that fits the size is emitted"),
     (None, "the written size left no choice as fast as float: the least-error choice that fits is emitted"),

@@ -402,16 +402,24 @@ def test_bits_smooths_first_on_the_cpu_unless_told(target, smooth, passes):
     assert [p.name for p in recipe.passes] == passes
 
 
+ALLOW_SLOWER_ALONE = ("Error: --allow-slower lifts the speed bound a size budget implies: it goes with --bits auto and "
+                      "--size-budget or --avg-bits, without --latency-budget.")
+
+
 @pytest.mark.parametrize("args, error", [
     (["--bits", "auto"], "Error: --bits auto needs a budget: --size-budget, --avg-bits or --latency-budget."),
     (["--bits", "3"], "Error: --bits takes auto, 8, 4 or 2, got '3'."),
-    (["--avg-bits", "4.5"], "Error: --size-budget, --avg-bits, --latency-budget, --gptq, --rounding and --smooth go with --bits."),
-    (["--gptq"], "Error: --size-budget, --avg-bits, --latency-budget, --gptq, --rounding and --smooth go with --bits."),
-    (["--rounding", "wmse"], "Error: --size-budget, --avg-bits, --latency-budget, --gptq, --rounding and --smooth go with --bits."),
-    (["--smooth", "0.7"], "Error: --size-budget, --avg-bits, --latency-budget, --gptq, --rounding and --smooth go with --bits."),
+    (["--avg-bits", "4.5"], "Error: --size-budget, --avg-bits, --latency-budget, --allow-slower, --gptq, --rounding and --smooth go with --bits."),
+    (["--gptq"], "Error: --size-budget, --avg-bits, --latency-budget, --allow-slower, --gptq, --rounding and --smooth go with --bits."),
+    (["--rounding", "wmse"], "Error: --size-budget, --avg-bits, --latency-budget, --allow-slower, --gptq, --rounding and --smooth go with --bits."),
+    (["--smooth", "0.7"], "Error: --size-budget, --avg-bits, --latency-budget, --allow-slower, --gptq, --rounding and --smooth go with --bits."),
     (["--bits", "8", "--smooth", "1"], "error: smooth alpha must be a number in (0, 1), not 1.0: e.g. --smooth 0.7."),
     (["--bits", "auto", "--size-budget", "lots"], "error: size 'lots' is not a size: write e.g. 137MB, 90MiB or a number of bytes."),
     (["--bits", "auto", "--latency-budget", "fast"], "Error: --latency-budget takes milliseconds (150) or a ratio (0.8x), got 'fast'."),
+    (["--allow-slower"], "Error: --size-budget, --avg-bits, --latency-budget, --allow-slower, --gptq, --rounding and --smooth go with --bits."),
+    (["--bits", "8", "--allow-slower"], ALLOW_SLOWER_ALONE),
+    (["--bits", "auto", "--latency-budget", "0.8x", "--allow-slower"], ALLOW_SLOWER_ALONE),
+    (["--bits", "auto", "--size-budget", "1KB", "--latency-budget", "0.8x", "--allow-slower"], ALLOW_SLOWER_ALONE),
 ])
 def test_bits_flag_mistakes(mlp, tmp_path, capsys, args, error):
     model, calib = mlp
