@@ -120,7 +120,7 @@ def bench(name: str, args, work: Path) -> dict:
     from edgeprune.context import CompileContext
     from edgeprune.model_io import file_size as onnx_file_bytes
     from edgeprune.models import build
-    from edgeprune.runtime.latency import measure_latency, measure_side_by_side
+    from edgeprune.runtime.latency import measure_latency, measure_side_by_side, paired_ratio
     from edgeprune.runtime.targets import get_target
     from edgeprune.verify import run_batches
 
@@ -174,7 +174,7 @@ def bench(name: str, args, work: Path) -> dict:
         # The issue's bar: ORT per-channel int8's size and latency; its latency ratio measured here first.
         pair = measure_side_by_side({"fp32": str(fp32), "ort": str(paths["ort-dyn-int8-pc"])}, feeds, "cpu",
                                     warmup=2, runs=args.runs, threads=args.threads)
-        ort_ratio = pair["ort"].p50_ms / pair["fp32"].p50_ms
+        ort_ratio = paired_ratio(pair["ort"], pair["fp32"])
         configs["bits-size+lat-ort-int8"] = {"size_budget_bytes": int(ort_int8), "latency_budget_ratio": round(ort_ratio, 3)}
         # Combined with structured pruning (FLAP + bias compensation, floor allocation: MiniLM's best
         # in the pruning benchmark), under tighter budgets than int8 alone can meet.
@@ -215,6 +215,8 @@ def bench(name: str, args, work: Path) -> dict:
         rows.append({
             "variant": key, **metrics[key], "size_bytes": onnx_file_bytes(path), "latency": lat[key].to_dict(),
             "speedup_p50_vs_fp32": lat["fp32"].p50_ms / lat[key].p50_ms, "quantized_ops": rb.quantized_op_counts(path),
+            # the median of each round's paired ratio (runtime.latency.paired_ratio): robust to load drift
+            "speed_vs_ort_int8": paired_ratio(lat["ort-dyn-int8-pc"], lat[key]) if "ort-dyn-int8-pc" in lat else None,
             "pass": passes.get(key),
         })  # fmt: skip
     for key, p in passes.items():  # a variant the pass refused still gets its row, saying why
@@ -262,7 +264,8 @@ def render(results: dict) -> str:
             fm = ", ".join(f"{k} x{v}" for k, v in sorted((p.get("formats") or {}).items())) or ", ".join(
                 f"{k} x{v}" for k, v in sorted(r["quantized_ops"].items()))
             ab = f"{p['avg_bits']:.2f}" if p.get("avg_bits") else ("failed" if p.get("error") else ("no-op" if p and not p.get("modified") else ""))
-            vs_ort = f"{ort['latency']['p50_ms'] / r['latency']['p50_ms']:.2f}x" if ort else ""
+            vs = r.get("speed_vs_ort_int8") or (ort["latency"]["p50_ms"] / r["latency"]["p50_ms"] if ort else None)
+            vs_ort = f"{vs:.2f}x" if vs else ""
             lines.append(f"| {r['variant']} | {r[metric]:.4f} | {r['size_bytes'] / 1e6:.2f} | {r['latency']['p50_ms']:.1f} | "
                          f"{r['speedup_p50_vs_fp32']:.2f}x | {vs_ort} | {ab} | {fm} |")
         lines.append("")

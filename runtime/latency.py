@@ -51,9 +51,30 @@ class LatencyResult:
     threads: int | None  # None: ORT's default pool (one thread per physical core)
     peak_memory_mb: float | None
     file_size_bytes: int | None
+    times_ms: tuple[float, ...] = dataclasses.field(default=(), repr=False)
+    """Every timed run in order (run i of each model in :func:`measure_side_by_side` shares round i)."""
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "times_ms"}
+
+
+def round_ratios(candidate: LatencyResult, reference: LatencyResult) -> list[float]:
+    """Candidate / reference time of each round of :func:`measure_side_by_side`, its two runs side by side.
+
+    On a shared machine the load drifts during a measurement; a ratio of medians lets a slow
+    stretch that hit one model's fast runs and the other's slow runs move the result, while each
+    round's two runs see nearly the same load, so their ratio cancels it.  Results without
+    recorded rounds (or with different counts) give the ratio of medians alone.
+    """
+    a, b = candidate.times_ms, reference.times_ms
+    if not a or len(a) != len(b):
+        return [candidate.p50_ms / reference.p50_ms]
+    return [x / y for x, y in zip(a, b)]
+
+
+def paired_ratio(candidate: LatencyResult, reference: LatencyResult) -> float:
+    """The median of :func:`round_ratios`: how much slower the candidate runs, robust to load drift."""
+    return float(np.median(round_ratios(candidate, reference)))
 
 
 # --- peak memory -------------------------------------------------------------------------
@@ -130,6 +151,7 @@ def _result(times_ms: list[float], batch: int, warmup: int, threads: int | None,
         p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99), mean_ms=mean, min_ms=float(arr.min()),
         throughput_per_s=batch * 1000.0 / mean if mean > 0 else float("inf"),
         runs=len(times_ms), warmup=warmup, threads=threads, peak_memory_mb=peak_mb, file_size_bytes=size,
+        times_ms=tuple(float(t) for t in times_ms),
     )
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
+
 from edgeprune.passes.bits import knapsack, solve
 from edgeprune.passes.bits.config import BitAllocationConfig
 from edgeprune.passes.bits.measure import stage
@@ -50,7 +52,7 @@ def meet(model, units: list[Unit], rows, shared, bud: dict, info: dict[str, Any]
 
     Returns (solution, emitted model, emit log, the check's record).
     """
-    from edgeprune.runtime.latency import measure_side_by_side
+    from edgeprune.runtime.latency import measure_side_by_side, round_ratios
     from edgeprune.validation import latency_feed
 
     float_ms = info["float_ms"]
@@ -64,10 +66,18 @@ def meet(model, units: list[Unit], rows, shared, bud: dict, info: dict[str, Any]
         with stage(context, "measure the emitted model's latency side by side with the float model"):
             lat = measure_side_by_side({"float": model, "candidate": new}, feed, context.target, warmup=2,
                                        runs=runs, threads=context.threads)
-        ratio = lat["candidate"].p50_ms / lat["float"].p50_ms
+        pairs = round_ratios(lat["candidate"], lat["float"])
+        if abs(float(np.median(pairs)) / target - 1) <= TOLERANCE:
+            # Too close to call on one measurement (MiniLM at ORT int8's budget was accepted at 0.93x and at 0.99x
+            # of ORT int8 in two runs): as many rounds again, and the verdict from all of them.
+            with stage(context, "measure again: the first measurement is within the timing tolerance of the budget"):
+                lat = measure_side_by_side({"float": model, "candidate": new}, feed, context.target, warmup=2,
+                                           runs=runs, threads=context.threads)
+            pairs += round_ratios(lat["candidate"], lat["float"])
+        ratio = float(np.median(pairs))
         predicted = sol.latency + info["rest_ms"]
         attempts.append({"solver_budget_ms": solver_budget, "predicted_ms": predicted, "predicted_ratio": predicted / float_ms,
-                         "measured_ratio": ratio, "measured_ms": lat["candidate"].p50_ms,
+                         "measured_ratio": ratio, "rounds": len(pairs), "measured_ms": lat["candidate"].p50_ms,
                          "float_ms": lat["float"].p50_ms, "fastest_choice": fastest})
         if ratio <= target * (1 + TOLERANCE) or len(attempts) >= c.latency_checks or fastest:
             break

@@ -418,6 +418,42 @@ def test_latency_budget_is_checked_by_measurement_and_tightened(monkeypatch):
     assert any("misses the budget" in n for n in result.summary["notes"])
 
 
+def test_a_latency_check_too_close_to_call_measures_again(monkeypatch):
+    """Within the timing tolerance of the budget the check measures as many rounds again and decides on the median
+    of every round's paired ratio; a clear verdict is taken from one measurement."""
+    from edgeprune.passes.bits import microbench
+    from edgeprune.runtime import latency as latency_mod
+    from edgeprune.runtime.latency import _result
+
+    monkeypatch.setattr(microbench, "unit_latencies", lambda units, target, **kw: {
+        **{("dql", p.input): 0.05 for u in units for p in u.parts},
+        **{(p.node, o.key): {"keep": 1.0, "int8-dynamic": 0.3}.get(o.kind, 0.8) for u in units for p in u.parts for o in p.options}})
+    monkeypatch.setattr(microbench, "model_latency", lambda model, ctx, units, t, tokens: (3.0, 2.0))
+    calls = []
+
+    def fake(models, feeds, target="cpu", *, warmup=5, runs=30, threads=None):
+        ratios = next(measurements)
+        calls.append(runs)
+        return {"float": _result([10.0] * len(ratios), 1, warmup, threads, None, None),
+                "candidate": _result([10.0 * r for r in ratios], 1, warmup, threads, None, None)}
+
+    monkeypatch.setattr(latency_mod, "measure_side_by_side", fake)
+    cfg = BitAllocationConfig(latency_budget_ratio=0.9, accuracy_levels=(0,), latency_runs=3)
+    # 0.91: within 3 % of 0.9, so again; the second measurement's rounds at 0.99 put the median of all six at 0.95.
+    measurements = iter([[0.90, 0.91, 0.92], [0.99, 0.99, 0.99], [0.6, 0.6, 0.6]])
+    model = _two_layer()
+    check = BitAllocationPass(cfg, _ctx(model))(model).summary["latency_check"]
+    first, second = check["attempts"]
+    assert (first["measured_ratio"], first["rounds"]) == (pytest.approx(0.955), 6)
+    assert (second["measured_ratio"], second["rounds"], check["met"]) == (pytest.approx(0.6), 3, True)
+    assert len(calls) == 3
+    # Too close to call, then confirmed within the tolerance: met after one check, two measurements.
+    measurements = iter([[0.92, 0.92, 0.93], [0.91, 0.92, 0.92]])
+    model = _two_layer()
+    check = BitAllocationPass(cfg, _ctx(model))(model).summary["latency_check"]
+    assert [(a["measured_ratio"], a["rounds"]) for a in check["attempts"]] == [(pytest.approx(0.92), 6)] and check["met"]
+
+
 def test_npu_target_gets_static_qdq():
     """qnn runs neither MatMulNBits nor dynamic int8: the pass offers static QDQ (8- or 16-bit activations)."""
     model = _two_layer()

@@ -265,6 +265,30 @@ def test_measure_side_by_side_returns_every_model(feeds):
     assert results["no_relu"].throughput_per_s == pytest.approx(2 * 1000.0 / results["no_relu"].mean_ms)
 
 
+def test_side_by_side_results_keep_their_rounds_and_pair_them(feeds):
+    results = latency.measure_side_by_side({"a": _mlp(), "b": _mlp(with_relu=False)}, feeds, warmup=0, runs=4, threads=1)
+    a, b = results["a"], results["b"]
+    assert len(a.times_ms) == len(b.times_ms) == 4 and min(a.times_ms) == a.min_ms
+    assert "times_ms" not in a.to_dict()
+    assert latency.round_ratios(a, b) == [x / y for x, y in zip(a.times_ms, b.times_ms)]
+
+
+def test_paired_ratio_cancels_load_drift():
+    """Load doubles halfway through: the candidate ran 0.8x the reference in all rounds but one, while the ratio of
+    the medians (each taken over a fast and a slow half) says 1.07x."""
+    def result(times):
+        return latency._result(times, 1, 0, 1, None, None)
+
+    # In round 2 the load doubled between the reference's run and the candidate's: that one pair is off.
+    ref, cand = [10.0, 10.0, 10.0, 20.0, 20.0, 20.0], [8.0, 8.0, 16.0, 16.0, 16.0, 16.0]
+    assert result(cand).p50_ms / result(ref).p50_ms == pytest.approx(16.0 / 15.0)
+    assert latency.round_ratios(result(cand), result(ref)) == [0.8, 0.8, 1.6, 0.8, 0.8, 0.8]
+    assert latency.paired_ratio(result(cand), result(ref)) == 0.8
+    # Results without rounds (or with different counts) give the ratio of medians.
+    bare = latency.LatencyResult(8.0, 8.0, 8.0, 8.0, 8.0, 125.0, 3, 0, 1, None, None)
+    assert latency.round_ratios(bare, result(ref)) == [0.8 / 1.5]
+
+
 # --- profiler ------------------------------------------------------------------------------
 
 def test_profile_shares_and_op_types(feeds):
