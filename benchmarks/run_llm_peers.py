@@ -181,6 +181,11 @@ def hf_folder(work: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     AutoModelForCausalLM.from_pretrained(str(package), gguf_file=_SMOLLM2_GGUF).save_pretrained(tmp)
     AutoTokenizer.from_pretrained(str(package), gguf_file=_SMOLLM2_GGUF).save_pretrained(tmp)
+    # transformers 4.57 saves the slow tokenizer's vocab_file, here the whole GGUF, as tokenizer.model; llama.cpp's
+    # converter would read it as a sentencepiece model and fail. tokenizer.json holds the (BPE) vocabulary.
+    spm = tmp / "tokenizer.model"
+    if spm.is_file() and spm.open("rb").read(4) == b"GGUF":
+        spm.unlink()
     tmp.rename(dst)
     return dst
 
