@@ -86,6 +86,10 @@ class BitAllocationConfig:
     the same kernel and codes, 0.5 bit per weight less at block 32 (4-bit b32: 4.625 instead of 5.125 bits
     per weight), the scales rounded by at most 2^-11.  A node whose scales float16 cannot hold (overflow, or
     below its smallest normal) keeps float32 ones (``sensitivity.fp16_scales``)."""
+    joint_siblings: bool = False
+    """Auto mode: MatMuls reading one input with weights of one K (attention's q/k/v, a gated FFN's gate/up) take
+    one format, so the emitter packs them into one MatMulNBits (one activation read and int8 quantization, one
+    dispatch; ``edgeprune.passes.bits.pack``).  Siblings that choose one format on their own are packed either way."""
     dynamic_int8: bool = True
     """Offer dynamic int8 (quantize_dynamic: activations quantized too) where the target runs it."""
     solver: str = "auto"

@@ -23,7 +23,9 @@ The plan maps node names to :class:`edgeprune.passes.bits.sensitivity.Option`.  
    an ``nbits`` node with a searched rounding (``mse``, ``wmse``: ``edgeprune.passes.bits.rounding``) gets
    its codes, scales and zero points in the same initializers, before any tied lookup reads them;
 5. a ``gather-tied`` lookup becomes a GatherBlockQuantized over the tied head's MatMulNBits
-   initializers (:func:`_tie_lookups`: no tool shares one packed table between the two ops).
+   initializers (:func:`_tie_lookups`: no tool shares one packed table between the two ops);
+6. MatMulNBits siblings of one format reading one input become one node + Split (``edgeprune.passes.bits.pack``),
+   then block scales are stored as float16 where the plan says so.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from onnxscript.rewriter.pattern import MatchResult, RewriteRule, RewriteRuleSet
 
 from edgeprune import model_io
 from edgeprune.analysis.graph import node_name
+from edgeprune.passes.bits.pack import pack_siblings
 from edgeprune.passes.bits.sensitivity import KEEP, Option
 
 logger = logging.getLogger(__name__)
@@ -275,8 +278,10 @@ def emit(model: ir.Model, plan: dict[str, Option], *, accuracy_level: int | None
             log["tied_lookups"] = _tie_lookups(result, tied)
         if gptq_weights:
             log["gptq_nodes"] = _gptq_codes(result, plan, gptq_weights, grams)
+        before = {n.name for n in model.graph if n.op_type in _BLOCK_OPS}
+        log["packed_siblings"] = pack_siblings(result, before)  # after every step that writes a node's own codes
         if any(o.fp16_scales for o in plan.values()):  # last: every step above writes float32 scales
-            log["fp16_scales"] = _fp16_scales(result, {n.name for n in model.graph if n.op_type in _BLOCK_OPS})
+            log["fp16_scales"] = _fp16_scales(result, before)
         # Pull every weight into memory before the folder goes away.
         for v in result.graph.initializers.values():
             if v.const_value is not None and not isinstance(v.const_value, ir.Tensor):

@@ -47,13 +47,17 @@ class Part:
 class Unit:
     parts: list[Part]
     tied_bytes: int = 0  # bytes of a float table shared by all parts (counted once while all are float)
+    joint: bool = False  # siblings reading one input: one format for all (``joint_siblings``), packed by the emitter
 
     @property
     def name(self) -> str:
         return " + ".join(p.node for p in self.parts)
 
     def combos(self) -> list[tuple[Option, ...]]:
-        """Every choice of one option per part; a ``gather-tied`` lookup only beside its matching head."""
+        """Every choice of one option per part; a ``gather-tied`` lookup only beside its matching head; the same
+        option for every part of a joint unit (whose parts are offered the same options)."""
+        if self.joint:
+            return [tuple(p.options[i] for p in self.parts) for i in range(len(self.parts[0].options))]
         return [cb for cb in itertools.product(*[p.options for p in self.parts]) if tied_ok(cb)]
 
     def size(self, combo: tuple[Option, ...]) -> int:
@@ -223,6 +227,8 @@ def build(model: ir.Model, structures, c: BitAllocationConfig, kinds: dict[str, 
     for part in first_reader.values():
         if part.readers:  # GPTQ and wmse round for one input's statistics; a shared weight has several
             part.options = [o for o in part.options if o.kind != "gptq" and o.rounding != "wmse"]
+    if c.mode == "auto" and c.joint_siblings:
+        units = _join_siblings(units)
     # What is left alone, and why.
     found = {n for u in units for p in u.parts for n in (p.node, *p.readers)}
     quantized = quantized_weights(model)
@@ -288,7 +294,8 @@ def records(units: list[Unit], choice: list[int]) -> list[dict]:
             recs.append({
                 "layer": p.node, "op": p.op, "shape": list(p.weight.shape), "params": int(p.weight.size),
                 "format": o.key, "bits": round(bits, 3), "bytes": int(size),
-                "rel_error": p.errors[o.key], "importance": p.importance, "probe": p.probe, "tied_unit": u.name if len(u.parts) > 1 else None,
+                "rel_error": p.errors[o.key], "importance": p.importance, "probe": p.probe, "tied_unit": u.name if len(u.parts) > 1 and not u.joint else None,
+                "joint_unit": u.name if u.joint else None,
                 "shared_with": list(p.readers),
                 "options": {k: {"bytes": p.sizes[k], "rel_error": p.errors[k]} for k in p.sizes},
                 "outlier_share": sensitivity.outlier_share(p.weight),
@@ -299,6 +306,20 @@ def records(units: list[Unit], choice: list[int]) -> list[dict]:
 def plan(units: list[Unit], choice: list[int]) -> dict[str, Option]:
     """Node name -> chosen option, the form the emitter takes (a shared weight's readers all take its part's)."""
     return {n: o for u, i in zip(units, choice) for p, o in zip(u.parts, u.combos()[i]) for n in (p.node, *p.readers)}
+
+
+def _join_siblings(units: list[Unit]) -> list[Unit]:
+    """MatMuls reading one input, with weights of one K and the same options (attention's q/k/v, a gated FFN's
+    gate/up), become one joint unit at the first one's place: one format for all, so the emitter packs them into
+    one MatMulNBits (``edgeprune.passes.bits.pack``).  A weight with several readers stays on its own."""
+    groups: dict[tuple, list[Unit]] = {}
+    for u in units:
+        p = u.parts[0]
+        if len(u.parts) == 1 and p.op == "MatMul" and not p.readers:
+            groups.setdefault((p.input, p.weight.shape[0], tuple(o.key for o in p.options)), []).append(u)
+    joined = {id(g[0]): Unit([u.parts[0] for u in g], joint=True) for g in groups.values() if len(g) > 1}
+    absorbed = {id(u) for g in groups.values() if len(g) > 1 for u in g[1:]}
+    return [joined.get(id(u), u) for u in units if id(u) not in absorbed]
 
 
 def _join_reader(first_reader: dict[tuple, Part], key: tuple, node: str) -> bool:

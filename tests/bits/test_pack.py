@@ -1,0 +1,132 @@
+"""Sibling MatMulNBits packed into one node: the same outputs bit for bit, only where every sibling agrees."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+from edgeprune.calibration import CalibrationSet
+from edgeprune.context import CompileContext
+from edgeprune.model_io import to_proto
+from edgeprune.passes.bits.bits_pass import BitAllocationConfig, BitAllocationPass
+from edgeprune.passes.bits.pack import pack_siblings
+from edgeprune.runtime.targets import get_target
+
+K, T = 64, 5
+NS = {"q": 64, "k": 32, "v": 48}
+
+
+def _siblings(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
+    """x -> q/k/v MatMuls of different widths -> three outputs, and a fourth MatMul on another input."""
+    rng = np.random.default_rng(seed)
+    proto = onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["" : {opset}]>
+        g (float[N, {T}, {K}] x) => (float[N, {T}, {NS['q']}] q, float[N, {T}, {NS['k']}] k, float[N, {T}, {NS['v']}] v,
+                                     float[N, {T}, 32] o) {{
+            q = MatMul(x, Wq)
+            k = MatMul(x, Wk)
+            v = MatMul(x, Wv)
+            t = Tanh(x)
+            o = MatMul(t, Wo)
+        }}""")
+    for name, n in (*NS.items(), ("o", 32)):
+        w = rng.standard_normal((K, n)).astype(np.float32) * (1 + (name == "v"))
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(w, f"W{name}"))
+    return proto
+
+
+def _nbits(proto: onnx.ModelProto, bits: int = 4, level: int = 4, exclude: tuple[str, ...] = ()) -> onnx.ModelProto:
+    for i, n in enumerate(proto.graph.node):
+        n.name = n.name or f"n{i}_{n.output[0]}"
+    quant = MatMulNBitsQuantizer(proto, bits=bits, block_size=32, is_symmetric=False, accuracy_level=level,
+                                 nodes_to_exclude=[n.name for n in proto.graph.node if n.output[0] in exclude])
+    quant.process()
+    return quant.model.model
+
+
+def _outputs(model, x) -> list[np.ndarray]:
+    proto = model if isinstance(model, onnx.ModelProto) else to_proto(model)
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+
+def _ops(model: ir.Model) -> list[str]:
+    return sorted(n.op_type for n in model.graph)
+
+
+@pytest.mark.parametrize("bits, level, opset", [(4, 4, 17), (8, 4, 17), (4, 0, 17), (4, 4, 11)])
+def test_packed_siblings_compute_exactly_what_they_computed_apart(bits, level, opset):
+    quantized = _nbits(_siblings(opset=opset), bits, level)
+    model = ir.from_proto(quantized)
+    assert pack_siblings(model) == {"groups": 1, "nodes": 3}
+    assert _ops(model) == ["MatMulNBits", "MatMulNBits", "Split", "Tanh"]
+    packed = next(n for n in model.graph if n.op_type == "MatMulNBits" and n.inputs[0].name == "x")
+    assert packed.attributes.get_int("N") == sum(NS.values()) and packed.attributes.get_int("accuracy_level", 0) == level
+    x = np.random.default_rng(1).standard_normal((1, T, K)).astype(np.float32)
+    for apart, together in zip(_outputs(quantized, x), _outputs(model, x), strict=True):
+        np.testing.assert_array_equal(together, apart)
+    # The siblings' own initializers are gone: the file holds each weight once.
+    names = set(model.graph.initializers)
+    assert not any(n.startswith(("Wq", "Wk", "Wv")) and not n.endswith("_packed") for n in names)
+
+
+def test_siblings_of_different_formats_or_shared_tables_stay_apart():
+    # k stays float: q and v still pack, k is untouched.
+    model = ir.from_proto(_nbits(_siblings(), exclude=("k",)))
+    assert pack_siblings(model) == {"groups": 1, "nodes": 2}
+    assert _ops(model) == ["MatMul", "MatMulNBits", "MatMulNBits", "Split", "Tanh"]
+    # Different widths: q at 8 bits, k and v at 4 -> k and v pack.
+    eight = _nbits(_siblings(), bits=8, exclude=("k", "v", "o"))
+    model = ir.from_proto(_nbits(eight, bits=4))
+    assert pack_siblings(model) == {"groups": 1, "nodes": 2}
+    # A node named in ``exclude`` (already quantized in the input model) is left as it is.
+    model = ir.from_proto(_nbits(_siblings()))
+    names = {n.name for n in model.graph if n.op_type == "MatMulNBits"}
+    assert pack_siblings(model, exclude=names) == {"groups": 0, "nodes": 0}
+    # An initializer another node also reads (a tied lookup's table) keeps its node apart.
+    model = ir.from_proto(_nbits(_siblings()))
+    q = next(n for n in model.graph if n.op_type == "MatMulNBits" and n.outputs[0].name == "q")
+    reader = ir.Node("", "Identity", [q.inputs[1]], name="reader")
+    model.graph.append(reader)
+    model.graph.outputs.append(reader.outputs[0])
+    reader.outputs[0].name = "table"
+    assert pack_siblings(model) == {"groups": 1, "nodes": 2}
+
+
+def _ctx(proto: onnx.ModelProto) -> CompileContext:
+    rng = np.random.default_rng(7)
+    rows = [{"x": rng.standard_normal((1, T, K)).astype(np.float32)} for _ in range(12)]
+    calib = CalibrationSet(rows, "random test rows", synthetic=True)
+    return CompileContext(target=get_target("cpu"), calibration=calib, holdout=calib)
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_joint_siblings_take_one_format_and_are_packed(joint):
+    """With ``joint_siblings`` q/k/v form one unit: one format, emitted as one MatMulNBits; without, each its own.
+    Either way the outputs equal the plan's nodes quantized one by one (the records' formats)."""
+    proto = _siblings()
+    model = ir.from_proto(proto)
+    cfg = BitAllocationConfig(avg_bits=6, bit_options=(4, 8), block_size=32, dynamic_int8=False, output_checks=0,
+                              accuracy_levels=(4,), no_slower=False, fp16_scales=False, joint_siblings=joint)
+    result = BitAllocationPass(cfg, _ctx(proto))(model)
+    formats = {r["layer"].split(":")[-1]: r["format"] for r in result.records}  # unnamed nodes: "MatMul:<output>"
+    joint_units = {r["joint_unit"] for r in result.records}
+    if joint:
+        assert formats["q"] == formats["k"] == formats["v"] and len(joint_units - {None}) == 1
+    else:  # on their own k takes 8 bits, q and v 4 (which still pack)
+        assert (formats["q"], formats["k"], formats["v"]) == ("nbits4-b32-asym-acc4", "nbits8-b32-asym-acc4", "nbits4-b32-asym-acc4")
+    # The same plan quantized node by node, without packing, computes the same outputs.
+    reference = proto
+    for fmt in sorted(set(formats.values())):
+        bits = int(fmt[len("nbits"):].split("-")[0])
+        others = tuple(k for k, f in formats.items() if f != fmt)
+        reference = _nbits(reference, bits, 4, exclude=others + tuple(n.output[0] for n in reference.graph.node
+                                                                       if n.op_type == "MatMulNBits"))
+    x = np.random.default_rng(2).standard_normal((1, T, K)).astype(np.float32)
+    for apart, together in zip(_outputs(reference, x), _outputs(model, x), strict=True):
+        np.testing.assert_array_equal(together, apart)
+    packed = [n for n in model.graph if n.op_type == "MatMulNBits" and n.inputs[0].name == "x"]
+    assert len(packed) == len({formats[k] for k in NS})  # one node per format among q/k/v
