@@ -16,7 +16,8 @@ package, whose only weights are a Q4_1 GGUF that transformers dequantizes to fp3
 - ``edgeprune@<peer>``: ``edgeprune compile fp32 --bits auto --size-budget <the peer's bytes>``;
   ``edgeprune+wmse@<peer>`` the same with ``--rounding wmse`` (``--edgeprune-rounding``), ``+smooth0.7`` with
   ``--smooth 0.7`` (``--edgeprune-smooth``), ``+fused`` with ``--fuse-attention`` (``--edgeprune-fuse-attention``),
-  ``+slower`` with ``--allow-slower`` (``--edgeprune-allow-slower``);
+  ``+slower`` with ``--allow-slower`` (``--edgeprune-allow-slower``), ``+packed`` with ``--pack-siblings``
+  (``--edgeprune-pack-siblings``);
   ``--edgeprune-at`` also takes a size (``edgeprune@100MB``).
 
 Columns: size (bytes of the model files: ``.onnx`` plus external data, or the ``.gguf``, which also
@@ -360,17 +361,18 @@ def slim_passes(passes: list[dict]) -> list[dict]:
 
 
 def edgeprune_flags(rounding: str | None, smooth: float | None, fuse_attention: bool = False,
-                    allow_slower: bool = False) -> list[str]:
+                    allow_slower: bool = False, pack_siblings: bool = False) -> list[str]:
     """The compile flags an edgeprune row adds to ``--bits auto --size-budget``."""
     return ((["--rounding", rounding] if rounding else []) + (["--smooth", f"{smooth:g}"] if smooth else [])
-            + (["--fuse-attention"] if fuse_attention else []) + (["--allow-slower"] if allow_slower else []))
+            + (["--fuse-attention"] if fuse_attention else []) + (["--allow-slower"] if allow_slower else [])
+            + (["--pack-siblings"] if pack_siblings else []))
 
 
 def edgeprune_key(peer: str, flags: list[str]) -> str:
     """The row (and work folder) of edgeprune at ``peer``'s size (or a size such as ``100MB``):
     ``edgeprune@peer``, ``edgeprune+wmse@peer``, ``edgeprune+wmse+smooth0.7@peer``, ``edgeprune+wmse+smooth0.7+fused@peer``,
-    ``edgeprune+wmse+smooth0.7+slower@peer`` (``--allow-slower``)."""
-    bare = {"--fuse-attention": "+fused", "--allow-slower": "+slower"}
+    ``edgeprune+wmse+smooth0.7+slower@peer`` (``--allow-slower``), ``...+packed@peer`` (``--pack-siblings``)."""
+    bare = {"--fuse-attention": "+fused", "--allow-slower": "+slower", "--pack-siblings": "+packed"}
     tags, rest = "", list(flags)
     while rest:
         flag = rest.pop(0)
@@ -757,6 +759,8 @@ def main(argv=None) -> int:
                     help="edgeprune rows also pass --fuse-attention (rows edgeprune+...+fused@peer)")
     ap.add_argument("--edgeprune-allow-slower", action="store_true",
                     help="edgeprune rows also pass --allow-slower: least error within the size, whatever the speed (rows edgeprune+...+slower@peer)")
+    ap.add_argument("--edgeprune-pack-siblings", action="store_true",
+                    help="edgeprune rows also pass --pack-siblings (rows edgeprune+...+packed@peer)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--llama-threads", type=int, default=1, help="llama.cpp threads (see LLAMA_THREADS)")
@@ -813,7 +817,7 @@ def main(argv=None) -> int:
             row["error"] = f"{type(exc).__name__}: {exc}"
         rows[key] = row
     flags = edgeprune_flags(args.edgeprune_rounding, args.edgeprune_smooth, args.edgeprune_fuse_attention,
-                            args.edgeprune_allow_slower)
+                            args.edgeprune_allow_slower, args.edgeprune_pack_siblings)
     for peer in [k for k in args.edgeprune_at.split(",") if k]:
         key = edgeprune_key(peer, flags)
         if peer in PEERS:

@@ -114,6 +114,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--avg-bits", type=float, help="With --bits auto: average bits per weight, e.g. 4.5.")
 @click.option("--latency-budget", help="With --bits auto: prefill latency on the target, in ms (e.g. 150) or relative to the float model (e.g. 0.8x).")
 @click.option("--allow-slower", is_flag=True, help="With --bits auto and a size budget alone: take the least-error mix within it even where it runs slower than the float model (on the cpu target a size budget also bounds prefill latency to the float model's unless this is given).")
+@click.option("--pack-siblings", is_flag=True, help="With --bits auto: MatMuls reading one input (attention's q/k/v, a gated FFN's gate/up) take one format, so each group is packed into one MatMulNBits (one activation pass and dispatch instead of several; the solver has less freedom). Siblings that choose one format on their own are packed either way.")
 @click.option("--bit-options", default="4,8", show_default=True, help="Bit widths to choose from besides float (2 and 16 also exist).")
 @click.option("--block-size", default="32,64,128", show_default=True, help="Block size(s) of 4/2-bit blocked formats.")
 @click.option("--gptq", is_flag=True, help="Also offer GPTQ rounding for 4/2-bit weights: better when --calib is the deployment data, worse off-domain.")
@@ -134,7 +135,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @common_json
 def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example, force, max_samples, seed,
                 prune_ratio, prune_metric, allocation, round_to, refit, no_compensate, prune_units,
-                bits_mode, size_budget, avg_bits, latency_budget, allow_slower, bit_options, block_size, gptq, rounding, smooth,
+                bits_mode, size_budget, avg_bits, latency_budget, allow_slower, pack_siblings, bit_options, block_size, gptq, rounding, smooth,
                 sparse_keep, sparse_block, sparse_select, sparse_min_len, sparse_allocation, fuse_attention, moe_keep, moe_metric, moe_tasks, package_target, fix_shapes, threads, as_json):
     """Compile MODEL into OUT: model.onnx plus report.json, report.md and report.html."""
     from edgeprune.pipeline import CompileOptions, compile_model
@@ -151,12 +152,17 @@ def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example,
                 raise click.UsageError("--allow-slower lifts the speed bound a size budget implies: it goes with --bits auto "
                                        "and --size-budget or --avg-bits, without --latency-budget.")
             bits["no_slower"] = False
+        if pack_siblings:
+            if bits["mode"] != "auto":
+                raise click.UsageError("--pack-siblings chooses one format per group of siblings: it goes with --bits auto.")
+            bits["joint_siblings"] = True
         if gptq:
             bits["gptq"] = True
         if rounding is not None:
             bits["mse_rounding"] = rounding
-    elif any(v is not None for v in (size_budget, avg_bits, latency_budget, rounding, smooth)) or gptq or allow_slower:
-        raise click.UsageError("--size-budget, --avg-bits, --latency-budget, --allow-slower, --gptq, --rounding and --smooth go with --bits.")
+    elif any(v is not None for v in (size_budget, avg_bits, latency_budget, rounding, smooth)) or gptq or allow_slower or pack_siblings:
+        raise click.UsageError("--size-budget, --avg-bits, --latency-budget, --allow-slower, --pack-siblings, --gptq, --rounding "
+                               "and --smooth go with --bits.")
     sparse = None
     if sparse_keep is not None:
         sparse = {"keep": sparse_keep, "block": sparse_block, "select": sparse_select, "min_len": sparse_min_len,
