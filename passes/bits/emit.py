@@ -299,6 +299,7 @@ def _fp16_scales(model: ir.Model, before: set[str]) -> dict[str, int]:
     from edgeprune.passes.bits.sensitivity import fp16_scales
 
     done = kept = 0
+    order = {id(n): i for i, n in enumerate(model.graph)}
     for node in list(model.graph):
         if node.op_type not in _BLOCK_OPS or node.name in before:
             continue
@@ -312,7 +313,7 @@ def _fp16_scales(model: ir.Model, before: set[str]) -> dict[str, int]:
         name = v.name
         half = ir.Value(name=f"{name}_fp16", const_value=ir.tensor(f16))
         model.graph.register_initializer(half)
-        first = next(n for n in model.graph if any(i is v for i in n.inputs))
+        first = min((u.node for u in v.uses()), key=lambda n: order[id(n)])
         cast = ir.Node("", "Cast", [half], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT)], name=f"{name}_cast")
         model.graph.insert_before(first, cast)
         v.replace_all_uses_with(cast.outputs[0])
