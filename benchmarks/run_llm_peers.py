@@ -674,9 +674,10 @@ def render(res: dict) -> str:
     lines = [
         "## SmolLM2-135M against CPU LLM toolchains (`run_llm_peers.py`)", "",
         "Written by `benchmarks/run_llm_peers.py` from `benchmarks/results/llm_peers.json`; do not edit by hand.", "",
-        *[f"- run {i + 1}: `{r['command']}`; date {r['date']}; load average (1/5/15 min) at start {r['load_average_start']}, "
-          f"at end {r['load_average_end']}" for i, r in enumerate(res["runs"])],
-        (f"- machine: {res['machine']['cpu']}, {res['machine']['cpu_count']} cpus shared with other jobs "
+        *[f"- run {i + 1}: `{r['command']}`; date {r['date']}; {r.get('cpu') or res['machine']['cpu']}; load average (1/5/15 min) "
+          f"at start {r['load_average_start']}, at end {r['load_average_end']}" for i, r in enumerate(res["runs"])],
+        (f"- machine: each run's CPU is in its line (ratios from runs on different CPUs do not compare), "
+         f"{res['machine']['cpu_count']} cpus shared with other jobs "
         f"({s['threads']} threads per runtime; llama.cpp {s.get('llama_threads')}: see the note): speed ratios come from one interleaved run and still move with the load"),
         f"- versions: {', '.join(f'{k} {v}' for k, v in res['versions'].items())}",
         (f"- perplexity: WikiText-2 valid, first {s['ppl_tokens']} tokens, {s['ppl_tokens'] // s['ppl_context']} windows "
@@ -897,7 +898,7 @@ def main(argv=None) -> int:
             r["fp32_decode_tokens_per_s_same_run"] = ref["decode_tokens_per_s"]
     run = {"date": date, "command": "python benchmarks/run_llm_peers.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "load_average_start": [round(x, 2) for x in load_start], "load_average_end": [round(x, 2) for x in os.getloadavg()],
-           "rows": list(rows)}
+           "rows": list(rows), "cpu": __import__("run_baselines").machine()["cpu"]}
     runs = [run]
     if args.merge and path.exists():  # rows measured by an earlier run stay, each with its own run's fp32 figures
         old = json.loads(path.read_text())
@@ -909,7 +910,7 @@ def main(argv=None) -> int:
         variant = lambda k: k.split("@")[0]  # noqa: E731
         firsts = list(dict.fromkeys(variant(k) for k in kept if k not in order))
         rows = {k: kept[k] for k in sorted(kept, key=lambda k: order.index(k) if k in order else len(order) + firsts.index(variant(k)))}
-        runs = old.get("runs", []) + [run]
+        runs = [{"cpu": old.get("machine", {}).get("cpu"), **r} for r in old.get("runs", [])] + [run]  # runs before "cpu"
     notes = []
     for key, r in rows.items():
         b = r.get("build") or {}
