@@ -427,7 +427,8 @@ def build_edgeprune(peer: str, budget: int, work: Path, fp32: Path, calib: Path,
 class OnnxRunner:
     """optimum-style with-past ONNX through edgeprune's greedy generator (IOBinding, cache reused).
 
-    ``spinning`` is the session's intra-op thread policy (edgeprune's default: no busy-waiting); give
+    ``spinning`` is the session's intra-op thread policy: False (this benchmark's choice so far, edgeprune's
+    default outside ``Generator.open``) or True (ORT's, genai's and ``Generator.open``'s default); give
     GenaiRunner the same value for a comparison of the two loops rather than of the two policies."""
 
     def __init__(self, path: Path, threads: int, spinning: bool = False):

@@ -294,20 +294,20 @@ def test_plain_cache_gets_a_new_binding_per_step(decoder):
         assert len([a for a in binding.calls["bind_output"] if a[0].startswith("present")]) == len(Generator(session).cache)
 
 
-def test_spinning_is_off_unless_asked(decoder):
+def test_generator_open_spins_and_other_sessions_do_not(decoder):
     from edgeprune.runtime.session import make_session
 
     def spins(session):
         return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
 
-    assert spins(Generator.open(decoder).session) == "0"
-    assert spins(Generator.open(decoder, spinning=True).session) == "1"
+    assert spins(Generator.open(decoder).session) == "1"  # ORT's and onnxruntime-genai's policy for the one hot loop
+    assert spins(Generator.open(decoder, spinning=False).session) == "0"
     assert spins(make_session(decoder)) == "0" and spins(make_session(decoder, spinning=True)) == "1"
     with pytest.raises(BadInputError, match="spinning must be True or False"):
         make_session(decoder, spinning="yes")
 
 
-@pytest.mark.parametrize("spinning", [False, True])
+@pytest.mark.parametrize("spinning", [None, False, True])
 def test_measure_generation_gives_every_model_one_spinning_policy(decoder, fused_decoder, monkeypatch, spinning):
     seen = []
     real = generation.make_session
@@ -318,7 +318,8 @@ def test_measure_generation_gives_every_model_one_spinning_policy(decoder, fused
         return session
 
     monkeypatch.setattr(generation, "make_session", recording)
+    policy = {} if spinning is None else {"spinning": spinning}  # None: the default, edgeprune's no-spin
     results = measure_generation({"a": str(decoder), "b": str(fused_decoder)}, PROMPT, new_tokens=5, rounds=1, warmup=0,
-                                 spinning=spinning)
+                                 **policy)
     assert seen == ["1" if spinning else "0"] * 2
     assert results["a"].tokens == results["b"].tokens == _reference_greedy(decoder, PROMPT, 5)
