@@ -432,29 +432,38 @@ def build_edgeprune(peer: str, budget: int, work: Path, fp32: Path, calib: Path,
 
 
 class OnnxRunner:
-    """optimum-style with-past ONNX through edgeprune's greedy generator (IOBinding, cache reused)."""
+    """optimum-style with-past ONNX through edgeprune's greedy generator (IOBinding, cache reused).
 
-    def __init__(self, path: Path, threads: int):
+    ``spinning`` is the session's intra-op thread policy: False (this benchmark's choice so far, edgeprune's
+    default outside ``Generator.open``) or True (ORT's, genai's and ``Generator.open``'s default); give
+    GenaiRunner the same value for a comparison of the two loops rather than of the two policies."""
+
+    def __init__(self, path: Path, threads: int, spinning: bool = False):
         from edgeprune.runtime.generation import Generator
 
-        self.gen = Generator.open(str(path), "cpu", threads=threads)
+        self.gen = Generator.open(str(path), "cpu", threads=threads, spinning=spinning)
 
     def run(self, prompt: list[int], new_tokens: int) -> tuple[list[int], float, float]:
         return self.gen.run(np.asarray(prompt, dtype=np.int64), new_tokens)
 
 
 class GenaiRunner:
-    """onnxruntime-genai's own generator: greedy search, ``append_tokens`` for the prompt."""
+    """onnxruntime-genai's own generator: greedy search, ``append_tokens`` for the prompt.
 
-    def __init__(self, model_file: Path, threads: int):
+    ``spinning=True`` (default) keeps genai's own thread policy, ORT's busy-waiting default; False sets
+    ``session.intra_op.allow_spinning=0`` (genai 0.15.2 passes any other session_options key to ORT's
+    AddConfigEntry), edgeprune's default, so OnnxRunner and GenaiRunner can run one policy."""
+
+    def __init__(self, model_file: Path, threads: int, spinning: bool = True):
         import onnxruntime_genai as og
 
         self.og = og
         config = og.Config(str(model_file.parent))
-        # genai 0.15's session_options take no config entries, so its threads keep ORT's spinning default;
-        # the interleaved rounds pause between runs so no idle pool spins into the next row's timing.
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-            "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+        # With spinning, the interleaved rounds pause between runs so no idle pool spins into the next row's timing.
+        options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+        if not spinning:
+            options["session.intra_op.allow_spinning"] = "0"
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
         self.model = og.Model(config)
 
     def run(self, prompt: list[int], new_tokens: int) -> tuple[list[int], float, float]:

@@ -20,6 +20,17 @@ each cache tensor one buffer of the generation's full length and binds it as bot
 present output, as onnxruntime-genai does (``past_present_share_buffer``): GQA then writes the new keys and
 values in place and reads the valid length from ``attention_mask``, instead of copying the whole cache into
 a newly allocated present tensor at every step.  The tokens and logits are the same either way.
+
+A decode step is one hot session issuing a few hundred small parallel sections (SmolLM2-135M: 309 kernels per
+token), so ONNX Runtime's thread policy decides much of its speed.  ``Generator.open`` lets the intra-op
+threads spin between sections (``spinning=True``, ORT's and onnxruntime-genai's default), which pays on cores
+the loop has to itself and costs where others run on them: SmolLM2-135M, 2 threads, 128-token prompt, 64 new
+tokens, interleaved rounds, onnxruntime-genai's int4 graph 110.7 -> 144.0 tok/s and an edgeprune-fused fp32
+model 40.7 -> 46.8 on a quiet 2-core machine, but 92.3 -> 60.6 and 28.9 -> 19.6 with a 2-thread compile running
+beside it.  ``measure_generation`` compares models side by side and keeps edgeprune's no-spin default unless
+``spinning=True`` is given, one policy for every model it compares.  With the same policy on both sides this
+loop decodes as fast as onnxruntime-genai's own generator on the same graph (no spin 110.7 vs 105.4 tok/s,
+spin 144.0 vs 131.5; the same 309 kernels per token in ORT's profile).
 """
 
 from __future__ import annotations
@@ -95,9 +106,15 @@ class Generator:
     ``share_buffer`` (default: where the model allows it, see the module doc) keeps each cache tensor in one
     buffer of the generation's length, bound as both past input and present output; False always feeds the
     previous step's present outputs back.
+
+    A decode step does no allocation on the Python side: the token, ``attention_mask`` and ``position_ids``
+    are views of buffers kept across steps (ones and 0..n-1, grown when a longer generation comes), and the
+    one-token logits go into one array bound once, so ``_step``'s logits are valid until the next step.
     """
 
     def __init__(self, session, *, prefill_chunk: int | None = None, share_buffer: bool | None = None):
+        import onnxruntime as ort
+
         self.session = session
         self.prefill_chunk = _check_chunk(prefill_chunk)
         self.cache = kv_cache.session_cache(session)
@@ -120,6 +137,12 @@ class Generator:
         vocab = logits.shape[-1] if logits.shape else None
         self.vocab = vocab if isinstance(vocab, int) and vocab > 0 and logits.type == "tensor(float)" and len(logits.shape) == 3 else None
         self._bound = None  # (cache buffers, the IOBinding that has them bound as past and present)
+        self._bound_logits = None  # (the shared-buffer binding, the OrtValue bound to it as the logits output)
+        self._ones = np.ones((1, 0), dtype=np.int64)  # attention_mask[:, :total]
+        self._positions = np.zeros((1, 0), dtype=np.int64)  # position_ids[:, past:total]
+        self._token = np.zeros((1, 1), dtype=np.int64)  # the decode step's input_ids, written in place
+        self._one_logits = None  # (array, OrtValue) of the one-token logits, made at the first decode step
+        self._ort = ort
         self.share_buffer = _gqa_owns_the_cache(session, self.cache) if share_buffer in (None, True) else False
         if share_buffer and not self.share_buffer:
             raise BadInputError(
@@ -129,18 +152,42 @@ class Generator:
 
     @classmethod
     def open(cls, model, target="cpu", *, threads: int | None = None, prefill_chunk: int | None = None,
-             share_buffer: bool | None = None) -> Generator:
-        """A generator on a new session for ``model`` (a path, ``onnx_ir.Model`` or ``onnx.ModelProto``)."""
-        return cls(make_session(model, resolve_target(target), threads=threads), prefill_chunk=prefill_chunk, share_buffer=share_buffer)
+             share_buffer: bool | None = None, spinning: bool = True) -> Generator:
+        """A generator on a new session for ``model`` (a path, ``onnx_ir.Model`` or ``onnx.ModelProto``).
+
+        ``spinning`` (default True, as ONNX Runtime and onnxruntime-genai do) lets the session's intra-op threads
+        busy-wait between a step's parallel sections; False is edgeprune's default for every other session (see
+        ``make_session``).  See the module doc for when each pays.
+        """
+        session = make_session(model, resolve_target(target), threads=threads, spinning=spinning)
+        return cls(session, prefill_chunk=prefill_chunk, share_buffer=share_buffer)
+
+    def _grow(self, total: int) -> None:
+        """The mask and position buffers hold at least ``total`` positions (doubled, so a generation grows them
+        a few times at most)."""
+        if self._ones.shape[1] < total:
+            size = max(total, 2 * self._ones.shape[1])
+            self._ones = np.ones((1, size), dtype=np.int64)
+            self._positions = np.arange(size, dtype=np.int64)[None, :]
+
+    def _logits_for(self, n: int):
+        """(array, OrtValue) the logits of an ``n``-token step are written into: one kept for decode steps."""
+        if n == 1:
+            if self._one_logits is None:
+                array = np.empty((1, 1, self.vocab), dtype=np.float32)
+                self._one_logits = (array, self._ort.OrtValue.ortvalue_from_numpy(array))
+            return self._one_logits
+        array = np.empty((1, n, self.vocab), dtype=np.float32)
+        return array, self._ort.OrtValue.ortvalue_from_numpy(array)
 
     def _step(self, ids: np.ndarray, past_len: int, past) -> tuple[np.ndarray, list]:
-        import onnxruntime as ort
-
         n = ids.shape[1]
+        total = past_len + n
+        self._grow(total)
         arrays = {
-            "input_ids": ids,
-            "attention_mask": np.ones((1, past_len + n), dtype=np.int64),
-            "position_ids": np.arange(past_len, past_len + n, dtype=np.int64)[None, :],
+            "input_ids": ids if ids.dtype == np.int64 else ids.astype(np.int64),
+            "attention_mask": self._ones[:, :total],
+            "position_ids": self._positions[:, past_len:total],
         }
         if self.share_buffer:  # the cache is bound once per generation: GQA writes the new rows in place
             if self._bound is None or self._bound[0] is not past:
@@ -161,8 +208,12 @@ class Generator:
             binding.bind_cpu_input(name, arrays[name])
         logits = None
         if self.vocab is not None:  # ORT writes the logits into our array: no copy out, no wrapper per output
-            logits = np.empty((1, n, self.vocab), dtype=np.float32)
-            binding.bind_ortvalue_output(self.logits, ort.OrtValue.ortvalue_from_numpy(logits))
+            logits, value = self._logits_for(n)
+            if not self.share_buffer:
+                binding.bind_ortvalue_output(self.logits, value)
+            elif self._bound_logits is None or self._bound_logits[0] is not binding or self._bound_logits[1] is not value:
+                binding.bind_ortvalue_output(self.logits, value)  # decode steps after the first keep this one
+                self._bound_logits = (binding, value)
         else:
             binding.bind_output(self.logits, self.device)
         self.session.run_with_iobinding(binding)
@@ -173,8 +224,7 @@ class Generator:
 
     def run(self, prompt: Sequence[int] | np.ndarray, new_tokens: int) -> tuple[list[int], float, float]:
         """(generated ids, prefill seconds, decode seconds) of one greedy generation of ``new_tokens`` (>= 1)."""
-        import onnxruntime as ort
-
+        ort = self._ort
         ids = np.asarray(prompt, dtype=np.int64).reshape(-1)
         if ids.size == 0 or new_tokens < 1:
             raise BadInputError(f"generation needs a non-empty prompt and new_tokens >= 1, got {ids.size} tokens and {new_tokens}.")
@@ -184,14 +234,17 @@ class Generator:
             length = ids.size + new_tokens
             empty = {name: np.zeros((1, a.shape[1], length, a.shape[3]), dtype=a.dtype) for name, a in empty.items()}
         past = [ort.OrtValue.ortvalue_from_numpy(a) for a in empty.values()]
+        self._grow(ids.size + new_tokens)
         start = time.perf_counter()
         for c in range(0, ids.size, chunk):
             logits, past = self._step(ids[None, c : c + chunk], c, past)
         prefill = time.perf_counter() - start
         tokens = [int(np.argmax(logits))]
+        token = self._token
         start = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            logits, past = self._step(np.array([[tokens[-1]]], dtype=np.int64), ids.size + len(tokens) - 1, past)
+        for position in range(ids.size, ids.size + new_tokens - 1):
+            token[0, 0] = tokens[-1]
+            logits, past = self._step(token, position, past)
             tokens.append(int(np.argmax(logits)))
         return tokens, prefill, time.perf_counter() - start
 
@@ -214,10 +267,13 @@ def measure_generation(
     warmup: int = 1,
     threads: int | None = None,
     prefill_chunk: int | None = None,
+    spinning: bool = False,
 ) -> dict[str, GenerationResult]:
     """Greedy generation of ``new_tokens`` after ``prompt`` on each model, interleaved round by round.
 
     ``prefill_chunk`` prefills in steps of that many tokens through the cache (None: one shot).
+    ``spinning`` is every session's thread policy (see ``Generator.open``): one policy for all the models
+    compared, so the ratios compare the models and not the policies.
     Peak memory per model is the growth while its session is created and its warm-up
     generations run (the cache at full length included), on top of the sessions already open.
     """
@@ -239,7 +295,8 @@ def measure_generation(
         for name in names:
             sources[name] = _prepare_file(models[name])
             rss = _reset_peak()
-            generators[name] = Generator(make_session(sources[name], target, threads=threads), prefill_chunk=prefill_chunk)
+            session = make_session(sources[name], target, threads=threads, spinning=spinning)
+            generators[name] = Generator(session, prefill_chunk=prefill_chunk)
             for _ in range(warmup):
                 generators[name].run(ids, new_tokens)
             peaks[name] = _peak_since(rss)

@@ -148,7 +148,7 @@ def load_error(exc: Exception, label: str, target: Target | str = "cpu") -> BadI
 
 
 def _session_options(threads: int | None, profile: bool, profile_prefix: str | None,
-                     optimization_level: str) -> tuple[onnxruntime.SessionOptions, str | None]:
+                     optimization_level: str, spinning: bool = False) -> tuple[onnxruntime.SessionOptions, str | None]:
     if optimization_level not in _OPT_LEVELS:
         raise BadInputError(
             f"unknown optimization level {optimization_level!r}: choose one of {', '.join(_OPT_LEVELS)}."
@@ -164,8 +164,9 @@ def _session_options(threads: int | None, profile: bool, profile_prefix: str | N
     # No busy-waiting between parallel sections: edgeprune runs several sessions in one process
     # (side-by-side latency, microbenchmarks), and an idle session's spinning threads steal the
     # cores of the one being timed.  Measured on MiniLM, 2 threads on 2 shared cores: fp32 p50
-    # 46 ms spinning vs 31 ms not (int8: 26 vs 14 ms).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # 46 ms spinning vs 31 ms not (int8: 26 vs 14 ms).  ``spinning=True`` (ORT's own default) is for a
+    # caller that runs one hot session on cores of its own, e.g. a generation loop (see make_session).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.log_severity_level = 3  # errors only: EP fallback warnings would flood the user's terminal
     profile_dir = None
     if profile:
@@ -187,6 +188,7 @@ def make_session(
     optimization_level: str = "all",
     custom_op_libraries: Sequence[str | os.PathLike] = (),
     config: Mapping[str, str] | None = None,
+    spinning: bool = False,
 ) -> onnxruntime.InferenceSession:
     """Create an ORT session for ``model`` on ``target``.
 
@@ -194,6 +196,9 @@ def make_session(
     ``custom_op_libraries`` are registered before loading (edgeprune's own kernel library is
     registered by itself when the model uses its ops); ``config`` adds session config entries
     (e.g. ``session.enable_saved_runtime_optimizations``) after edgeprune's own.
+    ``spinning=True`` lets the intra-op threads busy-wait between parallel sections (ORT's and
+    onnxruntime-genai's default); edgeprune's sessions do not unless asked, since an idle or
+    co-running session's spinning threads take the cores of the one being timed.
     With ``profile=True`` and no ``profile_prefix`` the profile JSON goes to a temporary folder
     that is removed with the session; read it via ``session.end_profiling()`` first.
     Raises TargetUnavailableError when the target's EP is missing and BadInputError (or
@@ -201,7 +206,9 @@ def make_session(
     """
     target = resolve_target(target)
     require_available(target)
-    so, profile_dir = _session_options(threads, profile, profile_prefix, optimization_level)
+    if not isinstance(spinning, bool):
+        raise BadInputError(f"spinning must be True or False, got {spinning!r}.")
+    so, profile_dir = _session_options(threads, profile, profile_prefix, optimization_level, spinning)
     for library in custom_op_libraries:
         try:
             so.register_custom_ops_library(str(library))
@@ -230,7 +237,7 @@ def make_session(
         raise load_error(exc, source.label, target) from exc
     for folder in owned:
         weakref.finalize(session, shutil.rmtree, folder, ignore_errors=True)
-    logger.debug("session for %s on %s (threads=%s, profile=%s)", source.label, target.name, threads, profile)
+    logger.debug("session for %s on %s (threads=%s, profile=%s, spinning=%s)", source.label, target.name, threads, profile, spinning)
     return session
 
 
