@@ -540,10 +540,14 @@ class LlamaRunner:
 LLAMA_THREADS = {"n": 1}
 
 
+#: The ORT thread policy of the ONNX and genai rows (--spinning): one policy for both, so the loops compare.
+SPINNING = {"on": False}
+
+
 def make_runner(kind: str, path: Path, threads: int):
     if kind == "gguf":
         return LlamaRunner(path, LLAMA_THREADS["n"])
-    return {"onnx": OnnxRunner, "genai": GenaiRunner}[kind](path, threads)
+    return {"onnx": OnnxRunner, "genai": GenaiRunner}[kind](path, threads, spinning=SPINNING["on"])
 
 
 # ------------------------------------------------------------------------------------ measures
@@ -631,7 +635,8 @@ def memory_child(kind: str, path: Path, threads: int, prompt: list[int], new_tok
 
 
 def peak_memory(kind: str, path: Path, threads: int, prompt: list[int], new_tokens: int) -> dict:
-    payload = json.dumps({"kind": kind, "path": str(path), "threads": threads, "prompt": prompt, "new_tokens": new_tokens})
+    payload = json.dumps({"kind": kind, "path": str(path), "threads": threads, "prompt": prompt, "new_tokens": new_tokens,
+                          "spinning": SPINNING["on"]})
     proc = subprocess.run([sys.executable, __file__, "--memory-child", payload], capture_output=True, text=True, timeout=600, check=False)
     if proc.returncode != 0:
         return {"error": proc.stderr[-1500:]}
@@ -683,7 +688,7 @@ def render(res: dict) -> str:
     lines = [
         "## SmolLM2-135M against CPU LLM toolchains (`run_llm_peers.py`)", "",
         "Written by `benchmarks/run_llm_peers.py` from `benchmarks/results/llm_peers.json`; do not edit by hand.", "",
-        *[f"- run {i + 1}: `{r['command']}`; date {r['date']}; {r.get('cpu') or res['machine']['cpu']}; load average (1/5/15 min) "
+        *[f"- run {i + 1}: `{r['command']}`; date {r['date']}; {r.get('cpu') or res['machine']['cpu']}; {'spinning ' + r['spinning'] if 'spinning' in r else 'genai spinning, ORT rows not'}; load average (1/5/15 min) "
           f"at start {r['load_average_start']}, at end {r['load_average_end']}" for i, r in enumerate(res["runs"])],
         (f"- machine: each run's CPU is in its line (ratios from runs on different CPUs do not compare), "
          f"{res['machine']['cpu_count']} cpus shared with other jobs "
@@ -726,8 +731,10 @@ def render(res: dict) -> str:
         "`Llama.eval` with the argmax of the last logits. genai's perplexity runs its `model.onnx` in ONNX Runtime "
         "(a prefill per window, the same kernels its generator uses)"),
         ("- onnxruntime-genai is 0.15.2: the model builder of 0.18 imports transformers 5 classes, and the export stack "
-        "here is transformers 4.57; genai 0.15's session options take no config entries, so its ORT threads keep "
-        "spinning on (the rounds pause 0.2 s between runs so an idle pool does not eat into the next row)"),
+        "here is transformers 4.57"),
+        ("- ORT's intra-op threads: each run's rows run under one policy, the run's `--spinning` (its line says it; runs "
+         "without it: genai spinning, ORT rows not, which favoured genai by about 30 % on a quiet machine); the rounds "
+         "pause 0.2 s between runs so an idle pool does not eat into the next row"),
         ("- llama.cpp: the build's AMX kernels (`-march=native`) die with SIGILL on this VM, so its extra buffer types "
          "are off (no AMX, no repacked layouts); with 2 threads its spinning OpenMP barriers collapsed on this overloaded "
          "machine (a trial run: prefill about 5x slower and decode over 10x slower than with 1 thread), so it runs "
@@ -774,6 +781,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--llama-threads", type=int, default=1, help="llama.cpp threads (see LLAMA_THREADS)")
+    ap.add_argument("--spinning", choices=["off", "on"], default="off",
+                    help="ORT's busy-waiting intra-op threads for the ONNX and genai rows alike (off: robust beside other "
+                         "jobs; on: ORT's and genai's default, faster on a quiet machine)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -793,9 +803,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.memory_child:
         p = json.loads(args.memory_child)
+        SPINNING["on"] = p.get("spinning", False)
         print(json.dumps(memory_child(p["kind"], Path(p["path"]), p["threads"], p["prompt"], p["new_tokens"])))
         return 0
     LLAMA_THREADS["n"] = args.llama_threads
+    SPINNING["on"] = args.spinning == "on"
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     for ours in ("run_llm_peers", "edgeprune"):
         logging.getLogger(ours).setLevel(logging.INFO)
@@ -907,7 +919,7 @@ def main(argv=None) -> int:
             r["fp32_decode_tokens_per_s_same_run"] = ref["decode_tokens_per_s"]
     run = {"date": date, "command": "python benchmarks/run_llm_peers.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "load_average_start": [round(x, 2) for x in load_start], "load_average_end": [round(x, 2) for x in os.getloadavg()],
-           "rows": list(rows), "cpu": __import__("run_baselines").machine()["cpu"]}
+           "rows": list(rows), "cpu": __import__("run_baselines").machine()["cpu"], "spinning": args.spinning}
     runs = [run]
     if args.merge and path.exists():  # rows measured by an earlier run stay, each with its own run's fp32 figures
         old = json.loads(path.read_text())
