@@ -173,6 +173,7 @@ def hf_folder(work: Path) -> Path:
     """A Hugging Face folder (fp32 safetensors + tokenizer) from the package's GGUF, as the recipe exports it."""
     dst = work / "hf"
     if (dst / "config.json").is_file():
+        _drop_gguf_spm(dst)  # a folder written before this check
         return dst
     from edgeprune.models.recipes import _SMOLLM2_GGUF, _import_weights, get_recipe
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -182,13 +183,20 @@ def hf_folder(work: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     AutoModelForCausalLM.from_pretrained(str(package), gguf_file=_SMOLLM2_GGUF).save_pretrained(tmp)
     AutoTokenizer.from_pretrained(str(package), gguf_file=_SMOLLM2_GGUF).save_pretrained(tmp)
-    # transformers 4.57 saves the slow tokenizer's vocab_file, here the whole GGUF, as tokenizer.model; llama.cpp's
-    # converter would read it as a sentencepiece model and fail. tokenizer.json holds the (BPE) vocabulary.
-    spm = tmp / "tokenizer.model"
-    if spm.is_file() and spm.open("rb").read(4) == b"GGUF":
-        spm.unlink()
+    _drop_gguf_spm(tmp)
     tmp.rename(dst)
     return dst
+
+
+def _drop_gguf_spm(folder: Path) -> None:
+    """transformers 4.57 saves the slow tokenizer's vocab_file, here the whole GGUF, as tokenizer.model; llama.cpp's
+    converter would read it as a sentencepiece model and fail. tokenizer.json holds the (BPE) vocabulary."""
+    spm = folder / "tokenizer.model"
+    if spm.is_file():
+        with spm.open("rb") as fh:
+            gguf = fh.read(4) == b"GGUF"
+        if gguf:
+            spm.unlink()
 
 
 def _llama_convert_script(work: Path) -> Path:
@@ -688,7 +696,7 @@ def render(res: dict) -> str:
     lines = [
         "## SmolLM2-135M against CPU LLM toolchains (`run_llm_peers.py`)", "",
         "Written by `benchmarks/run_llm_peers.py` from `benchmarks/results/llm_peers.json`; do not edit by hand.", "",
-        *[f"- run {i + 1}: `{r['command']}`; date {r['date']}; {r.get('cpu') or res['machine']['cpu']}; {'spinning ' + r['spinning'] if 'spinning' in r else 'genai spinning, ORT rows not'}; load average (1/5/15 min) "
+        *[f"- run {i + 1}: `{r['command']}`; date {r['date']}; {r.get('cpu') or 'CPU not recorded'}; {'spinning ' + r['spinning'] if 'spinning' in r else 'genai spinning, ORT rows not'}; load average (1/5/15 min) "
           f"at start {r['load_average_start']}, at end {r['load_average_end']}" for i, r in enumerate(res["runs"])],
         (f"- machine: each run's CPU is in its line (ratios from runs on different CPUs do not compare), "
          f"{res['machine']['cpu_count']} cpus shared with other jobs "
@@ -931,7 +939,7 @@ def main(argv=None) -> int:
         variant = lambda k: k.split("@")[0]  # noqa: E731
         firsts = list(dict.fromkeys(variant(k) for k in kept if k not in order))
         rows = {k: kept[k] for k in sorted(kept, key=lambda k: order.index(k) if k in order else len(order) + firsts.index(variant(k)))}
-        runs = [{"cpu": old.get("machine", {}).get("cpu"), **r} for r in old.get("runs", [])] + [run]  # runs before "cpu"
+        runs = old.get("runs", []) + [run]
     notes = []
     for key, r in rows.items():
         b = r.get("build") or {}

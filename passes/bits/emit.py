@@ -279,8 +279,9 @@ def emit(model: ir.Model, plan: dict[str, Option], *, accuracy_level: int | None
         if gptq_weights:
             log["gptq_nodes"] = _gptq_codes(result, plan, gptq_weights, grams)
         before = {n.name for n in model.graph if n.op_type in _BLOCK_OPS}
-        log["packed_siblings"] = pack_siblings(result, before)  # after every step that writes a node's own codes
-        if any(o.fp16_scales for o in plan.values()):  # last: every step above writes float32 scales
+        fp16 = any(o.fp16_scales for o in plan.values())
+        log["packed_siblings"] = pack_siblings(result, before, fp16=fp16)  # after every step writing a node's own codes
+        if fp16:  # last: every step above writes float32 scales
             log["fp16_scales"] = _fp16_scales(result, before)
         # Pull every weight into memory before the folder goes away.
         for v in result.graph.initializers.values():

@@ -11,7 +11,7 @@ from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
 from edgeprune.calibration import CalibrationSet
 from edgeprune.context import CompileContext
-from edgeprune.model_io import to_proto
+from edgeprune.model_io import model_bytes, to_proto
 from edgeprune.passes.bits.bits_pass import BitAllocationConfig, BitAllocationPass
 from edgeprune.passes.bits.pack import pack_siblings
 from edgeprune.runtime.targets import get_target
@@ -57,12 +57,13 @@ def _ops(model: ir.Model) -> list[str]:
     return sorted(n.op_type for n in model.graph)
 
 
-@pytest.mark.parametrize("bits, level, opset", [(4, 4, 17), (8, 4, 17), (4, 0, 17), (4, 4, 11)])
+@pytest.mark.parametrize("bits, level, opset", [(4, 4, 17), (8, 4, 17), (4, 0, 17), (2, 0, 17), (4, 4, 11)])
 def test_packed_siblings_compute_exactly_what_they_computed_apart(bits, level, opset):
     quantized = _nbits(_siblings(opset=opset), bits, level)
     model = ir.from_proto(quantized)
     assert pack_siblings(model) == {"groups": 1, "nodes": 3}
     assert _ops(model) == ["MatMulNBits", "MatMulNBits", "Split", "Tanh"]
+    assert [v.name for v in model.graph.outputs] == ["q", "k", "v", "o"]
     packed = next(n for n in model.graph if n.op_type == "MatMulNBits" and n.inputs[0].name == "x")
     assert packed.attributes.get_int("N") == sum(NS.values()) and packed.attributes.get_int("accuracy_level", 0) == level
     x = np.random.default_rng(1).standard_normal((1, T, K)).astype(np.float32)
@@ -86,6 +87,16 @@ def test_siblings_of_different_formats_or_shared_tables_stay_apart():
     model = ir.from_proto(_nbits(_siblings()))
     names = {n.name for n in model.graph if n.op_type == "MatMulNBits"}
     assert pack_siblings(model, exclude=names) == {"groups": 0, "nodes": 0}
+    # Where scales go to float16 next, a sibling whose scales float16 cannot hold stays apart (it keeps float32 ones).
+    tiny = _siblings()
+    wv = next(i for i in tiny.graph.initializer if i.name == "Wv")
+    wv.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(wv) * 1e-7, "Wv"))
+    model = ir.from_proto(_nbits(tiny))
+    assert pack_siblings(model, fp16=True) == {"groups": 1, "nodes": 2}
+    model = ir.from_proto(_nbits(tiny))
+    assert pack_siblings(model) == {"groups": 1, "nodes": 3}
+    # Before opset 11 Split has no negative axis: nothing is packed.
+    assert pack_siblings(ir.from_proto(_nbits(_siblings(opset=10)))) == {"groups": 0, "nodes": 0}
     # An initializer another node also reads (a tied lookup's table) keeps its node apart.
     model = ir.from_proto(_nbits(_siblings()))
     q = next(n for n in model.graph if n.op_type == "MatMulNBits" and n.outputs[0].name == "q")
@@ -103,30 +114,39 @@ def _ctx(proto: onnx.ModelProto) -> CompileContext:
     return CompileContext(target=get_target("cpu"), calibration=calib, holdout=calib)
 
 
+@pytest.mark.parametrize("fp16", [False, True])
 @pytest.mark.parametrize("joint", [False, True])
-def test_joint_siblings_take_one_format_and_are_packed(joint):
-    """With ``joint_siblings`` q/k/v form one unit: one format, emitted as one MatMulNBits; without, each its own.
-    Either way the outputs equal the plan's nodes quantized one by one (the records' formats)."""
+def test_joint_siblings_take_one_format_and_are_packed(joint, fp16, monkeypatch):
+    """With ``joint_siblings`` q/k/v form one unit: one format, emitted as one MatMulNBits; without, each its own
+    (those that agree still pack).  Either way the outputs equal the same plan emitted without packing, bit for bit,
+    and the file holds the bytes the solver predicted (packed scales go to float16 like any others)."""
+    from edgeprune.passes.bits import emit as emit_mod
+
     proto = _siblings()
-    model = ir.from_proto(proto)
     cfg = BitAllocationConfig(avg_bits=6, bit_options=(4, 8), block_size=32, dynamic_int8=False, output_checks=0,
-                              accuracy_levels=(4,), no_slower=False, fp16_scales=False, joint_siblings=joint)
+                              accuracy_levels=(4,), no_slower=False, fp16_scales=fp16, joint_siblings=joint)
+    model = ir.from_proto(proto)
     result = BitAllocationPass(cfg, _ctx(proto))(model)
     formats = {r["layer"].split(":")[-1]: r["format"] for r in result.records}  # unnamed nodes: "MatMul:<output>"
     joint_units = {r["joint_unit"] for r in result.records}
     if joint:
         assert formats["q"] == formats["k"] == formats["v"] and len(joint_units - {None}) == 1
-    else:  # on their own k takes 8 bits, q and v 4 (which still pack)
-        assert (formats["q"], formats["k"], formats["v"]) == ("nbits4-b32-asym-acc4", "nbits8-b32-asym-acc4", "nbits4-b32-asym-acc4")
-    # The same plan quantized node by node, without packing, computes the same outputs.
-    reference = proto
-    for fmt in sorted(set(formats.values())):
-        bits = int(fmt[len("nbits"):].split("-")[0])
-        others = tuple(k for k, f in formats.items() if f != fmt)
-        reference = _nbits(reference, bits, 4, exclude=others + tuple(n.output[0] for n in reference.graph.node
-                                                                       if n.op_type == "MatMulNBits"))
+    else:  # on their own one of them takes 8 bits, the two others 4 (which still pack)
+        assert sorted(formats[k] for k in NS) == ["nbits4-b32-asym-acc4"] * 2 + ["nbits8-b32-asym-acc4"]
+    emitted = result.summary["emit"]
+    assert emitted["packed_siblings"] == {"groups": 1, "nodes": 3 if joint else 2}
+    nbits = [n for n in model.graph if n.op_type == "MatMulNBits"]
+    assert len([n for n in nbits if n.inputs[0].name == "x"]) == len({formats[k] for k in NS})
+    if fp16:
+        assert emitted["fp16_scales"] == {"converted": len(nbits), "kept_float32": 0}
+    # The same plan emitted without packing: the same outputs, bit for bit.
+    monkeypatch.setattr(emit_mod, "pack_siblings", lambda *a, **k: {"groups": 0, "nodes": 0})
+    apart = ir.from_proto(proto)
+    reference = BitAllocationPass(cfg, _ctx(proto))(apart)
+    assert [r["format"] for r in reference.records] == [r["format"] for r in result.records]
+    assert [n.op_type for n in apart.graph].count("MatMulNBits") == 4
+    # The same weight bytes, plus the Split's sizes (int64 each): packed scales are stored like the siblings' own.
+    assert model_bytes(model) == model_bytes(apart) + 8 * emitted["packed_siblings"]["nodes"]
     x = np.random.default_rng(2).standard_normal((1, T, K)).astype(np.float32)
-    for apart, together in zip(_outputs(reference, x), _outputs(model, x), strict=True):
-        np.testing.assert_array_equal(together, apart)
-    packed = [n for n in model.graph if n.op_type == "MatMulNBits" and n.inputs[0].name == "x"]
-    assert len(packed) == len({formats[k] for k in NS})  # one node per format among q/k/v
+    for want, got in zip(_outputs(apart, x), _outputs(model, x), strict=True):
+        np.testing.assert_array_equal(got, want)
