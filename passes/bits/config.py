@@ -64,9 +64,7 @@ class BitAllocationConfig:
     """A size budget alone (mode ``auto``, CPU execution provider): also bound the prefill latency to the
     float model's (``latency_budget_ratio`` 1.0, predicted by the microbenchmarks and checked by measurement
     like an explicit budget), so the size budget does not buy accuracy with formats slower than float.
-    Where nothing within the size budget is predicted that fast, the least-error choice is kept with a note.
-    Off (``--allow-slower``): accuracy first, and MatMulNBits is also offered at level 0 (unless
-    ``accuracy_levels`` says otherwise)."""
+    Where nothing within the size budget is predicted that fast, the least-error choice is kept with a note."""
     latency_implicit: bool = False
     """Set by :meth:`for_target` when ``latency_budget_ratio`` comes from ``no_slower``, not from the user."""
     gptq: bool = False
@@ -157,10 +155,7 @@ class BitAllocationConfig:
         settled = self
         if self.accuracy_levels is None:
             budget = cpu and self.mode == "auto" and self.accuracy_level is None
-            # Accuracy first (``no_slower`` off under a size budget alone) also offers level 0: float activations,
-            # no int8 activation error, however slow.
-            first = not self.no_slower and self.size_bounded and not self.latency_bounded
-            levels = tuple(sorted(set(CPU_BUDGET_LEVELS) | ({0} if 2 in self.bit_options or first else set())))
+            levels = tuple(sorted(set(CPU_BUDGET_LEVELS) | ({0} if 2 in self.bit_options else set())))
             settled = dataclasses.replace(self, accuracy_levels=levels if budget else (0,))
         if cpu and self.mode == "auto" and self.no_slower and self.size_bounded and not self.latency_bounded:
             settled = dataclasses.replace(settled, latency_budget_ratio=1.0, latency_implicit=True)
