@@ -86,12 +86,15 @@ def _pack(model: ir.Model, nodes: list[ir.Node]) -> None:
     split = ir.Node("", "Split", split_in, attributes=split_attrs, num_outputs=len(nodes), name=f"{name}_split")
     graph.insert_before(first, [matmul, split])
     out = nodes[0].outputs[0]
-    matmul.outputs[0].dtype = out.dtype
+    if out.dtype is not None:  # an untyped output (no value_info, as ORT's quantizer leaves them) stays untyped
+        matmul.outputs[0].dtype = out.dtype
     if out.shape is not None:
         matmul.outputs[0].shape = ir.Shape([*out.shape[:-1], sum(ns)])
     for node, value in zip(nodes, split.outputs):
         old = node.outputs[0]
-        value.dtype, value.shape = old.dtype, old.shape
+        if old.dtype is not None:
+            value.dtype = old.dtype
+        value.shape = old.shape
         old.replace_all_uses_with(value, replace_graph_outputs=True)
         weights = [v.name for v in node.inputs[1:]]
         graph.remove(node, safe=True)

@@ -74,6 +74,28 @@ def test_packed_siblings_compute_exactly_what_they_computed_apart(bits, level, o
     assert not any(n.startswith(("Wq", "Wk", "Wv")) and not n.endswith("_packed") for n in names)
 
 
+def test_untyped_siblings_pack_into_a_model_that_serializes():
+    """Siblings read by further ops carry no type (ORT's quantizer writes no value_info): the packed values stay
+    untyped rather than typed None, and the model serializes and runs (MiniLM's q/k/v failed to serialize)."""
+    proto = onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, {T}, {K}] x) => (float[N, {T}, 144] y) {{
+            q = MatMul(x, Wq)
+            k = MatMul(x, Wk)
+            v = MatMul(x, Wv)
+            y = Concat <axis = -1> (q, k, v)
+        }}""")
+    rng = np.random.default_rng(4)
+    for name, n in NS.items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal((K, n)).astype(np.float32), f"W{name}"))
+    quantized = _nbits(proto)
+    model = ir.from_proto(quantized)
+    assert all(n.outputs[0].dtype is None for n in model.graph if n.op_type == "MatMulNBits")
+    assert pack_siblings(model) == {"groups": 1, "nodes": 3}
+    x = np.random.default_rng(1).standard_normal((2, T, K)).astype(np.float32)
+    np.testing.assert_array_equal(_outputs(model, x)[0], _outputs(quantized, x)[0])
+
+
 def test_siblings_of_different_formats_or_shared_tables_stay_apart():
     # k stays float: q and v still pack, k is untouched.
     model = ir.from_proto(_nbits(_siblings(), exclude=("k",)))
