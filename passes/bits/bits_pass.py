@@ -193,16 +193,13 @@ class BitAllocationPass(EdgePass):
                                                       alt_log, [], emit)
         alt_missed = below_default_floor(self.context.held_back_fidelity(as_written(model, alt_new)))
         record["unbounded"] = [fl.to_dict(f) for fl, f in alt_missed] or "holds the default floor"
-        bounded_text = "; ".join(fl.describe(f) for fl, f in missed)
         if alt_missed and _shortfall(alt_missed) >= _shortfall(missed):
             notes.append(f"no slower than float (the size budget's implied bound) was kept: the least-error choice of "
-                         f"the same size misses the default floor by as much ({'; '.join(fl.describe(f) for fl, f in alt_missed)} "
-                         f"vs {bounded_text})")
+                         f"the same size misses the default floor by as much ({_describe(alt_missed)} vs {_describe(missed)})")
             return sol, new, log, record, None
-        held = (f"misses the default floor by less ({'; '.join(fl.describe(f) for fl, f in alt_missed)})" if alt_missed
-                else "holds the default floor")
+        held = f"misses the default floor by less ({_describe(alt_missed)})" if alt_missed else "holds the default floor"
         notes.append(f"no slower than float (the size budget's implied bound) gave way: with it the held-back "
-                     f"{bounded_text}; the least-error choice of the same size {held}")
+                     f"{_describe(missed)}; the least-error choice of the same size {held}")
         record["replaced"] = True
         return alt, alt_new, alt_log, record, size_check
 
@@ -304,6 +301,11 @@ class BitAllocationPass(EdgePass):
                      if plan[p.node].kind == "gptq" or plan[p.node].rounding == "wmse"}
             rows = self.context.calibration.samples if any(o.kind == "qdq" for o in plan.values()) else None
             return emit(model, plan, accuracy_level=self.config.accuracy_level, grams=grams, calibration=rows)
+
+
+def _describe(missed) -> str:
+    """The outputs under their floors, as the notes name them."""
+    return "; ".join(fl.describe(f) for fl, f in missed)
 
 
 def _shortfall(missed) -> float:
