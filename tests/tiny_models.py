@@ -136,10 +136,11 @@ def tiny_llama_with_past(folder: pathlib.Path, *, heads: int = 4, kv_heads: int 
     return folder / "onnx" / "model.onnx"
 
 
-def genai_style_decoder(folder: pathlib.Path, seed: int = 0) -> pathlib.Path:
+def genai_style_decoder(folder: pathlib.Path, seed: int = 0, *, packed: bool = True) -> pathlib.Path:
     """One decoder layer in onnxruntime-genai's builder form: ORT's SimplifiedLayerNormalization in the ONNX
     domain, packed QKV into com.microsoft.GroupQueryAttention with rotary inside, and a KV cache whose head
-    size is the symbol ``kv_cache_dim`` (4 query heads, 2 KV heads of 16)."""
+    size is the symbol ``kv_cache_dim`` (4 query heads, 2 KV heads of 16).  ``packed=False``: the same weights as
+    three MatMuls (q, k, v) feeding the attention's query, key and value apart (``--fuse-attention``'s form)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -149,6 +150,8 @@ def genai_style_decoder(folder: pathlib.Path, seed: int = 0) -> pathlib.Path:
          "w_lm": rng.standard_normal((hidden, vocab)) / 8}  # fmt: skip
     pos = np.arange(256)[:, None] * (10000.0 ** (-np.arange(0, hd, 2) / hd))[None, :]
     w["cos_cache"], w["sin_cache"] = np.cos(pos), np.sin(pos)
+    if not packed:
+        w["w_q"], w["w_k"], w["w_v"] = np.split(w.pop("w_qkv"), [heads * hd, (heads + kv) * hd], axis=1)
     inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in w.items()]
     inits += [numpy_helper.from_array(np.array([1], np.int64), "axes1"), numpy_helper.from_array(np.array(1, np.int64), "one"),
               numpy_helper.from_array(np.array(1, np.int64), "idx1")]  # fmt: skip
@@ -157,14 +160,15 @@ def genai_style_decoder(folder: pathlib.Path, seed: int = 0) -> pathlib.Path:
     nodes = [
         helper.make_node("Gather", ["embed", "input_ids"], ["h"]),
         helper.make_node("SimplifiedLayerNormalization", ["h", "ln_w"], ["n"], axis=-1, epsilon=1e-5),
-        helper.make_node("MatMul", ["n", "w_qkv"], ["qkv"]),
+        *([helper.make_node("MatMul", ["n", "w_qkv"], ["qkv"])] if packed else
+          [helper.make_node("MatMul", ["n", f"w_{x}"], [x], name=f"{x}_proj") for x in "qkv"]),
         helper.make_node("ReduceSum", ["attention_mask", "axes1"], ["len"], keepdims=0),
         helper.make_node("Sub", ["len", "one"], ["len1"]),
         helper.make_node("Cast", ["len1"], ["seqlens_k"], to=TensorProto.INT32),
         helper.make_node("Shape", ["attention_mask"], ["mshape"]),
         helper.make_node("Gather", ["mshape", "idx1"], ["total64"], axis=0),
         helper.make_node("Cast", ["total64"], ["total"], to=TensorProto.INT32),
-        helper.make_node("GroupQueryAttention", ["qkv", "", "", "past_key_values.0.key", "past_key_values.0.value", "seqlens_k", "total",
+        helper.make_node("GroupQueryAttention", (["qkv", "", ""] if packed else ["q", "k", "v"]) + ["past_key_values.0.key", "past_key_values.0.value", "seqlens_k", "total",
                                                  "cos_cache", "sin_cache"],
                          ["attn", "present.0.key", "present.0.value"], domain="com.microsoft", num_heads=heads, kv_num_heads=kv,
                          do_rotary=1, scale=hd ** -0.5),  # fmt: skip

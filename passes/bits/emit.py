@@ -6,7 +6,8 @@ The plan maps node names to :class:`edgeprune.passes.bits.sensitivity.Option`.  
    every node gets a name (both tools select nodes by name); a MatMul whose weight is
    ``Transpose(W)`` (a tied LM head) gets its own constant ``W^T`` when it is quantized (neither
    tool looks through the Transpose); a quantized ``Gemm`` becomes ``MatMul`` (+ ``Add``) since
-   neither tool quantizes Gemm; the IR version is raised to 10 when a GatherBlockQuantized will
+   neither tool quantizes Gemm; dynamic-int8 MatMuls reading one input become one MatMul + Split
+   (``pack.pack_float_siblings``: exact for per-channel weights; the tool quantizes each node apart); the IR version is raised to 10 when a GatherBlockQuantized will
    hold int4 tensors (the opset is left alone: the ops it contains are unchanged);
 2. ``quantize_static(QuantFormat.QDQ, nodes_to_quantize=...)`` for the QDQ nodes (Conv on CPU, NPU-style
    targets), one run per activation width, ranges calibrated on ``calibration`` rows of the float
@@ -25,7 +26,7 @@ The plan maps node names to :class:`edgeprune.passes.bits.sensitivity.Option`.  
 5. a ``gather-tied`` lookup becomes a GatherBlockQuantized over the tied head's MatMulNBits
    initializers (:func:`_tie_lookups`: no tool shares one packed table between the two ops);
 6. MatMulNBits siblings of one format reading one input become one node + Split (``edgeprune.passes.bits.pack``),
-   then block scales are stored as float16 where the plan says so.
+   a GroupQueryAttention reading the packed q/k/v itself where it can (no Split), then block scales are stored as float16 where the plan says so.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from onnxscript.rewriter.pattern import MatchResult, RewriteRule, RewriteRuleSet
 
 from edgeprune import model_io
 from edgeprune.analysis.graph import node_name
-from edgeprune.passes.bits.pack import pack_siblings
+from edgeprune.passes.bits.pack import fold_into_attention, pack_float_siblings, pack_siblings
 from edgeprune.passes.bits.sensitivity import KEEP, Option
 
 logger = logging.getLogger(__name__)
@@ -207,18 +208,27 @@ def _tie_lookups(model: ir.Model, pairs: dict[str, str]) -> int:
     return done
 
 
-def prepare(model: ir.Model, plan: dict[str, Option]) -> tuple[dict[str, int], dict[str, str]]:
-    """Step 1 on ``model`` in place: names, untied heads, Gemm->MatMul, IR version.
+def prepare(model: ir.Model, plan: dict[str, Option]) -> tuple[dict[str, int], dict[str, str], dict[str, Option]]:
+    """Step 1 on ``model`` in place: names, untied heads, Gemm->MatMul, dynamic-int8 siblings packed, IR version.
 
-    Returns the counts, and the tied lookups' heads (:func:`_tied_heads`, found before untying).
+    Returns the counts, the tied lookups' heads (:func:`_tied_heads`, found before untying), and the plan with
+    each packed group under its packed node's name.
     """
     _name_nodes(model)
     tied = _tied_heads(model, plan)
     quantized = {n for n, o in plan.items() if o.kind != KEEP}
     counts = {"untied": _untie(model, quantized), "gemm_to_matmul": _gemm_to_matmul(model, quantized)}
+    packed = pack_float_siblings(model, {n for n, o in plan.items() if o.kind == "int8-dynamic"})
+    if packed:
+        plan = dict(plan)
+        for name, members in packed.items():
+            plan[name] = plan[members[0]]
+            for m in members:
+                del plan[m]
+        counts["packed_int8_siblings"] = {"groups": len(packed), "nodes": sum(len(m) for m in packed.values())}
     if any(o.kind == "gather-nbits" for o in plan.values()) and (model.ir_version or 0) < 10:
         model.ir_version = 10
-    return counts, tied
+    return counts, tied, plan
 
 
 def emit(model: ir.Model, plan: dict[str, Option], *, accuracy_level: int | None = None,
@@ -231,7 +241,7 @@ def emit(model: ir.Model, plan: dict[str, Option], *, accuracy_level: int | None
     ``calibration`` (feed dicts) only for its ``qdq`` nodes.
     """
     work = ir.from_proto(model_io.to_proto(model))
-    counts, tied = prepare(work, plan)
+    counts, tied, plan = prepare(work, plan)
     log: dict = {"prepare": counts, "steps": []}
     all_names = [n.name for n in work.graph]
     with tempfile.TemporaryDirectory(prefix="edgeprune_bits_", dir=workdir) as tmp:
@@ -281,6 +291,7 @@ def emit(model: ir.Model, plan: dict[str, Option], *, accuracy_level: int | None
         before = {n.name for n in model.graph if n.op_type in _BLOCK_OPS}
         fp16 = any(o.fp16_scales for o in plan.values())
         log["packed_siblings"] = pack_siblings(result, before, fp16=fp16)  # after every step writing a node's own codes
+        log["packed_siblings"]["into_attention"] = fold_into_attention(result)
         if fp16:  # last: every step above writes float32 scales
             log["fp16_scales"] = _fp16_scales(result, before)
         # Pull every weight into memory before the folder goes away.
@@ -414,9 +425,11 @@ def _quantize_static(src: pathlib.Path, dst: pathlib.Path, names: list[str], row
 def _quantize_dynamic(src: pathlib.Path, dst: pathlib.Path, names: list[str]) -> pathlib.Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    # A tensor ONNX shape inference cannot type (after a contrib op such as SimplifiedLayerNormalization in an
+    # onnxruntime-genai graph) is float: the units quantized here all have float32 weights.
     quantize_dynamic(
         src, dst, op_types_to_quantize=["MatMul", "Gather", "Conv"], nodes_to_quantize=names,
-        per_channel=True, weight_type=QuantType.QInt8,
+        per_channel=True, weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
     return dst
 

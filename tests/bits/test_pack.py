@@ -13,7 +13,8 @@ from edgeprune.calibration import CalibrationSet
 from edgeprune.context import CompileContext
 from edgeprune.model_io import model_bytes, to_proto
 from edgeprune.passes.bits.bits_pass import BitAllocationConfig, BitAllocationPass
-from edgeprune.passes.bits.pack import pack_siblings
+from edgeprune.passes.bits.pack import fold_into_attention, pack_siblings
+from edgeprune.passes.bits.sensitivity import Option
 from edgeprune.runtime.targets import get_target
 
 K, T = 64, 5
@@ -156,7 +157,7 @@ def test_joint_siblings_take_one_format_and_are_packed(joint, fp16, monkeypatch)
     else:  # on their own one of them takes 8 bits, the two others 4 (which still pack)
         assert sorted(formats[k] for k in NS) == ["nbits4-b32-asym-acc4"] * 2 + ["nbits8-b32-asym-acc4"]
     emitted = result.summary["emit"]
-    assert emitted["packed_siblings"] == {"groups": 1, "nodes": 3 if joint else 2}
+    assert emitted["packed_siblings"] == {"groups": 1, "nodes": 3 if joint else 2, "into_attention": 0}
     nbits = [n for n in model.graph if n.op_type == "MatMulNBits"]
     assert len([n for n in nbits if n.inputs[0].name == "x"]) == len({formats[k] for k in NS})
     if fp16:
@@ -172,3 +173,68 @@ def test_joint_siblings_take_one_format_and_are_packed(joint, fp16, monkeypatch)
     x = np.random.default_rng(2).standard_normal((1, T, K)).astype(np.float32)
     for want, got in zip(_outputs(apart, x), _outputs(model, x), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def _decode_steps(model: ir.Model) -> list[np.ndarray]:
+    """Logits and cache of a 5-token prefill, then of one decode step on that cache."""
+    session = ort.InferenceSession(to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    empty = np.zeros((1, 2, 0, 16), np.float32)
+    first = session.run(None, {"input_ids": np.array([[1, 2, 3, 4, 5]]), "attention_mask": np.ones((1, 5), np.int64),
+                               "past_key_values.0.key": empty, "past_key_values.0.value": empty})
+    second = session.run(None, {"input_ids": np.array([[7]]), "attention_mask": np.ones((1, 6), np.int64),
+                                "past_key_values.0.key": first[1], "past_key_values.0.value": first[2]})
+    return first + second
+
+
+@pytest.mark.parametrize("option", [Option("nbits", 4, 32, False, 4), Option("int8-dynamic", 8)], ids=["nbits4", "int8-dyn"])
+def test_packed_qkv_feed_the_attention_without_a_split(option, tmp_path, monkeypatch):
+    """q/k/v of one format become one node whose output is GroupQueryAttention's packed query (key and value
+    empty, no Split): a prefill and a decode step give the logits and cache of the same plan emitted with q/k/v
+    apart, bit for bit.  Dynamic int8 is packed before quantizing (per-channel weights: exact), MatMulNBits after."""
+    from tiny_models import genai_style_decoder
+
+    from edgeprune.model_io import load_model
+    from edgeprune.passes.bits import emit as emit_mod
+
+    model = load_model(genai_style_decoder(tmp_path, packed=False))
+    plan = {f"{x}_proj": option for x in "qkv"}
+    new, log = emit_mod.emit(model, plan)
+    ops = [n.op_type for n in new.graph]
+    gqa = next(n for n in new.graph if n.op_type == "GroupQueryAttention")
+    assert "Split" not in ops and gqa.inputs[1] is None and gqa.inputs[2] is None
+    assert log["packed_siblings"]["into_attention"] == 1
+    if option.kind == "nbits":
+        assert ops.count("MatMulNBits") == 1 and log["packed_siblings"]["nodes"] == 3
+        assert gqa.inputs[0].producer().op_type == "MatMulNBits"
+    else:
+        assert log["prepare"]["packed_int8_siblings"] == {"groups": 1, "nodes": 3}
+        assert ops.count("MatMulInteger") == 1 and ops.count("DynamicQuantizeLinear") == 1
+    monkeypatch.setattr(emit_mod, "pack_siblings", lambda *a, **k: {"groups": 0, "nodes": 0})
+    monkeypatch.setattr(emit_mod, "pack_float_siblings", lambda *a, **k: {})
+    apart, _ = emit_mod.emit(model, plan)
+    assert [n.op_type for n in apart.graph].count("MatMulNBits" if option.kind == "nbits" else "MatMulInteger") == 3
+    for want, got in zip(_decode_steps(apart), _decode_steps(new), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_split_the_attention_does_not_read_as_its_heads_stays(tmp_path):
+    """Folding needs the Split's three outputs to be exactly the attention's query, key and value in its heads'
+    widths: other heads, or a piece something else also reads, leave the Split in place."""
+    from tiny_models import genai_style_decoder
+
+    from edgeprune.model_io import load_model
+
+    model = ir.from_proto(_nbits(to_proto(load_model(genai_style_decoder(tmp_path, packed=False)))))
+    assert pack_siblings(model) == {"groups": 1, "nodes": 3}
+    gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    gqa.attributes["kv_num_heads"] = ir.AttrInt64("kv_num_heads", 1)
+    assert fold_into_attention(model) == 0
+    gqa.attributes["kv_num_heads"] = ir.AttrInt64("kv_num_heads", 2)
+    reader = ir.Node("", "Identity", [gqa.inputs[2]], name="reader")
+    model.graph.append(reader)
+    model.graph.outputs.append(reader.outputs[0])
+    reader.outputs[0].name = "v_too"
+    assert fold_into_attention(model) == 0
+    model.graph.outputs.pop()
+    model.graph.remove(reader, safe=True)
+    assert fold_into_attention(model) == 1 and "Split" not in [n.op_type for n in model.graph]
