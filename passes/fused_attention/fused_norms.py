@@ -80,6 +80,16 @@ def _rewrite(op, a, b, eps, w, h, **_):
     return y, total
 
 
+def _drop_unread_statistics(model: ir.Model) -> None:
+    """Leave the fused norms' mean and inverse-std outputs (1 and 2) unnamed, i.e. absent, where nothing reads them:
+    ORT's kernel allocates and writes every output that is present (onnxruntime-genai's graphs omit them)."""
+    for node in model.graph:
+        if node.domain == MS_DOMAIN and node.op_type == "SkipSimplifiedLayerNormalization":
+            for value in node.outputs[1:3]:
+                if not value.uses() and not value.is_graph_output():
+                    value.name = ""
+
+
 RULES = RewriteRuleSet([RewriteRule(_skip_rms_pattern, _rewrite, _check, name="SkipRMSNorm")], commute=True)
 
 
@@ -93,6 +103,7 @@ class FusedNormsPass(EdgePass):
         count = RULES.apply_to_model(model)
         if count:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
+            _drop_unread_statistics(model)
         logger.info("fuse_norms: %d residual RMSNorms -> SkipSimplifiedLayerNormalization", count)
         return EdgePassResult(model, modified=bool(count), records=[], summary={"fused": count})
 
