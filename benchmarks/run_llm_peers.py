@@ -369,22 +369,24 @@ def slim_passes(passes: list[dict]) -> list[dict]:
 
 
 def edgeprune_flags(rounding: str | None, smooth: float | None, fuse_attention: bool = False,
-                    allow_slower: bool = False, pack_siblings: bool = False) -> list[str]:
+                    allow_slower: bool = False, pack_siblings: bool = False, decode_budget: str | None = None) -> list[str]:
     """The compile flags an edgeprune row adds to ``--bits auto --size-budget``."""
     return ((["--rounding", rounding] if rounding else []) + (["--smooth", f"{smooth:g}"] if smooth else [])
             + (["--fuse-attention"] if fuse_attention else []) + (["--allow-slower"] if allow_slower else [])
-            + (["--pack-siblings"] if pack_siblings else []))
+            + (["--pack-siblings"] if pack_siblings else []) + (["--decode-budget", decode_budget] if decode_budget else []))
 
 
 def edgeprune_key(peer: str, flags: list[str]) -> str:
     """The row (and work folder) of edgeprune at ``peer``'s size (or a size such as ``100MB``):
     ``edgeprune@peer``, ``edgeprune+wmse@peer``, ``edgeprune+wmse+smooth0.7@peer``, ``edgeprune+wmse+smooth0.7+fused@peer``,
-    ``edgeprune+wmse+smooth0.7+slower@peer`` (``--allow-slower``), ``...+packed@peer`` (``--pack-siblings``)."""
+    ``edgeprune+wmse+smooth0.7+slower@peer`` (``--allow-slower``), ``...+packed@peer`` (``--pack-siblings``),
+    ``...+decode0.26x@peer`` (``--decode-budget 0.26x``)."""
     bare = {"--fuse-attention": "+fused", "--allow-slower": "+slower", "--pack-siblings": "+packed"}
+    valued = {"--rounding": "+", "--smooth": "+smooth", "--decode-budget": "+decode"}
     tags, rest = "", list(flags)
     while rest:
         flag = rest.pop(0)
-        tags += bare[flag] if flag in bare else f"+{rest.pop(0)}" if flag == "--rounding" else f"+smooth{rest.pop(0)}"
+        tags += bare[flag] if flag in bare else valued[flag] + rest.pop(0)
     return f"edgeprune{tags}@{peer}"
 
 
@@ -786,6 +788,8 @@ def main(argv=None) -> int:
                     help="edgeprune rows also pass --allow-slower: least error within the size, whatever the speed (rows edgeprune+...+slower@peer)")
     ap.add_argument("--edgeprune-pack-siblings", action="store_true",
                     help="edgeprune rows also pass --pack-siblings (rows edgeprune+...+packed@peer)")
+    ap.add_argument("--edgeprune-decode-budget",
+                    help="edgeprune rows also pass --decode-budget (ms or a ratio such as 0.26x; rows edgeprune+...+decode0.26x@peer)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--llama-threads", type=int, default=1, help="llama.cpp threads (see LLAMA_THREADS)")
@@ -847,7 +851,7 @@ def main(argv=None) -> int:
             row["error"] = f"{type(exc).__name__}: {exc}"
         rows[key] = row
     flags = edgeprune_flags(args.edgeprune_rounding, args.edgeprune_smooth, args.edgeprune_fuse_attention,
-                            args.edgeprune_allow_slower, args.edgeprune_pack_siblings)
+                            args.edgeprune_allow_slower, args.edgeprune_pack_siblings, args.edgeprune_decode_budget)
     for peer in [k for k in args.edgeprune_at.split(",") if k]:
         key = edgeprune_key(peer, flags)
         if peer in PEERS:

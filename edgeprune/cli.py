@@ -109,10 +109,11 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--refit", is_flag=True, help="Least-squares refit of each pruned layer's consumer on calibration data.")
 @click.option("--no-compensate", is_flag=True, help="Skip FLAP bias compensation of pruned channels.")
 @click.option("--prune-units", default="ffn,heads,conv", show_default=True, help="Unit kinds to prune: ffn, heads, conv (conv channel groups).")
-@click.option("--bits", "bits_mode", help="Bit allocation: 'auto' (needs --size-budget, --avg-bits or --latency-budget) or 8 / 4 / 2 for uniform.")
+@click.option("--bits", "bits_mode", help="Bit allocation: 'auto' (needs --size-budget, --avg-bits, --latency-budget or --decode-budget) or 8 / 4 / 2 for uniform.")
 @click.option("--size-budget", help="With --bits auto: weight size of the output, e.g. 137MB.")
 @click.option("--avg-bits", type=float, help="With --bits auto: average bits per weight, e.g. 4.5.")
 @click.option("--latency-budget", help="With --bits auto: prefill latency on the target, in ms (e.g. 150) or relative to the float model (e.g. 0.8x).")
+@click.option("--decode-budget", help="With --bits auto, a model with a KV cache: one decode step (a new token after 128 cached ones) on the target, in ms (e.g. 8) or relative to the float model's (e.g. 0.3x); formats are microbenchmarked at one token too and the emitted step is measured.")
 @click.option("--allow-slower", is_flag=True, help="With --bits auto and a size budget alone: take the least-error mix within it even where it runs slower than the float model (on the cpu target a size budget also bounds prefill latency to the float model's unless this is given).")
 @click.option("--pack-siblings", is_flag=True, help="With --bits auto: MatMuls reading one input (attention's q/k/v, a gated FFN's gate/up) take one format, so each group is packed into one MatMulNBits (one activation pass and dispatch instead of several; the solver has less freedom). Siblings that choose one format on their own are packed either way.")
 @click.option("--bit-options", default="4,8", show_default=True, help="Bit widths to choose from besides float (2 and 16 also exist).")
@@ -135,7 +136,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @common_json
 def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example, force, max_samples, seed,
                 prune_ratio, prune_metric, allocation, round_to, refit, no_compensate, prune_units,
-                bits_mode, size_budget, avg_bits, latency_budget, allow_slower, pack_siblings, bit_options, block_size, gptq, rounding, smooth,
+                bits_mode, size_budget, avg_bits, latency_budget, decode_budget, allow_slower, pack_siblings, bit_options, block_size, gptq, rounding, smooth,
                 sparse_keep, sparse_block, sparse_select, sparse_min_len, sparse_allocation, fuse_attention, moe_keep, moe_metric, moe_tasks, package_target, fix_shapes, threads, as_json):
     """Compile MODEL into OUT: model.onnx plus report.json, report.md and report.html."""
     from edgeprune.pipeline import CompileOptions, compile_model
@@ -146,7 +147,7 @@ def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example,
         prune = {"ratio": prune_ratio, "metric": prune_metric, "allocation": allocation, "round_to": round_to,
                  "refit": refit, "compensate": not no_compensate, "units": prune_units}  # fmt: skip
     if bits_mode is not None:
-        bits = _bits_options(bits_mode, size_budget, avg_bits, latency_budget, bit_options, block_size)
+        bits = _bits_options(bits_mode, size_budget, avg_bits, latency_budget, bit_options, block_size, decode_budget)
         if allow_slower:
             if bits["mode"] != "auto" or latency_budget is not None or (size_budget is None and avg_bits is None):
                 raise click.UsageError("--allow-slower lifts the speed bound a size budget implies: it goes with --bits auto "
@@ -160,8 +161,8 @@ def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example,
             bits["gptq"] = True
         if rounding is not None:
             bits["mse_rounding"] = rounding
-    elif any(v is not None for v in (size_budget, avg_bits, latency_budget, rounding, smooth)) or gptq or allow_slower or pack_siblings:
-        raise click.UsageError("--size-budget, --avg-bits, --latency-budget, --allow-slower, --pack-siblings, --gptq, --rounding "
+    elif any(v is not None for v in (size_budget, avg_bits, latency_budget, decode_budget, rounding, smooth)) or gptq or allow_slower or pack_siblings:
+        raise click.UsageError("--size-budget, --avg-bits, --latency-budget, --decode-budget, --allow-slower, --pack-siblings, --gptq, --rounding "
                                "and --smooth go with --bits.")
     sparse = None
     if sparse_keep is not None:
@@ -283,7 +284,7 @@ def _moe_bundle(model, result, quiet: bool) -> dict:
     return manifest
 
 
-def _bits_options(mode, size_budget, avg_bits, latency_budget, bit_options, block_size) -> dict:
+def _bits_options(mode, size_budget, avg_bits, latency_budget, bit_options, block_size, decode_budget=None) -> dict:
     """The bits pass's options from the CLI flags."""
     from edgeprune.recipe import parse_size
 
@@ -291,15 +292,18 @@ def _bits_options(mode, size_budget, avg_bits, latency_budget, bit_options, bloc
     common = {"bit_options": _ints(bit_options, "--bit-options"), "block_size": blocks if len(blocks) > 1 else blocks[0]}
     if mode == "auto":
         budgets = {"size_budget_bytes": parse_size(size_budget) if size_budget else None, "avg_bits": avg_bits}
-        if latency_budget is not None:
-            text = str(latency_budget).strip().lower()
+        for flag, what, given, example in (("--latency-budget", "latency", latency_budget, "150"),
+                                           ("--decode-budget", "decode", decode_budget, "8")):
+            if given is None:
+                continue
+            text = str(given).strip().lower()
             try:
-                key, value = ("latency_budget_ratio", float(text[:-1])) if text.endswith("x") else ("latency_budget_ms", float(text))
+                key, value = (f"{what}_budget_ratio", float(text[:-1])) if text.endswith("x") else (f"{what}_budget_ms", float(text))
             except ValueError:
-                raise click.UsageError(f"--latency-budget takes milliseconds (150) or a ratio (0.8x), got {latency_budget!r}.") from None
+                raise click.UsageError(f"{flag} takes milliseconds ({example}) or a ratio (0.8x), got {given!r}.") from None
             budgets[key] = value
         if not any(v is not None for v in budgets.values()):
-            raise click.UsageError("--bits auto needs a budget: --size-budget, --avg-bits or --latency-budget.")
+            raise click.UsageError("--bits auto needs a budget: --size-budget, --avg-bits, --latency-budget or --decode-budget.")
         return {"mode": "auto", **{k: v for k, v in budgets.items() if v is not None}, **common}
     if mode in ("8", "4", "2"):
         return {"mode": "uniform", "bits": int(mode), "block_size": common["block_size"]}

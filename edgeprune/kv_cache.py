@@ -152,8 +152,9 @@ def is_present_output(name: str) -> bool:
     return bool(_PRESENT.match(name))
 
 
-def empty_cache(entries: Sequence[CacheEntry], batch: int) -> dict[str, np.ndarray]:
-    """Zero-length past tensors: the feed of a prefill from scratch."""
+def empty_cache(entries: Sequence[CacheEntry], batch: int, length: int = 0) -> dict[str, np.ndarray]:
+    """Zero-length past tensors: the feed of a prefill from scratch (``length`` > 0: zeros of that many positions,
+    the feed of a decode step timed at that context; a step's time does not depend on the values)."""
     feeds = {}
     for e in entries:
         if e.heads is None or e.head_dim is None:
@@ -161,7 +162,7 @@ def empty_cache(entries: Sequence[CacheEntry], batch: int) -> dict[str, np.ndarr
                 f"cache input {e.past!r} has no fixed head count and head size, and no GroupQueryAttention reads it to tell "
                 "them, so an empty cache cannot be built: re-export the model with static kv_heads and head_dim (optimum does)."
             )
-        feeds[e.past] = np.zeros((batch, e.heads, 0, e.head_dim), dtype=e.dtype)
+        feeds[e.past] = np.zeros((batch, e.heads, length, e.head_dim), dtype=e.dtype)
     return feeds
 
 

@@ -53,6 +53,25 @@ def latency_feed(sample: dict[str, np.ndarray], model: ir.Model, seq_len: int = 
     return feed
 
 
+def decode_feed(sample: dict[str, np.ndarray], model: ir.Model, context: int) -> dict[str, np.ndarray]:
+    """One decode step's batch-1 input: the sample's first token after a cache of ``context`` positions (zeros), the
+    mask ``context + 1`` ones and the position ``context``: what a generation's step costs at that length."""
+    entries = kv_cache.model_cache(model)
+    if not entries:
+        raise BadInputError("a decode budget needs a model with a KV cache (inputs past_key_values.N.key/value): export it "
+                            "with past key/values (optimum's text-generation-with-past), or use --latency-budget.")
+    feed = {name: np.asarray(value)[:1] for name, value in sample.items() if not kv_cache.is_cache_input(name)}
+    if "input_ids" not in feed:
+        raise BadInputError(f"a decode step needs an input_ids input; the calibration rows have {sorted(feed)}.")
+    feed["input_ids"] = feed["input_ids"][:, :1]
+    if "attention_mask" in feed:
+        feed["attention_mask"] = np.ones((1, context + 1), dtype=feed["attention_mask"].dtype)
+    if "position_ids" in feed:
+        feed["position_ids"] = np.full((1, 1), context, dtype=feed["position_ids"].dtype)
+    feed.update(kv_cache.empty_cache(entries, 1, context))
+    return feed
+
+
 def describe_feed(feed: dict[str, np.ndarray]) -> dict[str, list[int]]:
     return {name: list(value.shape) for name, value in feed.items()}
 

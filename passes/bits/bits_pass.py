@@ -21,6 +21,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from edgeprune import kv_cache
 from edgeprune.analysis import analyze
 from edgeprune.errors import BadInputError
 from edgeprune.model_io import file_size, model_bytes, save_model
@@ -73,6 +74,12 @@ class BitAllocationPass(EdgePass):
             if c.latency_budget_ratio >= 1.0:
                 return None
             new = dataclasses.replace(c, latency_budget_ratio=min(1.0, c.latency_budget_ratio * grow))
+        elif c.decode_budget_ms is not None:
+            new = dataclasses.replace(c, decode_budget_ms=c.decode_budget_ms * grow)
+        elif c.decode_budget_ratio is not None:
+            if c.decode_budget_ratio >= 1.0:
+                return None
+            new = dataclasses.replace(c, decode_budget_ratio=min(1.0, c.decode_budget_ratio * grow))
         else:
             return None
         if isinstance(last, BitsResult) and last.float_reached:
@@ -83,6 +90,9 @@ class BitAllocationPass(EdgePass):
         ctx = self.context
         config_mod.check(self.config, ctx)
         self.config = c = self.config.for_target(ctx.target if ctx is not None else None)
+        if c.decode_bounded and not kv_cache.model_cache(model):
+            raise BadInputError("a decode budget needs a model with a KV cache (inputs past_key_values.N.key/value): export it "
+                                "with past key/values (optimum's text-generation-with-past), or use --latency-budget.")
         kinds, notes = units_mod.formats_for(ctx.target if ctx is not None else None, c)
         structures = analyze(model)
         units, skipped = units_mod.build(model, structures, c, kinds, notes)
@@ -116,7 +126,7 @@ class BitAllocationPass(EdgePass):
         elif c.importance == "measured":
             measure.measured_importance(model, units, ctx, stats)
         rows, shared, latency_info = solve.items(units), [], {}
-        if (c.latency_bounded or c.speed_ties) and c.mode == "auto":
+        if (c.latency_bounded or c.decode_bounded or c.speed_ties) and c.mode == "auto":
             rows, shared, latency_info = latency.with_latency(model, units, rows, c, ctx)
         bud = solve.budget(c, units, other_bytes, rows, latency_info)
         if bud.get("note"):
@@ -146,6 +156,9 @@ class BitAllocationPass(EdgePass):
         if bud.get("latency") is not None:
             sol, new, log, summary["latency_check"] = latency.meet(model, units, rows, shared, bud, latency_info, sol,
                                                                     new, log, notes, c, ctx, emit)
+        if bud.get("decode") is not None:  # after prefill's: its re-solves keep the prefill budget, not its measurement
+            sol, new, log, summary["decode_check"] = latency.meet(model, units, rows, shared, bud, latency_info, sol,
+                                                                   new, log, notes, c, ctx, emit, dim="decode")
         if c.size_budget_bytes is not None and c.mode == "auto":
             sol, new, log, summary["size_check"] = self._fit_file(model, units, rows, shared, bud, other_bytes, sol, new,
                                                                   log, notes, emit)
@@ -158,6 +171,8 @@ class BitAllocationPass(EdgePass):
                        budget=bud.get("text"), floor=bud.get("floor_text"))
         if sol.latency:
             summary["predicted_latency_ms"] = sol.latency + latency_info.get("rest_ms", 0.0)
+        if sol.decode:
+            summary["predicted_decode_ms"] = sol.decode + latency_info["decode"]["rest_ms"]
         return self._finish(model, structures, units, sol.choice, new, log, stats, summary, notes)
 
     def _check_implied_bound(self, model, units, rows, shared, bud, other_bytes, sol, new, log, notes, emit):
@@ -182,7 +197,7 @@ class BitAllocationPass(EdgePass):
         if not missed:
             return sol, new, log, record, None
         free = dict(bud, latency=None)
-        alt = knapsack.solve(rows, size_budget=bud["size"], shared=shared, method=self.config.solver)
+        alt = solve.within(rows, free, shared, self.config.solver)
         if not alt.feasible or alt.choice == sol.choice:
             record["unbounded"] = "the same choice" if alt.feasible else "no choice fits"
             return sol, new, log, record, None
@@ -220,10 +235,9 @@ class BitAllocationPass(EdgePass):
             unit_budget = min(unit_budget, sol.size) - (written - budget)
             tighter = dict(bud, size=unit_budget)
             fits = unit_budget >= knapsack.floor(rows)
-            nxt = knapsack.solve(rows, size_budget=unit_budget, latency_budget=bud.get("latency"), shared=shared,
-                                 method=c.solver) if fits else None
+            nxt = solve.within(rows, bud, shared, c.solver, size_budget=unit_budget) if fits else None
             if fits and not nxt.feasible and c.latency_implicit:  # an implied bound gives way: the least error that fits
-                nxt = knapsack.solve(rows, size_budget=unit_budget, shared=shared, method=c.solver)
+                nxt = solve.within(rows, bud, shared, c.solver, size_budget=unit_budget, latency_budget=None)
                 notes.append("the written size left no choice as fast as float: the least-error choice that fits is emitted")
             elif fits and not nxt.feasible and bud.get("latency") is not None:  # the file bounds first: the fastest
                 nxt = solve.fastest(rows, shared, unit_budget, c.solver)  # choice that fits (the report measures it)

@@ -36,6 +36,13 @@ class BitAllocationConfig:
     latency_budget_ratio: float | None = None
     """Auto mode: prefill latency as a fraction of the float model's, both measured in this pass
     (robust where the machine's speed drifts, e.g. shared CPUs); excludes ``latency_budget_ms``."""
+    decode_budget_ms: float | None = None
+    """Auto mode, a model with a KV cache: milliseconds of one decode step (one new token after ``decode_context``
+    cached positions, batch 1) on the target: what tokens/s a user sees.  Formats rank differently there than at
+    prefill (one token reads every weight once: bytes and dispatches count, not arithmetic), so each option is
+    also microbenchmarked at one token, and the emitted model's step is measured against the float model's."""
+    decode_budget_ratio: float | None = None
+    """Auto mode: ``decode_budget_ms`` as a fraction of the float model's decode step; excludes it."""
     bit_options: tuple[int, ...] = (4, 8)
     """Bit widths to offer besides keeping float (2 also works: ORT's 2-bit RTN costs 0.3-0.6 relative error
     per SmolLM2 layer, so it is opt-in); 16 asks for fp16, emitted only where the target runs it."""
@@ -98,6 +105,8 @@ class BitAllocationConfig:
     """Measure the model-output error with only that unit quantized, for this many most-sensitive units."""
     latency_tokens: int = 128
     """Sequence length of the latency microbenchmarks."""
+    decode_context: int = 128
+    """Cached positions before the decode step a decode budget bounds (the benchmarks' 128-token prompt)."""
     latency_checks: int = 3
     """Latency budgets: measure the emitted model (side by side with the float one) up to this many
     times, re-solving with a tighter budget after each miss."""
@@ -177,6 +186,10 @@ class BitAllocationConfig:
         return self.latency_budget_ms is not None or self.latency_budget_ratio is not None
 
     @property
+    def decode_bounded(self) -> bool:
+        return self.decode_budget_ms is not None or self.decode_budget_ratio is not None
+
+    @property
     def size_bounded(self) -> bool:
         return self.size_budget_bytes is not None or self.avg_bits is not None
 
@@ -189,20 +202,26 @@ def check(c: BitAllocationConfig, context) -> None:
 
 def _check_budgets(c: BitAllocationConfig) -> None:
     """Refuse a config the pass cannot run: no budget, two budgets on one resource, a budget <= 0."""
-    budgets = [b for b in (c.size_budget_bytes, c.avg_bits, c.latency_budget_ms, c.latency_budget_ratio) if b is not None]
+    budgets = [b for b in (c.size_budget_bytes, c.avg_bits, c.latency_budget_ms, c.latency_budget_ratio,
+                           c.decode_budget_ms, c.decode_budget_ratio) if b is not None]
     if c.mode == "fast":
         if budgets:
-            raise BadInputError("mode 'fast' takes no budget: use mode 'auto' with --size-budget, --avg-bits or --latency-budget.")
+            raise BadInputError("mode 'fast' takes no budget: use mode 'auto' with --size-budget, --avg-bits, --latency-budget "
+                                "or --decode-budget.")
         return
     if c.mode == "uniform":
         if c.bits not in (2, 4, 8):
             raise BadInputError(f"uniform bits must be 2, 4 or 8, not {c.bits!r}: pass --bits 8 or --bits 4.")
         return
     if not budgets:
-        raise BadInputError("--bits auto needs a budget: pass --size-budget, --avg-bits or --latency-budget.")
+        raise BadInputError("--bits auto needs a budget: pass --size-budget, --avg-bits, --latency-budget or --decode-budget.")
     if c.size_budget_bytes is not None and c.avg_bits is not None:
         raise BadInputError("--size-budget and --avg-bits both bound the size: pass only one of them.")
     if c.latency_budget_ms is not None and c.latency_budget_ratio is not None:
         raise BadInputError("latency_budget_ms and latency_budget_ratio both bound the latency: pass only one of them.")
+    if c.decode_budget_ms is not None and c.decode_budget_ratio is not None:
+        raise BadInputError("decode_budget_ms and decode_budget_ratio both bound the decode step: pass only one of them.")
+    if c.decode_context < 1:
+        raise BadInputError(f"decode_context must be >= 1 cached positions, not {c.decode_context!r}")
     if any(b <= 0 for b in budgets):
         raise BadInputError("budgets must be positive: pass a size in bytes/MB, bits per weight or milliseconds.")

@@ -1,14 +1,14 @@
-"""Multiple-choice knapsack: pick one option per unit, least total error under size/latency budgets.
+"""Multiple-choice knapsack: pick one option per unit, least total error under size/latency/decode budgets.
 
 Exact: ``scipy.optimize.milp`` (HiGHS) on binaries x[u, o] with sum_o x[u, o] = 1 per unit,
 minimise sum cost * x subject to sum size * x <= size budget and sum latency * x (+ shared
-costs) <= latency budget.  A *shared cost* is paid once when any of its member options is picked
+costs) <= latency budget (prefill), and the same for ``decode`` (one token on a KV cache).  A *shared cost* is paid once when any of its member options is picked
 (e.g. one DynamicQuantizeLinear per distinct input of dynamic-int8 MatMuls): a binary y with
 y >= x[member] for each member carries it.
 
 Greedy fallback (huge models, or ``method="greedy"``): start from every unit's smallest option,
 then repeatedly take the upgrade on a unit's lower convex hull with the best error drop per byte
-(per ms in latency mode) that still fits.  Shared costs are spread over their members there.
+(per ms in latency mode) that still fits every budget.  Shared costs are spread over their members there.
 Both are deterministic: ties break on unit then option order.
 """
 
@@ -28,11 +28,12 @@ MILP_MAX_VARIABLES = 200_000
 
 @dataclasses.dataclass(frozen=True)
 class Item:
-    """One option of one unit: its error (objective), bytes and milliseconds."""
+    """One option of one unit: its error (objective), bytes, milliseconds at prefill and at one decode step."""
 
     error: float
     size: float
     latency: float = 0.0
+    decode: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,7 @@ class SharedCost:
     size: float = 0.0
     latency: float = 0.0
     error: float = 0.0
+    decode: float = 0.0
 
 
 @dataclasses.dataclass
@@ -54,6 +56,7 @@ class Solution:
     method: str
     feasible: bool
     note: str = ""
+    decode: float = 0.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -72,14 +75,19 @@ def totals(units: list[list[Item]], choice: list[int], shared: list[SharedCost] 
     return err, size, lat
 
 
+def decode_total(units: list[list[Item]], choice: list[int], shared: list[SharedCost] = ()) -> float:
+    """Milliseconds of one decode step of a choice (shared costs once)."""
+    return sum(units[u][o].decode for u, o in enumerate(choice)) + sum(
+        s.decode for s in shared if any(choice[u] == o for u, o in s.members))
+
+
 def floor(units: list[list[Item]], *, by: str = "size") -> float:
     """The least total size (or latency) any choice can reach: each unit's cheapest option.
 
     Shared costs are left out (they are >= 0), so this is a lower bound, which is what a caller
     naming "the smallest possible model" needs.
     """
-    key = (lambda it: it.size) if by == "size" else (lambda it: it.latency)
-    return float(sum(min(key(it) for it in opts) for opts in units))
+    return float(sum(min(getattr(it, by) for it in opts) for opts in units))
 
 
 def solve(
@@ -90,6 +98,7 @@ def solve(
     shared: list[SharedCost] = (),
     method: str = "auto",
     time_limit: float = 120.0,
+    decode_budget: float | None = None,
 ) -> Solution:
     """Choose one option per unit minimising total error within the budgets (None = unbounded)."""
     if not units or any(not opts for opts in units):
@@ -98,14 +107,20 @@ def solve(
     if method == "auto":
         method = "milp" if n_vars <= MILP_MAX_VARIABLES else "greedy"
     if method == "milp":
-        sol = _solve_milp(units, size_budget, latency_budget, list(shared), time_limit)
+        sol = _solve_milp(units, size_budget, latency_budget, list(shared), time_limit, decode_budget)
         if sol is not None:
-            return sol
+            return _with_decode(sol, units, shared)
         logger.warning("milp found no solution; trying the greedy solver")
-    return _solve_greedy(units, size_budget, latency_budget, list(shared))
+    return _with_decode(_solve_greedy(units, size_budget, latency_budget, list(shared), decode_budget), units, shared)
 
 
-def _solve_milp(units, size_budget, latency_budget, shared, time_limit) -> Solution | None:
+def _with_decode(sol: Solution, units, shared) -> Solution:
+    if sol.feasible:
+        sol.decode = decode_total(units, sol.choice, shared)
+    return sol
+
+
+def _solve_milp(units, size_budget, latency_budget, shared, time_limit, decode_budget=None) -> Solution | None:
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import lil_matrix
 
@@ -115,14 +130,15 @@ def _solve_milp(units, size_budget, latency_budget, shared, time_limit) -> Solut
     flat = [it for opts in units for it in opts]
     cost = np.array([it.error for it in flat] + [s.error for s in shared])
     rows_lb, rows_ub = [], []
-    n_rows = len(units) + (size_budget is not None) + (latency_budget is not None) + sum(len(s.members) for s in shared)
+    budgets = (("size", size_budget), ("latency", latency_budget), ("decode", decode_budget))
+    n_rows = len(units) + sum(b is not None for _, b in budgets) + sum(len(s.members) for s in shared)
     a = lil_matrix((n_rows, n))
     r = 0
     for u in range(len(units)):
         a[r, offsets[u] : offsets[u + 1]] = 1.0
         rows_lb.append(1.0), rows_ub.append(1.0)
         r += 1
-    for attr, budget in (("size", size_budget), ("latency", latency_budget)):
+    for attr, budget in budgets:
         if budget is None:
             continue
         for j, it in enumerate(flat):
@@ -174,17 +190,14 @@ def _hull(opts: list[Item], key) -> list[int]:
     return pts
 
 
-def _solve_greedy(units, size_budget, latency_budget, shared) -> Solution:
+def _solve_greedy(units, size_budget, latency_budget, shared, decode_budget=None) -> Solution:
     # Spread shared costs over their members (an approximation the MILP does not need).
-    extra_size = [[0.0] * len(o) for o in units]
-    extra_lat = [[0.0] * len(o) for o in units]
-    extra_err = [[0.0] * len(o) for o in units]
+    extra = {k: [[0.0] * len(o) for o in units] for k in ("error", "size", "latency", "decode")}
     for s in shared:
         for u, o in s.members:
-            extra_size[u][o] += s.size / len(s.members)
-            extra_lat[u][o] += s.latency / len(s.members)
-            extra_err[u][o] += s.error / len(s.members)
-    adj = [[Item(it.error + extra_err[u][o], it.size + extra_size[u][o], it.latency + extra_lat[u][o])
+            for k, table in extra.items():
+                table[u][o] += getattr(s, k) / len(s.members)
+    adj = [[Item(*(getattr(it, k) + extra[k][u][o] for k in ("error", "size", "latency", "decode")))
             for o, it in enumerate(opts)] for u, opts in enumerate(units)]
     by_latency = latency_budget is not None and size_budget is None
     key = (lambda it: it.latency) if by_latency else (lambda it: it.size)
@@ -192,11 +205,12 @@ def _solve_greedy(units, size_budget, latency_budget, shared) -> Solution:
     pos = [0] * len(units)
     choice = [h[0] for h in hulls]
 
-    def used() -> tuple[float, float]:
-        return sum(adj[u][o].size for u, o in enumerate(choice)), sum(adj[u][o].latency for u, o in enumerate(choice))
+    def used() -> tuple[float, float, float]:
+        return tuple(sum(getattr(adj[u][o], k) for u, o in enumerate(choice)) for k in ("size", "latency", "decode"))
 
-    size, lat = used()
-    feasible = (size_budget is None or size <= size_budget + 1e-9) and (latency_budget is None or lat <= latency_budget + 1e-9)
+    size, lat, dec = used()
+    feasible = ((size_budget is None or size <= size_budget + 1e-9) and (latency_budget is None or lat <= latency_budget + 1e-9)
+                and (decode_budget is None or dec <= decode_budget + 1e-9))
     if not feasible:
         err, size, lat = totals(units, choice, shared)
         return Solution(choice, err, size, lat, "greedy", False, note="even the smallest option of every unit is over budget")
@@ -211,6 +225,8 @@ def _solve_greedy(units, size_budget, latency_budget, shared) -> Solution:
                 continue
             if latency_budget is not None and lat + d_lat > latency_budget + 1e-9:
                 continue
+            if decode_budget is not None and dec + nxt.decode - cur.decode > decode_budget + 1e-9:
+                continue
             d_res = max(key(nxt) - key(cur), 1e-12)
             gain = (cur.error - nxt.error) / d_res
             if gain > best_gain:
@@ -219,6 +235,6 @@ def _solve_greedy(units, size_budget, latency_budget, shared) -> Solution:
             break
         pos[best] += 1
         choice[best] = hulls[best][pos[best]]
-        size, lat = used()
+        size, lat, dec = used()
     err, size, lat = totals(units, choice, shared)
     return Solution(choice, err, size, lat, "greedy", True)

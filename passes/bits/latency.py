@@ -1,7 +1,9 @@
 """Latency budgets: per-option latencies from the cached microbenchmarks (knapsack rows plus one
 shared DynamicQuantizeLinear per input), then the emitted model measured against the float one and
-re-solved tighter on a miss.  Everything that times things lives here, apart from the measuring of
-errors, so size-budget runs never touch a clock."""
+re-solved tighter on a miss.  Prefill (``latency``: ``latency_tokens`` tokens) and, for a decode budget
+on a KV-cache model, one decode step (``decode``: one token, microbenchmarked at one token and measured
+after ``decode_context`` cached positions) are two dimensions of the same rows.  Everything that times
+things lives here, apart from the measuring of errors, so size-budget runs never touch a clock."""
 
 from __future__ import annotations
 
@@ -20,29 +22,43 @@ TOLERANCE = 0.03  # a measured ratio this far above the budget counts as met (ti
 def with_latency(model, units: list[Unit], rows, c: BitAllocationConfig, context):
     """(rows with each option's predicted ms, shared DynamicQuantizeLinear costs, the latency facts)."""
     from edgeprune.passes.bits import microbench
+    from edgeprune.validation import decode_feed
 
     with stage(context, "latency microbenchmarks per shape and format"):
         table, float_ms, float_units_ms, how = microbench.fresh_latencies(model, context, units, tokens=c.latency_tokens,
                                                                           accuracy_level=c.accuracy_level)
+    dtable = None
+    if c.decode_bounded:
+        feed = decode_feed(context.calibration.samples[0], model, c.decode_context)
+        with stage(context, "latency microbenchmarks per shape and format at one token (decode)"):
+            dtable, dfloat_ms, dfloat_units_ms, dhow = microbench.fresh_latencies(
+                model, context, units, tokens=1, accuracy_level=c.accuracy_level, feed=feed)
     new_rows, groups = [], {}
     for ui, u in enumerate(units):
         row = []
         for oi, cb in enumerate(u.combos()):
             lat = sum(table[(p.node, o.key)] for p, o in zip(u.parts, cb))
-            row.append(knapsack.Item(rows[ui][oi].error, rows[ui][oi].size, lat))
+            dec = sum(dtable[(p.node, o.key)] for p, o in zip(u.parts, cb)) if dtable is not None else 0.0
+            row.append(knapsack.Item(rows[ui][oi].error, rows[ui][oi].size, lat, dec))
             for p, o in zip(u.parts, cb):
                 if o.kind == "int8-dynamic" and p.op in ("MatMul", "Gemm"):
                     groups.setdefault(p.input, []).append((ui, oi))
         new_rows.append(row)
-    shared = [knapsack.SharedCost(tuple(m), latency=table[("dql", inp)]) for inp, m in groups.items()]
+    shared = [knapsack.SharedCost(tuple(m), latency=table[("dql", inp)],
+                                  decode=dtable[("dql", inp)] if dtable is not None else 0.0) for inp, m in groups.items()]
     info = {"float_ms": float_ms, "rest_ms": max(float_ms - float_units_ms, 0.0), "units_float_ms": float_units_ms,
             "tokens": c.latency_tokens, "microbenchmarks": how, "per_unit_ms": {f"{k[0]}|{k[1]}": v for k, v in table.items()}}
+    if dtable is not None:
+        info["decode"] = {"float_ms": dfloat_ms, "rest_ms": max(dfloat_ms - dfloat_units_ms, 0.0),
+                          "units_float_ms": dfloat_units_ms, "context": c.decode_context, "microbenchmarks": dhow,
+                          "per_unit_ms": {f"{k[0]}|{k[1]}": v for k, v in dtable.items()}}
     return new_rows, shared, info
 
 
 def meet(model, units: list[Unit], rows, shared, bud: dict, info: dict[str, Any], sol, new, log, notes: list[str],
-         c: BitAllocationConfig, context, emit: Callable) -> tuple:
-    """Measure the emitted model against the float one on the target; re-solve while it misses the budget.
+         c: BitAllocationConfig, context, emit: Callable, dim: str = "latency") -> tuple:
+    """Measure the emitted model against the float one on the target; re-solve while it misses the budget
+    (``dim``: ``latency``, prefill at ``latency_tokens``; ``decode``, one step after ``decode_context`` positions).
 
     Per-shape microbenchmarks miss what happens between nodes (fusions such as attention or
     DynamicQuantizeMatMul, which quantized neighbours enable or block; cache traffic), so the
@@ -53,14 +69,18 @@ def meet(model, units: list[Unit], rows, shared, bud: dict, info: dict[str, Any]
     Returns (solution, emitted model, emit log, the check's record).
     """
     from edgeprune.runtime.latency import measure_side_by_side, round_ratios
-    from edgeprune.validation import latency_feed
+    from edgeprune.validation import decode_feed, latency_feed
 
-    float_ms = info["float_ms"]
-    target = c.latency_budget_ratio if c.latency_budget_ratio is not None else c.latency_budget_ms / float_ms
-    feed = latency_feed(context.calibration.samples[0], model, c.latency_tokens)
+    facts = info if dim == "latency" else info["decode"]
+    float_ms = facts["float_ms"]
+    ratio_budget, ms_budget = ((c.latency_budget_ratio, c.latency_budget_ms) if dim == "latency"
+                               else (c.decode_budget_ratio, c.decode_budget_ms))
+    target = ratio_budget if ratio_budget is not None else ms_budget / float_ms
+    sample = context.calibration.samples[0]
+    feed = latency_feed(sample, model, c.latency_tokens) if dim == "latency" else decode_feed(sample, model, c.decode_context)
     # p50 of a few runs is noisy on a shared machine: small models get more runs (about 2 s per model).
     runs = max(c.latency_runs, min(50, int(2000.0 / max(float_ms, 1e-3))))
-    solver_budget = bud["latency"]
+    solver_budget = bud[dim]
     attempts, fastest = [], False
     pairs: list[float] = []
     times: dict[str, list[float]] = {"float": [], "candidate": []}
@@ -78,7 +98,8 @@ def meet(model, units: list[Unit], rows, shared, bud: dict, info: dict[str, Any]
         pairs.clear()
         for t in times.values():
             t.clear()
-        with stage(context, "measure the emitted model's latency side by side with the float model"):
+        with stage(context, f"measure the emitted model's {'prefill' if dim == 'latency' else 'decode step'} side by side "
+                            "with the float model"):
             lat = measure()
         if abs(float(np.median(pairs)) / (target * (1 + TOLERANCE)) - 1) <= TOLERANCE:
             # Too close to the accepting line to call on one measurement (MiniLM at ORT int8's budget was accepted
@@ -87,7 +108,7 @@ def meet(model, units: list[Unit], rows, shared, bud: dict, info: dict[str, Any]
                 lat = measure()
         ratio = float(np.median(pairs))
         p50 = {k: float(np.median(t)) if t else lat[k].p50_ms for k, t in times.items()}  # over every round
-        predicted = sol.latency + info["rest_ms"]
+        predicted = getattr(sol, dim) + facts["rest_ms"]
         attempts.append({"solver_budget_ms": solver_budget, "predicted_ms": predicted, "predicted_ratio": predicted / float_ms,
                          "measured_ratio": ratio, "rounds": len(pairs), "measured_ms": p50["candidate"],
                          "float_ms": p50["float"], "fastest_choice": fastest})
@@ -95,21 +116,21 @@ def meet(model, units: list[Unit], rows, shared, bud: dict, info: dict[str, Any]
             break
         # From the choice's own prediction where the speed tie-break left it inside the budget: tightening
         # the budget alone could re-solve to a slower choice.
-        solver_budget = min(solver_budget, sol.latency) - (ratio - target) * float_ms
-        nxt = knapsack.solve(rows, size_budget=bud.get("size"), latency_budget=solver_budget, shared=shared,
-                             method=c.solver)
-        if not nxt.feasible and c.latency_implicit:  # a bound the user did not ask for never trades accuracy away
+        solver_budget = min(solver_budget, getattr(sol, dim)) - (ratio - target) * float_ms
+        nxt = solve.within(rows, bud, shared, c.solver, **{f"{dim}_budget": solver_budget})
+        if not nxt.feasible and c.latency_implicit and dim == "latency":  # a bound not asked for never trades accuracy
             break
         if not nxt.feasible:  # the microbenchmarks see nothing faster: take the fastest choice the size allows
             fastest = True
-            nxt = solve.fastest(rows, shared, bud.get("size"), c.solver)
+            nxt = solve.fastest(rows, shared, bud.get("size"), c.solver, by=dim)
             if nxt.choice == sol.choice:
                 break
-            solver_budget = nxt.latency
+            solver_budget = getattr(nxt, dim)
         sol = nxt
         new, log = emit(plan(units, sol.choice))
     met = attempts[-1]["measured_ratio"] <= target * (1 + TOLERANCE)
     if not met:
-        notes.append(f"measured latency {attempts[-1]['measured_ratio']:.2f}x of the float model misses the budget "
+        what = "latency" if dim == "latency" else "decode step"
+        notes.append(f"measured {what} {attempts[-1]['measured_ratio']:.2f}x of the float model misses the budget "
                      f"{target:.2f}x after {len(attempts)} measurement(s): the offered formats are not faster here")
     return sol, new, log, {"target_ratio": target, "met": met, "attempts": attempts}

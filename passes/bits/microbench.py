@@ -231,13 +231,14 @@ def unit_latencies(units, target, *, tokens: int = 128, threads: int | None = No
     return out
 
 
-def model_latency(model: ir.Model, context, units, table, tokens: int) -> tuple[float, float]:
-    """(ms of the whole float model at ``tokens``, the least of 10 runs like the microbenchmarks', and the
-    sum of its units' float microbenchmarks)."""
+def model_latency(model: ir.Model, context, units, table, tokens: int, feed: dict | None = None) -> tuple[float, float]:
+    """(ms of the whole float model at ``tokens`` (or on ``feed``: a decode step), the least of 10 runs like the
+    microbenchmarks', and the sum of its units' float microbenchmarks)."""
     from edgeprune.runtime.latency import measure_latency
     from edgeprune.validation import latency_feed
 
-    feed = latency_feed(context.calibration.samples[0], model, tokens)
+    if feed is None:
+        feed = latency_feed(context.calibration.samples[0], model, tokens)
     full = measure_latency(model, feed, context.target, warmup=3, runs=10, threads=context.threads).min_ms
     units_ms = sum(table[(p.node, "float")] for u in units for p in u.parts)
     return full, units_ms
@@ -248,9 +249,10 @@ def _stamps(cache: dict, prefix: str, wanted) -> dict[str, str]:
     return {s: cache[f"{prefix}|{s}"]["at"] for s in wanted if isinstance(cache.get(f"{prefix}|{s}"), dict)}
 
 
-def fresh_latencies(model: ir.Model, context, units, *, tokens: int, accuracy_level: int | None = None):
+def fresh_latencies(model: ir.Model, context, units, *, tokens: int, accuracy_level: int | None = None,
+                    feed: dict | None = None):
     """(table, float model ms, its units' float sum, how the table was checked): :func:`unit_latencies`
-    checked against the float model's own time.
+    checked against the float model's own time (on ``feed`` where given: a decode step's).
 
     The shapes' timings are cached with the time each was taken; each model's record keeps the float
     model's time measured beside them and those times.  Unless every shape was timed just now, the
@@ -264,7 +266,7 @@ def fresh_latencies(model: ir.Model, context, units, *, tokens: int, accuracy_le
     kw = {"tokens": tokens, "threads": context.threads, "accuracy_level": accuracy_level}
     timed: list[str] = []
     table = unit_latencies(units, context.target, timed=timed, **kw)
-    float_ms, units_ms = model_latency(model, context, units, table, tokens)
+    float_ms, units_ms = model_latency(model, context, units, table, tokens, feed)
     wanted = sorted(shapes(units))
     prefix = _prefix(target, context.threads, tokens, accuracy_level)
     key = f"{prefix}|model|" + hashlib.sha1("|".join(
@@ -286,7 +288,7 @@ def fresh_latencies(model: ir.Model, context, units, *, tokens: int, accuracy_le
     if how.startswith("re-timed"):
         logger.info("microbenchmarks %s", how)
         table = unit_latencies(units, context.target, retime=True, **kw)
-        float_ms, units_ms = model_latency(model, context, units, table, tokens)
+        float_ms, units_ms = model_latency(model, context, units, table, tokens, feed)
         cache = _load_cache()
         stamps = _stamps(cache, prefix, wanted)
     if how != "cached":

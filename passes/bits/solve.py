@@ -99,6 +99,14 @@ def fast_choice(c: BitAllocationConfig, units: list[Unit], kept: dict[str, str])
     return choice, kept
 
 
+def within(rows, bud: dict, shared, method: str, **override) -> knapsack.Solution:
+    """The least-error choice within every budget ``bud`` holds (size, latency, decode); ``override`` replaces one,
+    e.g. ``latency_budget=None`` or a tightened ``decode_budget``."""
+    kw = {"size_budget": bud.get("size"), "latency_budget": bud.get("latency"), "decode_budget": bud.get("decode")}
+    kw.update(override)
+    return knapsack.solve(rows, shared=shared, method=method, **kw)
+
+
 def items(units: list[Unit]) -> list[list[knapsack.Item]]:
     """The knapsack's rows: (error, bytes) of every option combination of every unit."""
     return [[knapsack.Item(u.error(cb), u.size(cb)) for cb in u.combos()] for u in units]
@@ -149,8 +157,22 @@ def budget(c: BitAllocationConfig, units: list[Unit], other_bytes: int, rows, la
         if ms >= latency_info["float_ms"] and not c.latency_implicit:
             noop.append(f"the latency budget {what} is at or above the float model's "
                         f"{latency_info['float_ms']:.1f} ms")
+    if c.decode_bounded:
+        dec = latency_info["decode"]
+        rest, float_ms = dec["rest_ms"], dec["float_ms"]
+        ms = c.decode_budget_ms if c.decode_budget_ms is not None else c.decode_budget_ratio * float_ms
+        what = (f"{ms:.2f} ms" if c.decode_budget_ratio is None
+                else f"{c.decode_budget_ratio:g} x the float model's {float_ms:.2f} ms = {ms:.2f} ms")
+        dec_floor = knapsack.floor(rows, by="decode") + rest
+        if ms < dec_floor * (1 - LATENCY_FLOOR_SLACK):
+            raise BadInputError(f"the decode budget {what} is below the fastest decode step the offered formats allow "
+                                f"(about {dec_floor:.2f} ms by the microbenchmarks): raise the budget.")
+        out["decode"] = ms - rest
+        texts.append(f"decode step {what} after {dec['context']} cached tokens (model outside the units: {rest:.2f} ms)")
+        if ms >= float_ms:
+            noop.append(f"the decode budget {what} is at or above the float model's {float_ms:.2f} ms")
     out["text"] = "; ".join(texts)
-    if len(noop) == c.size_bounded + (c.latency_bounded and not c.latency_implicit):
+    if len(noop) == c.size_bounded + (c.latency_bounded and not c.latency_implicit) + c.decode_bounded:
         out["noop"] = " and ".join(noop) + ": nothing to do"
     return out
 
@@ -203,20 +225,20 @@ def curve(rows, shared, bud: dict, other_bytes: int, method: str) -> list[dict]:
     return points
 
 
-def fastest(rows, shared, size_budget, method: str) -> knapsack.Solution:
-    """The most accurate of the choices of least predicted latency within the size budget.
+def fastest(rows, shared, size_budget, method: str, by: str = "latency") -> knapsack.Solution:
+    """The most accurate of the choices of least predicted latency (``by="decode"``: decode step) within the size budget.
 
     Two solves, lexicographic: the least latency first, then the least error at that latency
     (a tie-breaking term in one objective would sit below the solver's tolerance).
     """
-    by_latency = [[knapsack.Item(it.latency, it.size, 0.0) for it in row] for row in rows]
-    s = knapsack.solve(by_latency, size_budget=size_budget, method=method)
-    least = knapsack.totals(rows, s.choice, shared)[2]
-    best = knapsack.solve(rows, size_budget=size_budget, latency_budget=least * (1 + 1e-6) + 1e-9, shared=shared,
-                          method=method)
+    by_time = [[knapsack.Item(getattr(it, by), it.size, 0.0) for it in row] for row in rows]
+    s = knapsack.solve(by_time, size_budget=size_budget, method=method)
+    least = (knapsack.totals(rows, s.choice, shared)[2] if by == "latency" else knapsack.decode_total(rows, s.choice, shared))
+    best = knapsack.solve(rows, size_budget=size_budget, shared=shared, method=method,
+                          **{f"{by}_budget": least * (1 + 1e-6) + 1e-9})
     choice = best.choice if best.feasible else s.choice
     return knapsack.Solution(choice, *knapsack.totals(rows, choice, shared), method=f"{s.method} (fastest)",
-                             feasible=s.feasible)
+                             feasible=s.feasible, decode=knapsack.decode_total(rows, choice, shared))
 
 
 def speed_ties(rows, shared, bud: dict, sol: knapsack.Solution, slack: float, method: str) -> knapsack.Solution:
@@ -232,9 +254,10 @@ def speed_ties(rows, shared, bud: dict, sol: knapsack.Solution, slack: float, me
     if not sol.feasible:
         return sol
     bound = sol.error + slack + 1e-12
-    swapped = [[knapsack.Item(it.latency, it.size, it.error) for it in row] for row in rows]
-    sh = [knapsack.SharedCost(s.members, size=s.size, latency=0.0, error=s.latency) for s in shared]
-    fast = knapsack.solve(swapped, size_budget=bud.get("size"), latency_budget=bound, shared=sh, method=method)
+    swapped = [[knapsack.Item(it.latency, it.size, it.error, it.decode) for it in row] for row in rows]
+    sh = [knapsack.SharedCost(s.members, size=s.size, latency=0.0, error=s.latency, decode=s.decode) for s in shared]
+    fast = knapsack.solve(swapped, size_budget=bud.get("size"), latency_budget=bound, shared=sh, method=method,
+                          decode_budget=bud.get("decode"))
     if not fast.feasible:
         return sol
     err, size, lat = knapsack.totals(rows, fast.choice, shared)
@@ -242,7 +265,7 @@ def speed_ties(rows, shared, bud: dict, sol: knapsack.Solution, slack: float, me
     if lat >= sol.latency or (lat_budget is not None and lat > lat_budget + 1e-9):
         return sol
     return knapsack.Solution(fast.choice, err, size, lat, f"{sol.method} + fastest within {slack:.3g} of its error",
-                             True, sol.note)
+                             True, sol.note, knapsack.decode_total(rows, fast.choice, shared))
 
 
 def choose(c: BitAllocationConfig, units: list[Unit], rows, shared, bud: dict, notes: list[str]) -> knapsack.Solution:
@@ -254,16 +277,18 @@ def choose(c: BitAllocationConfig, units: list[Unit], rows, shared, bud: dict, n
     if c.mode == "uniform":
         choice = [uniform_choice(c, u) for u in units]
         return knapsack.Solution(choice, *knapsack.totals(rows, choice), method="uniform", feasible=True)
-    sol = knapsack.solve(rows, size_budget=bud.get("size"), latency_budget=bud.get("latency"), shared=shared, method=c.solver)
+    sol = within(rows, bud, shared, c.solver)
     if not sol.feasible and bud.get("latency") is not None and c.latency_implicit:  # the size budget alone decides
         notes.append("nothing within the size budget is predicted as fast as the float model: the least-error choice "
                      "is kept and its latency measured")
         del bud["latency"]
-        sol = knapsack.solve(rows, size_budget=bud.get("size"), shared=shared, method=c.solver)
-    if not sol.feasible and bud.get("latency") is not None:
-        quick = fastest(rows, shared, bud.get("size"), c.solver)
+        sol = within(rows, bud, shared, c.solver)
+    for dim in ("latency", "decode"):
+        if sol.feasible or bud.get(dim) is None:
+            continue
+        quick = fastest(rows, shared, bud.get("size"), c.solver, by=dim)
         if quick.feasible:  # just below the predicted floor: let the measurement decide
-            notes.append("the latency budget is just below what the microbenchmarks predict for the fastest "
+            notes.append(f"the {dim} budget is just below what the microbenchmarks predict for the fastest "
                          "choice: that choice is emitted and measured")
             sol = quick
     if not sol.feasible:
@@ -271,5 +296,8 @@ def choose(c: BitAllocationConfig, units: list[Unit], rows, shared, bud: dict, n
         if bud.get("latency") is not None:  # shared DynamicQuantizeLinear costs can make it infeasible
             floor += (f"; the fastest model the offered formats allow needs {knapsack.floor(rows, by='latency'):.3f} ms "
                       f"in the quantizable nodes against {bud['latency']:.3f} ms left for them")
+        if bud.get("decode") is not None:
+            floor += (f"; the fastest decode step the offered formats allow needs {knapsack.floor(rows, by='decode'):.3f} ms "
+                      f"in the quantizable nodes against {bud['decode']:.3f} ms left for them")
         raise BadInputError(f"the budget cannot be met: {floor}; raise the budget.")
     return sol

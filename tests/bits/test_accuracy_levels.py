@@ -136,7 +136,7 @@ def _fake_latencies(monkeypatch, ms=_level4_fast):
         return out
 
     monkeypatch.setattr(microbench, "unit_latencies", table)
-    monkeypatch.setattr(microbench, "model_latency", lambda model, context, units, table, tokens: (2.2, 2.0))
+    monkeypatch.setattr(microbench, "model_latency", lambda model, context, units, table, tokens, feed=None: (2.2, 2.0))
 
 
 def _levels(model: ir.Model) -> list[int]:

@@ -197,6 +197,8 @@ def test_registry_and_relaxed():
     assert s.relaxed(dataclasses.replace(floated, float_reached=False)).config.size_budget_bytes == 2250
     r = BitAllocationPass(BitAllocationConfig(latency_budget_ratio=0.9, relax_step=0.5)).relaxed()
     assert r.config.latency_budget_ratio == 1.0 and r.relaxed() is None
+    r = BitAllocationPass(BitAllocationConfig(decode_budget_ratio=0.8, relax_step=0.5)).relaxed()
+    assert r.config.decode_budget_ratio == 1.0 and r.relaxed() is None
     u = BitAllocationPass(BitAllocationConfig(mode="uniform", bits=4)).relaxed()
     assert u.config.bits == 8 and u.relaxed() is None
     with pytest.raises(BadInputError, match="no option"):
@@ -270,7 +272,7 @@ def _fake_groups(monkeypatch, tmp_path, float_ms):
 
     monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path))
     monkeypatch.setattr(microbench, "_time_group", fake_group)
-    monkeypatch.setattr(microbench, "model_latency", lambda model, ctx, units, table, tokens: (
+    monkeypatch.setattr(microbench, "model_latency", lambda model, ctx, units, table, tokens, feed=None: (
         float_ms[0], sum(table[(p.node, "float")] for u in units for p in u.parts)))
     return groups
 
@@ -389,7 +391,7 @@ def test_latency_budget_is_checked_by_measurement_and_tightened(monkeypatch):
         return t
 
     monkeypatch.setattr(microbench, "unit_latencies", table)
-    monkeypatch.setattr(microbench, "model_latency", lambda model, ctx, units, t, tokens: (3.0, 2.0))  # 1 ms outside
+    monkeypatch.setattr(microbench, "model_latency", lambda model, ctx, units, t, tokens, feed=None: (3.0, 2.0))  # 1 ms outside
 
     def fake(models, feeds, target="cpu", *, warmup=5, runs=30, threads=None):
         r = next(ratios)
@@ -428,7 +430,7 @@ def test_a_latency_check_too_close_to_call_measures_again(monkeypatch):
     monkeypatch.setattr(microbench, "unit_latencies", lambda units, target, **kw: {
         **{("dql", p.input): 0.05 for u in units for p in u.parts},
         **{(p.node, o.key): {"keep": 1.0, "int8-dynamic": 0.3}.get(o.kind, 0.8) for u in units for p in u.parts for o in p.options}})
-    monkeypatch.setattr(microbench, "model_latency", lambda model, ctx, units, t, tokens: (3.0, 2.0))
+    monkeypatch.setattr(microbench, "model_latency", lambda model, ctx, units, t, tokens, feed=None: (3.0, 2.0))
     calls = []
 
     def fake(models, feeds, target="cpu", *, warmup=5, runs=30, threads=None):
@@ -522,3 +524,69 @@ def test_microbenchmarks_take_the_least_of_the_interleaved_runs(monkeypatch):
     base = microbench._matmul_model(8, 4, 2)
     out = microbench._time_group({"a": (base, {"x": 1}), "b": (base, {"x": 2})}, "cpu", 1)
     assert out == {"a": 1.0, "b": 2.0} and seen == {"runs": microbench._RUNS, "feeds": {"a": {"x": 1}, "b": {"x": 2}}}
+
+
+def _decoder(tmp_path) -> tuple[ir.Model, CompileContext]:
+    """The genai-style one-layer decoder with q/k/v apart, and calibration rows of 5 tokens on an empty cache."""
+    from tiny_models import genai_style_decoder
+
+    from edgeprune.model_io import load_model
+
+    model = load_model(genai_style_decoder(tmp_path, packed=False))
+    rng = np.random.default_rng(3)
+    empty = np.zeros((1, 2, 0, 16), np.float32)
+    rows = [{"input_ids": rng.integers(0, 48, (1, 5)), "attention_mask": np.ones((1, 5), np.int64),
+             "past_key_values.0.key": empty, "past_key_values.0.value": empty} for _ in range(8)]
+    calib = CalibrationSet(rows, "random test rows", synthetic=True)
+    return model, CompileContext(target=get_target("cpu"), calibration=calib, holdout=calib)
+
+
+def test_decode_budget_is_solved_on_one_token_timings_and_measured_on_a_decode_step(tmp_path, monkeypatch):
+    """``decode_budget_ratio``: options are costed at one token (where here 4-bit is the fastest format and dynamic
+    int8 is not), the emitted model is measured against the float one on one token after ``decode_context`` cached
+    positions, and the check is recorded.  Microbenchmarks and measurements are fixed figures: the loop, not a clock."""
+    from edgeprune.passes.bits import microbench
+    from edgeprune.runtime import latency as latency_mod
+    from edgeprune.runtime.latency import _result
+
+    def table(units, target, *, tokens, **kw):
+        cost = {"keep": 1.0, "int8-dynamic": 0.9} if tokens == 1 else {"keep": 1.0, "int8-dynamic": 0.3}
+        t = {("dql", p.input): 0.01 for u in units for p in u.parts}
+        t.update({(p.node, o.key): cost.get(o.kind, 0.2 if tokens == 1 else 0.8) for u in units for p in u.parts for o in p.options})
+        return t
+
+    monkeypatch.setattr(microbench, "unit_latencies", table)
+    monkeypatch.setattr(microbench, "model_latency", lambda model, ctx, units, t, tokens, feed=None: (
+        sum(t[(p.node, "float")] for u in units for p in u.parts), sum(t[(p.node, "float")] for u in units for p in u.parts)))
+    feeds = []
+
+    def fake(models, feed, target="cpu", *, warmup=5, runs=30, threads=None):
+        feeds.append(feed)
+        return {"float": _result([10.0] * 3, 1, warmup, threads, None, None),
+                "candidate": _result([2.0] * 3, 1, warmup, threads, None, None)}
+
+    monkeypatch.setattr(latency_mod, "measure_side_by_side", fake)
+    model, ctx = _decoder(tmp_path)
+    result = BitAllocationPass(BitAllocationConfig(decode_budget_ratio=0.25, decode_context=7, accuracy_levels=(0,)), ctx)(model)
+    units = len(result.records)
+    # 0.25 x the float step leaves 0.25 ms per unit: only the 0.2 ms formats fit (block-wise, and the embedding's
+    # lookups); float (1.0) or dynamic int8 (0.9) on any unit breaks it, where without the budget all would stay float.
+    assert {r["format"] for r in result.records} & {"float", "int8-dyn"} == set()
+    assert result.summary["predicted_decode_ms"] == pytest.approx(0.2 * units)
+    check = result.summary["decode_check"]
+    assert check["met"] and check["target_ratio"] == 0.25 and [a["measured_ratio"] for a in check["attempts"]] == [0.2]
+    shapes = {k: v.shape for k, v in feeds[-1].items()}
+    assert shapes == {"input_ids": (1, 1), "attention_mask": (1, 8), "past_key_values.0.key": (1, 2, 7, 16),
+                      "past_key_values.0.value": (1, 2, 7, 16)}
+    assert result.summary["latency"]["decode"]["context"] == 7
+
+
+def test_decode_budget_needs_a_kv_cache_and_one_bound():
+    with pytest.raises(BadInputError) as err:
+        BitAllocationConfig(decode_budget_ms=8, decode_budget_ratio=0.3)
+    assert str(err.value) == "decode_budget_ms and decode_budget_ratio both bound the decode step: pass only one of them."
+    model = _two_layer()
+    with pytest.raises(BadInputError) as err:
+        BitAllocationPass(BitAllocationConfig(decode_budget_ratio=0.5), _ctx(model))(model)
+    assert str(err.value) == ("a decode budget needs a model with a KV cache (inputs past_key_values.N.key/value): export it "
+                              "with past key/values (optimum's text-generation-with-past), or use --latency-budget.")

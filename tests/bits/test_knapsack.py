@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from edgeprune.passes.bits.knapsack import Item, SharedCost, floor, solve, totals
+from edgeprune.passes.bits.knapsack import Item, SharedCost, decode_total, floor, solve, totals
 
 
 def _instance(seed: int, units: int = 5, options: int = 3):
@@ -89,3 +89,27 @@ def test_unbounded_picks_least_error():
     units = _instance(3)
     sol = solve(units)
     assert sol.error == pytest.approx(sum(min(i.error for i in u) for u in units))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_milp_with_a_decode_budget_matches_brute_force_and_greedy_keeps_it(seed):
+    """A third resource (one decode step's ms) bounds the choice like size and prefill latency do, shared costs once."""
+    rng = np.random.default_rng(seed + 30)
+    units = [[Item(it.error, it.size, it.latency, float(rng.uniform(0.1, 2))) for it in u] for u in _instance(seed + 30)]
+    shared = [SharedCost(((0, 1), (2, 1)), latency=1.0, decode=0.7)]
+    size = 0.7 * sum(max(i.size for i in u) for u in units)
+    dec = 0.5 * sum(max(i.decode for i in u) for u in units)
+    best = None
+    for choice in itertools.product(*[range(len(u)) for u in units]):
+        e, s, _ = totals(units, list(choice), shared)
+        if s <= size + 1e-9 and decode_total(units, list(choice), shared) <= dec + 1e-9 and (best is None or e < best[0] - 1e-12):
+            best = (e, list(choice))
+    sol = solve(units, size_budget=size, decode_budget=dec, shared=shared, method="milp")
+    if best is None:
+        assert not sol.feasible
+        return
+    assert sol.feasible and sol.error == pytest.approx(best[0], abs=1e-7)
+    assert sol.decode == pytest.approx(decode_total(units, sol.choice, shared)) and sol.decode <= dec + 1e-6
+    g = solve(units, size_budget=size, decode_budget=dec, shared=shared, method="greedy")
+    if g.feasible:  # shared costs are spread over members there: its own total may be below the true one
+        assert g.size <= size + 1e-9 and decode_total(units, g.choice) <= dec + 1e-9

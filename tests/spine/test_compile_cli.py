@@ -247,7 +247,7 @@ def test_bits_recipe_without_a_budget_is_refused_before_any_heavy_work(mlp, tmp_
     recipe.write_text('[[passes]]\nname = "bits"\n[passes.options]\nmode = "auto"\n')
     _refuse_heavy_work(monkeypatch)
     _bad(capsys, tmp_path, model, "--calib", calib, "--recipe", recipe,
-         error="error: --bits auto needs a budget: pass --size-budget, --avg-bits or --latency-budget.")
+         error="error: --bits auto needs a budget: pass --size-budget, --avg-bits, --latency-budget or --decode-budget.")
 
 
 def test_recipe_object_options_are_checked_before_any_heavy_work(mlp, tmp_path, monkeypatch):
@@ -407,18 +407,20 @@ ALLOW_SLOWER_ALONE = ("Error: --allow-slower lifts the speed bound a size budget
 
 
 @pytest.mark.parametrize("args, error", [
-    (["--bits", "auto"], "Error: --bits auto needs a budget: --size-budget, --avg-bits or --latency-budget."),
+    (["--bits", "auto"], "Error: --bits auto needs a budget: --size-budget, --avg-bits, --latency-budget or --decode-budget."),
     (["--bits", "3"], "Error: --bits takes auto, 8, 4 or 2, got '3'."),
-    (["--avg-bits", "4.5"], "Error: --size-budget, --avg-bits, --latency-budget, --allow-slower, --pack-siblings, --gptq, --rounding and --smooth go with --bits."),
-    (["--gptq"], "Error: --size-budget, --avg-bits, --latency-budget, --allow-slower, --pack-siblings, --gptq, --rounding and --smooth go with --bits."),
-    (["--rounding", "wmse"], "Error: --size-budget, --avg-bits, --latency-budget, --allow-slower, --pack-siblings, --gptq, --rounding and --smooth go with --bits."),
-    (["--smooth", "0.7"], "Error: --size-budget, --avg-bits, --latency-budget, --allow-slower, --pack-siblings, --gptq, --rounding and --smooth go with --bits."),
+    (["--avg-bits", "4.5"], "Error: --size-budget, --avg-bits, --latency-budget, --decode-budget, --allow-slower, --pack-siblings, --gptq, --rounding and --smooth go with --bits."),
+    (["--gptq"], "Error: --size-budget, --avg-bits, --latency-budget, --decode-budget, --allow-slower, --pack-siblings, --gptq, --rounding and --smooth go with --bits."),
+    (["--rounding", "wmse"], "Error: --size-budget, --avg-bits, --latency-budget, --decode-budget, --allow-slower, --pack-siblings, --gptq, --rounding and --smooth go with --bits."),
+    (["--smooth", "0.7"], "Error: --size-budget, --avg-bits, --latency-budget, --decode-budget, --allow-slower, --pack-siblings, --gptq, --rounding and --smooth go with --bits."),
     (["--bits", "8", "--smooth", "1"], "error: smooth alpha must be a number in (0, 1), not 1.0: e.g. --smooth 0.7."),
     (["--bits", "auto", "--size-budget", "lots"], "error: size 'lots' is not a size: write e.g. 137MB, 90MiB or a number of bytes."),
     (["--bits", "auto", "--latency-budget", "fast"], "Error: --latency-budget takes milliseconds (150) or a ratio (0.8x), got 'fast'."),
-    (["--allow-slower"], "Error: --size-budget, --avg-bits, --latency-budget, --allow-slower, --pack-siblings, --gptq, --rounding and --smooth go with --bits."),
+    (["--bits", "auto", "--decode-budget", "soon"], "Error: --decode-budget takes milliseconds (8) or a ratio (0.8x), got 'soon'."),
+    (["--decode-budget", "0.3x"], "Error: --size-budget, --avg-bits, --latency-budget, --decode-budget, --allow-slower, --pack-siblings, --gptq, --rounding and --smooth go with --bits."),
+    (["--allow-slower"], "Error: --size-budget, --avg-bits, --latency-budget, --decode-budget, --allow-slower, --pack-siblings, --gptq, --rounding and --smooth go with --bits."),
     (["--bits", "8", "--allow-slower"], ALLOW_SLOWER_ALONE),
-    (["--pack-siblings"], "Error: --size-budget, --avg-bits, --latency-budget, --allow-slower, --pack-siblings, --gptq, --rounding and --smooth go with --bits."),
+    (["--pack-siblings"], "Error: --size-budget, --avg-bits, --latency-budget, --decode-budget, --allow-slower, --pack-siblings, --gptq, --rounding and --smooth go with --bits."),
     (["--bits", "4", "--pack-siblings"], "Error: --pack-siblings chooses one format per group of siblings: it goes with --bits auto."),
     (["--bits", "auto", "--latency-budget", "0.8x", "--allow-slower"], ALLOW_SLOWER_ALONE),
     (["--bits", "auto", "--size-budget", "1KB", "--latency-budget", "0.8x", "--allow-slower"], ALLOW_SLOWER_ALONE),
