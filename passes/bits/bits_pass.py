@@ -74,14 +74,14 @@ class BitAllocationPass(EdgePass):
             if c.latency_budget_ratio >= 1.0:
                 return None
             new = dataclasses.replace(c, latency_budget_ratio=min(1.0, c.latency_budget_ratio * grow))
-        elif c.decode_budget_ms is not None:
-            new = dataclasses.replace(c, decode_budget_ms=c.decode_budget_ms * grow)
-        elif c.decode_budget_ratio is not None:
-            if c.decode_budget_ratio >= 1.0:
-                return None
-            new = dataclasses.replace(c, decode_budget_ratio=min(1.0, c.decode_budget_ratio * grow))
-        else:
+        elif not c.decode_bounded or (c.decode_budget_ratio or 0.0) >= 1.0:
             return None
+        else:
+            new = c
+        if c.decode_budget_ms is not None:  # grown with any other budget: either may be the one that binds
+            new = dataclasses.replace(new, decode_budget_ms=c.decode_budget_ms * grow)
+        elif c.decode_budget_ratio is not None:
+            new = dataclasses.replace(new, decode_budget_ratio=min(1.0, c.decode_budget_ratio * grow))
         if isinstance(last, BitsResult) and last.float_reached:
             return None
         return BitAllocationPass(new, self.context)
@@ -156,9 +156,13 @@ class BitAllocationPass(EdgePass):
         if bud.get("latency") is not None:
             sol, new, log, summary["latency_check"] = latency.meet(model, units, rows, shared, bud, latency_info, sol,
                                                                     new, log, notes, c, ctx, emit)
-        if bud.get("decode") is not None:  # after prefill's: its re-solves keep the prefill budget, not its measurement
+        if bud.get("decode") is not None:  # after prefill's, keeping its (tightened) budget in every re-solve
+            before = sol.choice
             sol, new, log, summary["decode_check"] = latency.meet(model, units, rows, shared, bud, latency_info, sol,
                                                                    new, log, notes, c, ctx, emit, dim="decode")
+            if bud.get("latency") is not None and sol.choice != before:  # another model now: its prefill measured again
+                sol, new, log, summary["latency_check"] = latency.meet(model, units, rows, shared, bud, latency_info, sol,
+                                                                        new, log, notes, c, ctx, emit)
         if c.size_budget_bytes is not None and c.mode == "auto":
             sol, new, log, summary["size_check"] = self._fit_file(model, units, rows, shared, bud, other_bytes, sol, new,
                                                                   log, notes, emit)
@@ -238,10 +242,13 @@ class BitAllocationPass(EdgePass):
             nxt = solve.within(rows, bud, shared, c.solver, size_budget=unit_budget) if fits else None
             if fits and not nxt.feasible and c.latency_implicit:  # an implied bound gives way: the least error that fits
                 nxt = solve.within(rows, bud, shared, c.solver, size_budget=unit_budget, latency_budget=None)
-                notes.append("the written size left no choice as fast as float: the least-error choice that fits is emitted")
-            elif fits and not nxt.feasible and bud.get("latency") is not None:  # the file bounds first: the fastest
-                nxt = solve.fastest(rows, shared, unit_budget, c.solver)  # choice that fits (the report measures it)
-                notes.append("the written size left no choice within the latency budget: the fastest choice that fits "
+                if nxt.feasible:
+                    notes.append("the written size left no choice as fast as float: the least-error choice that fits "
+                                 "is emitted")
+            if fits and not nxt.feasible and (bud.get("latency") is not None or bud.get("decode") is not None):
+                by = "decode" if bud.get("decode") is not None else "latency"  # the file bounds first: the fastest
+                nxt = solve.fastest(rows, shared, unit_budget, c.solver, by=by)  # choice that fits (the report measures it)
+                notes.append(f"the written size left no choice within the {by} budget: the fastest choice that fits "
                              "the size is emitted")
             if nxt is None or not nxt.feasible:
                 break

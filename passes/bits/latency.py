@@ -64,7 +64,8 @@ def meet(model, units: list[Unit], rows, shared, bud: dict, info: dict[str, Any]
     DynamicQuantizeMatMul, which quantized neighbours enable or block; cache traffic), so the
     prediction can be off by tens of percent.  Each miss tightens the solver's budget by the
     measured overshoot and re-solves; after ``latency_checks`` measurements the last model is
-    kept, with a note when it still misses.  ``emit(plan)`` gives (model, log) for a plan.
+    kept, with a note when it still misses.  ``emit(plan)`` gives (model, log) for a plan.  ``bud[dim]`` is left at
+    the last (tightened) solver budget, so later re-solves keep it.
 
     Returns (solution, emitted model, emit log, the check's record).
     """
@@ -122,12 +123,14 @@ def meet(model, units: list[Unit], rows, shared, bud: dict, info: dict[str, Any]
             break
         if not nxt.feasible:  # the microbenchmarks see nothing faster: take the fastest choice the size allows
             fastest = True
-            nxt = solve.fastest(rows, shared, bud.get("size"), c.solver, by=dim)
+            nxt = solve.fastest(rows, shared, bud.get("size"), c.solver, by=dim,
+                                other=bud.get("decode" if dim == "latency" else "latency"))
             if nxt.choice == sol.choice:
                 break
             solver_budget = getattr(nxt, dim)
         sol = nxt
         new, log = emit(plan(units, sol.choice))
+    bud[dim] = min(bud[dim], solver_budget)  # later re-solves (the other check, the file's size) keep what was learnt
     met = attempts[-1]["measured_ratio"] <= target * (1 + TOLERANCE)
     if not met:
         what = "latency" if dim == "latency" else "decode step"

@@ -269,8 +269,9 @@ def fresh_latencies(model: ir.Model, context, units, *, tokens: int, accuracy_le
     float_ms, units_ms = model_latency(model, context, units, table, tokens, feed)
     wanted = sorted(shapes(units))
     prefix = _prefix(target, context.threads, tokens, accuracy_level)
+    shapes_fed = [f"{k}:{list(np.shape(v))}" for k, v in sorted(feed.items())] if feed is not None else []
     key = f"{prefix}|model|" + hashlib.sha1("|".join(
-        [f"{p.node}:{_shape(p)}" for u in units for p in u.parts]).encode()).hexdigest()[:16]
+        [f"{p.node}:{_shape(p)}" for u in units for p in u.parts] + shapes_fed).encode()).hexdigest()[:16]
     cache = _load_cache()
     stamps = _stamps(cache, prefix, wanted)
     rec = cache.get(key)

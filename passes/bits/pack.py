@@ -122,7 +122,8 @@ def pack_float_siblings(model: ir.Model, names: set[str]) -> dict[str, list[str]
 
     For dynamic int8 (``quantize_dynamic``, per-channel weights: a scale per output column, the activation quantized
     once per tensor) the packed node computes exactly what the siblings computed apart, so the emitter packs them
-    before quantizing: one DynamicQuantizeLinear + MatMulIntegerToFloat instead of one per sibling."""
+    before quantizing: one MatMulInteger (fused by ORT with the input's DynamicQuantizeLinear, which the tool already
+    shares per input) instead of one per sibling, and a q/k/v that can then feed GroupQueryAttention's packed query."""
     if model.opset_imports.get("", 13) < 11:
         return {}
     groups: dict[int, list[ir.Node]] = collections.defaultdict(list)

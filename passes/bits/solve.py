@@ -225,17 +225,22 @@ def curve(rows, shared, bud: dict, other_bytes: int, method: str) -> list[dict]:
     return points
 
 
-def fastest(rows, shared, size_budget, method: str, by: str = "latency") -> knapsack.Solution:
-    """The most accurate of the choices of least predicted latency (``by="decode"``: decode step) within the size budget.
+def fastest(rows, shared, size_budget, method: str, by: str = "latency", other: float | None = None) -> knapsack.Solution:
+    """The most accurate of the choices of least predicted latency (``by="decode"``: decode step) within the size
+    budget, and within ``other`` (the other time dimension's budget) where some choice meets it.
 
     Two solves, lexicographic: the least latency first, then the least error at that latency
     (a tie-breaking term in one objective would sit below the solver's tolerance).
     """
-    by_time = [[knapsack.Item(getattr(it, by), it.size, 0.0) for it in row] for row in rows]
-    s = knapsack.solve(by_time, size_budget=size_budget, method=method)
+    alt = "decode" if by == "latency" else "latency"
+    by_time = [[knapsack.Item(getattr(it, by), it.size, 0.0, getattr(it, alt)) for it in row] for row in rows]
+    s = knapsack.solve(by_time, size_budget=size_budget, method=method, decode_budget=other)
+    if not s.feasible and other is not None:  # nothing meets both: the size alone bounds the fastest
+        s = knapsack.solve(by_time, size_budget=size_budget, method=method)
+        other = None
     least = (knapsack.totals(rows, s.choice, shared)[2] if by == "latency" else knapsack.decode_total(rows, s.choice, shared))
     best = knapsack.solve(rows, size_budget=size_budget, shared=shared, method=method,
-                          **{f"{by}_budget": least * (1 + 1e-6) + 1e-9})
+                          **{f"{by}_budget": least * (1 + 1e-6) + 1e-9, f"{alt}_budget": other})
     choice = best.choice if best.feasible else s.choice
     return knapsack.Solution(choice, *knapsack.totals(rows, choice, shared), method=f"{s.method} (fastest)",
                              feasible=s.feasible, decode=knapsack.decode_total(rows, choice, shared))
@@ -286,7 +291,8 @@ def choose(c: BitAllocationConfig, units: list[Unit], rows, shared, bud: dict, n
     for dim in ("latency", "decode"):
         if sol.feasible or bud.get(dim) is None:
             continue
-        quick = fastest(rows, shared, bud.get("size"), c.solver, by=dim)
+        quick = fastest(rows, shared, bud.get("size"), c.solver, by=dim,
+                        other=bud.get("decode" if dim == "latency" else "latency"))
         if quick.feasible:  # just below the predicted floor: let the measurement decide
             notes.append(f"the {dim} budget is just below what the microbenchmarks predict for the fastest "
                          "choice: that choice is emitted and measured")

@@ -114,9 +114,10 @@ def reason_not_matched(softmax: ir.Node) -> str:
 #     k  = Concat(past_key, k4, axis=2)  (present_key)                 (v likewise)
 #     y  = Reshape(Transpose(DynamicSparseAttention(q4, k, v), [0, 2, 1, 3]), [0, 0, -1])
 #
-# when nothing else the fused op does is in use (rotary, packed QKV, biases, padding masks,
-# a local window, softcap, a past/present buffer shared in place); otherwise it stays dense with
-# that reason.  This is a direct graph edit rather than a pattern: the fused node is one node
+# when nothing else the fused op does is in use (rotary, biases, padding masks, a local window,
+# softcap, a past/present buffer shared in place; MultiHeadAttention's packed QKV); otherwise it
+# stays dense with that reason.  A GroupQueryAttention's packed query (q, k, v side by side, key and
+# value empty: the bits pass writes it for packed siblings) is split first.  This is a direct graph edit rather than a pattern: the fused node is one node
 # with optional trailing inputs.
 
 FUSED_DOMAIN = "com.microsoft"
@@ -158,14 +159,20 @@ def _width(value: ir.Value | None, depth: int = 3) -> int | None:
     return _width(node.inputs[0], depth - 1) if node.op_type == "Add" else None
 
 
+def _packed(node: ir.Node) -> bool:
+    """A GroupQueryAttention reading q, k and v packed in its query ([B, S, (heads + 2 kv heads) x head size])."""
+    return node.op_type == "GroupQueryAttention" and _input(node, 1) is None and _input(node, 2) is None
+
+
 def _head_dim(node: ir.Node) -> int | None:
-    hq, _ = _fused_heads(node)
+    hq, hkv = _fused_heads(node)
     past = _input(node, 3 if node.op_type == "GroupQueryAttention" else 6)
     width = _width(node.inputs[0])
     if isinstance(_dim(past, 3), int):
         return int(_dim(past, 3))
-    if isinstance(width, int) and hq and width % hq == 0:
-        return width // hq
+    heads = hq + 2 * hkv if _packed(node) else hq
+    if isinstance(width, int) and heads and width % heads == 0:
+        return width // heads
     return None
 
 
@@ -175,7 +182,9 @@ def fused_reason(node: ir.Node) -> str | None:
     hq, hkv = _fused_heads(node)
     if hq <= 0 or hkv <= 0 or hq % hkv:
         return f"{node.op_type} without valid num_heads/kv_num_heads: left dense"
-    if _input(node, 1) is None or _input(node, 2) is None:
+    if _packed(node) and _head_dim(node) is None:
+        return f"{node.op_type} with packed QKV of unknown head size (no static shape): left dense"
+    if (_input(node, 1) is None or _input(node, 2) is None) and not _packed(node):
         return f"{node.op_type} with packed QKV (no separate key/value): left dense"
     if node.op_type == "GroupQueryAttention":
         if a.get_int("do_rotary", 0):
@@ -221,7 +230,16 @@ def rewrite_fused(model: ir.Model, node: ir.Node, options: dict[str, Any]) -> ir
     def heads(x, h):
         return add("Transpose", [add("Reshape", [x, const([0, 0, h, -1])])], perm=[0, 2, 1, 3])
 
-    q4, k4, v4 = heads(node.inputs[0], hq), heads(node.inputs[1], hkv), heads(node.inputs[2], hkv)
+    q, k, v = node.inputs[:3]
+    if _packed(node):  # q, k and v side by side along the last axis (the bits pass packs siblings so)
+        d = _head_dim(node)
+        split = ir.node("Split", [q, const([hq * d, hkv * d, hkv * d])], attributes={"axis": -1}, num_outputs=3,
+                        name=f"{node.name}/sparse/Split_{len(new)}")
+        for i, out in enumerate(split.outputs):
+            out.name = f"{split.name}_output_{i}"
+        new.append(split)
+        q, k, v = split.outputs
+    q4, k4, v4 = heads(q, hq), heads(k, hkv), heads(v, hkv)
     k = add("Concat", [past_k, k4], axis=2) if past_k is not None else k4
     v = add("Concat", [past_v, v4], axis=2) if past_v is not None else v4
     y4 = add("DynamicSparseAttention", [q4, k, v], DOMAIN, block=int(options["block"]), keep=float(options["keep"]),

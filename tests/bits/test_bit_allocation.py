@@ -199,6 +199,8 @@ def test_registry_and_relaxed():
     assert r.config.latency_budget_ratio == 1.0 and r.relaxed() is None
     r = BitAllocationPass(BitAllocationConfig(decode_budget_ratio=0.8, relax_step=0.5)).relaxed()
     assert r.config.decode_budget_ratio == 1.0 and r.relaxed() is None
+    r = BitAllocationPass(BitAllocationConfig(size_budget_bytes=1000, decode_budget_ms=8.0, relax_step=0.5)).relaxed()
+    assert (r.config.size_budget_bytes, r.config.decode_budget_ms) == (1500, 12.0)
     u = BitAllocationPass(BitAllocationConfig(mode="uniform", bits=4)).relaxed()
     assert u.config.bits == 8 and u.relaxed() is None
     with pytest.raises(BadInputError, match="no option"):
@@ -579,6 +581,23 @@ def test_decode_budget_is_solved_on_one_token_timings_and_measured_on_a_decode_s
     assert shapes == {"input_ids": (1, 1), "attention_mask": (1, 8), "past_key_values.0.key": (1, 2, 7, 16),
                       "past_key_values.0.value": (1, 2, 7, 16)}
     assert result.summary["latency"]["decode"]["context"] == 7
+    # A measured miss re-solves with the decode budget cut by the overshoot (from the choice's own prediction).
+    ratios = iter([0.6, 0.45])
+
+    def fake(models, feed, target="cpu", *, warmup=5, runs=30, threads=None):
+        r = next(ratios)
+        return {"float": _result([10.0] * 3, 1, warmup, threads, None, None),
+                "candidate": _result([10.0 * r] * 3, 1, warmup, threads, None, None)}
+
+    monkeypatch.setattr(latency_mod, "measure_side_by_side", fake)
+    model, ctx = _decoder(tmp_path)
+    result = BitAllocationPass(BitAllocationConfig(decode_budget_ratio=0.5, accuracy_levels=(0,)), ctx)(model)
+    first, second = result.summary["decode_check"]["attempts"]
+    float_ms = first["float_ms"] / 10.0 * len(result.records)  # the fake's float step: 1 ms per unit
+    assert (first["measured_ratio"], second["measured_ratio"], result.summary["decode_check"]["met"]) == (0.6, 0.45, True)
+    assert first["solver_budget_ms"] == pytest.approx(0.5 * float_ms)
+    assert second["solver_budget_ms"] == pytest.approx(first["predicted_ms"] - (0.6 - 0.5) * float_ms)
+    assert second["predicted_ms"] <= second["solver_budget_ms"] + 1e-9 < first["predicted_ms"]
 
 
 def test_decode_budget_needs_a_kv_cache_and_one_bound():

@@ -652,3 +652,22 @@ def test_compile_cli_calibrated_allocation(tmp_path, capsys):
     # the most the mean budget of 0.5 allows (0.875 is not a candidate)
     assert [r["keep"] for r in sparse["records"]] == [0.125, 0.75]
     assert sparse["summary"]["mean_keep"] == 0.4375
+
+
+def test_a_packed_query_is_split_and_rewritten():
+    """q/k/v packed into one MatMul feeding GroupQueryAttention's packed query (what the bits pass writes for packed
+    siblings) is rewritten like q/k/v apart: under dense settings it computes what the input model computes."""
+    from edgeprune.passes.bits.pack import fold_into_attention, pack_float_siblings
+
+    proto = fused_proto("GroupQueryAttention", past=True)
+    model = ir.serde.deserialize_model(proto)
+    names = {n.name for n in model.graph if n.op_type == "MatMul" and n.outputs[0].name in ("q", "k", "v")}
+    assert len(pack_float_siblings(model, names)) == 1 and fold_into_attention(model) == 1
+    (gqa,) = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert gqa.inputs[1] is None and gqa.inputs[2] is None
+    result = SparseAttentionPass(SparseAttentionConfig(keep=0.25, block=4, min_len=1024))(model)
+    assert [r["status"] for r in result.records] == ["sparse"] and result.summary["sparse_layers"] == 1
+    for s, p in ((9, 0), (1, 20), (3, 21)):
+        feeds = _fused_feeds("GroupQueryAttention", s, p, seed=s)
+        for a, b in zip(make_session(model, threads=1).run(None, feeds), make_session(proto, threads=1).run(None, feeds), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
