@@ -126,8 +126,14 @@ class BitAllocationPass(EdgePass):
         elif c.importance == "measured":
             measure.measured_importance(model, units, ctx, stats)
         rows, shared, latency_info = solve.items(units), [], {}
+
+        def emit(p):
+            return self._emit(model, units, p, stats)
+
         if (c.latency_bounded or c.decode_bounded or c.speed_ties) and c.mode == "auto":
             rows, shared, latency_info = latency.with_latency(model, units, rows, c, ctx)
+        if c.decode_bounded and c.mode == "auto":
+            rows, shared = latency.calibrate_decode(model, units, rows, shared, latency_info, c, ctx, emit)
         bud = solve.budget(c, units, other_bytes, rows, latency_info)
         if bud.get("note"):
             notes.append(bud["note"])
@@ -148,9 +154,6 @@ class BitAllocationPass(EdgePass):
             summary["notes"] = notes
             return BitsResult(model, modified=False, records=units_mod.records(units, sol.choice), summary=summary,
                               float_reached=True)
-
-        def emit(p):
-            return self._emit(model, units, p, stats)
 
         new, log = emit(plan)
         if bud.get("latency") is not None:

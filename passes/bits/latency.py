@@ -7,6 +7,7 @@ things lives here, apart from the measuring of errors, so size-budget runs never
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import numpy as np
@@ -53,6 +54,43 @@ def with_latency(model, units: list[Unit], rows, c: BitAllocationConfig, context
                           "units_float_ms": dfloat_units_ms, "context": c.decode_context, "microbenchmarks": dhow,
                           "per_unit_ms": {f"{k[0]}|{k[1]}": v for k, v in dtable.items()}}
     return new_rows, shared, info
+
+
+def calibrate_decode(model, units: list[Unit], rows, shared, info: dict[str, Any], c: BitAllocationConfig, context,
+                     emit: Callable) -> tuple:
+    """Fit the one-token microbenchmarks to this model's decode step with two whole-model measurements.
+
+    Nodes timed alone, even as cold copies, run a one-token step at a different speed than inside a model that
+    streams every weight once (SmolLM2: the float units summed to a third of the float model's step, which left
+    two thirds as "the rest" and put the fastest predicted step at 0.69x of float where 0.24x is measured).  So the
+    fastest choice at decode (least error among the fastest) is emitted and its step timed side by side with the
+    float model's: with U the units' microbenchmark sums and T the measured steps, decode ms = a x U + r through
+    both points (a > 0, r >= 0), and the rows' decode costs are scaled by a.  The check after emitting still
+    measures the chosen model itself.  Returns (rows, shared) with scaled decode costs; ``info["decode"]`` gets the fit.
+    """
+    from edgeprune.runtime.latency import measure_side_by_side, paired_ratio
+    from edgeprune.validation import decode_feed
+
+    facts = info["decode"]
+    ref = solve.fastest(rows, shared, None, c.solver, by="decode")
+    with stage(context, "calibrate the one-token microbenchmarks: the fastest decode choice measured against float"):
+        candidate, _ = emit(plan(units, ref.choice))
+        feed = decode_feed(context.calibration.samples[0], model, c.decode_context)
+        lat = measure_side_by_side({"float": model, "candidate": candidate}, feed, context.target, warmup=2,
+                                   runs=max(c.latency_runs, 20), threads=context.threads)
+    float_ms = lat["float"].p50_ms
+    fast_ms = paired_ratio(lat["candidate"], lat["float"]) * float_ms
+    u_float, u_fast = facts["units_float_ms"], ref.decode
+    scale = (float_ms - fast_ms) / (u_float - u_fast) if u_float > u_fast else 0.0
+    rest = float_ms - scale * u_float
+    fit = {"fastest_measured_ms": fast_ms, "float_measured_ms": float_ms, "units_float_ms": u_float, "units_fastest_ms": u_fast}
+    if scale <= 0 or rest < 0:  # the two points do not fit a line with a positive slope and rest: keep the plain offsets
+        scale, rest = 1.0, max(float_ms - u_float, 0.0)
+        fit["note"] = "no positive fit through the two measurements: microbenchmarks used as timed"
+    facts.update(float_ms=float_ms, rest_ms=rest, scale=scale, calibration=fit)
+    rows = [[knapsack.Item(it.error, it.size, it.latency, it.decode * scale) for it in row] for row in rows]
+    shared = [dataclasses.replace(s, decode=s.decode * scale) for s in shared]
+    return rows, shared
 
 
 def meet(model, units: list[Unit], rows, shared, bud: dict, info: dict[str, Any], sol, new, log, notes: list[str],

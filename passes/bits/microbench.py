@@ -159,8 +159,81 @@ def shapes(units, gathers: bool = True) -> dict[str, dict]:
     return out
 
 
+def _llc_bytes() -> int:
+    """The last-level cache's size (Linux sysfs; 32 MiB where it cannot be read)."""
+    for index in (3, 2):
+        try:
+            text = pathlib.Path(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size").read_text().strip().upper()
+            return int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text)
+        except (OSError, ValueError, KeyError, IndexError):
+            continue
+    return 32 << 20
+
+
+def _weight_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def _cold_copies(model: ir.Model, copies: int) -> ir.Model:
+    """``copies`` copies of ``model``'s graph side by side, each with its own initializers (their own memory), all
+    reading the same inputs: timed as one run, a copy's weights are no longer in cache when it runs again."""
+    import onnx
+
+    from edgeprune.model_io import load_model, to_proto
+
+    proto = to_proto(model)
+    g = proto.graph
+    inputs = {i.name for i in g.input}
+    nodes, inits, outs = [], [], []
+    for c in range(copies):
+        def ren(name: str, c: int = c) -> str:
+            return name if name in inputs or not name else f"{name}__{c}"
+
+        for node in g.node:
+            n = onnx.NodeProto()
+            n.CopyFrom(node)
+            n.name = ren(node.name)
+            n.input[:] = [ren(x) for x in node.input]
+            n.output[:] = [ren(x) for x in node.output]
+            nodes.append(n)
+        for init in g.initializer:
+            t = onnx.TensorProto()
+            t.CopyFrom(init)
+            t.name = ren(init.name)
+            inits.append(t)
+        for out in g.output:
+            o = onnx.ValueInfoProto()
+            o.CopyFrom(out)
+            o.name = ren(out.name)
+            outs.append(o)
+    del g.node[:], g.initializer[:], g.output[:], g.value_info[:]
+    g.node.extend(nodes)
+    g.initializer.extend(inits)
+    g.output.extend(outs)
+    return ir.from_proto(proto)
+
+
+def _cold(models: dict, tokens: int) -> dict[str, int]:
+    """Model name -> how many copies time it (1 each at prefill).  At one token (a decode step) every weight of the
+    model comes from memory, not cache: each format's node is copied until the copies hold ``_COLD_CACHES`` last-level
+    caches (at most ``_MAX_COPIES``), and its time is the run's over the copies.  Timed alone in a loop, a one-token
+    node keeps its weights in cache: 576x1536 float ran 40 us alone and 122 us per copy (8-bit 20 / 31, 4-bit 29 / 24)."""
+    if tokens != 1:
+        return {name: 1 for name in models}
+    llc = _llc_bytes()
+    return {name: max(1, min(_MAX_COPIES, math.ceil(_COLD_CACHES * llc / max(_weight_bytes(m), 1)))) if name not in ("overhead", "dql")
+            else 1 for name, (m, _) in models.items()}
+
+
+_MAX_COPIES = 2048
+# Copies hold this many last-level caches: with 2 (67 MB of float 576x1536) a copy still ran at 78 GB/s, partly
+# cached; SmolLM2's whole float decode step streams its weights at ~24 GB/s on the same machine.
+_COLD_CACHES = 8
+
+
 def _time_shape(shape: str, options: dict, tokens: int, target, threads, accuracy_level) -> dict[str, float]:
-    """Every option of one shape, the no-op overhead and (MatMul) its input's DynamicQuantizeLinear, side by side."""
+    """Every option of one shape, the no-op overhead and (MatMul) its input's DynamicQuantizeLinear, side by side
+    (at one token each as its cold copies, :func:`_cold`: ms per copy after the run's overhead)."""
     from edgeprune.passes.bits.emit import emit
     from edgeprune.passes.bits.sensitivity import KEEP
 
@@ -176,13 +249,19 @@ def _time_shape(shape: str, options: dict, tokens: int, target, threads, accurac
         models["dql"] = (_single_op_model("DynamicQuantizeLinear", a, tokens), _x(a, tokens))
     for key, o in sorted(options.items()):
         models[key] = (base if o.kind == KEEP else emit(base, {"mm": o}, accuracy_level=accuracy_level)[0], feed)
-    return _time_group(models, target, threads)
+    copies = _cold(models, tokens)
+    if all(n == 1 for n in copies.values()):
+        return _time_group(models, target, threads)
+    models = {k: (_cold_copies(m, copies[k]) if copies[k] > 1 else m, f) for k, (m, f) in models.items()}
+    ms = _time_group(models, target, threads)
+    return {k: ms["overhead"] + (v - ms["overhead"]) / copies[k] for k, v in ms.items()}
 
 
 def _prefix(target, threads, tokens, accuracy_level) -> str:
     import onnxruntime
 
-    return f"ort{onnxruntime.__version__}|{_cpu()}|{target.name}|t{threads}|T{tokens}|acc{accuracy_level}|sbs"
+    cold = "|cold" if tokens == 1 else ""  # one token: timed as cold copies (``_cold``)
+    return f"ort{onnxruntime.__version__}|{_cpu()}|{target.name}|t{threads}|T{tokens}|acc{accuracy_level}|sbs{cold}"
 
 
 def unit_latencies(units, target, *, tokens: int = 128, threads: int | None = None,

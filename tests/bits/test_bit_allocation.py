@@ -574,7 +574,11 @@ def test_decode_budget_is_solved_on_one_token_timings_and_measured_on_a_decode_s
     # 0.25 x the float step leaves 0.25 ms per unit: only the 0.2 ms formats fit (block-wise, and the embedding's
     # lookups); float (1.0) or dynamic int8 (0.9) on any unit breaks it, where without the budget all would stay float.
     assert {r["format"] for r in result.records} & {"float", "int8-dyn"} == set()
-    assert result.summary["predicted_decode_ms"] == pytest.approx(0.2 * units)
+    # Calibrated on two measured steps: float (10 ms) and the fastest choice (0.2 x 10), against their unit sums
+    # (1 ms and 0.2 ms per unit): decode ms = a x units + r with a = 8 / (0.8 x units), r = 0.
+    dec = result.summary["latency"]["decode"]
+    assert dec["scale"] == pytest.approx(8.0 / (0.8 * units)) and dec["rest_ms"] == pytest.approx(0.0, abs=1e-9)
+    assert result.summary["predicted_decode_ms"] == pytest.approx(2.0)
     check = result.summary["decode_check"]
     assert check["met"] and check["target_ratio"] == 0.25 and [a["measured_ratio"] for a in check["attempts"]] == [0.2]
     shapes = {k: v.shape for k, v in feeds[-1].items()}
@@ -582,7 +586,7 @@ def test_decode_budget_is_solved_on_one_token_timings_and_measured_on_a_decode_s
                       "past_key_values.0.value": (1, 2, 7, 16)}
     assert result.summary["latency"]["decode"]["context"] == 7
     # A measured miss re-solves with the decode budget cut by the overshoot (from the choice's own prediction).
-    ratios = iter([0.6, 0.45])
+    ratios = iter([0.2, 0.6, 0.45])  # the calibration's fastest choice, then the chosen model twice
 
     def fake(models, feed, target="cpu", *, warmup=5, runs=30, threads=None):
         r = next(ratios)
@@ -593,7 +597,7 @@ def test_decode_budget_is_solved_on_one_token_timings_and_measured_on_a_decode_s
     model, ctx = _decoder(tmp_path)
     result = BitAllocationPass(BitAllocationConfig(decode_budget_ratio=0.5, accuracy_levels=(0,)), ctx)(model)
     first, second = result.summary["decode_check"]["attempts"]
-    float_ms = first["float_ms"] / 10.0 * len(result.records)  # the fake's float step: 1 ms per unit
+    float_ms = 10.0  # the measured float step (the calibration's)
     assert (first["measured_ratio"], second["measured_ratio"], result.summary["decode_check"]["met"]) == (0.6, 0.45, True)
     assert first["solver_budget_ms"] == pytest.approx(0.5 * float_ms)
     assert second["solver_budget_ms"] == pytest.approx(first["predicted_ms"] - (0.6 - 0.5) * float_ms)
