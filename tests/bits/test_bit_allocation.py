@@ -613,3 +613,28 @@ def test_decode_budget_needs_a_kv_cache_and_one_bound():
         BitAllocationPass(BitAllocationConfig(decode_budget_ratio=0.5), _ctx(model))(model)
     assert str(err.value) == ("a decode budget needs a model with a KV cache (inputs past_key_values.N.key/value): export it "
                               "with past key/values (optimum's text-generation-with-past), or use --latency-budget.")
+
+
+def test_one_token_microbenchmarks_time_cold_copies_with_distinct_weights(monkeypatch):
+    """At one token each format is timed as copies holding several last-level caches of weights, each copy with its
+    own values (ORT stores byte-identical initializers once); the first copy computes what the node computes."""
+    import math
+
+    from edgeprune.passes.bits import microbench
+    from edgeprune.passes.bits.emit import emit
+    from edgeprune.passes.bits.sensitivity import Option
+
+    quant = emit(microbench._matmul_model(64, 32, 1), {"mm": Option("nbits", 4, 32, False, 4)})[0]
+    copies = microbench._cold_copies(quant, 3)
+    assert [n.op_type for n in copies.graph] == ["MatMulNBits"] * 3 and len(copies.graph.outputs) == 3
+    codes = [n.inputs[1].const_value.numpy() for n in copies.graph]
+    np.testing.assert_array_equal(codes[1], codes[0] + np.uint8(2))
+    scales = [n.inputs[2].const_value.numpy() for n in copies.graph]
+    np.testing.assert_array_equal(scales[2], scales[0] * np.float32(1.002))
+    x = microbench._x(64, 1)
+    np.testing.assert_array_equal(_run(copies, x), _run(quant, x))
+    monkeypatch.setattr(microbench, "_llc_bytes", lambda: 1 << 20)
+    models = {"overhead": (quant, x), "fmt": (quant, x)}
+    assert microbench._cold(models, 128) == {"overhead": 1, "fmt": 1}
+    want = min(microbench._MAX_COPIES, math.ceil(microbench._COLD_CACHES * (1 << 20) / microbench._weight_bytes(quant)))
+    assert microbench._cold(models, 1) == {"overhead": 1, "fmt": want} and want > 1
