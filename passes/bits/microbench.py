@@ -272,7 +272,7 @@ def _time_shape(shape: str, options: dict, tokens: int, target, threads, accurac
 def _prefix(target, threads, tokens, accuracy_level) -> str:
     import onnxruntime
 
-    cold = "|cold" if tokens == 1 else ""  # one token: timed as cold copies (``_cold``)
+    cold = "|streamed" if tokens == 1 else ""  # one token: timed as cold copies with distinct weights (``_cold``)
     return f"ort{onnxruntime.__version__}|{_cpu()}|{target.name}|t{threads}|T{tokens}|acc{accuracy_level}|sbs{cold}"
 
 
