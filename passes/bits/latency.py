@@ -76,8 +76,8 @@ def calibrate_decode(model, units: list[Unit], rows, shared, info: dict[str, Any
     with stage(context, "calibrate the one-token microbenchmarks: the fastest decode choice measured against float"):
         candidate, _ = emit(plan(units, ref.choice))
         feed = decode_feed(context.calibration.samples[0], model, c.decode_context)
-        lat = measure_side_by_side({"float": model, "candidate": candidate}, feed, context.target, warmup=2,
-                                   runs=max(c.latency_runs, 20), threads=context.threads)
+        lat = measure_side_by_side({"float": model, "candidate": candidate}, feed, context.target, warmup=5,
+                                   runs=max(c.latency_runs, 40), threads=context.threads)
     float_ms = lat["float"].p50_ms
     fast_ms = paired_ratio(lat["candidate"], lat["float"]) * float_ms
     u_float, u_fast = facts["units_float_ms"], ref.decode
