@@ -284,8 +284,9 @@ def choose(c: BitAllocationConfig, units: list[Unit], rows, shared, bud: dict, n
         return knapsack.Solution(choice, *knapsack.totals(rows, choice), method="uniform", feasible=True)
     sol = within(rows, bud, shared, c.solver)
     if not sol.feasible and bud.get("latency") is not None and c.latency_implicit:  # the size budget alone decides
-        notes.append("nothing within the size budget is predicted as fast as the float model: the least-error choice "
-                     "is kept and its latency measured")
+        within_what = "the size and decode budgets" if bud.get("decode") is not None else "the size budget"
+        notes.append(f"nothing within {within_what} is predicted as fast as the float model at prefill: the least-error "
+                     "choice is kept and its latency measured")
         del bud["latency"]
         sol = within(rows, bud, shared, c.solver)
     for dim in ("latency", "decode"):
