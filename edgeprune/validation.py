@@ -53,13 +53,19 @@ def latency_feed(sample: dict[str, np.ndarray], model: ir.Model, seq_len: int = 
     return feed
 
 
-def decode_feed(sample: dict[str, np.ndarray], model: ir.Model, context: int) -> dict[str, np.ndarray]:
-    """One decode step's batch-1 input: the sample's first token after a cache of ``context`` positions (zeros), the
-    mask ``context + 1`` ones and the position ``context``: what a generation's step costs at that length."""
+def decode_cache(model: ir.Model) -> list[kv_cache.CacheEntry]:
+    """The model's KV-cache entries, refused with the fix where it has none (a decode step needs a cache)."""
     entries = kv_cache.model_cache(model)
     if not entries:
         raise BadInputError("a decode budget needs a model with a KV cache (inputs past_key_values.N.key/value): export it "
                             "with past key/values (optimum's text-generation-with-past), or use --latency-budget.")
+    return entries
+
+
+def decode_feed(sample: dict[str, np.ndarray], model: ir.Model, context: int) -> dict[str, np.ndarray]:
+    """One decode step's batch-1 input: the sample's first token after a cache of ``context`` positions (zeros), the
+    mask ``context + 1`` ones and the position ``context``: what a generation's step costs at that length."""
+    entries = decode_cache(model)
     feed = {name: np.asarray(value)[:1] for name, value in sample.items() if not kv_cache.is_cache_input(name)}
     if "input_ids" not in feed:
         raise BadInputError(f"a decode step needs an input_ids input; the calibration rows have {sorted(feed)}.")

@@ -21,7 +21,6 @@ from typing import Any
 
 import onnx_ir as ir
 
-from edgeprune import kv_cache
 from edgeprune.analysis import analyze
 from edgeprune.errors import BadInputError
 from edgeprune.model_io import file_size, model_bytes, save_model
@@ -30,6 +29,7 @@ from edgeprune.passes.bits import config as config_mod
 from edgeprune.passes.bits import knapsack, latency, measure, solve, units as units_mod
 from edgeprune.passes.bits.config import BitAllocationConfig
 from edgeprune.passes.bits.sensitivity import KEEP
+from edgeprune.validation import decode_cache
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +90,8 @@ class BitAllocationPass(EdgePass):
         ctx = self.context
         config_mod.check(self.config, ctx)
         self.config = c = self.config.for_target(ctx.target if ctx is not None else None)
-        if c.decode_bounded and not kv_cache.model_cache(model):
-            raise BadInputError("a decode budget needs a model with a KV cache (inputs past_key_values.N.key/value): export it "
-                                "with past key/values (optimum's text-generation-with-past), or use --latency-budget.")
+        if c.decode_bounded:
+            decode_cache(model)  # refuses a model without a KV cache before anything is measured
         kinds, notes = units_mod.formats_for(ctx.target if ctx is not None else None, c)
         structures = analyze(model)
         units, skipped = units_mod.build(model, structures, c, kinds, notes)
@@ -127,8 +126,16 @@ class BitAllocationPass(EdgePass):
             measure.measured_importance(model, units, ctx, stats)
         rows, shared, latency_info = solve.items(units), [], {}
 
+        emitted: dict = {}
+
         def emit(p):
-            return self._emit(model, units, p, stats)
+            """The plan emitted, or the last emission when the plan is the same (the decode calibration's fastest
+            choice is often the one chosen: a SmolLM2 emit takes about a minute)."""
+            key = frozenset(p.items())
+            if key not in emitted:
+                emitted.clear()
+                emitted[key] = self._emit(model, units, p, stats)
+            return emitted[key]
 
         if (c.latency_bounded or c.decode_bounded or c.speed_ties) and c.mode == "auto":
             rows, shared, latency_info = latency.with_latency(model, units, rows, c, ctx)

@@ -81,6 +81,12 @@ def decode_total(units: list[list[Item]], choice: list[int], shared: list[Shared
         s.decode for s in shared if any(choice[u] == o for u, o in s.members))
 
 
+def evaluate(units: list[list[Item]], choice: list[int], shared: list[SharedCost] = (), method: str = "",
+             feasible: bool = True, note: str = "") -> Solution:
+    """A choice as a :class:`Solution`, every total (error, size, latency, decode step) computed in one place."""
+    return Solution(choice, *totals(units, choice, shared), method, feasible, note, decode_total(units, choice, shared))
+
+
 def floor(units: list[list[Item]], *, by: str = "size") -> float:
     """The least total size (or latency) any choice can reach: each unit's cheapest option.
 
@@ -109,15 +115,9 @@ def solve(
     if method == "milp":
         sol = _solve_milp(units, size_budget, latency_budget, list(shared), time_limit, decode_budget)
         if sol is not None:
-            return _with_decode(sol, units, shared)
+            return sol
         logger.warning("milp found no solution; trying the greedy solver")
-    return _with_decode(_solve_greedy(units, size_budget, latency_budget, list(shared), decode_budget), units, shared)
-
-
-def _with_decode(sol: Solution, units, shared) -> Solution:
-    if sol.feasible:
-        sol.decode = decode_total(units, sol.choice, shared)
-    return sol
+    return _solve_greedy(units, size_budget, latency_budget, list(shared), decode_budget)
 
 
 def _solve_milp(units, size_budget, latency_budget, shared, time_limit, decode_budget=None) -> Solution | None:
@@ -166,9 +166,8 @@ def _solve_milp(units, size_budget, latency_budget, shared, time_limit, decode_b
         return None
     x = np.round(res.x[:n_x]).astype(int)
     choice = [int(np.argmax(x[offsets[u] : offsets[u + 1]])) for u in range(len(units))]
-    err, size, lat = totals(units, choice, shared)
     note = "" if res.status == 0 else f"HiGHS stopped early ({res.message}); best solution found is used"
-    return Solution(choice, err, size, lat, "milp", True, note)
+    return evaluate(units, choice, shared, "milp", True, note)
 
 
 def _hull(opts: list[Item], key) -> list[int]:
@@ -212,8 +211,7 @@ def _solve_greedy(units, size_budget, latency_budget, shared, decode_budget=None
     feasible = ((size_budget is None or size <= size_budget + 1e-9) and (latency_budget is None or lat <= latency_budget + 1e-9)
                 and (decode_budget is None or dec <= decode_budget + 1e-9))
     if not feasible:
-        err, size, lat = totals(units, choice, shared)
-        return Solution(choice, err, size, lat, "greedy", False, note="even the smallest option of every unit is over budget")
+        return evaluate(units, choice, shared, "greedy", False, "even the smallest option of every unit is over budget")
     while True:
         best, best_gain = None, 0.0
         for u, h in enumerate(hulls):
@@ -236,5 +234,4 @@ def _solve_greedy(units, size_budget, latency_budget, shared, decode_budget=None
         pos[best] += 1
         choice[best] = hulls[best][pos[best]]
         size, lat, dec = used()
-    err, size, lat = totals(units, choice, shared)
-    return Solution(choice, err, size, lat, "greedy", True)
+    return evaluate(units, choice, shared, "greedy")

@@ -161,8 +161,7 @@ def meet(model, units: list[Unit], rows, shared, bud: dict, info: dict[str, Any]
             break
         if not nxt.feasible:  # the microbenchmarks see nothing faster: take the fastest choice the size allows
             fastest = True
-            nxt = solve.fastest(rows, shared, bud.get("size"), c.solver, by=dim,
-                                other=bud.get("decode" if dim == "latency" else "latency"))
+            nxt = solve.fastest(rows, shared, bud.get("size"), c.solver, by=dim, other=bud.get(solve.OTHER[dim]))
             if nxt.choice == sol.choice:
                 break
             solver_budget = getattr(nxt, dim)

@@ -179,7 +179,7 @@ def _cold_copies(model: ir.Model, copies: int) -> ir.Model:
     reading the same inputs: timed as one run, a copy's weights are no longer in cache when it runs again."""
     import onnx
 
-    from edgeprune.model_io import load_model, to_proto
+    from edgeprune.model_io import to_proto
 
     proto = to_proto(model)
     g = proto.graph
@@ -262,8 +262,6 @@ def _time_shape(shape: str, options: dict, tokens: int, target, threads, accurac
     for key, o in sorted(options.items()):
         models[key] = (base if o.kind == KEEP else emit(base, {"mm": o}, accuracy_level=accuracy_level)[0], feed)
     copies = _cold(models, tokens)
-    if all(n == 1 for n in copies.values()):
-        return _time_group(models, target, threads)
     models = {k: (_cold_copies(m, copies[k]) if copies[k] > 1 else m, f) for k, (m, f) in models.items()}
     ms = _time_group(models, target, threads)
     return {k: ms["overhead"] + (v - ms["overhead"]) / copies[k] for k, v in ms.items()}

@@ -99,6 +99,10 @@ def fast_choice(c: BitAllocationConfig, units: list[Unit], kept: dict[str, str])
     return choice, kept
 
 
+#: The other time dimension of a knapsack row: prefill latency and one decode step.
+OTHER = {"latency": "decode", "decode": "latency"}
+
+
 def within(rows, bud: dict, shared, method: str, **override) -> knapsack.Solution:
     """The least-error choice within every budget ``bud`` holds (size, latency, decode); ``override`` replaces one,
     e.g. ``latency_budget=None`` or a tightened ``decode_budget``."""
@@ -232,18 +236,17 @@ def fastest(rows, shared, size_budget, method: str, by: str = "latency", other: 
     Two solves, lexicographic: the least latency first, then the least error at that latency
     (a tie-breaking term in one objective would sit below the solver's tolerance).
     """
-    alt = "decode" if by == "latency" else "latency"
+    alt = OTHER[by]
     by_time = [[knapsack.Item(getattr(it, by), it.size, 0.0, getattr(it, alt)) for it in row] for row in rows]
     s = knapsack.solve(by_time, size_budget=size_budget, method=method, decode_budget=other)
     if not s.feasible and other is not None:  # nothing meets both: the size alone bounds the fastest
         s = knapsack.solve(by_time, size_budget=size_budget, method=method)
         other = None
-    least = (knapsack.totals(rows, s.choice, shared)[2] if by == "latency" else knapsack.decode_total(rows, s.choice, shared))
+    least = getattr(knapsack.evaluate(rows, s.choice, shared), by)
     best = knapsack.solve(rows, size_budget=size_budget, shared=shared, method=method,
                           **{f"{by}_budget": least * (1 + 1e-6) + 1e-9, f"{alt}_budget": other})
     choice = best.choice if best.feasible else s.choice
-    return knapsack.Solution(choice, *knapsack.totals(rows, choice, shared), method=f"{s.method} (fastest)",
-                             feasible=s.feasible, decode=knapsack.decode_total(rows, choice, shared))
+    return knapsack.evaluate(rows, choice, shared, f"{s.method} (fastest)", s.feasible)
 
 
 def speed_ties(rows, shared, bud: dict, sol: knapsack.Solution, slack: float, method: str) -> knapsack.Solution:
@@ -265,12 +268,12 @@ def speed_ties(rows, shared, bud: dict, sol: knapsack.Solution, slack: float, me
                           decode_budget=bud.get("decode"))
     if not fast.feasible:
         return sol
-    err, size, lat = knapsack.totals(rows, fast.choice, shared)
+    out = knapsack.evaluate(rows, fast.choice, shared, f"{sol.method} + fastest within {slack:.3g} of its error", True,
+                            sol.note)
     lat_budget = bud.get("latency")
-    if lat >= sol.latency or (lat_budget is not None and lat > lat_budget + 1e-9):
+    if out.latency >= sol.latency or (lat_budget is not None and out.latency > lat_budget + 1e-9):
         return sol
-    return knapsack.Solution(fast.choice, err, size, lat, f"{sol.method} + fastest within {slack:.3g} of its error",
-                             True, sol.note, knapsack.decode_total(rows, fast.choice, shared))
+    return out
 
 
 def choose(c: BitAllocationConfig, units: list[Unit], rows, shared, bud: dict, notes: list[str]) -> knapsack.Solution:
@@ -281,7 +284,7 @@ def choose(c: BitAllocationConfig, units: list[Unit], rows, shared, bud: dict, n
     """
     if c.mode == "uniform":
         choice = [uniform_choice(c, u) for u in units]
-        return knapsack.Solution(choice, *knapsack.totals(rows, choice), method="uniform", feasible=True)
+        return knapsack.evaluate(rows, choice, method="uniform")
     sol = within(rows, bud, shared, c.solver)
     if not sol.feasible and bud.get("latency") is not None and c.latency_implicit:  # the size budget alone decides
         within_what = "the size and decode budgets" if bud.get("decode") is not None else "the size budget"
@@ -292,8 +295,7 @@ def choose(c: BitAllocationConfig, units: list[Unit], rows, shared, bud: dict, n
     for dim in ("latency", "decode"):
         if sol.feasible or bud.get(dim) is None:
             continue
-        quick = fastest(rows, shared, bud.get("size"), c.solver, by=dim,
-                        other=bud.get("decode" if dim == "latency" else "latency"))
+        quick = fastest(rows, shared, bud.get("size"), c.solver, by=dim, other=bud.get(OTHER[dim]))
         if quick.feasible:  # just below the predicted floor: let the measurement decide
             notes.append(f"the {dim} budget is just below what the microbenchmarks predict for the fastest "
                          "choice: that choice is emitted and measured")
