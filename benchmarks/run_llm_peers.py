@@ -10,14 +10,14 @@ package, whose only weights are a Q4_1 GGUF that transformers dequantizes to fp3
   offline from a Hugging Face folder written from the same GGUF;
 - ``nncf-int4-g64`` / ``nncf-int4-g64-awq-se``: NNCF ``compress_weights`` INT4_ASYM group 64 (ONNX backend),
   without / with AWQ + scale estimation;
-- ``llama-q8_0`` / ``llama-q4_k_m`` / ``llama-q4_0``: llama.cpp through llama-cpp-python, quantized with
+- ``llama-q8_0`` / ``llama-q4_k_m`` / ``llama-q4_0`` / ``llama-q4_1``: llama.cpp through llama-cpp-python, quantized with
   ``llama_cpp.llama_model_quantize`` from an F32 GGUF made by the ``convert_hf_to_gguf.py`` of the vendored
   llama.cpp in the llama-cpp-python sdist of the installed version;
 - ``edgeprune@<peer>``: ``edgeprune compile fp32 --bits auto --size-budget <the peer's bytes>``;
   ``edgeprune+wmse@<peer>`` the same with ``--rounding wmse`` (``--edgeprune-rounding``), ``+smooth0.7`` with
   ``--smooth 0.7`` (``--edgeprune-smooth``), ``+fused`` with ``--fuse-attention`` (``--edgeprune-fuse-attention``),
   ``+slower`` with ``--allow-slower`` (``--edgeprune-allow-slower``), ``+packed`` with ``--pack-siblings``
-  (``--edgeprune-pack-siblings``);
+  (``--edgeprune-pack-siblings``), ``+offsets`` with ``--block-offsets`` (``--edgeprune-block-offsets``);
   ``--edgeprune-at`` also takes a size (``edgeprune@100MB``).
 
 Columns: size (bytes of the model files: ``.onnx`` plus external data, or the ``.gguf``, which also
@@ -90,13 +90,14 @@ PEERS = {
     "llama-q8_0": ("llama.cpp Q8_0", "gguf"),
     "llama-q4_k_m": ("llama.cpp Q4_K_M", "gguf"),
     "llama-q4_0": ("llama.cpp Q4_0", "gguf"),
+    "llama-q4_1": ("llama.cpp Q4_1 (the source GGUF's format: its grid re-written as it was)", "gguf"),
 }
 #: peers whose size an edgeprune row is compiled to, most wanted first (the issue's bars)
 EDGEPRUNE_AT = ("genai-int4", "llama-q4_k_m", "llama-q8_0", "llama-q4_0", "ort-dyn-int8", "nncf-int4-g64-awq-se")
 #: llama.cpp's extra buffer types (AMX, repacked layouts): off, see LlamaRunner
 LLAMA_EXTRA_BUFTS = False
 LLAMA_FTYPES = {"llama-q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "llama-q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-                "llama-q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+                "llama-q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "llama-q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1"}
 
 
 def _version(dist: str) -> str | None:
@@ -369,19 +370,21 @@ def slim_passes(passes: list[dict]) -> list[dict]:
 
 
 def edgeprune_flags(rounding: str | None, smooth: float | None, fuse_attention: bool = False,
-                    allow_slower: bool = False, pack_siblings: bool = False, decode_budget: str | None = None) -> list[str]:
+                    allow_slower: bool = False, pack_siblings: bool = False, decode_budget: str | None = None,
+                    block_offsets: bool = False) -> list[str]:
     """The compile flags an edgeprune row adds to ``--bits auto --size-budget``."""
     return ((["--rounding", rounding] if rounding else []) + (["--smooth", f"{smooth:g}"] if smooth else [])
             + (["--fuse-attention"] if fuse_attention else []) + (["--allow-slower"] if allow_slower else [])
-            + (["--pack-siblings"] if pack_siblings else []) + (["--decode-budget", decode_budget] if decode_budget else []))
+            + (["--pack-siblings"] if pack_siblings else []) + (["--decode-budget", decode_budget] if decode_budget else [])
+            + (["--block-offsets"] if block_offsets else []))
 
 
 def edgeprune_key(peer: str, flags: list[str]) -> str:
     """The row (and work folder) of edgeprune at ``peer``'s size (or a size such as ``100MB``):
     ``edgeprune@peer``, ``edgeprune+wmse@peer``, ``edgeprune+wmse+smooth0.7@peer``, ``edgeprune+wmse+smooth0.7+fused@peer``,
     ``edgeprune+wmse+smooth0.7+slower@peer`` (``--allow-slower``), ``...+packed@peer`` (``--pack-siblings``),
-    ``...+decode0.26x@peer`` (``--decode-budget 0.26x``)."""
-    bare = {"--fuse-attention": "+fused", "--allow-slower": "+slower", "--pack-siblings": "+packed"}
+    ``...+decode0.26x@peer`` (``--decode-budget 0.26x``), ``...+offsets@peer`` (``--block-offsets``)."""
+    bare = {"--fuse-attention": "+fused", "--allow-slower": "+slower", "--pack-siblings": "+packed", "--block-offsets": "+offsets"}
     valued = {"--rounding": "+", "--smooth": "+smooth", "--decode-budget": "+decode"}
     tags, rest = "", list(flags)
     while rest:
@@ -788,6 +791,8 @@ def main(argv=None) -> int:
                     help="edgeprune rows also pass --allow-slower: least error within the size, whatever the speed (rows edgeprune+...+slower@peer)")
     ap.add_argument("--edgeprune-pack-siblings", action="store_true",
                     help="edgeprune rows also pass --pack-siblings (rows edgeprune+...+packed@peer)")
+    ap.add_argument("--edgeprune-block-offsets", action="store_true",
+                    help="edgeprune rows also pass --block-offsets (rows edgeprune+...+offsets@peer)")
     ap.add_argument("--edgeprune-decode-budget",
                     help="edgeprune rows also pass --decode-budget (ms or a ratio such as 0.26x; rows edgeprune+...+decode0.26x@peer)")
     ap.add_argument("--threads", type=int, default=2)
@@ -851,7 +856,8 @@ def main(argv=None) -> int:
             row["error"] = f"{type(exc).__name__}: {exc}"
         rows[key] = row
     flags = edgeprune_flags(args.edgeprune_rounding, args.edgeprune_smooth, args.edgeprune_fuse_attention,
-                            args.edgeprune_allow_slower, args.edgeprune_pack_siblings, args.edgeprune_decode_budget)
+                            args.edgeprune_allow_slower, args.edgeprune_pack_siblings, args.edgeprune_decode_budget,
+                            args.edgeprune_block_offsets)
     for peer in [k for k in args.edgeprune_at.split(",") if k]:
         key = edgeprune_key(peer, flags)
         if peer in PEERS:

@@ -116,6 +116,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--decode-budget", help="With --bits auto, a model with a KV cache: one decode step (a new token after 128 cached ones) on the target, in ms (e.g. 8) or relative to the float model's (e.g. 0.3x); formats are microbenchmarked at one token too and the emitted step is measured.")
 @click.option("--allow-slower", is_flag=True, help="With --bits auto and a size budget alone: take the least-error mix within it even where it runs slower than the float model (on the cpu target a size budget also bounds prefill latency to the float model's unless this is given).")
 @click.option("--pack-siblings", is_flag=True, help="With --bits auto: MatMuls reading one input (attention's q/k/v, a gated FFN's gate/up) take one format, so each group is packed into one MatMulNBits (one activation pass and dispatch instead of several; the solver has less freedom). Siblings that choose one format on their own are packed either way.")
+@click.option("--block-offsets", is_flag=True, help="With --bits: also offer 4/2-bit weights with a float16 offset per block (llama.cpp's Q4_1 form, 5 bits per weight at block 32; exact where the weights came from such a grid), added by one small MatMul + Add beside each MatMulNBits: more accurate than an integer zero point, slower at decode.")
 @click.option("--bit-options", default="4,8", show_default=True, help="Bit widths to choose from besides float (2 and 16 also exist).")
 @click.option("--block-size", default="32,64,128", show_default=True, help="Block size(s) of 4/2-bit blocked formats.")
 @click.option("--gptq", is_flag=True, help="Also offer GPTQ rounding for 4/2-bit weights: better when --calib is the deployment data, worse off-domain.")
@@ -136,7 +137,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @common_json
 def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example, force, max_samples, seed,
                 prune_ratio, prune_metric, allocation, round_to, refit, no_compensate, prune_units,
-                bits_mode, size_budget, avg_bits, latency_budget, decode_budget, allow_slower, pack_siblings, bit_options, block_size, gptq, rounding, smooth,
+                bits_mode, size_budget, avg_bits, latency_budget, decode_budget, allow_slower, pack_siblings, block_offsets, bit_options, block_size, gptq, rounding, smooth,
                 sparse_keep, sparse_block, sparse_select, sparse_min_len, sparse_allocation, fuse_attention, moe_keep, moe_metric, moe_tasks, package_target, fix_shapes, threads, as_json):
     """Compile MODEL into OUT: model.onnx plus report.json, report.md and report.html."""
     from edgeprune.pipeline import CompileOptions, compile_model
@@ -157,13 +158,15 @@ def compile_cmd(model, out, target, recipe, calib, tokenizer, max_drop, example,
             if bits["mode"] != "auto":
                 raise click.UsageError("--pack-siblings chooses one format per group of siblings: it goes with --bits auto.")
             bits["joint_siblings"] = True
+        if block_offsets:
+            bits["block_offsets"] = True
         if gptq:
             bits["gptq"] = True
         if rounding is not None:
             bits["mse_rounding"] = rounding
-    elif any(v is not None for v in (size_budget, avg_bits, latency_budget, decode_budget, rounding, smooth)) or gptq or allow_slower or pack_siblings:
-        raise click.UsageError("--size-budget, --avg-bits, --latency-budget, --decode-budget, --allow-slower, --pack-siblings, --gptq, --rounding "
-                               "and --smooth go with --bits.")
+    elif any(v is not None for v in (size_budget, avg_bits, latency_budget, decode_budget, rounding, smooth)) or gptq or allow_slower or pack_siblings or block_offsets:
+        raise click.UsageError("--size-budget, --avg-bits, --latency-budget, --decode-budget, --allow-slower, --pack-siblings, --block-offsets, "
+                               "--gptq, --rounding and --smooth go with --bits.")
     sparse = None
     if sparse_keep is not None:
         sparse = {"keep": sparse_keep, "block": sparse_block, "select": sparse_select, "min_len": sparse_min_len,

@@ -93,6 +93,13 @@ class BitAllocationConfig:
     the same kernel and codes, 0.5 bit per weight less at block 32 (4-bit b32: 4.625 instead of 5.125 bits
     per weight), the scales rounded by at most 2^-11.  A node whose scales float16 cannot hold (overflow, or
     below its smallest normal) keeps float32 ones (``sensitivity.fp16_scales``)."""
+    block_offsets: bool = False
+    """Also offer 2/4-bit MatMulNBits with a float offset per block (``edgeprune.passes.bits.offsets``: llama.cpp's
+    Q4_1 form, centred codes + float16 scale and offset per block, 5 bits per weight at 4-bit b32), each with its
+    measured error and latency: an affine grid fits each block's range better than an integer zero point, and is
+    exact on weights distributed on such a grid.  It costs one small MatMul and an Add per node beside the kernel
+    (and one block-sum MatMul per input), which shows at decode.  With ``mse_rounding`` the offsets grid is
+    searched with the same weighting; without it, min/max (Q4_1's rule)."""
     joint_siblings: bool = False
     """Auto mode: MatMuls reading one input with weights of one K (attention's q/k/v, a gated FFN's gate/up) take
     one format, so the emitter packs them into one MatMulNBits (one activation read and int8 quantization, one

@@ -25,8 +25,10 @@ The plan maps node names to :class:`edgeprune.passes.bits.sensitivity.Option`.  
    its codes, scales and zero points in the same initializers, before any tied lookup reads them;
 5. a ``gather-tied`` lookup becomes a GatherBlockQuantized over the tied head's MatMulNBits
    initializers (:func:`_tie_lookups`: no tool shares one packed table between the two ops);
+   a block-offset node (``edgeprune.passes.bits.offsets``) gets its centred codes and scales the same way;
 6. MatMulNBits siblings of one format reading one input become one node + Split (``edgeprune.passes.bits.pack``),
-   a GroupQueryAttention reading the packed q/k/v itself where it can (no Split), then block scales are stored as float16 where the plan says so.
+   a GroupQueryAttention reading the packed q/k/v itself where it can (no Split); then each block-offset node (packed
+   or not) gets its offsets' MatMul + Add after it, and block scales are stored as float16 where the plan says so.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from onnxscript.rewriter.pattern import MatchResult, RewriteRule, RewriteRuleSet
 
 from edgeprune import model_io
 from edgeprune.analysis.graph import node_name
+from edgeprune.passes.bits import offsets
 from edgeprune.passes.bits.pack import fold_into_attention, pack_float_siblings, pack_siblings
 from edgeprune.passes.bits.sensitivity import KEEP, Option
 
@@ -250,11 +253,14 @@ def emit(model: ir.Model, plan: dict[str, Option], *, accuracy_level: int | None
         gptq_weights = {n.name: (n.outputs[0].name, n.inputs[1].const_value.numpy()) for n in work.graph
                         if plan.get(n.name) is not None and plan[n.name].kind == "gptq"}
         searched = {n.name: (n.outputs[0].name, n.inputs[1].const_value.numpy()) for n in work.graph
-                    if plan.get(n.name) is not None and plan[n.name].kind == "nbits" and plan[n.name].rounding != "rtn"}
+                    if plan.get(n.name) is not None and plan[n.name].kind == "nbits" and plan[n.name].rounding != "rtn"
+                    and not plan[n.name].offsets}
+        offset_nodes = {n.name: (n.outputs[0].name, n.inputs[1].const_value.numpy()) for n in work.graph
+                        if plan.get(n.name) is not None and plan[n.name].kind == "nbits" and plan[n.name].offsets}
         missing = sorted(set(gptq_weights) - set(grams or {}))
         if missing:
             raise ValueError(f"GPTQ needs the Gram of each node's input; none for {missing[:3]}")
-        missing = sorted(n for n in searched if plan[n].rounding == "wmse" and n not in (grams or {}))
+        missing = sorted(n for n in [*searched, *offset_nodes] if plan[n].rounding == "wmse" and n not in (grams or {}))
         if missing:
             raise ValueError(f"wmse rounding needs the Gram (or its diagonal) of each node's input; none for {missing[:3]}")
         for bits in sorted({o.bits for o in plan.values() if o.kind == "qdq"}):
@@ -284,14 +290,18 @@ def emit(model: ir.Model, plan: dict[str, Option], *, accuracy_level: int | None
         result = model_io.load_model(out)
         if searched:  # before tying: a tied lookup reads the head's (searched) table
             log["searched_grids"] = _searched_grids(result, plan, searched, grams or {})
+        offset_table = _offset_grids(result, plan, offset_nodes, grams or {}) if offset_nodes else {}
         if tied:
             log["tied_lookups"] = _tie_lookups(result, tied)
         if gptq_weights:
             log["gptq_nodes"] = _gptq_codes(result, plan, gptq_weights, grams)
         before = {n.name for n in model.graph if n.op_type in _BLOCK_OPS}
         fp16 = any(o.fp16_scales for o in plan.values())
-        log["packed_siblings"] = pack_siblings(result, before, fp16=fp16)  # after every step writing a node's own codes
+        # after every step writing a node's own codes; the offsets travel with them
+        log["packed_siblings"] = pack_siblings(result, before, fp16=fp16, offsets=offset_table)
         log["packed_siblings"]["into_attention"] = fold_into_attention(result)
+        if offset_table:  # after packing: one correction per packed node, between it and its Split or attention
+            log["block_offsets"] = offsets.add_corrections(result, offset_table, fp16)
         if fp16:  # last: every step above writes float32 scales
             log["fp16_scales"] = _fp16_scales(result, before)
         # Pull every weight into memory before the folder goes away.
@@ -384,6 +394,31 @@ def _searched_grids(model: ir.Model, plan: dict[str, Option], weights: dict, gra
             raise RuntimeError(f"{name}: ORT's zero points do not have the packed layout [N, ceil(k_blocks * bits / 8)]")
         zp.const_value = ir.tensor(packed.reshape(zp.const_value.shape.numpy()), name=zp.name)
     return len(weights)
+
+
+def _offset_grids(model: ir.Model, plan: dict[str, Option], weights: dict, grams: dict) -> dict[str, tuple[np.ndarray, int]]:
+    """Write each block-offset node's centred codes and scales (``edgeprune.passes.bits.offsets``) into the symmetric
+    MatMulNBits ORT's tool made for it; return MatMulNBits name -> (its offsets [N, k_blocks], block), which
+    ``offsets.add_corrections`` adds beside it once siblings are packed."""
+    from edgeprune.passes.bits import gptq, rounding
+
+    produced = {o.name: n for n in model.graph for o in n.outputs}
+    table = {}
+    for name, (out, w) in weights.items():
+        o, mnb = plan[name], produced[out]
+        if mnb.op_type != "MatMulNBits" or len(mnb.inputs) != 3:
+            raise RuntimeError(f"{name}: ORT wrote {mnb.op_type} with {len(mnb.inputs)} inputs, not a symmetric "
+                               "MatMulNBits, under the block offsets")
+        weights_k = rounding.row_weights(o.rounding, grams.get(name)) if o.rounding != "rtn" else None
+        codes, scales, offs = offsets.offset_grid(w, o.bits, o.block, weights_k, o.rounding, o.fp16_scales)
+        b, s = mnb.inputs[1], mnb.inputs[2]
+        stored = s.const_value.numpy()
+        if stored.size != scales.size or stored.dtype != np.float32:
+            raise RuntimeError(f"{name}: ORT's scales are {stored.dtype}{list(stored.shape)}, not float32 x {scales.size}")
+        b.const_value = ir.tensor(gptq.pack(codes, o.bits, o.block).reshape(b.const_value.shape.numpy()), name=b.name)
+        s.const_value = ir.tensor(scales.reshape(stored.shape), name=s.name)
+        table[mnb.name] = (offs, o.block)
+    return table
 
 
 def _fused_activations(model: ir.Model, names: set[str]) -> list[str]:

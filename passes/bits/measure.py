@@ -199,6 +199,8 @@ def _activation_noise(p: Part, o: Option, q: np.ndarray, st, stats) -> float:
     input and the output, each to a per-tensor range, MatMulNBits at accuracy level 4 the input per
     block of K (uniform noise model)."""
     if o.kind in ("nbits", "gptq") and o.accuracy_level == 4:
+        if o.offsets:  # the int8 activations multiply the centred codes; the offsets see exact block sums
+            q = sensitivity.offset_dequant(p.weight, o, st.gram if o.rounding == "wmse" else None, centred_only=True)
         return sensitivity.block_activation_noise_sq(q, st.absmax, st.count, o.block)
     if o.kind not in ("int8-dynamic", "qdq"):
         return 0.0

@@ -21,20 +21,27 @@ from edgeprune.passes.bits.sensitivity import fp16_scales
 _ATTRS = ("K", "bits", "block_size", "accuracy_level")
 
 
-def pack_siblings(model: ir.Model, exclude: set[str] = frozenset(), *, fp16: bool = False) -> dict[str, int]:
+def pack_siblings(model: ir.Model, exclude: set[str] = frozenset(), *, fp16: bool = False,
+                  offsets: dict[str, tuple[np.ndarray, int]] | None = None) -> dict[str, int]:
     """Pack, in place, every group of two or more MatMulNBits (not named in ``exclude``) that read the same
     input with the same K, bits, block size, accuracy level and scale/zero-point types, and whose initializers
     nothing else reads; with ``fp16`` (scales to be stored as float16 next) only siblings whose scales float16
-    holds alike.  Returns how many groups and nodes were packed."""
+    holds alike.  ``offsets`` (node name -> (block offsets [N, k_blocks], block): ``edgeprune.passes.bits.offsets``,
+    added after packing) packs nodes with offsets only together, and is updated in place to the packed nodes'
+    (concatenated along N like the codes).  Returns how many groups and nodes were packed."""
     if model.opset_imports.get("", 13) < 11:  # Split takes a negative axis from opset 11 on
         return {"groups": 0, "nodes": 0}
+    offsets = {} if offsets is None else offsets
     groups: dict[tuple, list[ir.Node]] = collections.defaultdict(list)
     for node in model.graph:
         if node.op_type == "MatMulNBits" and node.name not in exclude and _packable(model, node):
-            groups[_key(node, fp16)].append(node)
+            groups[(*_key(node, fp16), node.name in offsets)].append(node)
     packed = [nodes for nodes in groups.values() if len(nodes) > 1]
     for nodes in packed:
-        _pack(model, nodes)
+        name = _pack(model, nodes)
+        if nodes[0].name in offsets:
+            parts = [offsets.pop(n.name) for n in nodes]
+            offsets[name] = (np.concatenate([p[0] for p in parts], axis=0), parts[0][1])
     return {"groups": len(packed), "nodes": sum(len(n) for n in packed)}
 
 
@@ -146,7 +153,8 @@ def pack_float_siblings(model: ir.Model, names: set[str]) -> dict[str, list[str]
     return packed
 
 
-def _pack(model: ir.Model, nodes: list[ir.Node]) -> None:
+def _pack(model: ir.Model, nodes: list[ir.Node]) -> str:
+    """Replace ``nodes`` by one MatMulNBits + Split; returns the packed node's name."""
     graph = model.graph
     first = nodes[0]
     ns = [n.attributes.get_int("N") for n in nodes]
@@ -157,6 +165,7 @@ def _pack(model: ir.Model, nodes: list[ir.Node]) -> None:
     attrs = [ir.AttrInt64("N", sum(ns))] + [a for name, a in first.attributes.items() if name != "N"]
     name = "+".join(n.name for n in nodes)
     _replace_with_split(model, nodes, ir.Node(first.domain, "MatMulNBits", inputs, attributes=attrs, name=f"{name}_packed"), ns)
+    return f"{name}_packed"
 
 
 def _replace_with_split(model: ir.Model, nodes: list[ir.Node], joined: ir.Node, ns: list[int]) -> None:

@@ -62,6 +62,10 @@ class Option:
     ``fp16_scales`` (block-wise kinds): the file stores the block scales as float16 behind a Cast,
     which ORT folds at load (the kernel then sees the float32 scales it always did); the codes stay
     those of the float32 grid.  Not part of ``key``: one pass offers it for every option or none.
+
+    ``offsets`` (``nbits`` only): centred codes (no zero points) plus a float offset per block, added beside the
+    kernel (``edgeprune.passes.bits.offsets``: llama.cpp's Q4_1 form); its ``rounding`` is ``rtn`` for Q4_1's
+    min/max grid or ``mse``/``wmse`` for the searched one.  ``symmetric`` is True for it (no zero points stored).
     """
 
     kind: str
@@ -71,6 +75,7 @@ class Option:
     accuracy_level: int = 0
     rounding: str = "rtn"
     fp16_scales: bool = False
+    offsets: bool = False
 
     @property
     def key(self) -> str:
@@ -85,13 +90,19 @@ class Option:
         prefix = {"nbits": "nbits", "gptq": "gptq", "gather-nbits": "gather", "gather-tied": "tied"}[self.kind]
         acc = f"-acc{self.accuracy_level}" if self.accuracy_level else ""
         rnd = f"-{self.rounding}" if self.rounding != "rtn" else ""
-        return f"{prefix}{self.bits}-b{self.block}-{'sym' if self.symmetric else 'asym'}{acc}{rnd}"
+        grid = "off" if self.offsets else "sym" if self.symmetric else "asym"
+        return f"{prefix}{self.bits}-b{self.block}-{grid}{acc}{rnd}"
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "key": self.key}
 
 
 # --------------------------------------------------------------------------- sizes
+
+
+#: The int64 scalars of a block-offset node's block-sum graph (``offsets._block_matrix``: 6 of them, shared by every
+#: node of one K and block; counted per node, so the prediction errs high by a few hundred bytes).
+OFFSET_GRAPH_BYTES = 6 * 8
 
 
 def option_bytes(option: Option, shape: tuple[int, int], float_bytes: int = 4) -> int:
@@ -120,6 +131,8 @@ def option_bytes(option: Option, shape: tuple[int, int], float_bytes: int = 4) -
         size = cols * k_blocks * blob + cols * k_blocks * float_bytes
         if not option.symmetric:
             size += cols * -(-k_blocks * bits // 8)
+        if option.offsets:  # [k_blocks, N] offsets + the block-sum graph's int64 scalars (counted per node)
+            size += cols * k_blocks * float_bytes + OFFSET_GRAPH_BYTES
         return size
     if option.kind == "gather-nbits":  # packed [vocab, dim] + scales [vocab, d_blocks] (+ zp, same packing)
         d_blocks = -(-cols // block)
@@ -228,12 +241,25 @@ def nbits_dequant(w: np.ndarray, bits: int, block: int, symmetric: bool, fp16: b
 
 def _nbits_dequant_as(w: np.ndarray, option: Option, gram: np.ndarray | None = None) -> np.ndarray:
     """MatMulNBits round trip of a [K, N] weight with ``option``'s rounding (ORT's, or a searched grid)."""
+    from edgeprune.passes.bits import rounding
+
+    if option.offsets:
+        return offset_dequant(w, option, gram)
     if option.rounding == "rtn":
         return nbits_dequant(w, option.bits, option.block, option.symmetric, option.fp16_scales)
-    from edgeprune.passes.bits import rounding
 
     return rounding.search_dequant(w, option.bits, option.block, option.symmetric,
                                    rounding.row_weights(option.rounding, gram), fp16=option.fp16_scales)
+
+
+def offset_dequant(w: np.ndarray, option: Option, gram: np.ndarray | None = None, centred_only: bool = False) -> np.ndarray:
+    """[K, N] weight of a block-offset option as emit writes it (``centred_only``: MatMulNBits' part alone, which
+    is what accuracy level 4's int8 activations multiply; the offsets see the exact block sums)."""
+    from edgeprune.passes.bits import offsets, rounding
+
+    weights = rounding.row_weights(option.rounding, gram) if option.rounding != "rtn" else None
+    codes, scales, offs = offsets.offset_grid(w, option.bits, option.block, weights, option.rounding, option.fp16_scales)
+    return offsets.dequant(codes, scales, offs, option.bits, option.block, centred_only)
 
 
 def gptq_dequant(w: np.ndarray, gram: np.ndarray, bits: int, block: int, symmetric: bool, fp16: bool = False) -> np.ndarray:

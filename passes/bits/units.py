@@ -137,10 +137,20 @@ def _mm_options(c: BitAllocationConfig, kinds: set[str]) -> list[Option]:
             if o.bits in SEARCH_BITS:
                 opts += [dataclasses.replace(o, rounding=r) for r in c.mse_rounding or ()]  # normalised by the config
             opts.append(o)
+        if c.block_offsets:  # K must be a multiple of the block: ``build`` drops the others per node
+            opts += [Option("nbits", b, blk, True, a, rounding=r, fp16_scales=c.fp16_scales, offsets=True)
+                     for a in c.levels for b in c.bit_options if b in SEARCH_BITS and (a == 0 or b == 4)
+                     for blk in c.blocks for r in (c.mse_rounding or ("rtn",))]
         if c.gptq:
             opts += [Option("gptq", b, blk, c.symmetric, a, fp16_scales=c.fp16_scales) for a in c.levels for b in c.bit_options
                      if b in (2, 4) and (a == 0 or b == 4) for blk in c.blocks]
     return opts
+
+
+def _offsets_fit(options: list[Option], w: np.ndarray) -> list[Option]:
+    """``options`` without the block-offset ones whose block does not divide the weight's K (the block sums
+    reshape nothing: a partial last block would need its own)."""
+    return [o for o in options if not o.offsets or w.shape[0] % o.block == 0]
 
 
 def _gather_options(c: BitAllocationConfig, kinds: set[str], table: np.ndarray) -> list[Option]:
@@ -192,7 +202,7 @@ def build(model: ir.Model, structures, c: BitAllocationConfig, kinds: dict[str, 
             continue
         if _join_reader(first_reader, (lin.op_type, lin.weight, lin.transposed), lin.node):
             continue
-        part = Part(lin.node, lin.op_type, w, lin.input, _mm_options(c, kinds), output=lin.output)
+        part = Part(lin.node, lin.op_type, w, lin.input, _offsets_fit(_mm_options(c, kinds), w), output=lin.output)
         first_reader[(lin.op_type, lin.weight, lin.transposed)] = part
         units.append(Unit([part]))
     for emb in structures.embeddings:
@@ -202,8 +212,8 @@ def build(model: ir.Model, structures, c: BitAllocationConfig, kinds: dict[str, 
         part = Part(emb.node, "Gather", table, emb.input, _gather_options(c, kinds, table))
         if emb.tied and emb.tied_with in lin_by_node:
             lin = lin_by_node[emb.tied_with]
-            head = Part(lin.node, "MatMul", np.ascontiguousarray(table.T) if lin.transposed else table,
-                        lin.input, _mm_options(c, kinds), output=lin.output)
+            head_w = np.ascontiguousarray(table.T) if lin.transposed else table
+            head = Part(lin.node, "MatMul", head_w, lin.input, _offsets_fit(_mm_options(c, kinds), head_w), output=lin.output)
             # wmse last: uniform mode takes a tied pair's first head option, which the lookup must be able to share.
             head.options.sort(key=lambda o: o.rounding == "wmse")
             if lin.transposed:  # the head's [dim, vocab] blocks run along dim: the table's rows
@@ -211,7 +221,7 @@ def build(model: ir.Model, structures, c: BitAllocationConfig, kinds: dict[str, 
                 # A lookup's error is weighed by token counts, not the head's input: no ``wmse`` table to share.
                 part.options += list(dict.fromkeys(dataclasses.replace(o, kind="gather-tied", accuracy_level=0)
                                                    for o in head.options if o.kind == "nbits" and emb.dim % o.block == 0
-                                                   and o.rounding != "wmse"))
+                                                   and o.rounding != "wmse" and not o.offsets))
             units.append(Unit([part, head], tied_bytes=table.nbytes))
         else:
             units.append(Unit([part]))
@@ -226,7 +236,8 @@ def build(model: ir.Model, structures, c: BitAllocationConfig, kinds: dict[str, 
         units.append(Unit([part]))
     for part in first_reader.values():
         if part.readers:  # GPTQ and wmse round for one input's statistics; a shared weight has several
-            part.options = [o for o in part.options if o.kind != "gptq" and o.rounding != "wmse"]
+            # (and a block-offset node's correction reads its own input: one per reader is not written yet)
+            part.options = [o for o in part.options if o.kind != "gptq" and o.rounding != "wmse" and not o.offsets]
     if c.mode == "auto" and c.joint_siblings:
         units = _join_siblings(units)
     # What is left alone, and why.

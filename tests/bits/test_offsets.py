@@ -1,0 +1,158 @@
+"""Block offsets (edgeprune.passes.bits.offsets): centred MatMulNBits codes + a float offset per block added beside the
+kernel.  Exact on a Q4_1 grid, never worse than min/max when searched, emitted as simulated (packed siblings, accuracy
+level 4, float16 storage), and its bytes are the size model's."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from edgeprune.model_io import model_bytes, to_proto
+from edgeprune.passes.bits import offsets, rounding
+from edgeprune.passes.bits import sensitivity as S
+from edgeprune.passes.bits.emit import emit
+from edgeprune.passes.bits.sensitivity import Option
+
+
+def _q4_1(k=128, n=48, seed=0, block=32) -> np.ndarray:
+    """A weight on llama.cpp's Q4_1 grid: codes 0..15 (each block reaching both ends), float16 step and minimum."""
+    rng = np.random.default_rng(seed)
+    kb = k // block
+    d = rng.uniform(0.002, 0.02, (n, kb)).astype(np.float16).astype(np.float32)
+    m = (-rng.uniform(2, 14, (n, kb)) * d).astype(np.float16).astype(np.float32)
+    c = rng.integers(0, 16, (n, kb, block))
+    c[:, :, 0], c[:, :, 1] = 0, 15
+    return np.ascontiguousarray((c * d[..., None] + m[..., None]).reshape(n, k).T.astype(np.float32))
+
+
+def _weight(k=128, n=48, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_t(4, (k, n)) * 0.02 + 0.01  # shifted: blocks sit off zero, where an integer zero point wastes levels
+    return w.astype(np.float32)
+
+
+def _rel(w, q) -> float:
+    return float(np.linalg.norm(q - w) / np.linalg.norm(w))
+
+
+def test_a_q4_1_weight_comes_back_exactly():
+    w = _q4_1()
+    for fp16 in (False, True):
+        for rnd in ("rtn", "mse"):
+            codes, scales, offs = offsets.offset_grid(w, 4, 32, rounding=rnd, fp16=fp16)
+            assert codes.max() <= 15 and codes.dtype == np.uint8
+            q = offsets.dequant(codes, scales, offs, 4, 32)
+            assert _rel(w, q) < 1e-4, (fp16, rnd)
+    # ORT's integer zero point cannot hold a float minimum: its best searched grid stays ~100x further
+    assert _rel(w, rounding.search_dequant(w, 4, 32, False)) > 0.01
+
+
+@pytest.mark.parametrize("bits,block", [(4, 32), (4, 64), (2, 32)])
+def test_search_is_never_worse_than_min_max_and_beats_integer_zero_points(bits, block):
+    w = _weight()
+    d = np.random.default_rng(2).uniform(0.1, 10.0, w.shape[0]).astype(np.float32)
+    kb = w.shape[0] // block
+    for weights, rnd in ((None, "mse"), (d, "wmse")):
+        q = offsets.dequant(*offsets.offset_grid(w, bits, block, weights, rnd), bits, block)
+        mm = offsets.dequant(*offsets.offset_grid(w, bits, block), bits, block)
+        dd = np.ones(w.shape[0]) if weights is None else weights
+        per_block = lambda a: (dd[:, None] * np.square(a - w)).reshape(kb, block, -1).sum(1)
+        assert np.all(per_block(q) <= per_block(mm) * (1 + 1e-5) + 1e-12)
+        assert _rel(w, q) < _rel(w, rounding.search_dequant(w, bits, block, False, weights))
+
+
+def test_constant_blocks_are_exact():
+    w = np.zeros((64, 3), np.float32)
+    w[32:, 1] = 0.5
+    w[:, 2] = -0.25
+    for rnd in ("rtn", "mse"):
+        np.testing.assert_allclose(offsets.dequant(*offsets.offset_grid(w, 4, 32, rounding=rnd), 4, 32), w, atol=1e-7)
+
+
+def _model(k: int, ns: list[int], seed=0, make=_weight):
+    """x -> one MatMul per width in ``ns`` (siblings reading one input), each output a graph output."""
+    rng = np.random.default_rng(seed)
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 5, k]))
+    nodes, inits, outs, ws = [], [], [], []
+    for i, n in enumerate(ns):
+        w = make(k, n, seed + i)
+        wv = ir.Value(name=f"W{i}", const_value=ir.tensor(w))
+        y = ir.Value(name=f"y{i}", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 5, n]))
+        nodes.append(ir.Node("", "MatMul", [x, wv], outputs=[y], name=f"mm{i}"))
+        inits.append(wv)
+        outs.append(y)
+        ws.append(w)
+    graph = ir.Graph([x], outs, nodes=nodes, initializers=inits, opset_imports={"": 17})
+    return ir.Model(graph, ir_version=8), ws, rng.standard_normal((2, 5, k)).astype(np.float32)
+
+
+def _run(model: ir.Model, feeds) -> list[np.ndarray]:
+    sess = ort.InferenceSession(to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_emitted_node_computes_the_simulation_with_the_size_models_bytes(fp16):
+    model, (w,), x = _model(128, [40])
+    o = Option("nbits", 4, 32, True, rounding="mse", fp16_scales=fp16, offsets=True)
+    assert o.key == "nbits4-b32-off-mse"
+    out, log = emit(model, {"mm0": o})
+    assert log["block_offsets"] == 1
+    kinds = [n.op_type for n in out.graph]
+    assert kinds.count("MatMulNBits") == 1 and kinds.count("MatMul") == 2 and kinds.count("Add") == 1
+    (y,) = _run(out, {"x": x})
+    np.testing.assert_allclose(y, x @ S.simulate(o, w), rtol=1e-5, atol=2e-5)
+    assert [v.name for v in out.graph.outputs] == ["y0"]
+    assert model_bytes(out) == S.option_bytes(o, w.shape)
+    assert model_bytes(model) == w.nbytes  # the input model is not touched
+
+
+def test_emitted_q4_1_weight_is_exact_at_accuracy_level_0():
+    """Exact with float32 offsets; float16 ones round ``min + 8 step`` by at most 2^-12 of itself (~0.1 % of a step)."""
+    model, (w,), x = _model(128, [40], make=_q4_1)
+    for fp16, tol in ((False, 1e-6), (True, 2e-4)):
+        out, _ = emit(model, {"mm0": Option("nbits", 4, 32, True, fp16_scales=fp16, offsets=True)})
+        (y,) = _run(out, {"x": x})
+        assert _rel(x @ w, y) < tol
+    # ORT's own 4-bit formats on the same bytes or more: ~100x the error
+    rtn, _ = emit(model, {"mm0": Option("nbits", 4, 32, False, rounding="mse")})
+    assert _rel(x @ w, _run(rtn, {"x": x})[0]) > 0.01
+
+
+def test_accuracy_level_4_quantizes_only_the_centred_codes_input():
+    model, (w,), x = _model(128, [40])
+    o = Option("nbits", 4, 32, True, 4, offsets=True)
+    out, _ = emit(model, {"mm0": o})
+    (y,) = _run(out, {"x": x})
+    centred = S.offset_dequant(w, o, centred_only=True)
+    offs = S.simulate(o, w) - centred
+    np.testing.assert_allclose(y, S.block_int8_activation(x, 32) @ centred + x @ offs, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_siblings_carry_their_offsets_and_share_the_block_sums():
+    model, ws, x = _model(64, [32, 16, 16])
+    plan = {f"mm{i}": Option("nbits", 4, 32, True, rounding="mse", fp16_scales=True, offsets=True) for i in range(3)}
+    plan_plain = {"mm2": Option("nbits", 4, 32, True, fp16_scales=True)}  # no offsets: not packed with them
+    out, log = emit(model, {**plan, **plan_plain})
+    assert log["packed_siblings"]["groups"] == 1 and log["packed_siblings"]["nodes"] == 2 and log["block_offsets"] == 1
+    kinds = [n.op_type for n in out.graph]
+    assert kinds.count("MatMulNBits") == 2 and kinds.count("Split") == 1 and kinds.count("Add") == 1
+    got = _run(out, {"x": x})
+    for i, (y, w) in enumerate(zip(got, ws)):
+        np.testing.assert_allclose(y, x @ S.simulate({**plan, **plan_plain}[f"mm{i}"], w), rtol=1e-5, atol=2e-5)
+    out_all, log_all = emit(model, plan)
+    assert log_all["packed_siblings"]["nodes"] == 3 and log_all["block_offsets"] == 1
+    assert [n.op_type for n in out_all.graph].count("MatMul") == 2  # one block-sum MatMul + one offsets MatMul
+
+
+def test_options_offer_offsets_only_where_the_block_divides_k():
+    from edgeprune.passes.bits.config import BitAllocationConfig
+    from edgeprune.passes.bits.units import _mm_options, _offsets_fit
+
+    c = BitAllocationConfig(size_budget_bytes=1000, block_offsets=True, mse_rounding="wmse", block_size=(32, 128))
+    opts = _mm_options(c, {"nbits", "int8-dynamic"})
+    keys = [o.key for o in opts if o.offsets]
+    assert keys == ["nbits4-b32-off-wmse", "nbits4-b128-off-wmse"]
+    assert [o.key for o in _offsets_fit(opts, np.zeros((96, 8), np.float32)) if o.offsets] == ["nbits4-b32-off-wmse"]
