@@ -373,7 +373,7 @@ def edgeprune_flags(rounding: str | None, smooth: float | None, fuse_attention: 
                     allow_slower: bool = False, pack_siblings: bool = False, decode_budget: str | None = None,
                     block_offsets: bool = False) -> list[str]:
     """The compile flags an edgeprune row adds to ``--bits auto --size-budget``."""
-    return ((["--rounding", rounding] if rounding else []) + (["--smooth", f"{smooth:g}"] if smooth else [])
+    return ((["--rounding", rounding] if rounding else []) + (["--smooth", f"{smooth:g}"] if smooth is not None else [])
             + (["--fuse-attention"] if fuse_attention else []) + (["--allow-slower"] if allow_slower else [])
             + (["--pack-siblings"] if pack_siblings else []) + (["--decode-budget", decode_budget] if decode_budget else [])
             + (["--block-offsets"] if block_offsets else []))
