@@ -236,6 +236,8 @@ def add_corrections(model: ir.Model, table: dict[str, tuple[np.ndarray, int]], f
             graph.outputs[graph.outputs.index(y)] = add.outputs[0]
         y.name = f"{name}_centred"
         out = add.outputs[0]
-        out.name, out.dtype, out.shape = name, y.dtype, y.shape
+        out.name, out.dtype = name, ir.DataType.FLOAT  # float32 weights only: MatMulNBits' output is float32
+        if y.shape is not None:
+            out.shape = y.shape
         done += 1
     return done

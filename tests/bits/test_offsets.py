@@ -156,3 +156,51 @@ def test_options_offer_offsets_only_where_the_block_divides_k():
     keys = [o.key for o in opts if o.offsets]
     assert keys == ["nbits4-b32-off-wmse", "nbits4-b128-off-wmse"]
     assert [o.key for o in _offsets_fit(opts, np.zeros((96, 8), np.float32)) if o.offsets] == ["nbits4-b32-off-wmse"]
+
+
+def test_the_pass_offers_them_when_asked_and_writes_the_bytes_it_predicts():
+    from edgeprune.passes.bits.bits_pass import BitAllocationConfig, BitAllocationPass
+
+    from test_bit_allocation import _ctx, _run as _run_one
+    from tiny_models import D, T, two_layer_matmul
+
+    x = {"x": np.random.default_rng(1).standard_normal((1, T, D)).astype(np.float32)}
+    model = two_layer_matmul()
+    result = BitAllocationPass(BitAllocationConfig(mode="uniform", bits=4, block_size=32, block_offsets=True), _ctx(model))(model)
+    assert [r["format"] for r in result.records] == ["nbits4-b32-off"] * 2
+    # the block-sum graph's scalars are counted per node (errs high) and written once per K and block
+    assert model_bytes(model) == result.summary["unit_bytes"] + result.summary["other_bytes"] - S.OFFSET_GRAPH_BYTES
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("MatMulNBits") == 2 and ops.count("Add") == 2
+    src = two_layer_matmul().graph.initializers
+    a, b = (S.simulate(Option("nbits", 4, 32, True, fp16_scales=True, offsets=True), src[n].const_value.numpy()) for n in "AB")
+    np.testing.assert_allclose(_run_one(model, x), np.maximum(x["x"] @ a, 0) @ b, rtol=1e-4, atol=1e-3)
+    auto = two_layer_matmul()
+    cfg = BitAllocationConfig(avg_bits=5.2, bit_options=(4,), block_size=32, dynamic_int8=False, output_checks=0,
+                              accuracy_levels=(0,), no_slower=False, block_offsets=True)
+    result = BitAllocationPass(cfg, _ctx(auto))(auto)
+    for r in result.records:
+        # no zero points (D columns x 2 blocks x 4 bits = D bytes), a float16 offset per block (D x 2 x 2 bytes)
+        assert r["options"]["nbits4-b32-off"]["bytes"] == r["options"]["nbits4-b32-asym"]["bytes"] - D + 4 * D + S.OFFSET_GRAPH_BYTES
+
+
+def test_offsets_between_packed_qkv_and_the_attention_keep_prefill_and_decode(tmp_path, monkeypatch):
+    """q/k/v with offsets are packed into one MatMulNBits whose corrected output is GroupQueryAttention's packed query:
+    a prefill and a decode step give the logits and cache of the same plan emitted with q/k/v apart."""
+    from test_pack import _decode_steps
+    from tiny_models import genai_style_decoder
+
+    from edgeprune.model_io import load_model
+    from edgeprune.passes.bits import emit as emit_mod
+
+    model = load_model(genai_style_decoder(tmp_path, packed=False))
+    plan = {f"{x}_proj": Option("nbits", 4, 32, True, 4, offsets=True) for x in "qkv"}
+    new, log = emit_mod.emit(model, plan)
+    gqa = next(n for n in new.graph if n.op_type == "GroupQueryAttention")
+    assert log["packed_siblings"]["into_attention"] == 1 and log["block_offsets"] == 1
+    assert gqa.inputs[0].producer().op_type == "Add" and gqa.inputs[1] is None
+    monkeypatch.setattr(emit_mod, "pack_siblings", lambda *a, **k: {"groups": 0, "nodes": 0})
+    apart, log_apart = emit_mod.emit(model, plan)
+    assert log_apart["block_offsets"] == 3
+    for want, got in zip(_decode_steps(apart), _decode_steps(new), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
