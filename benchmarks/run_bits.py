@@ -163,6 +163,8 @@ def bench(name: str, args, work: Path) -> dict:
         configs["bits-lat0.8+size137MB"] = {"latency_budget_ratio": 0.8, "size_budget_bytes": int(ort_int8)}
     else:
         configs = {f"bits-avg{b:g}": {"avg_bits": b} for b in (8, 6, 5, 4)}
+        # Block offsets (llama.cpp's Q4_1 form) offered beside the other formats, on weights trained in float
+        configs |= {f"bits-avg{b:g}-offsets": {"avg_bits": b, "block_offsets": True} for b in (5, 4.5)}
         # At ORT per-channel int8's written size exactly (budgets bound the file): the defaults (level 4 on CPU,
         # passes/bits/config.CPU_BUDGET_LEVELS, no slower than float) and levels 0 and 4 with the speed tie-break.
         configs["bits-size-ort-int8"] = {"size_budget_bytes": int(ort_int8)}
