@@ -46,6 +46,12 @@ def stored(values: np.ndarray, fp16: bool) -> np.ndarray:
     return values.astype(np.float16).astype(np.float32)
 
 
+def fits_fp16(values: np.ndarray) -> bool:
+    """Whether float16 holds ``values`` exactly (offsets already rounded by :func:`stored` with ``fp16``)."""
+    with np.errstate(over="ignore"):
+        return bool(np.array_equal(values.astype(np.float16).astype(np.float32), values))
+
+
 def offset_grid(w: np.ndarray, bits: int, block: int, weights: np.ndarray | None = None, rounding: str = "rtn",
                 fp16: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(codes [N, K] uint8 in ``[0, 2^bits - 1]``, scales [N, k_blocks], offsets [N, k_blocks]) of ``w`` [K, N]
@@ -98,12 +104,14 @@ def _grid(w, bits, block, weights, search, fp16):
 
     s = stored_scales(scales, fp16)  # float16 where the node's scales survive it, as emit stores them
     half = np.float32(1 << (bits - 1))
-    if search:  # the offsets refitted to the stored scales
-        u = codes.astype(np.float32) - half
-        dd = np.ones_like(x) if d is None else d[np.arange(n * kb) % kb]
-        den = dd.sum(axis=1)
-        fit = ((dd * (x - s[:, None] * u)).sum(axis=1) / np.where(den > 0, den, 1.0)).astype(np.float32)
-        offsets = np.where(den > 0, fit, offsets)
+    if search:  # the offsets refitted to the stored scales (weighted mean of the residual), chunk by chunk
+        for a in range(0, n * kb, CHUNK):
+            b = min(a + CHUNK, n * kb)
+            dd = np.ones((b - a, block), np.float32) if d is None else d[np.arange(a, b) % kb]
+            den = dd.sum(axis=1)
+            r = x[a:b] - s[a:b, None] * (codes[a:b].astype(np.float32) - half)
+            fit = ((dd * r).sum(axis=1) / np.where(den > 0, den, 1.0)).astype(np.float32)
+            offsets[a:b] = np.where(den > 0, fit, offsets[a:b])
     else:  # Q4_1's rule: the lowest code is the block's minimum
         offsets = (x.min(axis=1) + half * s).astype(np.float32)
     o = stored(offsets, fp16)
@@ -180,7 +188,9 @@ def _block_matrix(graph: ir.Graph, before: ir.Node, k: int, block: int) -> ir.Va
     zero, one = _scalar(graph, f"{p}_zero", 0), _scalar(graph, f"{p}_one", 1)
     nodes = [ir.Node("", "Range", [zero, _scalar(graph, f"{p}_k", k), one], name=f"{p}_rows")]
     nodes.append(ir.Node("", "Div", [nodes[-1].outputs[0], _scalar(graph, f"{p}_block", block)], name=f"{p}_row_block"))
-    nodes.append(ir.Node("", "Unsqueeze", [nodes[-1].outputs[0], _scalar(graph, f"{p}_axis", [-1])], name=f"{p}_column"))
+    # Reshape, not Unsqueeze: its axes became an input only at opset 13 (Range needs 11: ``units.build`` checks)
+    nodes.append(ir.Node("", "Reshape", [nodes[-1].outputs[0], _scalar(graph, f"{p}_column_shape", [-1, 1])],
+                         name=f"{p}_column"))
     cols = ir.Node("", "Range", [zero, _scalar(graph, f"{p}_blocks", k // block), one], name=f"{p}_blocks_range")
     eq = ir.Node("", "Equal", [nodes[-1].outputs[0], cols.outputs[0]], name=f"{p}_equal")
     cast = ir.Node("", "Cast", [eq.outputs[0]], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT)], name=f"{p}_matrix")
@@ -213,7 +223,7 @@ def add_corrections(model: ir.Model, table: dict[str, tuple[np.ndarray, int]], f
             mm.outputs[0].name, mm.outputs[0].dtype = f"{node.name}_block_sums", ir.DataType.FLOAT
             sums[(id(x), block)] = mm.outputs[0]
         o = np.ascontiguousarray(off.T.astype(np.float32))
-        half = o.astype(np.float16) if fp16 and np.array_equal(o.astype(np.float16).astype(np.float32), o) else None
+        half = o.astype(np.float16) if fp16 and fits_fp16(o) else None
         init = ir.Value(name=f"{node.name}_offsets", const_value=ir.tensor(half if half is not None else o))
         graph.register_initializer(init)
         new = []
@@ -240,4 +250,7 @@ def add_corrections(model: ir.Model, table: dict[str, tuple[np.ndarray, int]], f
         if y.shape is not None:
             out.shape = y.shape
         done += 1
+    if done != len(table):  # a node renamed or removed since its grid was written would silently lose its offsets
+        missing = sorted(set(table) - {n.name for n in graph if n.op_type == "MatMulNBits"})
+        raise RuntimeError(f"block offsets for {len(table) - done} MatMulNBits not in the graph: {missing[:3]}")
     return done

@@ -16,6 +16,7 @@ import collections
 import numpy as np
 import onnx_ir as ir
 
+from edgeprune.passes.bits.offsets import fits_fp16
 from edgeprune.passes.bits.sensitivity import fp16_scales
 
 _ATTRS = ("K", "bits", "block_size", "accuracy_level")
@@ -35,7 +36,9 @@ def pack_siblings(model: ir.Model, exclude: set[str] = frozenset(), *, fp16: boo
     groups: dict[tuple, list[ir.Node]] = collections.defaultdict(list)
     for node in model.graph:
         if node.op_type == "MatMulNBits" and node.name not in exclude and _packable(model, node):
-            groups[(*_key(node, fp16), node.name in offsets)].append(node)
+            # with offsets: only siblings whose offsets float16 holds alike (add_corrections stores a node's all or none)
+            off = offsets.get(node.name)
+            groups[(*_key(node, fp16), off is not None, off is not None and fp16 and not fits_fp16(off[0]))].append(node)
     packed = [nodes for nodes in groups.values() if len(nodes) > 1]
     for nodes in packed:
         name = _pack(model, nodes)

@@ -100,9 +100,9 @@ class Option:
 # --------------------------------------------------------------------------- sizes
 
 
-#: The int64 scalars of a block-offset node's block-sum graph (``offsets._block_matrix``: 6 of them, shared by every
-#: node of one K and block; counted per node, so the prediction errs high by a few hundred bytes).
-OFFSET_GRAPH_BYTES = 6 * 8
+#: The int64 constants of a block-offset node's block-sum graph (``offsets._block_matrix``: 5 scalars and a 2-element
+#: shape, shared by every node of one K and block; counted per node, so the prediction errs high by a few hundred bytes).
+OFFSET_GRAPH_BYTES = 7 * 8
 
 
 def option_bytes(option: Option, shape: tuple[int, int], float_bytes: int = 4) -> int:

@@ -188,6 +188,12 @@ def build(model: ir.Model, structures, c: BitAllocationConfig, kinds: dict[str, 
     """The units of ``model`` with their options, and counts of the nodes left alone (noted in ``notes``)."""
     if c.mode == "uniform":  # offer exactly the uniform width (plus float for nodes it cannot take)
         c = dataclasses.replace(c, bit_options=(c.bits,))
+    if c.block_offsets and model.opset_imports.get("", 13) < 11:
+        notes.append(f"block offsets need opset 11 (their block sums use Range); this model has "
+                     f"{model.opset_imports.get('', 13)}: not offered")
+        c = dataclasses.replace(c, block_offsets=False)
+    elif c.block_offsets and not set(c.bit_options) & set(SEARCH_BITS):
+        notes.append(f"block offsets apply to {' and '.join(map(str, SEARCH_BITS))}-bit weights, and none are offered")
     units: list[Unit] = []
     conv_kinds, kinds = kinds["Conv"], kinds["MatMul"]
     head_of = {e.tied_with: e for e in structures.embeddings if e.tied}

@@ -204,3 +204,45 @@ def test_offsets_between_packed_qkv_and_the_attention_keep_prefill_and_decode(tm
     assert log_apart["block_offsets"] == 3
     for want, got in zip(_decode_steps(apart), _decode_steps(new), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("opset", [11, 12, 13])
+def test_older_opsets_get_a_model_ort_loads(opset):
+    """Range exists from opset 11; the block matrix's column is a Reshape (Unsqueeze takes its axes as an input
+    only from opset 13)."""
+    model, (w,), x = _model(64, [24])
+    model.opset_imports[""] = opset
+    o = Option("nbits", 4, 32, True, offsets=True)
+    out, log = emit(model, {"mm0": o})
+    assert log["block_offsets"] == 1 and out.opset_imports[""] == opset
+    np.testing.assert_allclose(_run(out, {"x": x})[0], x @ S.simulate(o, w), rtol=1e-5, atol=2e-5)
+
+
+def test_below_opset_11_they_are_not_offered():
+    from edgeprune.passes.bits.bits_pass import BitAllocationConfig, BitAllocationPass
+
+    from test_bit_allocation import _ctx
+    from tiny_models import two_layer_matmul
+
+    model = two_layer_matmul()
+    model.opset_imports[""] = 10
+    result = BitAllocationPass(BitAllocationConfig(mode="uniform", bits=4, block_size=32, block_offsets=True), _ctx(model))(model)
+    assert [r["format"] for r in result.records] == ["nbits4-b32-asym"] * 2
+    assert "block offsets need opset 11 (their block sums use Range); this model has 10: not offered" in result.summary["notes"]
+
+
+def test_siblings_whose_offsets_float16_cannot_hold_pack_apart():
+    """add_corrections stores one node's offsets all in float16 or all in float32: a sibling with an offset beyond
+    float16's range is not packed with one whose offsets fit, so every node's bytes are the size model's."""
+    model, ws, x = _model(64, [16, 16])
+    big = ws[1].copy()
+    big[:32, 0] = 1e5 + np.arange(32, dtype=np.float32)  # a block far off zero: its offset overflows float16
+    model.graph.initializers["W1"].const_value = ir.tensor(big)
+    o = Option("nbits", 4, 32, True, fp16_scales=True, offsets=True)
+    out, log = emit(model, {"mm0": o, "mm1": o})
+    assert log["packed_siblings"]["groups"] == 0 and log["block_offsets"] == 2
+    y0, y1 = _run(out, {"x": x})
+    np.testing.assert_allclose(y0, x @ S.simulate(o, ws[0]), rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(y1, x @ S.simulate(o, big), rtol=1e-5, atol=0.5)
+    dtypes = sorted(v.const_value.dtype.name for k, v in out.graph.initializers.items() if k.endswith("_offsets"))
+    assert dtypes == ["FLOAT", "FLOAT16"]
