@@ -369,7 +369,7 @@ def _searched_grids(model: ir.Model, plan: dict[str, Option], weights: dict, gra
     """Write each searched node's codes, scales and zero points (``edgeprune.passes.bits.rounding``: ``mse``,
     or ``wmse`` with the diagonal of ``grams[node]``) into the MatMulNBits ORT's tool made for it: same
     shapes, dtypes and packing, so the same bytes."""
-    from edgeprune.passes.bits import gptq, rounding
+    from edgeprune.passes.bits import rounding
 
     produced = {o.name: n for n in model.graph for o in n.outputs}
     for name, (out, w) in weights.items():
@@ -378,12 +378,7 @@ def _searched_grids(model: ir.Model, plan: dict[str, Option], weights: dict, gra
             raise RuntimeError(f"{name}: ORT wrote {mnb.op_type}, not MatMulNBits, under the searched grid")
         codes, scales, zeros = rounding.search_grid(w, o.bits, o.block, o.symmetric,
                                                     rounding.row_weights(o.rounding, grams.get(name)))
-        b, s = mnb.inputs[1], mnb.inputs[2]
-        stored = s.const_value.numpy()
-        if stored.size != scales.size or stored.dtype != np.float32:
-            raise RuntimeError(f"{name}: ORT's scales are {stored.dtype}{list(stored.shape)}, not float32 x {scales.size}")
-        b.const_value = ir.tensor(gptq.pack(codes, o.bits, o.block).reshape(b.const_value.shape.numpy()), name=b.name)
-        s.const_value = ir.tensor(scales.reshape(stored.shape), name=s.name)
+        _write_codes(name, mnb, codes, scales, o)
         zp = mnb.inputs[3] if len(mnb.inputs) > 3 else None
         if o.symmetric:
             if zp is not None:
@@ -396,11 +391,23 @@ def _searched_grids(model: ir.Model, plan: dict[str, Option], weights: dict, gra
     return len(weights)
 
 
+def _write_codes(name: str, mnb: ir.Node, codes: np.ndarray, scales: np.ndarray, o: Option) -> None:
+    """Replace the packed codes and float32 scales ORT's tool wrote for ``name``'s MatMulNBits (same shapes: same bytes)."""
+    from edgeprune.passes.bits import gptq
+
+    b, s = mnb.inputs[1], mnb.inputs[2]
+    stored = s.const_value.numpy()
+    if stored.size != scales.size or stored.dtype != np.float32:
+        raise RuntimeError(f"{name}: ORT's scales are {stored.dtype}{list(stored.shape)}, not float32 x {scales.size}")
+    b.const_value = ir.tensor(gptq.pack(codes, o.bits, o.block).reshape(b.const_value.shape.numpy()), name=b.name)
+    s.const_value = ir.tensor(scales.reshape(stored.shape), name=s.name)
+
+
 def _offset_grids(model: ir.Model, plan: dict[str, Option], weights: dict, grams: dict) -> dict[str, tuple[np.ndarray, int]]:
     """Write each block-offset node's centred codes and scales (``edgeprune.passes.bits.offsets``) into the symmetric
     MatMulNBits ORT's tool made for it; return MatMulNBits name -> (its offsets [N, k_blocks], block), which
     ``offsets.add_corrections`` adds beside it once siblings are packed."""
-    from edgeprune.passes.bits import gptq, rounding
+    from edgeprune.passes.bits import rounding
 
     produced = {o.name: n for n in model.graph for o in n.outputs}
     table = {}
@@ -411,12 +418,7 @@ def _offset_grids(model: ir.Model, plan: dict[str, Option], weights: dict, grams
                                "MatMulNBits, under the block offsets")
         weights_k = rounding.row_weights(o.rounding, grams.get(name)) if o.rounding != "rtn" else None
         codes, scales, offs = offsets.offset_grid(w, o.bits, o.block, weights_k, o.rounding, o.fp16_scales)
-        b, s = mnb.inputs[1], mnb.inputs[2]
-        stored = s.const_value.numpy()
-        if stored.size != scales.size or stored.dtype != np.float32:
-            raise RuntimeError(f"{name}: ORT's scales are {stored.dtype}{list(stored.shape)}, not float32 x {scales.size}")
-        b.const_value = ir.tensor(gptq.pack(codes, o.bits, o.block).reshape(b.const_value.shape.numpy()), name=b.name)
-        s.const_value = ir.tensor(scales.reshape(stored.shape), name=s.name)
+        _write_codes(name, mnb, codes, scales, o)
         table[mnb.name] = (offs, o.block)
     return table
 
