@@ -21,7 +21,8 @@ TOLERANCE = 0.03  # a measured ratio this far above the budget counts as met (ti
 
 
 def with_latency(model, units: list[Unit], rows, c: BitAllocationConfig, context):
-    """(rows with each option's predicted ms, shared DynamicQuantizeLinear costs, the latency facts)."""
+    """(rows with each option's predicted ms, shared costs (a DynamicQuantizeLinear per input of dynamic-int8 nodes, the
+    block sums per input and block of block-offset nodes), the latency facts)."""
     from edgeprune.passes.bits import microbench
     from edgeprune.validation import decode_feed
 
@@ -43,10 +44,12 @@ def with_latency(model, units: list[Unit], rows, c: BitAllocationConfig, context
             row.append(knapsack.Item(rows[ui][oi].error, rows[ui][oi].size, lat, dec))
             for p, o in zip(u.parts, cb):
                 if o.kind == "int8-dynamic" and p.op in ("MatMul", "Gemm"):
-                    groups.setdefault(p.input, []).append((ui, oi))
+                    groups.setdefault(("dql", p.input), []).append((ui, oi))
+                if o.offsets:  # block-offset nodes reading one input share its block sums
+                    groups.setdefault((f"bsum{o.block}", p.input), []).append((ui, oi))
         new_rows.append(row)
-    shared = [knapsack.SharedCost(tuple(m), latency=table[("dql", inp)],
-                                  decode=dtable[("dql", inp)] if dtable is not None else 0.0) for inp, m in groups.items()]
+    shared = [knapsack.SharedCost(tuple(m), latency=table[key], decode=dtable[key] if dtable is not None else 0.0)
+              for key, m in groups.items()]
     info = {"float_ms": float_ms, "rest_ms": max(float_ms - float_units_ms, 0.0), "units_float_ms": float_units_ms,
             "tokens": c.latency_tokens, "microbenchmarks": how, "per_unit_ms": {f"{k[0]}|{k[1]}": v for k, v in table.items()}}
     if dtable is not None:

@@ -113,6 +113,20 @@ def _single_op_model(op: str, k: int, tokens: int) -> ir.Model:
     return ir.Model(graph, ir_version=8)
 
 
+def _block_sums_model(k: int, block: int, tokens: int) -> ir.Model:
+    """x @ E, E the 0/1 [K, K / block] matrix ``offsets._block_matrix`` builds (folded by ORT at load, so a constant here)."""
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, tokens, k]))
+    e = ir.Value(name="E", const_value=ir.tensor(np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), np.float32))))
+    y = ir.Value(name="y", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, tokens, k // block]))
+    graph = ir.Graph([x], [y], nodes=[ir.Node("", "MatMul", [x, e], outputs=[y], name="sums")], initializers=[e],
+                     opset_imports={"": 17})
+    return ir.Model(graph, ir_version=8)
+
+
+def _offset_blocks(options: dict) -> list[int]:
+    return sorted({o.block for o in options.values() if getattr(o, "offsets", False)})
+
+
 def _x(k: int, tokens: int) -> dict[str, np.ndarray]:
     return {"x": np.random.default_rng(1).standard_normal((1, tokens, k)).astype(np.float32)}
 
@@ -233,8 +247,8 @@ def _cold(models: dict, tokens: int) -> dict[str, int]:
     if tokens != 1:
         return {name: 1 for name in models}
     llc = _llc_bytes()
-    return {name: max(1, min(_MAX_COPIES, math.ceil(_COLD_CACHES * llc / max(_weight_bytes(m), 1)))) if name not in ("overhead", "dql")
-            else 1 for name, (m, _) in models.items()}
+    return {name: max(1, min(_MAX_COPIES, math.ceil(_COLD_CACHES * llc / max(_weight_bytes(m), 1))))
+            if name not in ("overhead", "dql") and not name.startswith("bsum") else 1 for name, (m, _) in models.items()}
 
 
 _MAX_COPIES = 2048
@@ -259,6 +273,8 @@ def _time_shape(shape: str, options: dict, tokens: int, target, threads, accurac
     models = {"overhead": (_single_op_model("Identity", 8, tokens), _x(8, tokens))}
     if kind == "matmul":
         models["dql"] = (_single_op_model("DynamicQuantizeLinear", a, tokens), _x(a, tokens))
+        for block in _offset_blocks(options):  # the block sums a block-offset node reads (shared per input)
+            models[f"bsum{block}"] = (_block_sums_model(a, block, tokens), _x(a, tokens))
     for key, o in sorted(options.items()):
         models[key] = (base if o.kind == KEEP else emit(base, {"mm": o}, accuracy_level=accuracy_level)[0], feed)
     copies = _cold(models, tokens)
@@ -277,7 +293,8 @@ def _prefix(target, threads, tokens, accuracy_level) -> str:
 def unit_latencies(units, target, *, tokens: int = 128, threads: int | None = None,
                    accuracy_level: int | None = None, retime: bool = False,
                    timed: list | None = None, gathers: bool = True) -> dict[tuple[str, str], float]:
-    """(node, option key) -> ms for every part/option of ``units``; ("dql", input) -> ms per input.
+    """(node, option key) -> ms for every part/option of ``units``; ("dql", input) -> ms per input; ("bsum<block>",
+    input) -> ms of a block-offset node's block sums per input and block.
 
     Each shape's formats come from one side-by-side run (cached); ``retime`` re-times every shape.
     The shapes timed by this call are appended to ``timed``.  ``gathers=False`` charges lookups 0 ms
@@ -291,7 +308,8 @@ def unit_latencies(units, target, *, tokens: int = 128, threads: int | None = No
     groups, dirty = {}, False
     for shape, options in shapes(units, gathers).items():
         entry = cache.get(f"{prefix}|{shape}")
-        if retime or not isinstance(entry, dict) or not set(options) <= set(entry["ms"]):
+        wanted = set(options) | {f"bsum{b}" for b in _offset_blocks(options)}
+        if retime or not isinstance(entry, dict) or not wanted <= set(entry["ms"]):
             entry = {"ms": _time_shape(shape, options, tokens, target, threads, accuracy_level), "at": _now()}
             cache[f"{prefix}|{shape}"], dirty = entry, True
             if timed is not None:
@@ -316,6 +334,10 @@ def unit_latencies(units, target, *, tokens: int = 128, threads: int | None = No
                 t = ms[_timed_as(o).key] - overhead
                 if o.kind == "int8-dynamic":
                     t -= dql
+                if o.offsets:  # its block sums are charged once per input and block (the knapsack's shared cost)
+                    bsum = max(ms[f"bsum{o.block}"] - overhead, 0.0)
+                    out.setdefault((f"bsum{o.block}", p.input), bsum)
+                    t -= bsum
                 out[(p.node, o.key)] = max(t, 0.0)
     return out
 

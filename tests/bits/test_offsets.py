@@ -246,3 +246,39 @@ def test_siblings_whose_offsets_float16_cannot_hold_pack_apart():
     np.testing.assert_allclose(y1, x @ S.simulate(o, big), rtol=1e-5, atol=0.5)
     dtypes = sorted(v.const_value.dtype.name for k, v in out.graph.initializers.items() if k.endswith("_offsets"))
     assert dtypes == ["FLOAT", "FLOAT16"]
+
+
+def test_block_sums_are_timed_once_per_shape_and_charged_once_per_input(tmp_path, monkeypatch):
+    """The microbenchmarks time a block-offset node with its own block sums and the block sums alone: the node's
+    cost is the difference, and the knapsack charges the sums once per input and block (a shared cost), as the
+    graph computes them once for every node reading that input."""
+    from test_bit_allocation import _ctx
+    from tiny_models import two_layer_matmul
+
+    from edgeprune.analysis import analyze
+    from edgeprune.passes.bits import knapsack, latency, microbench
+    from edgeprune.passes.bits.config import BitAllocationConfig
+    from edgeprune.passes.bits.units import build, formats_for
+
+    fixed = {"overhead": 0.01, "dql": 0.02, "bsum32": 0.03, "float": 0.30, "nbits4-b32-asym": 0.15, "nbits4-b32-off": 0.20}
+    timed = []
+    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(microbench, "_time_group", lambda models, target, threads: timed.append(sorted(models)) or
+                        {k: fixed[k] for k in models})
+    model = two_layer_matmul()
+    c = BitAllocationConfig(latency_budget_ratio=0.9, block_size=32, accuracy_levels=(0,), block_offsets=True,
+                            bit_options=(4,), dynamic_int8=False)
+    units, _ = build(model, analyze(model), c, formats_for(None, c)[0], [])
+    table = microbench.unit_latencies(units, "cpu", tokens=8)
+    assert timed == [sorted(fixed)]  # both layers are 64x64: one shape, the block sums timed beside its formats
+    inputs = [u.parts[0].input for u in units]
+    for u in units:
+        assert table[(u.parts[0].node, "nbits4-b32-off")] == pytest.approx(0.20 - 0.01 - 0.02)
+        assert table[(u.parts[0].node, "nbits4-b32-asym")] == pytest.approx(0.15 - 0.01)
+    assert [table[("bsum32", i)] for i in inputs] == [pytest.approx(0.02)] * 2
+    rows = [[knapsack.Item(0.0, 1.0)] * len(u.combos()) for u in units]
+    monkeypatch.setattr(microbench, "fresh_latencies", lambda *a, **k: (table, 1.0, 0.5, "timed now"))
+    _, shared, _ = latency.with_latency(model, units, rows, c, _ctx(model))
+    off = [[i for i, cb in enumerate(u.combos()) if cb[0].offsets] for u in units]
+    assert sorted((s.latency, s.members) for s in shared) == sorted(
+        (pytest.approx(0.02), tuple((ui, oi) for oi in off[ui])) for ui in range(2))
