@@ -20,15 +20,16 @@ from edgeprune.passes.bits.units import Unit, plan
 TOLERANCE = 0.03  # a measured ratio this far above the budget counts as met (timing noise)
 
 
-def with_latency(model, units: list[Unit], rows, c: BitAllocationConfig, context):
+def with_latency(model, units: list[Unit], rows, c: BitAllocationConfig, context, retime: bool = False):
     """(rows with each option's predicted ms, shared costs (a DynamicQuantizeLinear per input of dynamic-int8 nodes, the
-    block sums per input and block of block-offset nodes), the latency facts)."""
+    block sums per input and block of block-offset nodes), the latency facts).  ``retime``: every prefill shape and the
+    float model timed again, whatever the cache holds."""
     from edgeprune.passes.bits import microbench
     from edgeprune.validation import decode_feed
 
     with stage(context, "latency microbenchmarks per shape and format"):
         table, float_ms, float_units_ms, how = microbench.fresh_latencies(model, context, units, tokens=c.latency_tokens,
-                                                                          accuracy_level=c.accuracy_level)
+                                                                          accuracy_level=c.accuracy_level, retime=retime)
     dtable = None
     if c.decode_bounded:
         feed = decode_feed(context.calibration.samples[0], model, c.decode_context)

@@ -361,7 +361,7 @@ def _stamps(cache: dict, prefix: str, wanted) -> dict[str, str]:
 
 
 def fresh_latencies(model: ir.Model, context, units, *, tokens: int, accuracy_level: int | None = None,
-                    feed: dict | None = None):
+                    feed: dict | None = None, retime: bool = False):
     """(table, float model ms, its units' float sum, how the table was checked): :func:`unit_latencies`
     checked against the float model's own time (on ``feed`` where given: a decode step's).
 
@@ -369,14 +369,14 @@ def fresh_latencies(model: ir.Model, context, units, *, tokens: int, accuracy_le
     model's time measured beside them and those times.  Unless every shape was timed just now, the
     table is re-timed (every shape, once) when there is no record, when a shape was re-timed since
     (another model sharing it), or when the float model now runs more than ``STALE`` faster or slower
-    than recorded (the machine's load changed since the timings were taken).
+    than recorded (the machine's load changed since the timings were taken).  ``retime``: every shape timed again.
     """
     from edgeprune.runtime.targets import resolve_target
 
     target = resolve_target(context.target)
     kw = {"tokens": tokens, "threads": context.threads, "accuracy_level": accuracy_level}
     timed: list[str] = []
-    table = unit_latencies(units, context.target, timed=timed, **kw)
+    table = unit_latencies(units, context.target, timed=timed, retime=retime, **kw)
     float_ms, units_ms = model_latency(model, context, units, table, tokens, feed)
     wanted = sorted(shapes(units))
     prefix = _prefix(target, context.threads, tokens, accuracy_level)
@@ -386,7 +386,9 @@ def fresh_latencies(model: ir.Model, context, units, *, tokens: int, accuracy_le
     cache = _load_cache()
     stamps = _stamps(cache, prefix, wanted)
     rec = cache.get(key)
-    if set(timed) >= set(wanted):
+    if retime:
+        how = "timed again, as asked"
+    elif set(timed) >= set(wanted):
         how = "timed now"
     elif not isinstance(rec, dict):
         how = "re-timed: no record of this model beside its cached shapes"

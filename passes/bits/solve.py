@@ -116,6 +116,20 @@ def items(units: list[Unit]) -> list[list[knapsack.Item]]:
     return [[knapsack.Item(u.error(cb), u.size(cb)) for cb in u.combos()] for u in units]
 
 
+def latency_floor(rows, latency_info: dict) -> float:
+    """Predicted prefill ms of the fastest choice: the units' least microbenchmarked latencies + the rest of the model."""
+    return knapsack.floor(rows, by="latency") + latency_info["rest_ms"]
+
+
+def _latency_ms(c: BitAllocationConfig, latency_info: dict) -> float:
+    return c.latency_budget_ms if c.latency_budget_ms is not None else c.latency_budget_ratio * latency_info["float_ms"]
+
+
+def latency_floor_missed(c: BitAllocationConfig, rows, latency_info: dict) -> bool:
+    """Whether the latency budget lies below the predicted floor by more than the slack (``budget`` refuses it)."""
+    return c.latency_bounded and _latency_ms(c, latency_info) < latency_floor(rows, latency_info) * (1 - LATENCY_FLOOR_SLACK)
+
+
 def budget(c: BitAllocationConfig, units: list[Unit], other_bytes: int, rows, latency_info: dict) -> dict[str, Any]:
     """The budget the solver works to (bytes/ms for the units alone), its text, the floor, and ``noop``
     when every bound is at or above the float model (nothing to do).  Refuses budgets below the floor."""
@@ -142,8 +156,8 @@ def budget(c: BitAllocationConfig, units: list[Unit], other_bytes: int, rows, la
             noop.append(f"the size budget ({texts[-1]}) is at or above the float model's size")
     if c.latency_bounded:
         rest = latency_info["rest_ms"]
-        lat_floor = knapsack.floor(rows, by="latency") + rest
-        ms = c.latency_budget_ms if c.latency_budget_ms is not None else c.latency_budget_ratio * latency_info["float_ms"]
+        lat_floor = latency_floor(rows, latency_info)
+        ms = _latency_ms(c, latency_info)
         out["latency"] = ms - rest
         what = f"{ms:.1f} ms" if c.latency_budget_ratio is None else f"{c.latency_budget_ratio:g} x the float model's {latency_info['float_ms']:.1f} ms = {ms:.1f} ms"
         if c.latency_implicit:
@@ -153,7 +167,7 @@ def budget(c: BitAllocationConfig, units: list[Unit], other_bytes: int, rows, la
             del out["latency"], texts[-1]
             out["note"] = (f"no choice is predicted as fast as the float model ({lat_floor:.1f} ms at the fastest vs "
                            f"{ms:.1f} ms): the size budget alone decides")
-        elif ms < lat_floor * (1 - LATENCY_FLOOR_SLACK):
+        elif latency_floor_missed(c, rows, latency_info):
             raise BadInputError(
                 f"the latency budget {what} is below the fastest model the offered formats "
                 f"allow (about {lat_floor:.1f} ms by the microbenchmarks): raise the budget."
