@@ -18,13 +18,14 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeprune.passes.bits.offsets import block_indicator
+
 
 def model(kind: str, k: int, n: int, block: int, tokens: int, level: int, copies: int, rng):
     kb = k // block
     nodes, inits, outs = [], [], []
     if kind == "offsets":
-        e = np.kron(np.eye(kb, dtype=np.float32), np.ones((block, 1), np.float32))
-        inits.append(numpy_helper.from_array(e, "E"))
+        inits.append(numpy_helper.from_array(block_indicator(k, block), "E"))
         nodes.append(helper.make_node("MatMul", ["x", "E"], ["sums"]))
     for c in range(copies):
         ins = ["x", f"w{c}", f"s{c}"]

@@ -416,8 +416,8 @@ def _offset_grids(model: ir.Model, plan: dict[str, Option], weights: dict, grams
         if mnb.op_type != "MatMulNBits" or len(mnb.inputs) != 3:
             raise RuntimeError(f"{name}: ORT wrote {mnb.op_type} with {len(mnb.inputs)} inputs, not a symmetric "
                                "MatMulNBits, under the block offsets")
-        weights_k = rounding.row_weights(o.rounding, grams.get(name)) if o.rounding != "rtn" else None
-        codes, scales, offs = offsets.offset_grid(w, o.bits, o.block, weights_k, o.rounding, o.fp16_scales)
+        codes, scales, offs = offsets.offset_grid(w, o.bits, o.block, rounding.row_weights(o.rounding, grams.get(name)),
+                                                  o.rounding, o.fp16_scales)
         _write_codes(name, mnb, codes, scales, o)
         table[mnb.name] = (offs, o.block)
     return table

@@ -17,17 +17,16 @@ replaced (``edgeprune.passes.bits.emit``).
 
 from __future__ import annotations
 
-import collections
-import hashlib
-
 import numpy as np
+
+from edgeprune.passes.bits.memo import Memo
 
 #: Dampening, as a fraction of the Hessian's mean diagonal (GPTQ's default), and the lazy-batch width.
 DAMP = 0.01
 LAZY_BLOCK = 128
 
 
-_FACTORS: collections.OrderedDict = collections.OrderedDict()  # hash of the Gram -> (U, dead rows); a few, LRU
+_FACTORS = Memo()  # Gram -> (U, dead rows)
 
 
 def hessian_factor(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -36,20 +35,15 @@ def hessian_factor(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     The nodes reading one input (q/k/v, gate/up) and every option of a node share it, so the last
     few are kept: the O(K^3) factorisation is paid once per input, not once per node and option.
     """
-    g = np.ascontiguousarray(gram)
-    key = hashlib.blake2b(f"{g.dtype}{g.shape}".encode() + g.tobytes(), digest_size=16).hexdigest()
-    hit = _FACTORS.get(key)
-    if hit is not None:
-        _FACTORS.move_to_end(key)
-        return hit
+    return _FACTORS.get(lambda: _factor(gram), "hessian", np.ascontiguousarray(gram))
+
+
+def _factor(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     h = np.array(gram, dtype=np.float64, copy=True)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     h[np.diag_indices(h.shape[0])] += DAMP * float(np.mean(np.diag(h)))
     u = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)
-    _FACTORS[key] = (u, dead)
-    while len(_FACTORS) > 4:
-        _FACTORS.popitem(last=False)
     return u, dead
 
 

@@ -171,8 +171,10 @@ def _errors(p: Part, stats, counts) -> dict[str, float]:
             num = (float((energy * np.square(q - w2)).sum()) + _activation_noise(p, o, q, st, stats))
             errs[o.key] = math.sqrt(num / den) if den > 0 else 0.0
         return errs
-    qs = [sensitivity.simulate(o, p.weight, gram=st.gram) for o in lossy]
-    extra = [_activation_noise(p, o, q, st, stats) for o, q in zip(lossy, qs)]
+    qs, extra = [], []
+    for o in lossy:  # each option's noise right after its weight: a block-offset grid is still in its memo then
+        qs.append(sensitivity.simulate(o, p.weight, gram=st.gram))
+        extra.append(_activation_noise(p, o, qs[-1], st, stats))
     for o, e in zip(lossy, sensitivity.gram_rel_errors(p.weight, qs, st.gram, extra_sq=extra)):
         errs[o.key] = e
     return errs

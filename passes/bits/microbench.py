@@ -114,9 +114,11 @@ def _single_op_model(op: str, k: int, tokens: int) -> ir.Model:
 
 
 def _block_sums_model(k: int, block: int, tokens: int) -> ir.Model:
-    """x @ E, E the 0/1 [K, K / block] matrix ``offsets._block_matrix`` builds (folded by ORT at load, so a constant here)."""
+    """x @ E, E the block-sum matrix a block-offset node reads (folded by ORT at load, so a constant here)."""
+    from edgeprune.passes.bits.offsets import block_indicator
+
     x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, tokens, k]))
-    e = ir.Value(name="E", const_value=ir.tensor(np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), np.float32))))
+    e = ir.Value(name="E", const_value=ir.tensor(block_indicator(k, block)))
     y = ir.Value(name="y", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, tokens, k // block]))
     graph = ir.Graph([x], [y], nodes=[ir.Node("", "MatMul", [x, e], outputs=[y], name="sums")], initializers=[e],
                      opset_imports={"": 17})
@@ -124,7 +126,7 @@ def _block_sums_model(k: int, block: int, tokens: int) -> ir.Model:
 
 
 def _offset_blocks(options: dict) -> list[int]:
-    return sorted({o.block for o in options.values() if getattr(o, "offsets", False)})
+    return sorted({o.block for o in options.values() if o.offsets})
 
 
 def _x(k: int, tokens: int) -> dict[str, np.ndarray]:

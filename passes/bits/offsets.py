@@ -21,11 +21,10 @@ rounded codes (a closed form per block), keeping whatever lowers the weighted er
 
 from __future__ import annotations
 
-import collections
-import hashlib
-
 import numpy as np
 import onnx_ir as ir
+
+from edgeprune.passes.bits.memo import Memo
 
 #: Range shrink factors tried by the searched roundings (1.0 = the block's min/max range).
 ALPHAS = {2: (1.0, 0.9, 0.8, 0.7, 0.6, 0.5), 4: (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)}
@@ -35,7 +34,7 @@ CHUNK = 1 << 12
 #: float16's largest finite value: offsets beyond it keep float32.
 FP16_MAX = float(np.finfo(np.float16).max)
 
-_GRIDS: collections.OrderedDict = collections.OrderedDict()
+_GRIDS = Memo()  # (weight, format, row weights) -> grid
 
 
 def stored(values: np.ndarray, fp16: bool) -> np.ndarray:
@@ -64,16 +63,8 @@ def offset_grid(w: np.ndarray, bits: int, block: int, weights: np.ndarray | None
     if w.shape[0] % block:
         raise ValueError(f"block offsets need K ({w.shape[0]}) to be a multiple of the block ({block})")
     wt = None if weights is None or rounding == "rtn" else np.ascontiguousarray(weights, dtype=np.float32)
-    h = hashlib.blake2b(f"{w.shape}|{bits}|{block}|{rounding}|{fp16}".encode() + w.tobytes(), digest_size=16)
-    if wt is not None:
-        h.update(wt.tobytes())
-    key = h.hexdigest()
-    hit = _GRIDS.get(key)
-    if hit is None:  # the options of one weight (accuracy levels) and emit ask for the same grid
-        hit = _GRIDS[key] = _grid(w, bits, block, wt, rounding != "rtn", fp16)
-        while len(_GRIDS) > 4:
-            _GRIDS.popitem(last=False)
-    _GRIDS.move_to_end(key)
+    # the options of one weight (accuracy levels), its activation noise and emit ask for the same grid
+    hit = _GRIDS.get(lambda: _grid(w, bits, block, wt, rounding != "rtn", fp16), f"{bits}|{block}|{rounding}|{fp16}", w, wt)
     return tuple(a.copy() for a in hit)
 
 
@@ -172,6 +163,12 @@ def _search(x, d, bits, search):
 
 
 # --------------------------------------------------------------------------- the graph
+
+
+def block_indicator(k: int, block: int) -> np.ndarray:
+    """The 0/1 [K, K / block] matrix whose product with ``x`` sums each block of K (what :func:`_block_matrix` builds in
+    the graph and ORT folds at load)."""
+    return np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), np.float32))
 
 
 def _scalar(graph: ir.Graph, name: str, value) -> ir.Value:

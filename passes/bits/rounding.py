@@ -41,10 +41,9 @@ Symmetric blocks (no zero points stored: ``z = 2^(bits-1)``) search the scale al
 
 from __future__ import annotations
 
-import collections
-import hashlib
-
 import numpy as np
+
+from edgeprune.passes.bits.memo import Memo
 
 #: Range shrink factors tried per block (1.0 = ORT's min/max range: scale = range / (2^bits - 1)).
 # (Finer steps bought < 0.1 % of relative error on SmolLM2's weights at twice the time.)
@@ -59,7 +58,7 @@ REFINE = 1
 #: Blocks per vectorised chunk (bounds the temporaries: ~chunk * block * 4 bytes each).
 CHUNK = 1 << 12
 
-_GRIDS: collections.OrderedDict = collections.OrderedDict()  # hash of (weight, format) -> grid; a few, LRU
+_GRIDS = Memo()  # (weight, format, row weights) -> grid
 
 
 def search_grid(w: np.ndarray, bits: int, block: int, symmetric: bool,
@@ -72,16 +71,8 @@ def search_grid(w: np.ndarray, bits: int, block: int, symmetric: bool,
     """
     w = np.ascontiguousarray(w, dtype=np.float32)
     wt = None if weights is None else np.ascontiguousarray(weights, dtype=np.float32)
-    h = hashlib.blake2b(f"{w.shape}|{bits}|{block}|{symmetric}".encode() + w.tobytes(), digest_size=16)
-    if wt is not None:
-        h.update(wt.tobytes())
-    key = h.hexdigest()
-    hit = _GRIDS.get(key)
-    if hit is None:  # the options of one weight (accuracy levels, a tied lookup) and emit ask for the same grid
-        hit = _GRIDS[key] = _search_grid(w, bits, block, symmetric, wt)
-        while len(_GRIDS) > 4:
-            _GRIDS.popitem(last=False)
-    _GRIDS.move_to_end(key)
+    # the options of one weight (accuracy levels, a tied lookup) and emit ask for the same grid
+    hit = _GRIDS.get(lambda: _search_grid(w, bits, block, symmetric, wt), f"{bits}|{block}|{symmetric}", w, wt)
     return tuple(a.copy() for a in hit)
 
 
@@ -216,9 +207,9 @@ DAMP = 0.01
 
 
 def row_weights(rounding: str, gram: np.ndarray | None) -> np.ndarray | None:
-    """The per-row weights ``rounding`` searches with: None for ``mse``; for ``wmse`` the diagonal of the
+    """The per-row weights ``rounding`` searches with: None for ``rtn`` and ``mse``; for ``wmse`` the diagonal of the
     node input's Gram (a [K, K] Gram, or its [K] diagonal), i.e. each input feature's energy."""
-    if rounding == "mse":
+    if rounding in ("rtn", "mse"):  # ORT's grid, or the data-free search: every row alike
         return None
     if rounding != "wmse":
         raise ValueError(f"unknown rounding {rounding!r}: ORT's is 'rtn', the searched ones {ROUNDINGS}")

@@ -257,8 +257,8 @@ def offset_dequant(w: np.ndarray, option: Option, gram: np.ndarray | None = None
     is what accuracy level 4's int8 activations multiply; the offsets see the exact block sums)."""
     from edgeprune.passes.bits import offsets, rounding
 
-    weights = rounding.row_weights(option.rounding, gram) if option.rounding != "rtn" else None
-    codes, scales, offs = offsets.offset_grid(w, option.bits, option.block, weights, option.rounding, option.fp16_scales)
+    codes, scales, offs = offsets.offset_grid(w, option.bits, option.block, rounding.row_weights(option.rounding, gram),
+                                              option.rounding, option.fp16_scales)
     return offsets.dequant(codes, scales, offs, option.bits, option.block, centred_only)
 
 

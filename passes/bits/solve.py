@@ -201,10 +201,10 @@ def float_choice(units: list[Unit]) -> list[int]:
 
 
 def uniform_choice(c: BitAllocationConfig, u: Unit) -> int:
-    """The combination of ``u`` that stores every part at ``c.bits`` in the first block size (with block offsets
-    where offered, except for a tied head, whose lookup shares a table without them)."""
+    """The combination of ``u`` that stores every part at ``c.bits`` in the first block size: of each kind, the first
+    option in the part's order (``units``: block offsets, then searched grids, then ORT's own; a tied head's lookup
+    shares its table, so the head's shareable options come first)."""
     bits = c.bits
-    offsets_first = c.block_offsets and len(u.parts) == 1
 
     def want(p: Part) -> Option:
         if p.op == "Gather":
@@ -213,9 +213,8 @@ def uniform_choice(c: BitAllocationConfig, u: Unit) -> int:
             pref = ["int8-dynamic", "qdq"]
         else:
             pref = ["gptq", "nbits", "qdq"]
-        options = sorted(p.options, key=lambda o: not o.offsets) if offsets_first else p.options
         for kind in pref:
-            for o in options:
+            for o in p.options:
                 if (o.kind == kind and (kind not in ("nbits", "gptq", "gather-tied", "qdq") or o.bits == bits)
                         and o.block in (0, c.blocks[0])):
                     return o

@@ -133,14 +133,15 @@ def _mm_options(c: BitAllocationConfig, kinds: set[str]) -> list[Option]:
         # Accuracy level 4 only for 4/8 bits: ORT 1.32's CPU int8-compute kernel covers those widths.
         nbits = [Option("nbits", b, blk, c.symmetric, a, fp16_scales=c.fp16_scales) for a in c.levels for b in c.bit_options
                  if b in NBITS_TOOL_BITS and (a == 0 or b in (4, 8)) for blk in c.blocks]
-        for o in nbits:  # the searched grids first, so uniform mode takes one when offered
-            if o.bits in SEARCH_BITS:
-                opts += [dataclasses.replace(o, rounding=r) for r in c.mse_rounding or ()]  # normalised by the config
-            opts.append(o)
+        # Block offsets, then the searched grids, then ORT's: uniform mode takes the first of its width and block.
         if c.block_offsets:  # K must be a multiple of the block: ``build`` drops the others per node
             opts += [Option("nbits", b, blk, True, a, rounding=r, fp16_scales=c.fp16_scales, offsets=True)
                      for a in c.levels for b in c.bit_options if b in SEARCH_BITS and (a == 0 or b == 4)
                      for blk in c.blocks for r in (c.mse_rounding or ("rtn",))]
+        for o in nbits:
+            if o.bits in SEARCH_BITS:
+                opts += [dataclasses.replace(o, rounding=r) for r in c.mse_rounding or ()]  # normalised by the config
+            opts.append(o)
         if c.gptq:
             opts += [Option("gptq", b, blk, c.symmetric, a, fp16_scales=c.fp16_scales) for a in c.levels for b in c.bit_options
                      if b in (2, 4) and (a == 0 or b == 4) for blk in c.blocks]
@@ -220,8 +221,8 @@ def build(model: ir.Model, structures, c: BitAllocationConfig, kinds: dict[str, 
             lin = lin_by_node[emb.tied_with]
             head_w = np.ascontiguousarray(table.T) if lin.transposed else table
             head = Part(lin.node, "MatMul", head_w, lin.input, _offsets_fit(_mm_options(c, kinds), head_w), output=lin.output)
-            # wmse last: uniform mode takes a tied pair's first head option, which the lookup must be able to share.
-            head.options.sort(key=lambda o: o.rounding == "wmse")
+            # wmse and offsets last: uniform mode takes a tied pair's first head option, which the lookup must share.
+            head.options.sort(key=lambda o: o.rounding == "wmse" or o.offsets)
             if lin.transposed:  # the head's [dim, vocab] blocks run along dim: the table's rows
                 # One lookup per stored format: the head's accuracy level does not change its table.
                 # A lookup's error is weighed by token counts, not the head's input: no ``wmse`` table to share.
